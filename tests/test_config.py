@@ -1,0 +1,67 @@
+import pytest
+
+from hierdino.config import Config, ConfigError, list_presets, load_config
+
+
+def test_presets_load_and_round_trip(tmp_path):
+    assert {"tiny-cpu", "vits14", "vitb14", "vitl14"} <= set(list_presets())
+    for name in list_presets():
+        cfg = load_config(name)
+        assert isinstance(cfg, Config)
+        f = tmp_path / f"{name}.yaml"
+        f.write_text(cfg.to_yaml())
+        assert load_config(str(f)) == cfg
+
+
+def test_paper_defaults_in_gpu_presets():
+    s, l = load_config("vits14"), load_config("vitl14")
+    assert (s.loss.dino_weight, s.loss.ibot_weight, s.loss.koleo_weight, s.loss.supervised.weight) == (0.5, 1.0, 0.0, 0.5)
+    assert s.loss.supervised.alpha == 0.5 and s.optim.momentum_teacher == 0.994
+    assert l.model.arch == "vit_large_patch14_dinov2" and l.model.dino_head.prototypes == 131072
+    assert l.optim.layerwise_decay == 1.0 and l.model.drop_path_rate == 0.4
+    assert l.loss.centering == "sinkhorn" and l.scaling.use_gpu
+
+
+def test_overrides_convert_types():
+    cfg = load_config("tiny-cpu", [
+        "train.steps=7", "scaling.use_gpu=true", "loss.supervised.alpha=null",
+        "loss.supervised.level_weights=[1, 0.5, 0.25, 0.1]", "data.train=s3://b/x,/tmp/y", "optim.base_lr=1e-3",
+    ])
+    assert cfg.train.steps == 7 and cfg.scaling.use_gpu is True
+    assert cfg.loss.supervised.level_weights == [1.0, 0.5, 0.25, 0.1]
+    assert cfg.data.train == ["s3://b/x", "/tmp/y"] and cfg.optim.base_lr == 1e-3
+    assert load_config("tiny-cpu", {"train.batch_size": 64}).train.batch_size == 64
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.stpes=3", "unknown config key 'train.stpes'; did you mean train.steps"),
+    ("trian.steps=3", "unknown config key 'trian'; did you mean train"),
+    ("train.steps=abc", "train.steps: expected an integer, got 'abc'"),
+    ("train.steps=0", "train.steps: 0 is out of range: must be >= 1"),
+    ("loss.supervised.kind=hierarchical", "loss.supervised.kind: 'hierarchical' is not one of hxe, flat, none"),
+    ("scaling.use_gpu=maybe", "scaling.use_gpu: expected true or false, got 'maybe'"),
+    ("loss.supervised.level_weights=[1,1]", "level_weights"),
+    ("loss", "must look like key.sub=value"),
+    ("loss.supervised=3", "is a section"),
+    ("data.mask_ratio=[0.6,0.2]", "data.mask_ratio"),
+    ("train.batch_size=33", "not divisible"),
+    ("hierarchy.name=wbc-h7", "hierarchy.name"),
+])
+def test_errors_name_key_and_value(override, message):
+    extra = ["loss.supervised.alpha=null"] if "level_weights" in override else []
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        load_config("tiny-cpu", [override] + extra + (["scaling.num_workers=2"] if "batch_size" in override else []))
+
+
+def test_both_alpha_and_level_weights_rejected():
+    with pytest.raises(ConfigError, match="both set"):
+        load_config("tiny-cpu", ["loss.supervised.level_weights=[1,1,1,1]"])
+
+
+def test_bad_yaml_file_and_unknown_preset(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("train:\n  steps: 10\n  bogus_key: 1\n")
+    with pytest.raises(ConfigError, match="train.bogus_key"):
+        load_config(str(f))
+    with pytest.raises(ConfigError, match="did you mean tiny-cpu"):
+        load_config("tiny-cp")

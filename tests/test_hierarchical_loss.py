@@ -1,0 +1,118 @@
+import math
+
+import pytest
+import torch
+
+from hierdino.hierarchy import hierarchy_from_dict, load_hierarchy
+from hierdino.losses.hierarchical import FlatCrossEntropy, HierarchicalCrossEntropy, level_weights_for
+
+
+def slow_reference(h, logits, target, weights):
+    """Independent loop over each root path with probabilities (float64)."""
+    out = []
+    for b in range(logits.shape[0]):
+        t = int(target[b])
+        if t < 0:
+            continue
+        p = torch.softmax(logits[b].double(), dim=0)
+
+        def prob(node):
+            if node == "root":
+                return 1.0
+            return sum(p[h.leaves.index(leaf)].item() for leaf in h.leaves_under(node))
+
+        node, loss = h.nodes[t], 0.0
+        while node != "root":
+            par = h.parent(node)
+            loss += weights[h.depth(node) - 1] * -math.log(prob(node) / prob(par))
+            node = par
+        out.append(loss)
+    return sum(out) / len(out)
+
+
+@pytest.mark.parametrize("name", ["wbc-h1", "wbc-h2"])
+@pytest.mark.parametrize("kwargs", [{}, {"alpha": 0.5}, {"alpha": 0.5, "normalize": "tree"}, {"alpha": 2.0},
+                                    {"level_weights": "custom"}])
+def test_matches_slow_reference_for_leaf_and_internal_targets(name, kwargs):
+    h = load_hierarchy(name)
+    if kwargs.get("level_weights") == "custom":
+        kwargs = {"level_weights": [0.3 * (i + 1) for i in range(h.max_depth)]}
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(12, h.num_leaves, generator=g, dtype=torch.float64) * 3
+    target = torch.tensor([0, 5, h.num_leaves - 1, h.index("neutrophil"), h.index("lymphocyte_mature"),
+                           h.index("granulopoiesis"), -1, len(h.nodes) - 1, 3, h.index("lymphocyte_atypical"), 7, -1])
+    fn = HierarchicalCrossEntropy(h, **kwargs)
+    weights = level_weights_for(h, **kwargs)
+    ref = slow_reference(h, logits, target, weights)
+    assert fn(logits, target).item() == pytest.approx(ref, rel=1e-9, abs=1e-9)
+
+
+def test_alpha_zero_is_flat_ce_and_marginal_likelihood():
+    h = load_hierarchy("wbc-h1")
+    logits = torch.randn(6, h.num_leaves, dtype=torch.float64)
+    leaf_t = torch.tensor([0, 3, 9, 11, 20, 25])
+    fn = HierarchicalCrossEntropy(h, alpha=0.0)
+    assert fn(logits, leaf_t).item() == pytest.approx(torch.nn.functional.cross_entropy(logits, leaf_t).item(), rel=1e-10)
+    node = "neutrophil"
+    t = torch.full((6,), h.index(node))
+    cols = [h.leaves.index(leaf) for leaf in h.leaves_under(node)]
+    expected = -torch.logsumexp(torch.log_softmax(logits, 1)[:, cols], 1).mean()
+    assert fn(logits, t).item() == pytest.approx(expected.item(), rel=1e-10)
+
+
+def test_tree_normalisation_divides_by_total_edge_weight():
+    h = hierarchy_from_dict({"name": "t", "root": {"a": ["x", "y"], "b": None}})
+    w = level_weights_for(h, alpha=1.0, normalize="tree")
+    total = 2 * math.exp(-1) + 2 * math.exp(-2)  # edges root-a, root-b (depth 1); a-x, a-y (depth 2)
+    assert w == pytest.approx([math.exp(-1) / total, math.exp(-2) / total])
+
+
+def test_gradcheck_float64():
+    h = load_hierarchy("wbc-h2")
+    logits = torch.randn(5, h.num_leaves, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, h.index("blast"), h.index("neutrophil"), 24, -1])
+    fn = HierarchicalCrossEntropy(h, alpha=0.7, normalize="tree")
+    assert torch.autograd.gradcheck(lambda x: fn(x, target), (logits,))
+
+
+def test_extreme_logits_give_finite_values_and_gradients():
+    h = load_hierarchy("wbc-h1")
+    logits = (torch.randint(0, 2, (8, h.num_leaves)).float() * 2 - 1) * 1e4
+    logits.requires_grad_(True)
+    target = torch.tensor([0, 1, h.index("neutrophil"), h.index("lymphopoiesis"), 25, 12, 13, h.index("erythroid_immature")])
+    loss = HierarchicalCrossEntropy(h, alpha=0.5)(logits, target)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+    assert loss.item() > 1000  # confident and wrong on some samples
+
+
+def test_all_ignored_batch_is_zero_with_live_graph():
+    h = load_hierarchy("wbc-h1")
+    logits = torch.randn(4, h.num_leaves, requires_grad=True)
+    for fn in (HierarchicalCrossEntropy(h, alpha=0.5), FlatCrossEntropy(h)):
+        loss = fn(logits, torch.full((4,), -1))
+        assert loss.item() == 0.0 and loss.requires_grad
+        loss.backward()
+
+
+def test_flat_ce_ignores_and_counts_internal_targets():
+    h = load_hierarchy("wbc-h1")
+    logits = torch.randn(5, h.num_leaves, dtype=torch.float64)
+    target = torch.tensor([2, h.index("neutrophil"), 7, -1, h.index("lymphocyte_mature")])
+    fn = FlatCrossEntropy(h)
+    expected = torch.nn.functional.cross_entropy(logits[[0, 2]], target[[0, 2]])
+    assert fn(logits, target).item() == pytest.approx(expected.item())
+    assert fn.last_ignored_internal == 2 and fn.ignored_internal == 2
+
+
+def test_rejects_bad_shapes_targets_and_weights():
+    h = load_hierarchy("wbc-h1")
+    fn = HierarchicalCrossEntropy(h)
+    with pytest.raises(ValueError, match=r"\[B, 26\]"):
+        fn(torch.randn(2, 10), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="node indices"):
+        fn(torch.randn(2, 26), torch.tensor([0, 45]))
+    with pytest.raises(ValueError, match="4 levels"):
+        HierarchicalCrossEntropy(h, level_weights=[1, 1])
+    with pytest.raises(ValueError, match="not both"):
+        HierarchicalCrossEntropy(h, alpha=0.5, level_weights=[1, 1, 1, 1])
