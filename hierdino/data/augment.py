@@ -1,0 +1,160 @@
+"""Augmentations, split as in ARCHITECTURE.md.
+
+CPU side (Ray Data ``map_batches``, numpy + PIL, uint8 out): decoding, random-resized crops,
+flips, rot90 for the supervised view. Device side (the training worker, batched torch ops with
+per-sample random parameters): colour jitter, grayscale, Gaussian blur, solarize, normalisation.
+Parameters follow DINOv2: global crop 1 always blurred, global crop 2 blurred with p=0.1 and
+solarized with p=0.2, local crops blurred with p=0.5; colour jitter (0.4, 0.4, 0.2, 0.1) with
+p=0.8 and grayscale with p=0.2 everywhere.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import zlib
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# -- CPU: geometric ------------------------------------------------------------------------------
+
+def row_rng(seed: int, image_id: str, epoch: int) -> np.random.Generator:
+    """Per-image generator: the same (seed, image, epoch) always gives the same crops."""
+    return np.random.default_rng([seed & 0xFFFFFFFF, zlib.crc32(image_id.encode()), epoch])
+
+
+def decode(data: bytes) -> Image.Image:
+    im = Image.open(io.BytesIO(data))
+    im.draft("RGB", (im.size[0], im.size[1]))
+    return im.convert("RGB")
+
+
+def random_resized_crop(im: Image.Image, size: int, scale: tuple, rng: np.random.Generator,
+                        ratio: tuple = (3 / 4, 4 / 3)) -> np.ndarray:
+    """torchvision's RandomResizedCrop sampling, then a flip with p=0.5; ``uint8 [size, size, 3]``."""
+    w, h = im.size
+    area = w * h
+    box = (0, 0, w, h)
+    log_r = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        ar = math.exp(rng.uniform(*log_r))
+        cw, ch = int(round(math.sqrt(target * ar))), int(round(math.sqrt(target / ar)))
+        if 0 < cw <= w and 0 < ch <= h:
+            x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            box = (x, y, x + cw, y + ch)
+            break
+    out = np.asarray(im.resize((size, size), Image.BICUBIC, box=box))
+    if rng.random() < 0.5:
+        out = out[:, ::-1]
+    return out
+
+
+def supervised_view(im: Image.Image, size: int, rng: np.random.Generator) -> np.ndarray:
+    """The paper's mild view of a labelled image: resize (no crop), h/v flips p=0.5, rot90 p=0.5."""
+    out = np.asarray(im.resize((size, size), Image.BICUBIC))
+    if rng.random() < 0.5:
+        out = out[:, ::-1]
+    if rng.random() < 0.5:
+        out = out[::-1]
+    if rng.random() < 0.5:
+        out = np.rot90(out)
+    return np.ascontiguousarray(out)
+
+
+# -- device: photometric -------------------------------------------------------------------------
+
+def _uniform(gen: torch.Generator, n: int, lo: float, hi: float, device) -> torch.Tensor:
+    return torch.rand(n, generator=gen, device="cpu").to(device) * (hi - lo) + lo
+
+
+def _bernoulli(gen: torch.Generator, n: int, p: float, device) -> torch.Tensor:
+    return (torch.rand(n, generator=gen, device="cpu") < p).to(device)
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def _hue_rotate(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+    """Rotate hue by ``angle`` radians per sample in YIQ space."""
+    to_yiq = x.new_tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+    from_yiq = torch.linalg.inv(to_yiq)
+    c, s = torch.cos(angle), torch.sin(angle)
+    rot = torch.zeros(x.shape[0], 3, 3, device=x.device, dtype=x.dtype)
+    rot[:, 0, 0] = 1
+    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = c, -s, s, c
+    m = from_yiq @ rot @ to_yiq  # [B, 3, 3]
+    return torch.einsum("bij,bjhw->bihw", m, x)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Per-sample Gaussian blur (separable, reflect padding); ``sigma[B]`` in pixels."""
+    b, c, h, w = x.shape
+    radius = max(1, int(math.ceil(3 * float(sigma.max()))))
+    radius = min(radius, (min(h, w) - 1) // 2)
+    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t[None] / sigma[:, None].to(x.dtype)) ** 2)
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [B*C, K]
+    y = x.reshape(1, b * c, h, w)
+    y = torch.nn.functional.pad(y, (radius, radius, 0, 0), mode="reflect")
+    y = torch.nn.functional.conv2d(y, k[:, None, None, :], groups=b * c)
+    y = torch.nn.functional.pad(y, (0, 0, radius, radius), mode="reflect")
+    y = torch.nn.functional.conv2d(y, k[:, None, :, None], groups=b * c)
+    return y.reshape(b, c, h, w)
+
+
+def photometric(images: torch.Tensor, gen: torch.Generator, blur_p: float, solarize_p: float = 0.0,
+                jitter_p: float = 0.8, gray_p: float = 0.2, jitter: tuple = (0.4, 0.4, 0.2, 0.1),
+                normalize: bool = True) -> torch.Tensor:
+    """uint8 ``[B, H, W, 3]`` -> augmented, normalised float ``[B, 3, H, W]`` on the same device.
+
+    Random parameters come from ``gen`` (a CPU generator), so a seed fixes them on any device.
+    """
+    x = images.permute(0, 3, 1, 2).float().div_(255.0)
+    n, dev = x.shape[0], x.device
+    bri, con, sat, hue = jitter
+    j = _bernoulli(gen, n, jitter_p, dev).view(-1, 1, 1, 1).to(x.dtype)
+    b = _uniform(gen, n, 1 - bri, 1 + bri, dev).view(-1, 1, 1, 1)
+    cf = _uniform(gen, n, 1 - con, 1 + con, dev).view(-1, 1, 1, 1)
+    s = _uniform(gen, n, 1 - sat, 1 + sat, dev).view(-1, 1, 1, 1)
+    hshift = _uniform(gen, n, -hue, hue, dev) * 2 * math.pi
+    y = (x * b).clamp(0, 1)
+    mean = _gray(y).mean(dim=(2, 3), keepdim=True)
+    y = ((y - mean) * cf + mean).clamp(0, 1)
+    g = _gray(y)
+    y = ((y - g) * s + g).clamp(0, 1)
+    y = _hue_rotate(y, hshift).clamp(0, 1)
+    x = j * y + (1 - j) * x
+    gray = _bernoulli(gen, n, gray_p, dev).view(-1, 1, 1, 1).to(x.dtype)
+    x = gray * _gray(x).expand_as(x) + (1 - gray) * x
+    if blur_p > 0:
+        do_blur = _bernoulli(gen, n, blur_p, dev)
+        sigma = _uniform(gen, n, 0.1, 2.0, dev) * (x.shape[-1] / 224)  # DINOv2's 0.1-2 px at 224 px
+        if bool(do_blur.any()):
+            blurred = gaussian_blur(x, sigma.clamp_min(1e-3))
+            x = torch.where(do_blur.view(-1, 1, 1, 1), blurred, x)
+    if solarize_p > 0:
+        sol = _bernoulli(gen, n, solarize_p, dev).view(-1, 1, 1, 1)
+        x = torch.where(sol & (x >= 0.5), 1 - x, x)
+    if normalize:
+        x = normalize_images(x)
+    return x
+
+
+def normalize_images(x: torch.Tensor) -> torch.Tensor:
+    """Float ``[B, 3, H, W]`` in [0, 1] -> ImageNet-normalised."""
+    mean = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def to_model_input(images: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[B, H, W, 3]`` -> normalised float ``[B, 3, H, W]`` without augmentation (evaluation)."""
+    return normalize_images(images.permute(0, 3, 1, 2).float().div(255.0))

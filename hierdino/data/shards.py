@@ -1,0 +1,250 @@
+"""The shard format: Parquet files of encoded images plus a ``manifest.json`` per dataset.
+
+Columns: ``image`` (PNG/JPEG bytes), ``image_id``, ``source`` (dataset name), ``raw_label``
+(nullable), ``label`` (nullable node name), ``split`` (train/val/test). Labels are node *names*,
+resolved to indices against the run's hierarchy at train time.
+
+Writers here are pure pyarrow; ``jobs/make_shards.py`` is the CLI over them (image folders,
+``path,label[,split]`` CSVs, the synthetic suite).
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from hierdino.data import storage
+from hierdino.data.storage import StorageOptions
+from hierdino.labels import LabelMap
+
+SCHEMA_VERSION = 1
+SCHEMA = pa.schema([
+    ("image", pa.binary()),
+    ("image_id", pa.string()),
+    ("source", pa.string()),
+    ("raw_label", pa.string()),
+    ("label", pa.string()),
+    ("split", pa.string()),
+])
+SPLITS = ("train", "val", "test")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+class ShardError(ValueError):
+    """Bad input to the shard writers (unreadable images, bad CSV rows, bad splits)."""
+
+
+@dataclass
+class Record:
+    image: bytes
+    image_id: str
+    source: str
+    raw_label: str | None
+    label: str | None
+    split: str = "train"
+
+
+@dataclass
+class Manifest:
+    name: str
+    source: str
+    num_images: int
+    counts: dict[str, dict[str, int]]  # split -> label (or "<unlabeled>") -> count
+    label_map: dict = field(default_factory=dict)
+    shards: list[str] = field(default_factory=list)
+    hierarchy: str | None = None
+    schema_version: int = SCHEMA_VERSION
+    extra: dict = field(default_factory=dict)
+
+    def labels(self) -> set[str]:
+        return {lab for per in self.counts.values() for lab in per if lab != UNLABELED}
+
+    def num_labeled(self, split: str | None = None) -> int:
+        splits = [split] if split else list(self.counts)
+        return sum(n for s in splits for lab, n in self.counts.get(s, {}).items() if lab != UNLABELED)
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, indent=2, sort_keys=False)
+
+
+UNLABELED = "<unlabeled>"
+
+
+def read_manifest(uri: str, options: StorageOptions | None = None) -> Manifest:
+    """The manifest of the dataset at ``uri`` (a directory holding ``manifest.json``)."""
+    text = storage.read_bytes(storage.join(uri, "manifest.json"), options)
+    data = json.loads(text)
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ShardError(f"{uri}/manifest.json has schema_version {version!r}; this hierdino reads {SCHEMA_VERSION}")
+    return Manifest(**data)
+
+
+def shard_paths(uri: str, options: StorageOptions | None = None) -> list[str]:
+    """Filesystem paths of the dataset's shards, as listed in its manifest."""
+    m = read_manifest(uri, options)
+    _, root = storage.resolve(uri, options)
+    return [f"{root}/{s}" for s in m.shards]
+
+
+def write_dataset(records: Iterable[Record], uri: str, name: str, source: str, label_map: dict | None = None,
+                  hierarchy: str | None = None, target_file_mb: float = 128.0, row_group_rows: int = 256,
+                  options: StorageOptions | None = None, extra: dict | None = None) -> Manifest:
+    """Write records as Parquet shards of about ``target_file_mb`` plus ``manifest.json``.
+
+    The manifest is written last, so a dataset without one is incomplete and readers refuse it.
+    """
+    fs, root = storage.resolve(uri, options)
+    if isinstance(fs, storage.pafs.LocalFileSystem):
+        os.makedirs(root, exist_ok=True)
+    counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    shards: list[str] = []
+    target = int(target_file_mb * 2 ** 20)
+    batch: list[Record] = []
+    writer, writer_bytes, n = None, 0, 0
+
+    def flush_batch():
+        nonlocal writer, writer_bytes
+        if not batch:
+            return
+        table = pa.Table.from_pylist([r.__dict__ for r in batch], schema=SCHEMA)
+        if writer is None:
+            shards.append(f"shard-{len(shards):05d}.parquet")
+            stream = fs.open_output_stream(f"{root}/{shards[-1]}")
+            writer = pq.ParquetWriter(stream, SCHEMA, compression="none")
+            writer._hierdino_stream = stream  # closed with the writer
+            writer_bytes = 0
+        writer.write_table(table, row_group_size=row_group_rows)
+        writer_bytes += table.nbytes
+        batch.clear()
+        if writer_bytes >= target:
+            close_writer()
+
+    def close_writer():
+        nonlocal writer
+        if writer is not None:
+            writer.close()
+            writer._hierdino_stream.close()
+            writer = None
+
+    try:
+        for r in records:
+            if r.split not in SPLITS:
+                raise ShardError(f"image {r.image_id!r}: split {r.split!r} is not one of {SPLITS}")
+            counts[r.split][r.label if r.label is not None else UNLABELED] += 1
+            batch.append(r)
+            n += 1
+            if len(batch) >= row_group_rows:
+                flush_batch()
+        flush_batch()
+    finally:
+        close_writer()
+    if n == 0:
+        raise ShardError(f"no images to write for dataset {name!r}")
+    manifest = Manifest(name=name, source=source, num_images=n,
+                        counts={s: dict(sorted(c.items())) for s, c in counts.items()},
+                        label_map=label_map or {}, shards=shards, hierarchy=hierarchy, extra=extra or {})
+    storage.write_bytes(storage.join(uri, "manifest.json"), manifest.to_json().encode(), options)
+    return manifest
+
+
+def read_table(uri: str, columns: list[str] | None = None, split: str | None = None,
+               options: StorageOptions | None = None) -> pa.Table:
+    """The whole dataset (or one split) as an Arrow table; for evaluation-sized sets."""
+    fs, _ = storage.resolve(uri, options)
+    tables = [pq.read_table(p, columns=columns, filesystem=fs) for p in shard_paths(uri, options)]
+    table = pa.concat_tables(tables)
+    if split is not None:
+        import pyarrow.compute as pc
+
+        if columns is not None and "split" not in columns:
+            raise ShardError("read_table: include 'split' in columns to filter by split")
+        table = table.filter(pc.equal(table["split"], split))
+    return table
+
+
+# -- adapters: image folders and CSVs ------------------------------------------------------------
+
+def _check_image(path: Path) -> bytes:
+    """Bytes of an image that PIL can decode; re-encoded as PNG when not PNG/JPEG already."""
+    from PIL import Image
+
+    data = path.read_bytes()
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        if im.format in ("PNG", "JPEG"):
+            return data
+        buf = io.BytesIO()
+        im.convert("RGB").save(buf, format="PNG")
+        return buf.getvalue()
+
+
+def _load_images(items: list[tuple[Path, str | None, str | None, str]], source: str, skip_bad: bool) -> Iterator[Record]:
+    bad: list[str] = []
+    good: list[Record] = []
+    for path, raw, label, split in items:
+        try:
+            data = _check_image(path)
+        except Exception as e:  # PIL raises many types for broken files
+            bad.append(f"{path} ({type(e).__name__}: {e})")
+            continue
+        good.append(Record(data, str(path), source, raw, label, split))
+    if bad and not skip_bad:
+        raise ShardError(f"{len(bad)} unreadable image(s); fix them or pass --skip-bad to skip them:\n  " + "\n  ".join(bad))
+    if bad:
+        print(f"skipped {len(bad)} unreadable image(s):\n  " + "\n  ".join(bad))
+    return iter(good)
+
+
+def folder_items(root: str | Path, label_map: LabelMap, split: str = "train") -> list[tuple]:
+    """(path, raw label, node, split) for an image folder with one sub-folder per class.
+
+    Raw labels are mapped before any image is read, so unknown labels fail first.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ShardError(f"image folder {root} does not exist")
+    entries = [(p, p.parent.name) for p in sorted(root.rglob("*"))
+               if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and p.parent != root]
+    if not entries:
+        raise ShardError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in class sub-folders of {root}")
+    nodes = label_map.map([raw for _, raw in entries])
+    return [(p, raw, node, split) for (p, raw), node in zip(entries, nodes)]
+
+
+def csv_items(csv_path: str | Path, label_map: LabelMap, default_split: str = "train") -> list[tuple]:
+    """(path, raw label, node, split) from a CSV with columns ``path,label[,split]`` (paths relative to the CSV)."""
+    csv_path = Path(csv_path)
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"path", "label"} - set(reader.fieldnames or [])
+        if missing:
+            raise ShardError(f"{csv_path}: missing column(s) {sorted(missing)}; expected path,label[,split], got {reader.fieldnames}")
+        rows = list(reader)
+    items = []
+    for i, row in enumerate(rows, start=2):
+        split = (row.get("split") or default_split).strip()
+        if split not in SPLITS:
+            raise ShardError(f"{csv_path}:{i}: split {split!r} is not one of {SPLITS}")
+        raw = (row["label"] or "").strip() or None
+        items.append((csv_path.parent / row["path"], raw, split))
+    nodes = label_map.map([raw for _, raw, _ in items])
+    return [(p, raw, node, split) for (p, raw, split), node in zip(items, nodes)]
+
+
+def write_items(items: list[tuple], uri: str, name: str, label_map: LabelMap, skip_bad: bool = False,
+                hierarchy: str | None = None, target_file_mb: float = 128.0,
+                options: StorageOptions | None = None) -> Manifest:
+    records = _load_images(items, label_map.source, skip_bad)
+    lm = {"source": label_map.source, "file": label_map.file, "mapping": label_map.mapping,
+          "unlabeled": sorted(label_map.unlabeled)}
+    return write_dataset(records, uri, name, label_map.source, lm, hierarchy, target_file_mb, options=options)

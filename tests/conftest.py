@@ -1,0 +1,48 @@
+"""Session-wide services: one local Ray cluster, one real S3 server (SeaweedFS), one synthetic suite."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True, configure_logging=False,
+                 runtime_env={"env_vars": {"AWS_EC2_METADATA_DISABLED": "true"}})
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    from s3server import start_s3_server
+
+    server = start_s3_server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def synth_suite(tmp_path_factory):
+    """The small synthetic suite at 64 px, built once per session."""
+    from hierdino.data.suite import build_suite
+
+    out = tmp_path_factory.mktemp("synth")
+    build_suite(str(out), "small", 64, seed=0, workers=2, log=lambda *_: None)
+    return str(out)

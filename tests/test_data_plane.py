@@ -1,0 +1,181 @@
+import numpy as np
+import pytest
+import torch
+
+from hierdino.data import shards
+from hierdino.data.augment import gaussian_blur, photometric
+from hierdino.data.ingest import CorruptCounter, CropSpec, IngestError, build_train_dataset, describe_train_data, multicrop
+from hierdino.data.masking import block_mask, ibot_masks
+from hierdino.data.shards import Record
+from hierdino.data.suite import TRAIN_SETS, plan, SUITE
+from hierdino.data.synth import DOMAINS, leaf_spec, render_cell
+from hierdino.hierarchy import hierarchy_from_dict, load_hierarchy
+
+H1 = load_hierarchy("wbc-h1")
+CROPS = CropSpec(64, (0.32, 1.0), 2, 32, (0.05, 0.32), True, seed=3)
+
+
+def _rows(ds, n=None):
+    out = []
+    for b in ds.iter_batches(batch_size=64, batch_format="numpy"):
+        out.append(b)
+    return {k: np.concatenate([b[k] for b in out]) for k in out[0]}
+
+
+def test_ingest_shapes_dtypes_labels(ray_cluster, synth_suite):
+    uris = [f"{synth_suite}/{n}" for n in TRAIN_SETS]
+    td = describe_train_data(uris, H1, None)
+    assert td.rows_per_epoch == sum(m.num_images for m in td.manifests.values())
+    ds = build_train_dataset(td, CROPS, range(1), num_cpus=0.5)
+    rows = _rows(ds)
+    n = td.rows_per_epoch
+    assert rows["global"].shape == (n, 2, 64, 64, 3) and rows["global"].dtype == np.uint8
+    assert rows["local"].shape == (n, 2, 32, 32, 3) and rows["local"].dtype == np.uint8
+    assert rows["sup"].shape == (n, 64, 64, 3) and rows["label"].dtype == np.int64
+    assert rows["ok"].all()
+    labels = rows["label"]
+    assert (labels == -1).sum() == td.manifests[uris[2]].num_images  # synth-unlabeled
+    assert (labels >= 0).sum() == td.labeled_per_epoch
+    # coarse labels arrive as internal-node indices, fine labels as leaf indices
+    assert (labels == H1.index("neutrophil")).any() and (labels == H1.index("neutrophil_band")).any()
+    assert labels.max() < len(H1.nodes)
+    assert rows["sup"][labels == -1].max() == 0 and rows["sup"][labels >= 0].max() > 0
+
+
+def test_ingest_deterministic_under_seed_and_epochs_differ(ray_cluster, synth_suite):
+    td = describe_train_data([f"{synth_suite}/synth-ood"], load_hierarchy("synth-ood"), None)
+    crops = CropSpec(32, (0.32, 1.0), 0, 16, (0.05, 0.32), False, seed=11)
+    a = _rows(build_train_dataset(td, crops, range(1), num_cpus=0.5))
+    b = _rows(build_train_dataset(td, crops, range(1), num_cpus=0.5))
+    assert np.array_equal(np.sort(a["global"].reshape(len(a["label"]), -1).sum(1)),
+                          np.sort(b["global"].reshape(len(b["label"]), -1).sum(1)))
+    assert "local" not in a and "sup" not in a
+    e1 = _rows(build_train_dataset(td, crops, range(1, 2), num_cpus=0.5))
+    assert not np.array_equal(np.sort(a["global"].reshape(len(a["label"]), -1).sum(1)),
+                              np.sort(e1["global"].reshape(len(e1["label"]), -1).sum(1)))
+
+
+def test_multicrop_is_deterministic_and_flags_corrupt_bytes():
+    h = load_hierarchy("wbc-h1")
+    rng = np.random.default_rng(0)
+    from hierdino.data.synth import encode
+
+    good = encode(render_cell(leaf_spec(h, "monocyte"), DOMAINS["A"], 64, rng))
+    batch = {"image": np.array([good, b"garbage", good], dtype=object), "image_id": np.array(["a", "b", "c"]),
+             "label": np.array(["monocyte", None, "neutrophil"], dtype=object), "split": np.array(["train", "train", "val"])}
+    idx = {n: h.index(n) for n in h.nodes}
+    out1, out2 = multicrop(batch, CROPS, idx, epoch=0), multicrop(batch, CROPS, idx, epoch=0)
+    assert out1["ok"].tolist() == [True, False]  # the val row is not a training row
+    assert out1["label"].tolist() == [h.index("monocyte"), -1]
+    assert np.array_equal(out1["global"], out2["global"]) and out1["global"][1].max() == 0
+    assert not np.array_equal(out1["global"], multicrop(batch, CROPS, idx, epoch=1)["global"])
+
+
+def test_corrupt_images_counted_then_fail(ray_cluster, tmp_path):
+    rng = np.random.default_rng(0)
+    from hierdino.data.synth import encode
+
+    recs = [Record(encode(render_cell(leaf_spec(H1, "basophil"), DOMAINS["A"], 32, rng)), f"i{i}", "t", None, None)
+            for i in range(40)]
+    for r in recs[:3]:
+        r.image = b"\x89PNG corrupt"
+    shards.write_dataset(recs, str(tmp_path / "c"), "c", "t")
+    td = describe_train_data([str(tmp_path / "c")], H1, None)
+    rows = _rows(build_train_dataset(td, CropSpec(32, local_number=0, supervised=False), range(1), num_cpus=0.5))
+    assert (~rows["ok"]).sum() == 3 and rows["ok"].sum() == 37
+    counter = CorruptCounter(0.1, min_seen=10)
+    counter.update(rows["ok"])
+    assert counter.corrupt == 3 and counter.seen == 40
+    with pytest.raises(IngestError, match=r"3 of 40 images could not be decoded"):
+        CorruptCounter(0.05, min_seen=10).update(rows["ok"])
+
+
+def test_labels_outside_hierarchy_fail_listing_all(synth_suite):
+    small = hierarchy_from_dict({"name": "small", "root": {"granulopoiesis": ["neutrophil", "basophil"]}})
+    with pytest.raises(IngestError, match=r"synth-coarse: .*artefact.*eosinophil_group"):
+        describe_train_data([f"{synth_suite}/synth-coarse"], small, None)
+
+
+def test_weighted_mix_rows_per_epoch(synth_suite):
+    uris = [f"{synth_suite}/synth-fine", f"{synth_suite}/synth-unlabeled"]
+    td = describe_train_data(uris, H1, [3.0, 1.0])
+    total = sum(m.num_images for m in td.manifests.values())
+    assert td.rows_per_epoch == pytest.approx(total, abs=2)
+    assert td.labeled_per_epoch == pytest.approx(0.75 * total, abs=2)
+
+
+def test_ibot_masks_counts_and_ratios():
+    gen = torch.Generator().manual_seed(0)
+    m = ibot_masks(16, 8, 0.5, (0.1, 0.5), gen)
+    assert m.shape == (16, 64) and m.dtype == torch.bool
+    counts = m.sum(1)
+    assert (counts > 0).sum() == 8
+    ratios = counts[counts > 0].float() / 64
+    assert ratios.min() >= 0.09 and ratios.max() <= 0.5
+    assert ratios.max() - ratios.min() > 0.2  # spread over the range
+    assert block_mask(14, 50, gen).sum() == 50
+    assert torch.equal(ibot_masks(16, 8, 0.5, (0.1, 0.5), torch.Generator().manual_seed(1)),
+                       ibot_masks(16, 8, 0.5, (0.1, 0.5), torch.Generator().manual_seed(1)))
+
+
+def test_photometric_shapes_determinism_and_blur():
+    x = torch.randint(0, 256, (6, 32, 32, 3), dtype=torch.uint8)
+    a = photometric(x, torch.Generator().manual_seed(0), blur_p=1.0, solarize_p=0.5)
+    b = photometric(x, torch.Generator().manual_seed(0), blur_p=1.0, solarize_p=0.5)
+    assert a.shape == (6, 3, 32, 32) and a.dtype == torch.float32 and torch.equal(a, b)
+    plain = photometric(x, torch.Generator().manual_seed(0), blur_p=0, jitter_p=0, gray_p=0, normalize=False)
+    assert torch.allclose(plain, x.permute(0, 3, 1, 2).float() / 255)
+    flat = torch.full((1, 3, 9, 9), 0.3)
+    assert torch.allclose(gaussian_blur(flat, torch.tensor([1.5])), flat, atol=1e-6)
+    noisy = torch.rand(2, 3, 16, 16)
+    assert gaussian_blur(noisy, torch.tensor([2.0, 2.0])).std() < noisy.std() * 0.6
+
+
+def _pixel_features(h, leaves, n, domain, size=32, seed=0):
+    rng = np.random.default_rng(seed)
+    X, y = [], []
+    for k, leaf in enumerate(leaves):
+        for _ in range(n):
+            X.append(render_cell(leaf_spec(h, leaf), DOMAINS[domain], size, rng).astype(np.float32).ravel() / 255)
+            y.append(k)
+    return np.array(X), np.array(y)
+
+
+def test_generator_knn_on_pixels_beats_chance():
+    from sklearn.neighbors import KNeighborsClassifier
+
+    leaves = H1.leaves
+    X, y = _pixel_features(H1, leaves, 12, "A")
+    Xt, yt = _pixel_features(H1, leaves, 6, "A", seed=1)
+    acc = KNeighborsClassifier(5).fit(X, y).score(Xt, yt)
+    assert acc > 3 / len(leaves)  # chance is 1/26
+
+
+def test_generator_siblings_closer_than_other_lineages():
+    from sklearn.decomposition import PCA
+
+    X, y = _pixel_features(H1, H1.leaves, 10, "A")
+    Z = PCA(20, random_state=0).fit_transform(X)
+    centroids = np.stack([Z[y == k].mean(0) for k in range(len(H1.leaves))])
+    d = np.linalg.norm(centroids[:, None] - centroids[None], axis=-1)
+    close, far = [], []
+    for i, a in enumerate(H1.leaves):
+        for j, b in enumerate(H1.leaves):
+            if i < j:
+                (close if H1.parent(a) == H1.parent(b) else far if H1.at_depth(a, 1) != H1.at_depth(b, 1) else []).append(d[i, j])
+    assert np.mean(close) < 0.8 * np.mean(far)
+
+
+def test_plan_is_seeded_skewed_and_covers_classes():
+    spec = next(s for s in SUITE if s.name == "synth-ext-1")
+    a, b = plan(spec, "small", 0), plan(spec, "small", 0)
+    assert a == b and plan(spec, "small", 1) != a
+    for split in ("train", "val", "test"):
+        labs = [lab for s, _, lab, _ in a if s == split]
+        assert set(labs) == set(spec.classes) and min(labs.count(c) for c in spec.classes) >= 3
+    counts = [lab for s, _, lab, _ in a if s == "train"]
+    freqs = sorted(counts.count(c) for c in spec.classes)
+    assert freqs[-1] > 4 * freqs[0]  # rare classes exist
+    coarse = next(s for s in SUITE if s.name == "synth-coarse")
+    labs = {lab for _, _, lab, _ in plan(coarse, "small", 0)}
+    assert labs and all(not H1.is_leaf(x) for x in labs) and {"neutrophil", "lymphocyte_mature"} <= labs
