@@ -1,0 +1,106 @@
+"""DINO self-distillation loss and the teacher's centering (EMA centre or Sinkhorn-Knopp).
+
+Caron et al., "Emerging Properties in Self-Supervised Vision Transformers" (ICCV 2021); Oquab et
+al., "DINOv2" (TMLR 2024). Teacher targets ``t_i`` (probabilities, one per global crop) and student
+logits ``s_j`` (every crop) give::
+
+    L = mean over pairs (i, j), i != j, of  mean_b  sum_k  -t_i[b, k] * log_softmax(s_j[b] / tau_s)[k]
+
+where the pairs are global-global (i != j) and, when local crops are given, global-local.
+
+Example::
+
+    center = TeacherCentering(65536, "sinkhorn")
+    targets = center.targets(teacher_logits_per_crop, teacher_temp=0.07)
+    loss = dino_loss(student_logits_per_crop, targets, student_temp=0.1)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def _dist() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_reduce(x: torch.Tensor, op=None) -> torch.Tensor:
+    if _dist():
+        dist.all_reduce(x, op=op or dist.ReduceOp.SUM)
+    return x
+
+
+@torch.no_grad()
+def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, iterations: int = 3) -> torch.Tensor:
+    """Teacher targets ``[B, K]`` whose prototype marginals are uniform over the global batch.
+
+    ``Q = exp(logits / T)``, then ``iterations`` rounds of: rows (prototypes) scaled to sum 1/K,
+    columns (samples) scaled to sum 1/B_global; finally scaled so each sample's row sums to 1.
+    Prototype sums and the sample count are all-reduced across ranks.
+    """
+    logits = teacher_logits.float() / teacher_temp
+    gmax = _all_reduce(logits.max().clone(), dist.ReduceOp.MAX if _dist() else None)
+    q = torch.exp(logits - gmax).clamp_min(1e-30).t()  # [K, B]; the floor keeps far-off prototypes finite
+    k = q.shape[0]
+    b_global = _all_reduce(torch.tensor(float(q.shape[1]), device=q.device))
+    q /= _all_reduce(q.sum())
+    for _ in range(iterations):
+        q /= _all_reduce(q.sum(dim=1, keepdim=True))
+        q /= k
+        q /= q.sum(dim=0, keepdim=True)
+        q /= b_global
+    q *= b_global
+    return q.t()
+
+
+class TeacherCentering(nn.Module):
+    """Turns teacher logits into targets: ``softmax((t - c) / T)`` with an EMA centre ``c``, or Sinkhorn-Knopp.
+
+    With ``mode="ema"``, ``update(teacher_logits)`` moves ``c`` towards the batch mean (all-reduced),
+    ``c <- m * c + (1 - m) * mean(t)``; call it after computing the targets of the step.
+    """
+
+    def __init__(self, dim: int, mode: str = "ema", momentum: float = 0.9, sinkhorn_iterations: int = 3):
+        super().__init__()
+        if mode not in ("ema", "sinkhorn"):
+            raise ValueError(f"centering must be 'ema' or 'sinkhorn', got {mode!r}")
+        if not 0 <= momentum <= 1:
+            raise ValueError(f"center momentum must be in [0, 1], got {momentum}")
+        self.mode, self.momentum, self.iterations = mode, momentum, sinkhorn_iterations
+        self.register_buffer("center", torch.zeros(1, dim))
+
+    @torch.no_grad()
+    def targets(self, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        if self.mode == "sinkhorn":
+            return sinkhorn_knopp(teacher_logits, teacher_temp, self.iterations)
+        return torch.softmax((teacher_logits.float() - self.center) / teacher_temp, dim=-1)
+
+    @torch.no_grad()
+    def update(self, teacher_logits: torch.Tensor) -> None:
+        if self.mode != "ema":
+            return
+        total = _all_reduce(teacher_logits.float().sum(dim=0, keepdim=True))
+        count = _all_reduce(torch.tensor(float(teacher_logits.shape[0]), device=teacher_logits.device))
+        self.center.mul_(self.momentum).add_(total / count, alpha=1 - self.momentum)
+
+
+def cross_entropy_soft(student_logits: torch.Tensor, targets: torch.Tensor, student_temp: float) -> torch.Tensor:
+    """Per-row ``sum_k -targets[k] * log_softmax(student / tau)[k]``."""
+    return -(targets * torch.log_softmax(student_logits.float() / student_temp, dim=-1)).sum(dim=-1)
+
+
+def dino_loss(student_logits: list[torch.Tensor], teacher_targets: list[torch.Tensor], student_temp: float) -> torch.Tensor:
+    """Mean DINO cross-entropy over pairs (teacher global crop i, student crop j), ``j != i``.
+
+    ``student_logits``: global crops first (same order as ``teacher_targets``), then local crops.
+    """
+    if len(student_logits) < 2 and len(teacher_targets) < 2:
+        raise ValueError("DINO needs at least two crops")
+    terms = []
+    for i, t in enumerate(teacher_targets):
+        for j, s in enumerate(student_logits):
+            if i != j:
+                terms.append(cross_entropy_soft(s, t, student_temp).mean())
+    return torch.stack(terms).mean()

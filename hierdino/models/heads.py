@@ -1,0 +1,54 @@
+"""Projection heads: DINO / iBOT heads (MLP -> bottleneck -> L2-normalised prototypes) and the supervised head."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class DINOHead(nn.Module):
+    """MLP (``layers`` linear layers, GELU between) to a ``bottleneck``, L2 normalisation, then
+    prototypes whose weight rows are L2-normalised at every forward (weight normalisation with the
+    gain fixed to 1, as DINO). ``forward(x[..., in_dim]) -> logits[..., prototypes]``.
+
+    The prototype layer is ``last_layer``; DINOv2 freezes it for the first epoch.
+    """
+
+    def __init__(self, in_dim: int, prototypes: int, hidden: int = 2048, bottleneck: int = 256, layers: int = 3):
+        super().__init__()
+        if layers < 1:
+            raise ValueError(f"layers must be >= 1, got {layers}")
+        dims = [in_dim] + [hidden] * (layers - 1) + [bottleneck]
+        mods: list[nn.Module] = []
+        for i in range(layers):
+            mods.append(nn.Linear(dims[i], dims[i + 1]))
+            if i < layers - 1:
+                mods.append(nn.GELU())
+        self.mlp = nn.Sequential(*mods)
+        self.last_layer = nn.Linear(bottleneck, prototypes, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(self.last_layer.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = F.normalize(self.mlp(x), dim=-1, eps=1e-6)
+        return F.linear(z, F.normalize(self.last_layer.weight, dim=1, eps=1e-6))
+
+
+class SupervisedHead(nn.Module):
+    """A linear classifier over the hierarchy's leaves on the student CLS token."""
+
+    def __init__(self, in_dim: int, num_leaves: int):
+        super().__init__()
+        self.linear = nn.Linear(in_dim, num_leaves)
+        nn.init.trunc_normal_(self.linear.weight, std=0.01)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, cls: torch.Tensor) -> torch.Tensor:
+        return self.linear(cls)

@@ -1,0 +1,162 @@
+"""The SSL meta-architecture: one training step's maths for student, teacher and supervised head.
+
+Student = backbone + DINO head + iBOT head (+ supervised linear head on its CLS token); teacher =
+the same backbone and heads as an EMA of the student, with no supervised head. ``losses`` takes a
+device batch already augmented and normalised and returns the weighted total and each term.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hierdino.hierarchy import Hierarchy
+from hierdino.losses.dino import TeacherCentering, dino_loss
+from hierdino.losses.hierarchical import FlatCrossEntropy, build_supervised_loss
+from hierdino.losses.ibot import ibot_patch_loss
+from hierdino.losses.koleo import koleo_loss
+from hierdino.models.backbone import Backbone, build_backbone
+from hierdino.models.heads import DINOHead, SupervisedHead
+
+
+@dataclass
+class StepBatch:
+    """One device batch. Crops are stacked crop-major: ``global_crops[2B]`` = crop 0 of every image, then crop 1."""
+
+    global_crops: torch.Tensor          # [2B, 3, S, S] float, normalised
+    local_crops: torch.Tensor | None    # [N*B, 3, s, s] or None
+    masks: torch.Tensor                 # [2B, n_patches] bool
+    labels: torch.Tensor                # [B] node indices, -1 = unlabelled
+    sup_images: torch.Tensor | None     # [L, 3, S, S] labelled images' supervised view, or None
+    sup_labels: torch.Tensor | None     # [L]
+
+
+def _tower(cfg, backbone: Backbone) -> nn.ModuleDict:
+    d, i = cfg.model.dino_head, cfg.model.ibot_head
+    tower = nn.ModuleDict({
+        "backbone": backbone,
+        "dino_head": DINOHead(backbone.embed_dim, d.prototypes, d.hidden, d.bottleneck, d.layers),
+    })
+    if cfg.model.ibot_separate_head:
+        tower["ibot_head"] = DINOHead(backbone.embed_dim, i.prototypes, i.hidden, i.bottleneck, i.layers)
+    return tower
+
+
+class StudentTeacher(nn.Module):
+    def __init__(self, cfg, hierarchy: Hierarchy, backbone: Backbone | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.hierarchy = hierarchy
+        backbone = backbone or build_backbone(cfg.model.arch, cfg.data.image_size, cfg.model.drop_path_rate,
+                                              cfg.model.layerscale_init)
+        self.student = _tower(cfg, backbone)
+        self.teacher = copy.deepcopy(self.student)
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        # The teacher never drops paths.
+        for m in self.teacher.modules():
+            if hasattr(m, "drop_prob"):
+                m.drop_prob = 0.0
+        sup = cfg.loss.supervised
+        self.sup_loss = build_supervised_loss(sup.kind, hierarchy, sup.alpha, sup.level_weights, sup.normalize)
+        self.sup_head = SupervisedHead(backbone.embed_dim, hierarchy.num_leaves) if self.sup_loss is not None else None
+        ibot_k = (cfg.model.ibot_head if cfg.model.ibot_separate_head else cfg.model.dino_head).prototypes
+        self.dino_center = TeacherCentering(cfg.model.dino_head.prototypes, cfg.loss.centering, cfg.loss.center_momentum)
+        self.ibot_center = TeacherCentering(ibot_k, cfg.loss.centering, cfg.loss.center_momentum)
+        self.patch_size = backbone.patch_size
+
+    def ibot_head(self, tower: nn.ModuleDict) -> nn.Module:
+        return tower["ibot_head"] if "ibot_head" in tower else tower["dino_head"]
+
+    def losses(self, batch: StepBatch, teacher_temp: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        lc = self.cfg.loss
+        masks = batch.masks
+        n_global = 2
+        # -- teacher: targets for the global crops and their masked patches
+        with torch.no_grad():
+            t_cls, t_patch = self.teacher["backbone"](batch.global_crops)
+            t_logits = self.teacher["dino_head"](t_cls)
+            t_targets = self.dino_center.targets(t_logits, teacher_temp).chunk(n_global)
+            t_patch_logits = self.ibot_head(self.teacher)(t_patch[masks])
+            t_patch_targets = self.ibot_center.targets(t_patch_logits, teacher_temp)
+        # -- student
+        s_cls, s_patch = self.student["backbone"](batch.global_crops, masks)
+        terms: dict[str, torch.Tensor] = {}
+        s_logits = list(self.student["dino_head"](s_cls).chunk(n_global))
+        if batch.local_crops is not None and lc.dino_local:
+            l_cls, _ = self.student["backbone"](batch.local_crops)
+            s_logits += list(self.student["dino_head"](l_cls).chunk(self.cfg.data.local_crops_number))
+        terms["dino"] = dino_loss(s_logits, list(t_targets), lc.student_temp)
+        if int(masks.sum()) > 0:
+            s_patch_logits = self.ibot_head(self.student)(s_patch[masks])
+            terms["ibot"] = ibot_patch_loss(s_patch_logits, t_patch_targets, masks, lc.student_temp)
+        else:
+            terms["ibot"] = s_patch.sum() * 0.0
+        terms["koleo"] = torch.stack([koleo_loss(c) for c in s_cls.chunk(n_global)]).mean() if lc.koleo_weight > 0 \
+            else s_cls.sum() * 0.0
+        if self.sup_head is not None:
+            if batch.sup_images is not None:
+                if batch.sup_images.shape[0] > 0:
+                    sup_cls, _ = self.student["backbone"](batch.sup_images)
+                    terms["sup"] = self.sup_loss(self.sup_head(sup_cls), batch.sup_labels)
+                else:
+                    terms["sup"] = self.sup_head(s_cls[:1]).sum() * 0.0
+            else:  # reuse the global crops
+                terms["sup"] = self.sup_loss(self.sup_head(s_cls), batch.labels.repeat(n_global))
+        total = lc.dino_weight * terms["dino"] + lc.ibot_weight * terms["ibot"] + lc.koleo_weight * terms["koleo"]
+        if "sup" in terms:
+            total = total + lc.supervised.weight * terms["sup"]
+        with torch.no_grad():
+            self.dino_center.update(t_logits)
+            self.ibot_center.update(t_patch_logits)
+        return total, terms
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """``teacher <- m * teacher + (1 - m) * student`` on local shards (FSDP2 DTensors included)."""
+        t_params, s_params = [], []
+        for t, s in zip(self.teacher.parameters(), self.student.parameters()):
+            t_params.append(t.to_local() if hasattr(t, "to_local") else t)
+            s_params.append(s.to_local().detach() if hasattr(s, "to_local") else s.detach())
+        torch._foreach_mul_(t_params, momentum)
+        torch._foreach_add_(t_params, s_params, alpha=1 - momentum)
+
+    def last_layers(self) -> list[nn.Module]:
+        heads = [self.student["dino_head"]] + ([self.student["ibot_head"]] if "ibot_head" in self.student else [])
+        return [h.last_layer for h in heads]
+
+    def ignored_internal_labels(self) -> int:
+        return self.sup_loss.ignored_internal if isinstance(self.sup_loss, FlatCrossEntropy) else 0
+
+
+def param_groups(model: StudentTeacher, layerwise_decay: float, patch_embed_lr_mult: float) -> list[dict]:
+    """AdamW groups keyed by (lr multiplier, weight-decay multiplier, is prototype layer).
+
+    LR multiplier: ``layerwise_decay ** (depth + 1 - layer_id)`` for backbone parameters (times
+    ``patch_embed_lr_mult`` for the patch embedding), 1 for heads; no weight decay on biases,
+    norms, tokens and position embeddings.
+    """
+    backbone: Backbone = model.student["backbone"]
+    depth = len(backbone.blocks)
+    last = {id(p) for layer in model.last_layers() for p in layer.parameters()}
+    groups: dict[tuple, dict] = {}
+    named = [(f"student.{n}", p) for n, p in model.student.named_parameters()]
+    if model.sup_head is not None:
+        named += [(f"sup_head.{n}", p) for n, p in model.sup_head.named_parameters()]
+    for name, p in named:
+        if not p.requires_grad:
+            continue
+        lr_mult = 1.0
+        if name.startswith("student.backbone."):
+            local = name.removeprefix("student.backbone.")
+            lr_mult = layerwise_decay ** (depth + 1 - backbone.layer_id(local))
+            if "patch_embed" in local:
+                lr_mult *= patch_embed_lr_mult
+        no_wd = p.ndim <= 1 or name.endswith((".bias", "cls_token", "pos_embed", "mask_token", "reg_token")) or "norm" in name
+        key = (round(lr_mult, 8), 0.0 if no_wd else 1.0, id(p) in last)
+        g = groups.setdefault(key, {"params": [], "lr_mult": key[0], "wd_mult": key[1], "last_layer": key[2]})
+        g["params"].append(p)
+    return list(groups.values())

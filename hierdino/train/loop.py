@@ -1,0 +1,211 @@
+"""The training loop run by every Ray Train worker (``train_loop_per_worker``).
+
+Reads top to bottom: build the model and optimiser, maybe load the latest checkpoint, then for each
+step: next batch -> device augmentation -> losses -> backward -> clip -> step -> EMA -> log ->
+checkpoint; finally export the teacher backbone. ``TrainStep`` is that step on its own (used by the
+loop, the tests and ``hierdino.bench.step``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import torch
+import torch.distributed as dist
+
+from hierdino.config import Config, config_from_dict
+from hierdino.data.augment import photometric
+from hierdino.data.ingest import CorruptCounter
+from hierdino.data.masking import ibot_masks
+from hierdino.hierarchy import load_hierarchy
+from hierdino.models.student_teacher import StepBatch, StudentTeacher, param_groups
+from hierdino.train.schedules import Schedules
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss that is NaN or infinite; the last good checkpoint is left as it is."""
+
+
+def make_step_batch(raw: dict, cfg: Config, gen: torch.Generator, device: torch.device, grid: int) -> StepBatch:
+    """uint8 crops from the ingest -> augmented, normalised device tensors plus iBOT masks."""
+    ok = raw["ok"].bool()
+    g = raw["global"][ok].to(device, non_blocking=True)
+    b = g.shape[0]
+    crops = [photometric(g[:, 0], gen, blur_p=1.0), photometric(g[:, 1], gen, blur_p=0.1, solarize_p=0.2)]
+    local = None
+    if "local" in raw and cfg.data.local_crops_number > 0:
+        loc = raw["local"][ok].to(device, non_blocking=True)
+        loc = loc.transpose(0, 1).reshape(-1, *loc.shape[2:])  # crop-major
+        local = photometric(loc, gen, blur_p=0.5)
+    labels = raw["label"][ok].to(device)
+    sup_images = sup_labels = None
+    if "sup" in raw:
+        has = labels >= 0
+        sup_labels = labels[has]
+        sup_images = photometric(raw["sup"][ok].to(device)[has], gen, blur_p=0.5)
+    masks = ibot_masks(2 * b, grid, cfg.data.mask_sample_prob, tuple(cfg.data.mask_ratio), gen).to(device)
+    return StepBatch(torch.cat(crops), local, masks, labels, sup_images, sup_labels)
+
+
+class TrainStep:
+    """One optimisation step with schedules: losses, backward, last-layer freeze, clipping, AdamW, EMA."""
+
+    def __init__(self, model: StudentTeacher, cfg: Config):
+        self.model, self.cfg = model, cfg
+        self.schedules = Schedules.from_config(cfg)
+        self.optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult),
+                                           lr=self.schedules.lr, betas=tuple(cfg.optim.betas))
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def __call__(self, batch: StepBatch, step: int) -> dict[str, float]:
+        s = self.schedules.at(step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = s["lr"] * g["lr_mult"]
+            g["weight_decay"] = s["wd"] * g["wd_mult"]
+        loss, terms = self.model.losses(batch, s["teacher_temp"])
+        values = torch.stack([loss.detach()] + [t.detach().float() for t in terms.values()])
+        if dist.is_initialized():
+            dist.all_reduce(values)
+            values /= dist.get_world_size()
+        if not bool(torch.isfinite(values).all()):
+            listed = ", ".join(f"{k}={v:.4g}" for k, v in zip(["loss", *terms], values.tolist()))
+            raise NonFiniteLossError(f"non-finite loss at step {step}: {listed}")
+        loss.backward()
+        if s["freeze_last_layer"]:
+            for layer in self.model.last_layers():
+                for p in layer.parameters():
+                    p.grad = None
+        grad_norm = float("nan")
+        if self.cfg.optim.clip_grad > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], self.cfg.optim.clip_grad)
+            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.update_teacher(s["momentum"])
+        out = dict(zip(["loss", *terms], values.tolist()))
+        out.update(lr=s["lr"], wd=s["wd"], momentum=s["momentum"], teacher_temp=s["teacher_temp"], grad_norm=grad_norm)
+        return out
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class MetricsLog:
+    """``metrics.jsonl`` in the run directory (rank 0 only); local files are appended, S3 rewritten."""
+
+    def __init__(self, run_uri: str, enabled: bool):
+        from hierdino.data import storage
+
+        self.enabled, self.storage = enabled, storage
+        self.uri = storage.join(run_uri, "metrics.jsonl")
+        self.lines: list[str] = []
+        if enabled and storage.exists(self.uri):
+            self.lines = storage.read_bytes(self.uri).decode().splitlines()
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.lines.append(json.dumps(record))
+        self.storage.write_bytes(self.uri, ("\n".join(self.lines) + "\n").encode())
+
+
+def train_loop_per_worker(loop_config: dict) -> dict:
+    import ray.train
+
+    cfg = config_from_dict(loop_config["config"])
+    run_uri = loop_config["run_uri"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
+    torch.manual_seed(cfg.train.seed)  # identical initialisation on every rank
+    hierarchy = load_hierarchy(cfg.hierarchy.name)
+    model = StudentTeacher(cfg, hierarchy)
+    if cfg.model.init_weights:
+        from hierdino.models.backbone import load_pretrained
+
+        for tower in (model.student, model.teacher):
+            report = load_pretrained(tower["backbone"], cfg.model.init_weights)
+        if rank == 0:
+            print(f"[hierdino] init weights: {report}", flush=True)
+    model.to(device)
+    from hierdino.train.parallel import apply_fsdp, local_param_fraction, param_dtype_for
+
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=False)
+    if world > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device.type, (world,))
+        apply_fsdp(model, mesh, param_dtype_for(cfg.train.precision, device), torch.float32)
+    elif param_dtype_for(cfg.train.precision, device) == torch.bfloat16:
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+    step_fn = TrainStep(model, cfg)
+    from hierdino.train.checkpoint import CheckpointManager, export_teacher
+
+    ckpt = CheckpointManager(model, step_fn.optimizer, rank)
+    state = ckpt.load() or {"step": 0, "images_seen": 0, "data_epoch": loop_config.get("start_epoch", 0)}
+    start = state["step"]
+    from hierdino.train.parallel import param_checksum
+
+    start_checksum = param_checksum(model.student)
+    total = cfg.train.steps
+    stop = min(cfg.train.stop_at_step or total, total)
+    log = MetricsLog(run_uri, rank == 0)
+    if rank == 0:
+        print(f"[hierdino] rank 0/{world} on {device}: {'resuming at step ' + str(start) if start else 'starting'}; "
+              f"local parameter fraction {local_param_fraction(model.student):.3f}", flush=True)
+    per_worker = cfg.train.batch_size // world
+    grid = cfg.data.image_size // model.patch_size
+    gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank + 7919 * start)
+    corrupt = CorruptCounter(cfg.data.max_corrupt_fraction)
+    shard = ray.train.get_dataset_shard("train")
+    rows_per_epoch = max(1, loop_config.get("rows_per_epoch", 1))
+    step, last = start, {}
+    t0, wait, images = time.perf_counter(), 0.0, 0
+    while step < stop:
+        it = iter(shard.iter_torch_batches(batch_size=per_worker, drop_last=True, local_shuffle_buffer_size=4 * per_worker,
+                                           local_shuffle_seed=cfg.data.shuffle_seed + rank + step))
+        progressed = False
+        while step < stop:
+            tw = time.perf_counter()
+            try:
+                raw = next(it)
+            except StopIteration:
+                break
+            wait += time.perf_counter() - tw
+            corrupt.update(raw["ok"].numpy())
+            batch = make_step_batch(raw, cfg, gen, device, grid)
+            with autocast:
+                last = step_fn(batch, step)
+            progressed = True
+            step += 1
+            images += cfg.train.batch_size
+            state["images_seen"] += cfg.train.batch_size
+            state["data_epoch"] = loop_config.get("start_epoch", 0) + state["images_seen"] // rows_per_epoch
+            if step % cfg.train.log_every == 0 or step == stop:
+                elapsed = time.perf_counter() - t0
+                rate = images / max(elapsed, 1e-9)
+                rec = dict(last, step=step, images_per_s=rate, data_wait=wait / max(elapsed, 1e-9),
+                           corrupt=corrupt.corrupt, epoch=state["data_epoch"])
+                log.write(rec)
+                if rank == 0:
+                    eta = (stop - step) * cfg.train.batch_size / max(rate, 1e-9)
+                    terms = " ".join(f"{k} {last[k]:.3f}" for k in ("dino", "ibot", "koleo", "sup") if k in last)
+                    print(f"step {step}/{total} | loss {last['loss']:.3f} ({terms}) | lr {last['lr']:.2e} | "
+                          f"{rate:.1f} img/s | data-wait {100 * rec['data_wait']:.0f}% | ETA {_fmt_time(eta)}", flush=True)
+            if step % cfg.checkpoint.every_steps == 0 or step == stop:
+                ckpt.save(step, state, {k: v for k, v in last.items() if isinstance(v, float) and math.isfinite(v)})
+                if rank == 0:  # read by the driver to pick the data epoch of a restarted run
+                    from hierdino.data import storage
+
+                    storage.write_bytes(storage.join(run_uri, "progress.json"),
+                                        json.dumps({"step": step, "data_epoch": state["data_epoch"]}).encode())
+        if not progressed:
+            raise RuntimeError(f"the training data yielded no batch of {per_worker} images (step {step})")
+    export = export_teacher(model, run_uri, rank, hierarchy.name, cfg.data.image_size) if step >= total else None
+    return dict(last, step=step, start_step=start, start_checksum=start_checksum, final_checksum=param_checksum(model.student),
+                export=export, local_param_fraction=local_param_fraction(model.student),
+                corrupt_images=corrupt.corrupt, ignored_internal_labels=model.ignored_internal_labels())

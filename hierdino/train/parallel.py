@@ -1,0 +1,53 @@
+"""Parallelism applied *to* plain models: FSDP2 per transformer block then per root, mixed precision."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def param_dtype_for(precision: str, device: torch.device) -> torch.dtype:
+    """bf16 parameters on GPU (``auto`` or ``bf16``), fp32 on CPU or with ``fp32``."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"train.precision must be auto, bf16 or fp32, got {precision!r}")
+    if precision == "fp32" or device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16
+
+
+def apply_fsdp(model, mesh, param_dtype: torch.dtype = torch.float32, reduce_dtype: torch.dtype = torch.float32) -> None:
+    """``fully_shard`` every transformer block, then each tower root, for student and teacher alike.
+
+    The student and teacher are sharded identically, so their local shards line up for the EMA.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    for tower in (model.student, model.teacher):
+        for block in tower["backbone"].blocks:
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        fully_shard(tower, mesh=mesh, mp_policy=mp)
+    if model.sup_head is not None:
+        fully_shard(model.sup_head, mesh=mesh, mp_policy=mp)
+
+
+def local_param_fraction(module: nn.Module) -> float:
+    """Fraction of the module's parameters held by this rank (1.0 unsharded, ~1/world under FSDP)."""
+    local = total = 0
+    for p in module.parameters():
+        total += p.numel()
+        local += p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+    return local / max(total, 1)
+
+
+def param_checksum(module: nn.Module) -> float:
+    """Sum of all parameters (float64), all-reduced over shards: equal across runs iff the weights are (almost surely)."""
+    import torch.distributed as dist
+
+    total = torch.zeros((), dtype=torch.float64)
+    for p in module.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        total += local.detach().double().sum().cpu() + (local.detach().double() ** 2).sum().cpu() * 1e-3
+    if dist.is_initialized() and any(hasattr(p, "to_local") for p in module.parameters()):
+        dist.all_reduce(total)
+    return float(total)

@@ -1,0 +1,66 @@
+"""Pretrain a DINOv2 student/teacher with hierarchical supervision on Ray Train.
+
+  python jobs/pretrain.py                                   # embedded default: tiny-cpu on the synthetic suite
+  python jobs/pretrain.py --config vitl14 --set data.train=[s3://bucket/matek,s3://bucket/raabin]
+  python jobs/pretrain.py --config tiny-cpu --set train.steps=50 --validate-only
+
+Under ``ray job submit`` (``RAY_ADDRESS`` set) it joins that cluster; otherwise it starts a local one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+from hierdino.config import ConfigError, load_config  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="pretrain.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="tiny-cpu", help="preset name or YAML file (default: tiny-cpu)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.steps=100 (repeatable)")
+    p.add_argument("--validate-only", action="store_true", help="check the config and exit; nothing is started")
+    p.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if args.validate_only:
+        print(f"config OK: {args.config} ({len(args.overrides)} override(s)); run {cfg.run.storage}/{cfg.run.name}")
+        return 0
+    from hierdino.train import launch
+
+    t0 = time.time()
+    if not cfg.data.train:
+        launch.ensure_synthetic_suite(cfg)
+    launch.init_ray()
+    final = launch.train(cfg)
+    print(f"[hierdino] training finished at step {final.get('step')} in {time.time() - t0:.0f}s")
+    if final.get("export") and cfg.eval.at_end and not args.no_eval:
+        try:
+            from hierdino.eval.report import evaluate_run_at_end
+        except ImportError:
+            evaluate_run_at_end = None
+        if evaluate_run_at_end is not None:
+            evaluate_run_at_end(cfg, final["run_dir"])
+    print(f"[hierdino] run directory: {final['run_dir']}")
+    if final.get("export"):
+        print(f"[hierdino] exported teacher backbone: {final['export']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+import json
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from hierdino.config import load_config
+from hierdino.data.synth import DOMAINS, leaf_spec, render_cell
+from hierdino.hierarchy import load_hierarchy
+from hierdino.models.backbone import build_backbone, load_pretrained
+from hierdino.models.heads import DINOHead
+from hierdino.models.student_teacher import StudentTeacher, param_groups
+from hierdino.train.loop import TrainStep, make_step_batch
+
+
+def test_backbone_shapes_masking_and_bad_arch():
+    bb = build_backbone("vit_tiny_cpu", 64)
+    x = torch.randn(2, 3, 64, 64)
+    cls, patches = bb(x)
+    assert cls.shape == (2, 96) and patches.shape == (2, 64, 96)
+    masks = torch.zeros(2, 64, dtype=torch.bool)
+    masks[0, :10] = True
+    cls_m, patches_m = bb(x, masks)
+    assert torch.allclose(cls_m[1], cls[1], atol=1e-5) and not torch.allclose(cls_m[0], cls[0])
+    assert bb(torch.randn(1, 3, 32, 32))[1].shape == (1, 16, 96)  # local crops: interpolated position embeddings
+    with pytest.raises(ValueError, match="vit_small_patch14_dinov2"):
+        build_backbone("vit_smal_patch14_dinov2", 224)
+    with pytest.raises(ValueError, match="multiple"):
+        build_backbone("vit_tiny_cpu", 60)
+
+
+def test_timm_dinov2_arch_builds_without_download():
+    bb = build_backbone("vit_small_patch14_dinov2", 56)
+    assert bb.patch_size == 14 and bb.embed_dim == 384 and bb.vit.pos_embed.shape[1] == 1 + 16
+
+
+def test_loads_dinov2_and_dinobloom_formats_with_pos_embed_interpolation(tmp_path):
+    src = build_backbone("vit_tiny_cpu", 80)  # 10x10 grid
+    hub = {k.removeprefix("vit."): v for k, v in src.state_dict().items()}  # DINOv2 hub-style keys incl. mask_token
+    hub["mask_token"] = torch.randn(1, 96)
+    torch.save(hub, tmp_path / "hub.pth")
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in hub.items()} | {"dino_head.mlp.0.weight": torch.zeros(2)}},
+               tmp_path / "dinobloom.pth")
+    for name in ("hub.pth", "dinobloom.pth"):
+        dst = build_backbone("vit_tiny_cpu", 64)  # 8x8 grid
+        report = load_pretrained(dst, str(tmp_path / name))
+        assert report.missing == [] and report.unexpected == []
+        assert torch.equal(dst.vit.blocks[1].attn.qkv.weight, src.vit.blocks[1].attn.qkv.weight)
+        assert dst.vit.pos_embed.shape == (1, 65, 96) and torch.equal(dst.mask_token, hub["mask_token"])
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in hub.items() if k != "mask_token"}, tmp_path / "w.safetensors")
+    report = load_pretrained(build_backbone("vit_tiny_cpu", 64), str(tmp_path / "w.safetensors"))
+    assert report.missing == ["mask_token"]
+    torch.save({"weird": torch.zeros(3)}, tmp_path / "bad.pth")
+    assert len(load_pretrained(build_backbone("vit_tiny_cpu", 64), str(tmp_path / "bad.pth")).missing) > 10
+
+
+def test_dino_head_normalised_prototypes():
+    head = DINOHead(16, 32, hidden=24, bottleneck=8, layers=3)
+    out = head(torch.randn(5, 16))
+    assert out.shape == (5, 32) and out.abs().max() <= 1.0 + 1e-5  # cosine similarities
+
+
+def test_ema_update_maths():
+    cfg = load_config("tiny-cpu", ["model.arch=vit_micro_cpu"])
+    m = StudentTeacher(cfg, load_hierarchy("wbc-h1"))
+    with torch.no_grad():
+        for p in m.student.parameters():
+            p.add_(1.0)
+    t_before = [p.clone() for p in m.teacher.parameters()]
+    s_now = [p.clone() for p in m.student.parameters()]
+    m.update_teacher(0.9)
+    for t0, s, t1 in zip(t_before, s_now, m.teacher.parameters()):
+        assert torch.allclose(t1, 0.9 * t0 + 0.1 * s, atol=1e-6)
+    assert m.sup_head is not None and not any(n.startswith("sup") for n, _ in m.teacher.named_parameters())
+
+
+def test_param_groups_layerwise_decay():
+    cfg = load_config("tiny-cpu")
+    m = StudentTeacher(cfg, load_hierarchy("wbc-h1"))
+    groups = param_groups(m, 0.5, 0.2)
+    ids = {id(p): g for g in groups for p in g["params"]}
+    bb = m.student["backbone"]
+    depth = len(bb.blocks)
+    assert ids[id(bb.vit.blocks[depth - 1].mlp.fc1.weight)]["lr_mult"] == pytest.approx(0.5)
+    assert ids[id(bb.vit.blocks[0].mlp.fc1.weight)]["lr_mult"] == pytest.approx(0.5 ** depth)
+    assert ids[id(bb.vit.patch_embed.proj.weight)]["lr_mult"] == pytest.approx(0.5 ** (depth + 1) * 0.2)
+    assert ids[id(bb.vit.blocks[0].norm1.weight)]["wd_mult"] == 0.0 and ids[id(bb.vit.pos_embed)]["wd_mult"] == 0.0
+    assert ids[id(m.student["dino_head"].last_layer.weight)]["last_layer"]
+    assert ids[id(m.sup_head.linear.weight)]["lr_mult"] == 1.0
+    assert not any(id(p) in ids for p in m.teacher.parameters())
+
+
+def _synthetic_raw(n=32, seed=0):
+    h = load_hierarchy("wbc-h1")
+    rng = np.random.default_rng(seed)
+    leaves = [h.leaves[i % 6] for i in range(n)]
+    imgs = np.stack([render_cell(leaf_spec(h, leaf), DOMAINS["A"], 64, rng) for leaf in leaves])
+    g = torch.from_numpy(imgs)
+    return {"global": torch.stack([g, g.flip(2)], 1), "local": torch.stack([g[:, ::2, ::2]] * 2, 1).contiguous(),
+            "sup": g.clone(), "label": torch.tensor([h.index(leaf) if i % 3 else -1 for i, leaf in enumerate(leaves)]),
+            "ok": torch.ones(n, dtype=torch.bool)}
+
+
+def test_single_process_tiny_run_loss_falls():
+    torch.manual_seed(0)
+    cfg = load_config("tiny-cpu", ["train.steps=40", "optim.warmup_steps=5", "loss.warmup_teacher_temp_steps=5",
+                                   "optim.freeze_last_layer_steps=0"])
+    m = StudentTeacher(cfg, load_hierarchy("wbc-h1"))
+    step = TrainStep(m, cfg)
+    raw = _synthetic_raw()
+    gen = torch.Generator().manual_seed(0)
+    losses = [step(make_step_batch(raw, cfg, gen, torch.device("cpu"), 8), i)["loss"] for i in range(40)]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3
+    assert all(np.isfinite(losses))
+
+
+def test_non_finite_loss_names_step_and_terms():
+    from hierdino.train.loop import NonFiniteLossError
+
+    cfg = load_config("tiny-cpu", ["model.arch=vit_micro_cpu"])
+    m = StudentTeacher(cfg, load_hierarchy("wbc-h1"))
+    with torch.no_grad():
+        m.student["dino_head"].mlp[0].weight.fill_(float("nan"))
+    step = TrainStep(m, cfg)
+    batch = make_step_batch(_synthetic_raw(8), cfg, torch.Generator().manual_seed(0), torch.device("cpu"), 8)
+    with pytest.raises(NonFiniteLossError, match=r"step 7: loss=nan, dino=nan"):
+        step(batch, 7)

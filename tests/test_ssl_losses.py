@@ -1,0 +1,96 @@
+import math
+
+import pytest
+import torch
+
+from hierdino.losses.dino import TeacherCentering, cross_entropy_soft, dino_loss, sinkhorn_knopp
+from hierdino.losses.ibot import ibot_patch_loss
+from hierdino.losses.koleo import koleo_loss
+from hierdino.train.schedules import Schedules, cosine, scaled_lr
+
+
+def test_sinkhorn_knopp_marginals():
+    torch.manual_seed(0)
+    logits = torch.randn(64, 16) * 3
+    q = sinkhorn_knopp(logits, teacher_temp=0.5, iterations=50)
+    assert torch.allclose(q.sum(1), torch.ones(64), atol=1e-5)  # each sample a distribution
+    assert torch.allclose(q.sum(0), torch.full((16,), 64 / 16), rtol=1e-3)  # uniform prototype usage
+    q3 = sinkhorn_knopp(logits, 0.5, iterations=3)
+    assert torch.allclose(q3.sum(1), torch.ones(64), atol=1e-5)
+    assert (q3.sum(0).std() < torch.softmax(logits / 0.5, 1).sum(0).std())  # closer to uniform than softmax
+    extreme = sinkhorn_knopp(logits * 1000, 0.04)
+    assert torch.isfinite(extreme).all() and torch.allclose(extreme.sum(1), torch.ones(64), atol=1e-4)
+
+
+def test_ema_centering_math():
+    c = TeacherCentering(4, "ema", momentum=0.9)
+    t = torch.tensor([[1.0, 2, 3, 4], [3.0, 2, 1, 0]])
+    probs = c.targets(t, 0.5)
+    assert torch.allclose(probs, torch.softmax(t / 0.5, 1))
+    c.update(t)
+    assert torch.allclose(c.center, 0.1 * t.mean(0, keepdim=True))
+    c.update(t)
+    assert torch.allclose(c.center, (0.9 * 0.1 + 0.1) * t.mean(0, keepdim=True))
+    assert torch.allclose(c.targets(t, 0.5), torch.softmax((t - c.center) / 0.5, 1))
+    with pytest.raises(ValueError, match="'median'"):
+        TeacherCentering(4, "median")
+
+
+def test_dino_loss_of_identical_outputs_is_target_entropy():
+    torch.manual_seed(0)
+    logits = torch.randn(8, 10)
+    tau = 0.1
+    targets = torch.softmax(logits / tau, -1)
+    entropy = -(targets * targets.log()).sum(-1).mean()
+    loss = dino_loss([logits, logits], [targets, targets], tau)
+    assert loss.item() == pytest.approx(entropy.item(), rel=1e-5)
+    # a different student costs more (Gibbs' inequality)
+    assert dino_loss([logits, torch.randn(8, 10)], [targets, targets], tau) > loss
+
+
+def test_dino_loss_pairs_with_local_crops():
+    torch.manual_seed(1)
+    s = [torch.randn(4, 6) for _ in range(4)]  # 2 global + 2 local
+    t = [torch.softmax(torch.randn(4, 6), -1) for _ in range(2)]
+    pairs = [(0, 1), (0, 2), (0, 3), (1, 0), (1, 2), (1, 3)]
+    expected = sum(cross_entropy_soft(s[j], t[i], 0.1).mean() for i, j in pairs) / len(pairs)
+    assert dino_loss(s, t, 0.1).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_ibot_loss_against_loop():
+    torch.manual_seed(2)
+    masks = torch.zeros(3, 5, dtype=torch.bool)
+    masks[0, [1, 2]] = True
+    masks[2, [0, 1, 3, 4]] = True
+    m = int(masks.sum())
+    s, t = torch.randn(m, 7), torch.softmax(torch.randn(m, 7), -1)
+    ref, k = [], 0
+    for b in range(3):
+        n = int(masks[b].sum())
+        if n:
+            ref.append(sum(-(t[k + i] * torch.log_softmax(s[k + i] / 0.1, -1)).sum() for i in range(n)) / n)
+            k += n
+    assert ibot_patch_loss(s, t, masks, 0.1).item() == pytest.approx((sum(ref) / len(ref)).item(), rel=1e-5)
+
+
+def test_koleo_on_known_points():
+    square = torch.tensor([[1.0, 0], [0, 1], [-1, 0], [0, -1]])
+    # each point's nearest neighbour is at distance sqrt(2)
+    assert koleo_loss(square).item() == pytest.approx(-math.log(math.sqrt(2)), rel=1e-5)
+    clustered = torch.tensor([[1.0, 0], [1.0, 0.01], [-1, 0], [-1, 0.01]])
+    assert koleo_loss(clustered) > koleo_loss(square)
+
+
+def test_schedules():
+    assert cosine(0, 1.0, 0.1, 100, warmup_steps=10) == 0.0
+    assert cosine(5, 1.0, 0.1, 100, warmup_steps=10) == pytest.approx(0.5)
+    assert cosine(10, 1.0, 0.1, 100, warmup_steps=10) == pytest.approx(1.0)
+    assert cosine(100, 1.0, 0.1, 100, warmup_steps=10) == pytest.approx(0.1)
+    assert cosine(55, 1.0, 0.0, 100, warmup_steps=10) == pytest.approx(0.5)
+    assert scaled_lr(0.004, 256) == pytest.approx(0.002)
+    from hierdino.config import load_config
+
+    s = Schedules.from_config(load_config("tiny-cpu"))
+    assert s.at(0)["teacher_temp"] == pytest.approx(0.04) and s.at(10_000 // 100)["teacher_temp"] == pytest.approx(0.07)
+    assert s.at(s.total)["momentum"] == pytest.approx(1.0) and s.at(0)["freeze_last_layer"]
+    assert not s.at(s.freeze_last_layer_steps)["freeze_last_layer"]
