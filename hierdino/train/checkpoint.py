@@ -52,8 +52,17 @@ class CheckpointManager:
             return None
         with ckpt.as_directory() as d:
             app = self._app_state()
+            saved = set(dcp.FileSystemReader(d).read_metadata().state_dict_metadata)
+            missing = [k for k in app["model"] if f"model.{k}" not in saved]
+            if missing:
+                raise RuntimeError(f"checkpoint {d} does not match the model: {len(missing)} missing tensors, e.g. {missing[:5]}")
+            # Parameters never stepped (the frozen prototype layers early on) have no optimiser state.
+            for fqn in [f for f in app["optim"]["state"] if not any(k.startswith(f"optim.state.{f}.") for k in saved)]:
+                del app["optim"]["state"][fqn]
             dcp.load(app, checkpoint_id=d)
-            set_state_dict(self.model, self.optimizer, model_state_dict=app["model"], optim_state_dict=app["optim"])
+            # strict=False only for that optimiser state: the model's keys were checked above.
+            set_state_dict(self.model, self.optimizer, model_state_dict=app["model"], optim_state_dict=app["optim"],
+                           options=StateDictOptions(strict=False))
             path = os.path.join(d, f"train_state_rank{self.rank}.pt")
             if not os.path.exists(path):  # a different world size: rank 0's state stands for all
                 path = os.path.join(d, "train_state_rank0.pt")

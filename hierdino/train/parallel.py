@@ -16,7 +16,7 @@ def param_dtype_for(precision: str, device: torch.device) -> torch.dtype:
 
 
 def apply_fsdp(model, mesh, param_dtype: torch.dtype = torch.float32, reduce_dtype: torch.dtype = torch.float32) -> None:
-    """``fully_shard`` every transformer block, then each tower root, for student and teacher alike.
+    """``fully_shard`` every transformer block, then each root (backbone, heads), for student and teacher alike.
 
     The student and teacher are sharded identically, so their local shards line up for the EMA.
     """
@@ -24,9 +24,13 @@ def apply_fsdp(model, mesh, param_dtype: torch.dtype = torch.float32, reduce_dty
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     for tower in (model.student, model.teacher):
+        # The teacher only runs forward: its roots must reshard too, or their parameters stay
+        # unsharded after the forward and no longer line up with the student's shards.
+        reshard = True if tower is model.teacher else None
         for block in tower["backbone"].blocks:
-            fully_shard(block, mesh=mesh, mp_policy=mp)
-        fully_shard(tower, mesh=mesh, mp_policy=mp)
+            fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
+        for root in tower.values():  # backbone (embeddings, final norm) and each head
+            fully_shard(root, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
     if model.sup_head is not None:
         fully_shard(model.sup_head, mesh=mesh, mp_policy=mp)
 
