@@ -50,12 +50,9 @@ def main(argv=None) -> int:
     final = launch.train(cfg)
     print(f"[hierdino] training finished at step {final.get('step')} in {time.time() - t0:.0f}s")
     if final.get("export") and cfg.eval.at_end and not args.no_eval:
-        try:
-            from hierdino.eval.report import evaluate_run_at_end
-        except ImportError:
-            evaluate_run_at_end = None
-        if evaluate_run_at_end is not None:
-            evaluate_run_at_end(cfg, final["run_dir"])
+        from hierdino.eval.report import evaluate_run_at_end
+
+        evaluate_run_at_end(cfg, final["run_dir"])
     print(f"[hierdino] run directory: {final['run_dir']}")
     if final.get("export"):
         print(f"[hierdino] exported teacher backbone: {final['export']}")

@@ -1,0 +1,180 @@
+"""Frozen features of shard-format datasets: teacher CLS (optionally + mean patch token).
+
+Models are named by a spec string:
+
+- a run directory (``<run>/export/model.json`` + ``teacher_backbone.safetensors``), local or s3://;
+- an exported ``.safetensors`` file (with ``model.json`` beside it);
+- ``<timm name>=<weights path or s3:// URI>`` (DINOv2 / DinoBloom / timm weights, e.g. DinoBloom-S);
+- ``random:<arch>[@<img_size>]``: a randomly initialised backbone (context baseline);
+- ``pixels``: raw pixels resized to 16 x 16 (context baseline).
+
+Extraction runs as Ray Data batch inference (an actor pool that loads the model once per actor,
+GPU when the cluster has one); results are cached under ``cache_dir`` keyed by model + dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from hierdino.data import shards, storage
+from hierdino.data.augment import decode, to_model_input
+
+PIXEL_SIZE = 16
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    spec: str
+    name: str
+    kind: str              # backbone | pixels
+    arch: str | None = None
+    img_size: int | None = None
+    weights: str | None = None
+    key: str = ""
+
+
+def _sha(data: bytes | str) -> str:
+    return hashlib.sha1(data if isinstance(data, bytes) else data.encode()).hexdigest()[:16]
+
+
+def resolve_model(spec: str, default_img_size: int = 224) -> ModelSpec:
+    """Parse a model spec (see module docstring) without building the model."""
+    if spec == "pixels":
+        return ModelSpec(spec, "pixels", "pixels", key="pixels")
+    if spec.startswith("random:"):
+        arch, _, size = spec[len("random:"):].partition("@")
+        img = int(size) if size else default_img_size
+        return ModelSpec(spec, f"random-{arch}", "backbone", arch, img, None, _sha(f"random:{arch}:{img}"))
+    if "=" in spec and not spec.startswith(("s3://", "/", ".")):
+        arch, weights = spec.split("=", 1)
+        return ModelSpec(spec, arch, "backbone", arch, default_img_size, weights, _sha(storage.read_bytes(weights)))
+    uri = spec.rstrip("/")
+    if uri.endswith(".safetensors"):
+        weights, info_uri = uri, storage.join(uri.rsplit("/", 1)[0], "model.json")
+    else:
+        weights, info_uri = storage.join(uri, "export", "teacher_backbone.safetensors"), storage.join(uri, "export", "model.json")
+    if not storage.exists(info_uri):
+        raise FileNotFoundError(f"model {spec!r}: no {info_uri}; give a run directory with an export, an exported "
+                                ".safetensors, '<timm arch>=<weights>', 'random:<arch>' or 'pixels'")
+    info = json.loads(storage.read_bytes(info_uri))
+    parts = uri.split("/")
+    if not uri.endswith(".safetensors"):
+        name = parts[-1]
+    else:
+        name = parts[-3] if len(parts) >= 3 and parts[-2] == "export" else parts[-1].removesuffix(".safetensors")
+    return ModelSpec(spec, name, "backbone", info["arch"], int(info["img_size"]), weights,
+                     _sha(storage.read_bytes(weights)))
+
+
+def load_backbone(m: ModelSpec):
+    from hierdino.models.backbone import build_backbone, load_pretrained
+
+    torch.manual_seed(0)  # the random baseline is reproducible
+    bb = build_backbone(m.arch, m.img_size, 0.0)
+    if m.weights is not None:
+        report = load_pretrained(bb, m.weights)
+        missing = [k for k in report.missing if k != "mask_token"]
+        if missing:
+            raise ValueError(f"model {m.spec!r}: {report}")
+    return bb.eval()
+
+
+@torch.no_grad()
+def backbone_features(backbone, images: np.ndarray, img_size: int, batch_size: int = 128, device: str = "cpu",
+                      patch_mean: bool = False) -> np.ndarray:
+    """uint8 ``[N, H, W, 3]`` -> ``[N, D]`` (or ``[N, 2D]`` with the mean patch token) float32 features."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = to_model_input(torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).to(device))
+        if x.shape[-1] != img_size:
+            x = F.interpolate(x, size=(img_size, img_size), mode="bicubic", antialias=True, align_corners=False)
+        cls, patches = backbone(x)
+        feats = torch.cat([cls, patches.mean(1)], dim=1) if patch_mean else cls
+        out.append(feats.float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def pixel_features(images: np.ndarray) -> np.ndarray:
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
+    return F.interpolate(x, size=(PIXEL_SIZE, PIXEL_SIZE), mode="area").flatten(1).numpy()
+
+
+def decode_images(blobs, size: int) -> np.ndarray:
+    """Encoded images -> uint8 ``[N, size, size, 3]`` (bicubic resize); undecodable images become zeros."""
+    from PIL import Image
+
+    out = np.zeros((len(blobs), size, size, 3), np.uint8)
+    for i, b in enumerate(blobs):
+        try:
+            out[i] = np.asarray(decode(b).resize((size, size), Image.BICUBIC))
+        except Exception:
+            pass
+    return out
+
+
+class _Extractor:
+    """Ray Data actor: loads the model once, then maps batches of shard rows to features."""
+
+    def __init__(self, model: ModelSpec, patch_mean: bool, batch_size: int):
+        self.model, self.patch_mean, self.batch_size = model, patch_mean, batch_size
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.backbone = load_backbone(model).to(self.device) if model.kind == "backbone" else None
+
+    def __call__(self, batch: dict) -> dict:
+        size = self.model.img_size or 64
+        images = decode_images(batch["image"], size)
+        if self.backbone is None:
+            feats = pixel_features(images)
+        else:
+            feats = backbone_features(self.backbone, images, size, self.batch_size, self.device, self.patch_mean)
+        return {"features": feats, "label": batch["label"], "split": batch["split"], "image_id": batch["image_id"]}
+
+
+@dataclass
+class DatasetFeatures:
+    features: np.ndarray
+    labels: np.ndarray     # node names (object array), None when unlabelled
+    splits: np.ndarray
+    image_ids: np.ndarray
+
+    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        sel = (self.splits == name) & np.array([lab is not None for lab in self.labels])
+        return self.features[sel], self.labels[sel]
+
+
+def dataset_features(model: ModelSpec, dataset_uri: str, cache_dir: str | None = None, patch_mean: bool = False,
+                     batch_size: int = 128, actors: int = 1, options=None, log=print) -> DatasetFeatures:
+    """Features of every row of a dataset; read from / written to the cache when ``cache_dir`` is given."""
+    manifest = shards.read_manifest(dataset_uri, options)
+    key = f"{model.key}-{_sha(manifest.to_json())}-{int(patch_mean)}"
+    cache = storage.join(cache_dir, f"{manifest.name}-{key}.npz") if cache_dir else None
+    if cache and storage.exists(cache):
+        z = np.load(io.BytesIO(storage.read_bytes(cache)), allow_pickle=True)
+        return DatasetFeatures(z["features"], z["labels"], z["splits"], z["image_ids"])
+    import ray
+    import ray.data
+
+    fs, _ = storage.resolve(dataset_uri, options)
+    ds = ray.data.read_parquet(shards.shard_paths(dataset_uri, options), filesystem=fs)
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 and model.kind == "backbone" else 0
+    ds = ds.map_batches(_Extractor, fn_constructor_kwargs={"model": model, "patch_mean": patch_mean, "batch_size": batch_size},
+                        batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
+                        num_gpus=gpus, num_cpus=0 if gpus else 1)
+    parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    out = DatasetFeatures(np.concatenate([p["features"] for p in parts]).astype(np.float32),
+                          np.concatenate([p["label"] for p in parts]).astype(object),
+                          np.concatenate([p["split"] for p in parts]).astype(object),
+                          np.concatenate([p["image_id"] for p in parts]).astype(object))
+    if cache:
+        buf = io.BytesIO()
+        np.savez(buf, features=out.features, labels=out.labels, splits=out.splits, image_ids=out.image_ids)
+        storage.write_bytes(cache, buf.getvalue())
+    log(f"  features: {model.name} x {manifest.name}: {out.features.shape}")
+    return out

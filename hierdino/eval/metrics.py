@@ -1,0 +1,137 @@
+"""Classification and hierarchical metrics, with seeded bootstrap intervals.
+
+Flat: accuracy, balanced accuracy, weighted F1 (scikit-learn). Hierarchical, against a tree whose
+leaves are the classes:
+
+- mistake severity: over errors, the tree distance from the true leaf up to the lowest common
+  ancestor of the true and predicted leaves (``depth(true) - depth(lca)``), averaged;
+- hierarchical precision / recall / F1 on ancestor sets ``A(x)`` = the root path of x (root
+  excluded, x included): ``hP = sum |A(pred) & A(true)| / sum |A(pred)|``, ``hR = ... / sum |A(true)|``;
+- lineage balanced accuracy: balanced accuracy after mapping both to their depth-1 ancestor;
+- Spearman correlation between the tree distance of two classes and the distance of their
+  feature centroids (over all class pairs).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+
+from hierdino.hierarchy import Hierarchy
+
+
+def flat_metrics(y_true, y_pred) -> dict[str, float]:
+    return {
+        "acc": float(accuracy_score(y_true, y_pred)),
+        "bacc": float(balanced_accuracy_score(y_true, y_pred)),
+        "f1w": float(f1_score(y_true, y_pred, average="weighted", zero_division=0)),
+    }
+
+
+def mistake_severity(y_true: list[str], y_pred: list[str], h: Hierarchy) -> tuple[float, list[int]]:
+    """Mean ``depth(true) - depth(lca(true, pred))`` over errors (0.0 when there are none), and each error's value."""
+    per = [h.depth(t) - h.depth(h.lca(t, p)) for t, p in zip(y_true, y_pred) if t != p]
+    return (float(np.mean(per)) if per else 0.0), per
+
+
+def hierarchical_prf(y_true: list[str], y_pred: list[str], h: Hierarchy) -> dict[str, float]:
+    inter = n_pred = n_true = 0
+    for t, p in zip(y_true, y_pred):
+        at, ap = set(h.path(t)), set(h.path(p))
+        inter += len(at & ap)
+        n_pred += len(ap)
+        n_true += len(at)
+    hp, hr = inter / n_pred, inter / n_true
+    return {"hP": hp, "hR": hr, "hF1": 2 * hp * hr / (hp + hr) if hp + hr else 0.0}
+
+
+def lineage_bacc(y_true: list[str], y_pred: list[str], h: Hierarchy) -> float:
+    return float(balanced_accuracy_score([h.at_depth(t, 1) for t in y_true], [h.at_depth(p, 1) for p in y_pred]))
+
+
+def tree_feature_spearman(features: np.ndarray, labels: list[str], h: Hierarchy) -> float:
+    """Spearman rho between tree distance and class-centroid Euclidean distance over class pairs."""
+    from scipy.stats import spearmanr
+
+    classes = sorted(set(labels))
+    if len(classes) < 3:
+        return float("nan")
+    lab = np.asarray(labels)
+    cent = np.stack([features[lab == c].mean(0) for c in classes])
+    tree, feat = [], []
+    for i in range(len(classes)):
+        for j in range(i + 1, len(classes)):
+            tree.append(h.distance(classes[i], classes[j]))
+            feat.append(float(np.linalg.norm(cent[i] - cent[j])))
+    return float(spearmanr(tree, feat).statistic)
+
+
+def all_metrics(y_true: list[str], y_pred: list[str], h: Hierarchy) -> dict[str, float]:
+    out = flat_metrics(y_true, y_pred)
+    out["severity"] = mistake_severity(y_true, y_pred, h)[0]
+    out.update(hierarchical_prf(y_true, y_pred, h))
+    out["lineage_bacc"] = lineage_bacc(y_true, y_pred, h)
+    return out
+
+
+def _bacc(t: np.ndarray, p: np.ndarray, n_classes: int) -> float:
+    support = np.bincount(t, minlength=n_classes)
+    tp = np.bincount(t[t == p], minlength=n_classes)
+    present = support > 0
+    return float((tp[present] / support[present]).mean())
+
+
+def _f1_weighted(t: np.ndarray, p: np.ndarray, n_classes: int) -> float:
+    support = np.bincount(t, minlength=n_classes)
+    predicted = np.bincount(p, minlength=n_classes)
+    tp = np.bincount(t[t == p], minlength=n_classes)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        f1 = np.where(support + predicted > 0, 2 * tp / (support + predicted), 0.0)
+    return float((f1 * support).sum() / support.sum())
+
+
+class EncodedPredictions:
+    """Per-sample integer and count arrays so that every metric of a resample is a few numpy reductions."""
+
+    def __init__(self, y_true: list[str], y_pred: list[str], h: Hierarchy):
+        classes = sorted(set(y_true) | set(y_pred))
+        code = {c: i for i, c in enumerate(classes)}
+        self.t = np.array([code[x] for x in y_true])
+        self.p = np.array([code[x] for x in y_pred])
+        self.n_classes = len(classes)
+        self.severity = np.array([h.depth(t) - h.depth(h.lca(t, p)) for t, p in zip(y_true, y_pred)], float)
+        self.inter = np.array([len(set(h.path(t)) & set(h.path(p))) for t, p in zip(y_true, y_pred)], float)
+        self.n_pred = np.array([len(h.path(p)) for p in y_pred], float)
+        self.n_true = np.array([len(h.path(t)) for t in y_true], float)
+        lineages = sorted({h.at_depth(x, 1) for x in classes})
+        lcode = {c: i for i, c in enumerate(lineages)}
+        self.lt = np.array([lcode[h.at_depth(x, 1)] for x in y_true])
+        self.lp = np.array([lcode[h.at_depth(x, 1)] for x in y_pred])
+        self.n_lineages = len(lineages)
+
+    def metrics(self, idx: np.ndarray | None = None) -> dict[str, float]:
+        idx = np.arange(len(self.t)) if idx is None else idx
+        t, p = self.t[idx], self.p[idx]
+        err = t != p
+        hp, hr = self.inter[idx].sum() / self.n_pred[idx].sum(), self.inter[idx].sum() / self.n_true[idx].sum()
+        return {
+            "acc": float((~err).mean()),
+            "bacc": _bacc(t, p, self.n_classes),
+            "f1w": _f1_weighted(t, p, self.n_classes),
+            "severity": float(self.severity[idx][err].mean()) if err.any() else 0.0,
+            "hP": float(hp), "hR": float(hr), "hF1": float(2 * hp * hr / (hp + hr)) if hp + hr else 0.0,
+            "lineage_bacc": _bacc(self.lt[idx], self.lp[idx], self.n_lineages),
+        }
+
+
+def bootstrap(y_true: list[str], y_pred: list[str], h: Hierarchy, n: int = 1000, seed: int = 0,
+              alpha: float = 0.05) -> dict[str, tuple[float, float]]:
+    """Percentile ``1 - alpha`` intervals of every metric of ``all_metrics`` over ``n`` seeded resamples of the scored split."""
+    enc = EncodedPredictions(y_true, y_pred, h)
+    rng = np.random.default_rng(seed)
+    m = len(enc.t)
+    samples: dict[str, list[float]] = {}
+    for _ in range(n):
+        for k, v in enc.metrics(rng.integers(0, m, m)).items():
+            samples.setdefault(k, []).append(v)
+    return {k: (float(np.quantile(v, alpha / 2)), float(np.quantile(v, 1 - alpha / 2))) for k, v in samples.items()}

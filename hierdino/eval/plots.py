@@ -1,0 +1,68 @@
+"""PNG plots of an evaluation: confusion matrices in tree order, 2-D PCA embeddings coloured by
+lineage, mistake-severity histograms."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+from hierdino.data import storage
+
+
+def _save(fig, uri: str) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    storage.write_bytes(uri, buf.getvalue())
+    return uri
+
+
+def write_plots(items, out: str) -> list[str]:
+    """``items``: (model, dataset, hierarchy, y_true, y_pred, features, probe) tuples."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.decomposition import PCA
+    from sklearn.metrics import confusion_matrix
+
+    from hierdino.eval.metrics import mistake_severity
+
+    written = []
+    severity: dict[str, list] = {}
+    for model, dataset, h, y_true, y_pred, feats, probe in items:
+        classes = [c for c in h.leaves if c in set(y_true) | set(y_pred)]  # tree order
+        cm = confusion_matrix(y_true, y_pred, labels=classes, normalize="true")
+        fig, ax = plt.subplots(figsize=(0.35 * len(classes) + 3, 0.35 * len(classes) + 2.5))
+        ax.imshow(np.nan_to_num(cm), cmap="Blues", vmin=0, vmax=1)
+        ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(classes)), classes, fontsize=7)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"{model} on {dataset} ({probe}), rows normalised, tree order", fontsize=9)
+        written.append(_save(fig, storage.join(out, "plots", f"confusion-{model}-{dataset}.png")))
+        plt.close(fig)
+
+        z = PCA(2, random_state=0).fit_transform(feats) if len(feats) > 2 else np.zeros((len(feats), 2))
+        lineages = [h.at_depth(y, 1) for y in y_true]
+        fig, ax = plt.subplots(figsize=(5.5, 4.5))
+        for lin in sorted(set(lineages)):
+            sel = np.array([x == lin for x in lineages])
+            ax.scatter(z[sel, 0], z[sel, 1], s=6, label=lin)
+        ax.legend(fontsize=7, markerscale=2)
+        ax.set_title(f"{model} on {dataset}: PCA of features by lineage", fontsize=9)
+        written.append(_save(fig, storage.join(out, "plots", f"embedding-{model}-{dataset}.png")))
+        plt.close(fig)
+        severity.setdefault(dataset, []).append((model, mistake_severity(y_true, y_pred, h)[1]))
+    for dataset, per_model in severity.items():
+        fig, ax = plt.subplots(figsize=(5.5, 3.5))
+        top = max([max(v) for _, v in per_model if v] + [1])
+        bins = np.arange(0.5, top + 1.5)
+        ax.hist([v for _, v in per_model], bins=bins, label=[m for m, _ in per_model])
+        ax.set_xlabel("mistake severity (edges from true leaf to LCA)")
+        ax.set_ylabel("errors")
+        ax.legend(fontsize=7)
+        ax.set_title(f"mistake severity on {dataset}", fontsize=9)
+        written.append(_save(fig, storage.join(out, "plots", f"severity-{dataset}.png")))
+        plt.close(fig)
+    return written

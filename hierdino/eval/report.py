@@ -1,0 +1,107 @@
+"""Evaluate models side by side on external datasets: probes, metrics with intervals, JSON/Markdown, plots."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+
+from hierdino.data import shards, storage
+from hierdino.eval.features import dataset_features, resolve_model
+from hierdino.eval.metrics import EncodedPredictions, bootstrap, mistake_severity, tree_feature_spearman
+from hierdino.eval.probes import PROBES, fit_predict
+from hierdino.hierarchy import load_hierarchy
+
+METRIC_NAMES = ("bacc", "acc", "f1w", "severity", "hF1", "lineage_bacc")
+
+
+def resolve_dataset(name_or_uri: str, suite_dir: str) -> str:
+    """A suite name (``synth-ext-1``) -> ``<suite_dir>/<name>``; URIs and paths pass through."""
+    from hierdino.data.suite import SUITE_NAMES
+
+    return storage.join(suite_dir, name_or_uri) if name_or_uri in SUITE_NAMES else name_or_uri
+
+
+def evaluate(models: list[str], datasets: list[str], out: str, split: str = "test", probes: tuple = PROBES,
+             bootstrap_n: int = 1000, seed: int = 0, metric: str = "euclidean", patch_mean: bool = False,
+             default_img_size: int = 224, plots: bool = True, options=None, log=print) -> dict:
+    """Every model x dataset x probe: metrics with bootstrap intervals; writes results.json, results.md and PNGs."""
+    specs = [resolve_model(m, default_img_size) for m in models]
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):  # two runs with the same directory name
+        specs = [type(s)(**{**s.__dict__, "name": f"{s.name}#{i}"}) for i, s in enumerate(specs)]
+    results = {"split": split, "probes": list(probes), "bootstrap": bootstrap_n, "seed": seed, "metric": metric,
+               "models": {s.name: s.spec for s in specs}, "datasets": {}, "rows": []}
+    cache = storage.join(out, "features")
+    per_plot = []
+    for uri in datasets:
+        manifest = shards.read_manifest(uri, options)
+        h = load_hierarchy(manifest.hierarchy or "wbc-h1")
+        results["datasets"][manifest.name] = {"uri": uri, "hierarchy": h.name, "counts": manifest.counts}
+        for spec in specs:
+            t0 = time.time()
+            feats = dataset_features(spec, uri, cache, patch_mean, options=options, log=log)
+            x_tr, y_tr = feats.split("train")
+            x_ev, y_ev = feats.split(split)
+            if len(x_tr) == 0 or len(x_ev) == 0:
+                raise ValueError(f"{uri}: needs labelled 'train' and '{split}' splits for probes "
+                                 f"(has {len(x_tr)} and {len(x_ev)})")
+            rho = tree_feature_spearman(x_ev, list(y_ev), h)
+            for probe in probes:
+                pred = fit_predict(probe, x_tr, y_tr, x_ev, metric)
+                point = EncodedPredictions(list(y_ev), list(pred), h).metrics()
+                ci = bootstrap(list(y_ev), list(pred), h, bootstrap_n, seed)
+                results["rows"].append({"model": spec.name, "dataset": manifest.name, "probe": probe, "n": int(len(y_ev)),
+                                        "metrics": {k: {"value": v, "ci95": list(ci[k])} for k, v in point.items()},
+                                        "tree_feature_spearman": rho})
+                if probe == probes[-1]:
+                    per_plot.append((spec.name, manifest.name, h, list(y_ev), list(pred), x_ev, probe))
+            log(f"  {spec.name} x {manifest.name}: {time.time() - t0:.1f}s")
+    storage.write_bytes(storage.join(out, "results.json"), json.dumps(results, indent=2).encode())
+    storage.write_bytes(storage.join(out, "results.md"), markdown_table(results).encode())
+    if plots:
+        from hierdino.eval.plots import write_plots
+
+        results["plots"] = write_plots(per_plot, out)
+    return results
+
+
+def _cell(m: dict, pct: bool = True) -> str:
+    f = (lambda v: f"{100 * v:.1f}") if pct else (lambda v: f"{v:.2f}")
+    return f"{f(m['value'])} [{f(m['ci95'][0])}, {f(m['ci95'][1])}]"
+
+
+def markdown_table(results: dict) -> str:
+    probes = results["probes"]
+    lines = [f"# Evaluation on the **{results['split']}** splits",
+             "", f"Balanced accuracy (%) with bootstrap 95% intervals ({results['bootstrap']} resamples); mistake "
+             f"severity and lineage bAcc of the `{probes[-1]}` probe.", "",
+             "| model | dataset | " + " | ".join(f"bAcc {p}" for p in probes) + " | severity | lineage bAcc | hF1 |",
+             "|---|---|" + "---|" * (len(probes) + 3)]
+    rows = results["rows"]
+    keys = sorted({(r["model"], r["dataset"]) for r in rows}, key=lambda k: (k[1], k[0]))
+    for model, dataset in keys:
+        by_probe = {r["probe"]: r for r in rows if r["model"] == model and r["dataset"] == dataset}
+        last = by_probe[probes[-1]]["metrics"]
+        lines.append(f"| {model} | {dataset} | " + " | ".join(_cell(by_probe[p]["metrics"]["bacc"]) for p in probes)
+                     + f" | {_cell(last['severity'], False)} | {_cell(last['lineage_bacc'])} | {_cell(last['hF1'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def objective(results: dict, probe: str) -> float:
+    """Mean balanced accuracy of ``probe`` over the datasets (the sweep objective ``ext_val_bacc``)."""
+    vals = [r["metrics"]["bacc"]["value"] for r in results["rows"] if r["probe"] == probe]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def evaluate_run_at_end(cfg, run_dir: str, log=print) -> dict:
+    """What ``jobs/pretrain.py`` runs after training: the configured external sets, the bAcc table printed."""
+    datasets = [resolve_dataset(d, cfg.data.synth_cache) for d in cfg.eval.datasets]
+    out = storage.join(run_dir, "eval")
+    log(f"[hierdino] evaluating {run_dir} on {', '.join(cfg.eval.datasets)} ({cfg.eval.split} split)")
+    res = evaluate([run_dir], datasets, out, cfg.eval.split, bootstrap_n=cfg.eval.bootstrap,
+                   default_img_size=cfg.eval.image_size or cfg.data.image_size, log=log)
+    log(markdown_table(res))
+    log(f"[hierdino] evaluation report: {storage.join(out, 'results.md')}")
+    return res

@@ -1,0 +1,123 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+
+from hierdino.eval.metrics import (EncodedPredictions, all_metrics, bootstrap, hierarchical_prf, lineage_bacc,
+                                   mistake_severity, tree_feature_spearman)
+from hierdino.eval.probes import fit_predict
+from hierdino.hierarchy import hierarchy_from_dict, load_hierarchy
+
+TREE = hierarchy_from_dict({"name": "t", "root": {"A": {"A1": ["a", "b"], "A2": ["c"]}, "B": ["d", "e"]}})
+
+
+def test_flat_metrics_match_sklearn():
+    rng = np.random.default_rng(0)
+    classes = ["a", "b", "c", "d", "e"]
+    yt = list(rng.choice(classes, 200, p=[0.5, 0.2, 0.15, 0.1, 0.05]))
+    yp = [t if rng.random() < 0.6 else rng.choice(classes) for t in yt]
+    m = EncodedPredictions(yt, yp, TREE).metrics()
+    assert m["acc"] == pytest.approx(accuracy_score(yt, yp))
+    assert m["bacc"] == pytest.approx(balanced_accuracy_score(yt, yp))
+    assert m["f1w"] == pytest.approx(f1_score(yt, yp, average="weighted"))
+    assert m == pytest.approx(all_metrics(yt, yp, TREE))
+
+
+def test_hierarchical_metrics_known_answers():
+    # a->b: LCA A1, depth(a)=3 -> severity 1; a->c: LCA A -> 2; a->d: LCA root -> 3
+    assert mistake_severity(["a", "a", "a", "a"], ["a", "b", "c", "d"], TREE) == (2.0, [1, 2, 3])
+    assert mistake_severity(["a"], ["a"], TREE)[0] == 0.0
+    # ancestor sets: a={A,A1,a}, b={A,A1,b}: overlap 2 of 3 each
+    assert hierarchical_prf(["a"], ["b"], TREE) == pytest.approx({"hP": 2 / 3, "hR": 2 / 3, "hF1": 2 / 3})
+    # d={B,d} predicted for a={A,A1,a}: overlap 0
+    assert hierarchical_prf(["a", "d"], ["d", "d"], TREE) == pytest.approx({"hP": 2 / 4, "hR": 2 / 5, "hF1": 2 * 0.5 * 0.4 / 0.9})
+    assert lineage_bacc(["a", "c", "d", "e"], ["b", "d", "e", "d"], TREE) == pytest.approx((0.5 + 1.0) / 2)
+
+
+def test_spearman_tree_vs_centroids():
+    labels = ["a"] * 5 + ["b"] * 5 + ["c"] * 5 + ["d"] * 5
+    # centroids placed so feature distance grows with tree distance
+    pos = {"a": 0.0, "b": 1.0, "c": 3.0, "d": 10.0}
+    feats = np.array([[pos[x] + 0.01 * i, 0.0] for i, x in enumerate(labels)])
+    assert tree_feature_spearman(feats, labels, TREE) > 0.8
+    assert np.isnan(tree_feature_spearman(feats[:10], labels[:10], TREE))
+
+
+def test_bootstrap_intervals_contain_point_and_narrow_with_more_data():
+    rng = np.random.default_rng(1)
+    h = load_hierarchy("wbc-h1")
+    classes = h.leaves[:6]
+
+    def sample(n):
+        yt = list(rng.choice(classes, n))
+        return yt, [t if rng.random() < 0.7 else rng.choice(classes) for t in yt]
+
+    small, large = sample(100), sample(2000)
+    ci_small, ci_large = bootstrap(*small, h, n=1000, seed=0), bootstrap(*large, h, n=1000, seed=0)
+    for (yt, yp), ci in ((small, ci_small), (large, ci_large)):
+        point = EncodedPredictions(yt, yp, h).metrics()
+        for k in ("acc", "bacc", "hF1", "severity"):
+            assert ci[k][0] <= point[k] <= ci[k][1], k
+    width = lambda ci: ci["acc"][1] - ci["acc"][0]  # noqa: E731
+    assert width(ci_large) < 0.5 * width(ci_small)
+    assert bootstrap(*small, h, n=200, seed=3) == bootstrap(*small, h, n=200, seed=3)
+
+
+def test_probes_separate_clusters():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 1, (40, 5)) + [8, 0, 0, 0, 0], rng.normal(0, 1, (40, 5)) + [0, 8, 0, 0, 0]])
+    y = np.array(["a"] * 40 + ["d"] * 40)
+    for probe in ("knn1", "knn20", "logreg"):
+        assert (fit_predict(probe, x[::2], y[::2], x[1::2]) == y[1::2]).mean() > 0.95
+    assert (fit_predict("knn20", x[::2], y[::2], x[1::2], metric="cosine") == y[1::2]).mean() > 0.9
+    with pytest.raises(ValueError, match="unknown probe 'svm'"):
+        fit_predict("svm", x, y, x)
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    """A tiny untrained model exported in the run-directory layout."""
+    import torch
+    from safetensors.torch import save_file
+
+    from hierdino.models.backbone import build_backbone
+
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    (run / "export").mkdir(parents=True)
+    torch.manual_seed(1)
+    bb = build_backbone("vit_micro_cpu", 64)
+    save_file({k.removeprefix("vit."): v.contiguous() for k, v in bb.state_dict().items() if k.startswith("vit.")},
+              run / "export" / "teacher_backbone.safetensors")
+    (run / "export" / "model.json").write_text(json.dumps({"arch": "vit_micro_cpu", "img_size": 64}))
+    return run
+
+
+def test_end_to_end_evaluation_with_plots_and_cache(ray_cluster, synth_suite, tiny_export, tmp_path):
+    from hierdino.eval.report import evaluate, resolve_dataset
+
+    datasets = [resolve_dataset(n, synth_suite) for n in ("synth-ext-1", "synth-ood")]
+    logs = []
+    res = evaluate([str(tiny_export), "pixels"], datasets, str(tmp_path), "val", bootstrap_n=1000, log=logs.append)
+    assert len(res["rows"]) == 2 * 2 * 3
+    data = json.loads((tmp_path / "results.json").read_text())
+    row = data["rows"][0]
+    assert set(row["metrics"]) >= {"bacc", "acc", "f1w", "severity", "hF1", "lineage_bacc"}
+    assert row["metrics"]["bacc"]["ci95"][0] <= row["metrics"]["bacc"]["value"] <= row["metrics"]["bacc"]["ci95"][1]
+    md = (tmp_path / "results.md").read_text()
+    assert "| tiny | synth-ext-1 |" in md and "| pixels | synth-ood |" in md
+    pngs = sorted(Path(tmp_path, "plots").glob("*.png"))
+    assert len(pngs) == 2 * 2 * 2 + 2 and all(p.stat().st_size > 5000 for p in pngs)
+    assert sum("features:" in line for line in logs) == 4
+    logs2 = []
+    res2 = evaluate([str(tiny_export), "pixels"], datasets, str(tmp_path), "val", bootstrap_n=1000, plots=False, log=logs2.append)
+    assert not any("features:" in line for line in logs2)  # every feature came from the cache
+    assert res2["rows"] == res["rows"]
+
+
+def test_bad_model_spec_is_clear(tmp_path):
+    from hierdino.eval.features import resolve_model
+
+    with pytest.raises(FileNotFoundError, match="no .*model.json"):
+        resolve_model(str(tmp_path))
