@@ -147,7 +147,7 @@ class EvalConfig:
     every_steps: int = _f(0, min=0, doc="periodic evaluation during training; 0 = only at the end")
     split: Literal["val", "test"] = _f("val")
     probe: Literal["knn1", "knn20", "logreg"] = _f("knn20", doc="probe whose bAcc is the sweep objective")
-    image_size: Optional[int] = _f(None, min=16, doc="default: data.image_size")
+    image_size: Optional[int] = _f(None, min=8, doc="evaluation image size; default: data.image_size")
     batch_size: int = _f(128, min=1)
     bootstrap: int = _f(1000, min=10)
     at_end: bool = _f(True)
@@ -202,6 +202,8 @@ def _type_name(tp) -> str:
 
 def _convert(key: str, value: Any, tp) -> Any:
     tp, optional = _unwrap_optional(tp)
+    if typing.get_origin(tp) is Literal and value in typing.get_args(tp):  # e.g. kind "none" is a value, not null
+        return value
     if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~") and tp is not str):
         if optional:
             return None

@@ -31,7 +31,7 @@ def ray_cluster():
 
 @pytest.fixture(scope="session")
 def s3_server():
-    from s3server import start_s3_server
+    from hierdino.testing.s3server import start_s3_server
 
     server = start_s3_server()
     yield server

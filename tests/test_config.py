@@ -65,3 +65,8 @@ def test_bad_yaml_file_and_unknown_preset(tmp_path):
         load_config(str(f))
     with pytest.raises(ConfigError, match="did you mean tiny-cpu"):
         load_config("tiny-cp")
+
+
+def test_none_is_a_value_where_a_choice_says_so():
+    assert load_config("tiny-cpu", ["loss.supervised.kind=none"]).loss.supervised.kind == "none"
+    assert load_config("tiny-cpu", ["model.init_weights=none"]).model.init_weights is None

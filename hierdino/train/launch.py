@@ -52,13 +52,16 @@ def read_progress(uri: str) -> dict:
     return json.loads(storage.read_bytes(path)) if storage.exists(path) else {"step": 0, "data_epoch": 0}
 
 
-def build_trainer(cfg: Config, log=print):
+def build_trainer(cfg: Config, log=print, callbacks: list | None = None):
     """The ``TorchTrainer`` for ``cfg`` (Ray must be initialised)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from hierdino.train.loop import train_loop_per_worker
 
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
     hierarchy = load_hierarchy(cfg.hierarchy.name)
     opts = storage_options(cfg)
     uris = cfg.data.train or default_train_uris(cfg)
@@ -83,6 +86,7 @@ def build_trainer(cfg: Config, log=print):
         storage_filesystem=fs if storage.is_s3(cfg.run.storage) else None,
         failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+        callbacks=callbacks,
     )
     scaling = ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                       resources_per_worker={"CPU": cfg.scaling.cpus_per_worker})

@@ -163,6 +163,11 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     corrupt = CorruptCounter(cfg.data.max_corrupt_fraction)
     shard = ray.train.get_dataset_shard("train")
     rows_per_epoch = max(1, loop_config.get("rows_per_epoch", 1))
+    live_eval = None
+    if cfg.eval.every_steps:
+        from hierdino.eval.live import LiveEvaluator
+
+        live_eval = LiveEvaluator(cfg)
     step, last = start, {}
     t0, wait, images = time.perf_counter(), 0.0, 0
     while step < stop:
@@ -185,6 +190,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             images += cfg.train.batch_size
             state["images_seen"] += cfg.train.batch_size
             state["data_epoch"] = loop_config.get("start_epoch", 0) + state["images_seen"] // rows_per_epoch
+            if live_eval is not None and (step % cfg.eval.every_steps == 0 or step == stop):
+                last.update(live_eval(model.teacher["backbone"], device))
             if step % cfg.train.log_every == 0 or step == stop:
                 elapsed = time.perf_counter() - t0
                 rate = images / max(elapsed, 1e-9)
@@ -193,16 +200,19 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                 log.write(rec)
                 if rank == 0:
                     eta = (stop - step) * cfg.train.batch_size / max(rate, 1e-9)
-                    terms = " ".join(f"{k} {last[k]:.3f}" for k in ("dino", "ibot", "koleo", "sup") if k in last)
+                    terms = " ".join(f"{k} {last[k]:.3f}" for k in ("dino", "ibot", "koleo", "sup", "ext_val_bacc") if k in last)
                     print(f"step {step}/{total} | loss {last['loss']:.3f} ({terms}) | lr {last['lr']:.2e} | "
                           f"{rate:.1f} img/s | data-wait {100 * rec['data_wait']:.0f}% | ETA {_fmt_time(eta)}", flush=True)
+            scalars = {k: v for k, v in last.items() if isinstance(v, float) and math.isfinite(v)}
             if step % cfg.checkpoint.every_steps == 0 or step == stop:
-                ckpt.save(step, state, {k: v for k, v in last.items() if isinstance(v, float) and math.isfinite(v)})
+                ckpt.save(step, state, scalars)
                 if rank == 0:  # read by the driver to pick the data epoch of a restarted run
                     from hierdino.data import storage
 
                     storage.write_bytes(storage.join(run_uri, "progress.json"),
                                         json.dumps({"step": step, "data_epoch": state["data_epoch"]}).encode())
+            elif live_eval is not None and step % cfg.eval.every_steps == 0:
+                ray.train.report(dict(scalars, step=step))  # every rank: report is a barrier
         if not progressed:
             raise RuntimeError(f"the training data yielded no batch of {per_worker} images (step {step})")
     export = export_teacher(model, run_uri, rank, hierarchy.name, cfg.data.image_size) if step >= total else None

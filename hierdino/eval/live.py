@@ -1,0 +1,48 @@
+"""Evaluation during training (``eval.every_steps``): the live teacher on the external sets' probe splits.
+
+Every rank runs the teacher forward on the same images (an FSDP2 forward is collective); rank 0
+fits the configured probe and reports ``ext_val_bacc``, the mean balanced accuracy over the
+external sets, which the sweeps (#6) optimise and ASHA compares.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from hierdino.data import shards
+from hierdino.eval.features import backbone_features, decode_images
+from hierdino.eval.probes import fit_predict
+from hierdino.eval.report import resolve_dataset
+
+
+class LiveEvaluator:
+    def __init__(self, cfg, options=None):
+        self.probe, self.split = cfg.eval.probe, cfg.eval.split
+        self.size = cfg.eval.image_size or cfg.data.image_size
+        self.batch_size = cfg.eval.batch_size
+        self.sets = []
+        for name in cfg.eval.datasets:
+            uri = resolve_dataset(name, cfg.data.synth_cache)
+            table = shards.read_table(uri, columns=["image", "label", "split"], options=options)
+            labels = np.array(table["label"].to_pylist(), dtype=object)
+            splits = np.array(table["split"].to_pylist(), dtype=object)
+            keep = (labels != None) & np.isin(splits, ["train", self.split])  # noqa: E711 - elementwise
+            images = decode_images([b for b, k in zip(table["image"].to_pylist(), keep) if k], self.size)
+            self.sets.append((name, images, labels[keep], splits[keep]))
+
+    @torch.no_grad()
+    def __call__(self, backbone, device) -> dict[str, float]:
+        was_training = backbone.training
+        backbone.eval()
+        out = {}
+        for name, images, labels, splits in self.sets:
+            feats = backbone_features(backbone, images, self.size, self.batch_size, device)
+            tr, ev = splits == "train", splits == self.split
+            pred = fit_predict(self.probe, feats[tr], labels[tr], feats[ev])
+            from sklearn.metrics import balanced_accuracy_score
+
+            out[f"bacc/{name}"] = float(balanced_accuracy_score(list(labels[ev]), list(pred)))
+        backbone.train(was_training)
+        out["ext_val_bacc"] = float(np.mean(list(out.values()))) if out else float("nan")
+        return out

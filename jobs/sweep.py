@@ -1,0 +1,55 @@
+"""Ray Tune sweep of the hierarchical-loss hyperparameters, scored on external balanced accuracy (val).
+
+  python jobs/sweep.py --config tiny-cpu --space tune_spaces/alpha.yaml --trials 4
+  python jobs/sweep.py --config vits14 --space tune_spaces/level_weights.yaml --trials 32 --max-concurrent 8
+
+Writes OUT/results.csv, OUT/results.md (sorted by ext_val_bacc), OUT/best_config.yaml (takes
+`jobs/pretrain.py --config` as it is) and OUT/objective.png. Run it again to resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hierdino.config import ConfigError  # noqa: E402
+from hierdino.tune.sweep import SpaceError, run_sweep  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="sweep.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="tiny-cpu")
+    p.add_argument("--space", required=True)
+    p.add_argument("--trials", type=int, default=4)
+    p.add_argument("--scheduler", choices=["asha", "none"], default="asha")
+    p.add_argument("--max-concurrent", type=int, default=1)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", default=None, help="default: sweeps/<space name>")
+    args = p.parse_args(argv)
+    from hierdino.train.launch import ensure_synthetic_suite, init_ray
+    from hierdino.config import load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        from hierdino.tune.sweep import load_space
+
+        space = load_space(args.space)
+    except (ConfigError, SpaceError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = args.out or os.path.join("sweeps", space.name)
+    if not cfg.data.train:
+        ensure_synthetic_suite(cfg)
+        args.overrides.append(f"data.synth_cache={cfg.data.synth_cache}")
+    init_ray()
+    res = run_sweep(args.config, args.space, args.trials, out, args.scheduler, args.max_concurrent, args.overrides)
+    print(f"[hierdino] sweep results: {out}/results.md; best config: {out}/best_config.yaml")
+    return 0 if res.get("best") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
