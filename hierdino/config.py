@@ -132,6 +132,7 @@ class ScalingConfig:
     use_gpu: bool = _f(True)
     cpus_per_worker: float = _f(1.0, gt=0.0)
     max_failures: int = _f(3, min=-1, doc="worker restarts from the last checkpoint; -1 = unlimited")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = _f("PACK", doc="SPREAD puts workers on different nodes")
 
 
 @dataclass

@@ -28,19 +28,24 @@ def main(argv=None) -> int:
     p.add_argument("--scheduler", choices=["asha", "none"], default="asha")
     p.add_argument("--max-concurrent", type=int, default=1)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--out", default=None, help="default: sweeps/<space name>")
+    p.add_argument("--out", default=None, help="default: sweeps/<space name>; an s3:// URI on clusters")
+    p.add_argument("--validate-only", action="store_true", help="check the config and the space; nothing is started")
     args = p.parse_args(argv)
-    from hierdino.train.launch import ensure_synthetic_suite, init_ray
     from hierdino.config import load_config
+    from hierdino.train.launch import ensure_synthetic_suite, init_ray
+
+    from hierdino.tune.sweep import check_space, load_space
 
     try:
         cfg = load_config(args.config, args.overrides)
-        from hierdino.tune.sweep import load_space
-
         space = load_space(args.space)
+        check_space(args.config, args.overrides, space)
     except (ConfigError, SpaceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.validate_only:
+        print(f"config and space OK: {args.config}, {args.space}")
+        return 0
     out = args.out or os.path.join("sweeps", space.name)
     if not cfg.data.train:
         ensure_synthetic_suite(cfg)

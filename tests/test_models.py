@@ -128,3 +128,20 @@ def test_non_finite_loss_names_step_and_terms():
     batch = make_step_batch(_synthetic_raw(8), cfg, torch.Generator().manual_seed(0), torch.device("cpu"), 8)
     with pytest.raises(NonFiniteLossError, match=r"step 7: loss=nan, dino=nan"):
         step(batch, 7)
+
+
+def test_batches_without_labels_or_masks_still_run_every_forward():
+    """FSDP2 forwards are collectives: a rank with no labelled image must run the same modules."""
+    cfg = load_config("tiny-cpu", ["model.arch=vit_micro_cpu", "data.mask_sample_prob=0.0"])
+    m = StudentTeacher(cfg, load_hierarchy("wbc-h1"))
+    calls = []
+    m.student["backbone"].register_forward_hook(lambda *_: calls.append("backbone"))
+    m.student["ibot_head"].register_forward_hook(lambda *_: calls.append("ibot"))
+    raw = _synthetic_raw(4)
+    raw["label"][:] = -1
+    batch = make_step_batch(raw, cfg, torch.Generator().manual_seed(0), torch.device("cpu"), 8)
+    assert batch.sup_images.shape[0] == 0 and not batch.masks.any()
+    loss, terms = m.losses(batch, 0.04)
+    assert calls.count("backbone") == 3 and calls.count("ibot") == 1  # global, local, supervised stand-in
+    assert terms["sup"].item() == 0.0 and terms["ibot"].item() == 0.0 and terms["sup"].requires_grad
+    loss.backward()

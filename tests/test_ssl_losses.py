@@ -94,3 +94,10 @@ def test_schedules():
     assert s.at(0)["teacher_temp"] == pytest.approx(0.04) and s.at(10_000 // 100)["teacher_temp"] == pytest.approx(0.07)
     assert s.at(s.total)["momentum"] == pytest.approx(1.0) and s.at(0)["freeze_last_layer"]
     assert not s.at(s.freeze_last_layer_steps)["freeze_last_layer"]
+
+
+def test_sinkhorn_and_centering_accept_an_empty_batch():
+    assert sinkhorn_knopp(torch.zeros(0, 8), 0.07).shape == (0, 8)
+    c = TeacherCentering(8, "ema")
+    c.update(torch.zeros(0, 8))
+    assert torch.isfinite(c.center).all()

@@ -41,7 +41,8 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, iterations
     Prototype sums and the sample count are all-reduced across ranks.
     """
     logits = teacher_logits.float() / teacher_temp
-    gmax = _all_reduce(logits.max().clone(), dist.ReduceOp.MAX if _dist() else None)
+    local_max = logits.max() if logits.numel() else logits.new_tensor(float("-inf"))  # empty: no masked patch here
+    gmax = _all_reduce(local_max.clone(), dist.ReduceOp.MAX if _dist() else None)
     q = torch.exp(logits - gmax).clamp_min(1e-30).t()  # [K, B]; the floor keeps far-off prototypes finite
     k = q.shape[0]
     b_global = _all_reduce(torch.tensor(float(q.shape[1]), device=q.device))
@@ -83,7 +84,8 @@ class TeacherCentering(nn.Module):
             return
         total = _all_reduce(teacher_logits.float().sum(dim=0, keepdim=True))
         count = _all_reduce(torch.tensor(float(teacher_logits.shape[0]), device=teacher_logits.device))
-        self.center.mul_(self.momentum).add_(total / count, alpha=1 - self.momentum)
+        if float(count) > 0:  # the same on every rank: count is all-reduced
+            self.center.mul_(self.momentum).add_(total / count, alpha=1 - self.momentum)
 
 
 def cross_entropy_soft(student_logits: torch.Tensor, targets: torch.Tensor, student_temp: float) -> torch.Tensor:

@@ -90,20 +90,19 @@ class StudentTeacher(nn.Module):
             l_cls, _ = self.student["backbone"](batch.local_crops)
             s_logits += list(self.student["dino_head"](l_cls).chunk(self.cfg.data.local_crops_number))
         terms["dino"] = dino_loss(s_logits, list(t_targets), lc.student_temp)
-        if int(masks.sum()) > 0:
-            s_patch_logits = self.ibot_head(self.student)(s_patch[masks])
-            terms["ibot"] = ibot_patch_loss(s_patch_logits, t_patch_targets, masks, lc.student_temp)
-        else:
-            terms["ibot"] = s_patch.sum() * 0.0
+        # Every rank runs the same forwards (FSDP2 forwards are collectives), even with no masked
+        # patch or no labelled image locally; empty inputs then contribute a zero with a live graph.
+        s_patch_logits = self.ibot_head(self.student)(s_patch[masks])
+        terms["ibot"] = ibot_patch_loss(s_patch_logits, t_patch_targets, masks, lc.student_temp)
         terms["koleo"] = torch.stack([koleo_loss(c) for c in s_cls.chunk(n_global)]).mean() if lc.koleo_weight > 0 \
             else s_cls.sum() * 0.0
         if self.sup_head is not None:
             if batch.sup_images is not None:
-                if batch.sup_images.shape[0] > 0:
-                    sup_cls, _ = self.student["backbone"](batch.sup_images)
-                    terms["sup"] = self.sup_loss(self.sup_head(sup_cls), batch.sup_labels)
-                else:
-                    terms["sup"] = self.sup_head(s_cls[:1]).sum() * 0.0
+                images, labels = batch.sup_images, batch.sup_labels
+                if images.shape[0] == 0:  # one ignored stand-in keeps the forward/backward collectives aligned
+                    images, labels = batch.global_crops[:1], batch.labels.new_full((1,), -1)
+                sup_cls, _ = self.student["backbone"](images)
+                terms["sup"] = self.sup_loss(self.sup_head(sup_cls), labels)
             else:  # reuse the global crops
                 terms["sup"] = self.sup_loss(self.sup_head(s_cls), batch.labels.repeat(n_global))
         total = lc.dino_weight * terms["dino"] + lc.ibot_weight * terms["ibot"] + lc.koleo_weight * terms["koleo"]

@@ -77,6 +77,9 @@ def build_trainer(cfg: Config, log=print, callbacks: list | None = None):
     crops = CropSpec.from_config(cfg)
     dataset = build_train_dataset(data, crops, range(start_epoch, start_epoch + n_epochs), cfg.data.weights, opts,
                                   num_cpus=cfg.data.num_cpus_per_map, batch_size=min(64, cfg.train.batch_size))
+    # Read no more than the run needs (plus one batch per worker for drop_last): on small machines
+    # the pipeline would otherwise crop whole epochs ahead of the trainer and compete for the CPUs.
+    dataset = dataset.limit(remaining * cfg.train.batch_size + 2 * cfg.train.batch_size)
     storage.write_bytes(storage.join(uri, "config.yaml"), cfg.to_yaml().encode())
     log(f"[hierdino] data: {len(uris)} dataset(s), {data.rows_per_epoch} images/epoch ({data.labeled_per_epoch} labelled); "
         f"epochs {start_epoch}..{start_epoch + n_epochs - 1}")
@@ -89,7 +92,8 @@ def build_trainer(cfg: Config, log=print, callbacks: list | None = None):
         callbacks=callbacks,
     )
     scaling = ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker})
+                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+                                      placement_strategy=cfg.scaling.placement_strategy)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "run_uri": uri, "start_epoch": start_epoch,

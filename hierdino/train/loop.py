@@ -114,6 +114,7 @@ class MetricsLog:
 
 
 def train_loop_per_worker(loop_config: dict) -> dict:
+    import ray
     import ray.train
 
     cfg = config_from_dict(loop_config["config"])
@@ -216,6 +217,10 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         if not progressed:
             raise RuntimeError(f"the training data yielded no batch of {per_worker} images (step {step})")
     export = export_teacher(model, run_uri, rank, hierarchy.name, cfg.data.image_size) if step >= total else None
-    return dict(last, step=step, start_step=start, start_checksum=start_checksum, final_checksum=param_checksum(model.student),
+    nodes = [ray.get_runtime_context().get_node_id()]
+    if dist.is_initialized() and world > 1:
+        nodes = [None] * world
+        dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    return dict(last, step=step, start_step=start, worker_nodes=nodes, start_checksum=start_checksum, final_checksum=param_checksum(model.student),
                 export=export, local_param_fraction=local_param_fraction(model.student),
                 corrupt_images=corrupt.corrupt, ignored_internal_labels=model.ignored_internal_labels())

@@ -199,8 +199,10 @@ def run_sweep(base: str, space_path: str, trials: int, out: str, scheduler: str 
     base_overrides.append("eval.at_end=false")
     cfg = load_config(base, base_overrides)
     levels = check_space(base, base_overrides, space)
-    out_path = str(Path(out).expanduser().absolute())
-    os.makedirs(out_path, exist_ok=True)
+    remote = storage.is_s3(out)  # on a cluster, sweep outputs and trial runs go to shared storage
+    out_path = out.rstrip("/") if remote else str(Path(out).expanduser().absolute())
+    if not remote:
+        os.makedirs(out_path, exist_ok=True)
     sched = None
     if scheduler == "asha":
         from ray.tune.schedulers import ASHAScheduler
@@ -209,12 +211,12 @@ def run_sweep(base: str, space_path: str, trials: int, out: str, scheduler: str 
     elif scheduler != "none":
         raise SpaceError(f"scheduler must be asha or none, got {scheduler!r}")
     param_space = {"sample": space.tune_space(levels), "fixed": space.fixed, "base": base,
-                   "base_overrides": base_overrides, "trials_dir": os.path.join(out_path, "trials")}
+                   "base_overrides": base_overrides, "trials_dir": storage.join(out_path, "trials")}
     trainable = tune.with_resources(_trial, {"cpu": 0.01})  # a trial driver only waits on its TorchTrainer
-    exp_dir = os.path.join(out_path, "tune")
-    if tune.Tuner.can_restore(os.path.join(exp_dir, space.name)):
+    exp_dir = storage.join(out_path, "tune")
+    if tune.Tuner.can_restore(storage.join(exp_dir, space.name)):
         log(f"[hierdino] resuming the sweep in {exp_dir}/{space.name}")
-        tuner = tune.Tuner.restore(os.path.join(exp_dir, space.name), trainable, resume_errored=True)
+        tuner = tune.Tuner.restore(storage.join(exp_dir, space.name), trainable, resume_errored=True)
     else:
         tuner = tune.Tuner(
             trainable, param_space=param_space,

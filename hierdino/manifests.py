@@ -1,0 +1,236 @@
+"""Checks of the KubeRay manifests and ``ray up`` launcher configs under ``cluster/``.
+
+KubeRay custom resources are validated the way the API server would, but strictly:
+
+1. nulls are dropped and schema defaults filled in first (as the API server does), so fields that
+   are required but defaulted give no false errors;
+2. the CRD schema is copied with ``additionalProperties: false`` on every object that lists its
+   properties (the CRDs themselves do not forbid unknown fields, so a misspelt field would pass);
+3. checks the schema cannot express: ``submissionMode`` is one of the four modes, a TTL needs
+   ``shutdownAfterJobFinishes``, deadlines > 0, ``minReplicas <= replicas <= maxReplicas``, a RayJob
+   name of at most 47 characters, image tags and ``rayVersion`` equal to the pinned Ray,
+   ``runtimeEnvYAML`` is a Ray ``RuntimeEnv`` with only known fields, and the entrypoint's arguments
+   pass the job's own validation (``jobs/pretrain.py --validate-only``).
+
+Launcher YAMLs go through Ray's own ``prepare_config`` and ``validate_config`` (no cloud calls).
+
+  python -m hierdino.manifests --schemas ../shared/kuberay-v1.7.0 cluster/kuberay/*.yaml cluster/launcher/*.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import yaml
+
+PINNED_RAY = "2.60.0"
+SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
+SCHEMA_FILES = {"RayJob": "rayjobs.v1.schema.json", "RayCluster": "rayclusters.v1.schema.json"}
+REPO = Path(__file__).resolve().parents[1]
+
+
+class ManifestError(ValueError):
+    """One or more problems in a manifest; the message lists each with its path."""
+
+
+def drop_nulls(obj):
+    if isinstance(obj, dict):
+        return {k: drop_nulls(v) for k, v in obj.items() if v is not None}
+    if isinstance(obj, list):
+        return [drop_nulls(v) for v in obj]
+    return obj
+
+
+def fill_defaults(obj, schema: dict):
+    """Fill ``default`` values of the schema into ``obj`` where the enclosing object is present."""
+    if isinstance(obj, dict) and schema.get("type") == "object":
+        for name, sub in schema.get("properties", {}).items():
+            if name not in obj and "default" in sub:
+                obj[name] = copy.deepcopy(sub["default"])
+            if name in obj:
+                obj[name] = fill_defaults(obj[name], sub)
+        extra = schema.get("additionalProperties")
+        if isinstance(extra, dict):
+            for k in obj:
+                if k not in schema.get("properties", {}):
+                    obj[k] = fill_defaults(obj[k], extra)
+    elif isinstance(obj, list) and isinstance(schema.get("items"), dict):
+        return [fill_defaults(v, schema["items"]) for v in obj]
+    return obj
+
+
+def strict_schema(schema: dict) -> dict:
+    """A copy with ``additionalProperties: false`` on every object that lists its properties."""
+    s = copy.deepcopy(schema)
+
+    def walk(node):
+        if isinstance(node, dict):
+            if (node.get("type") == "object" and "properties" in node and "additionalProperties" not in node
+                    and not node.get("x-kubernetes-preserve-unknown-fields")):
+                node["additionalProperties"] = False
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(s)
+    return s
+
+
+def load_schemas(schema_dir: str | Path) -> dict[str, dict]:
+    d = Path(schema_dir)
+    return {kind: json.loads((d / name).read_text()) for kind, name in SCHEMA_FILES.items()}
+
+
+def _schema_errors(doc: dict, schema: dict) -> list[str]:
+    import jsonschema
+
+    validator = jsonschema.Draft7Validator(strict_schema(schema))
+    out = []
+    for e in sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path)):
+        where = ".".join(str(p) for p in e.absolute_path) or "<root>"
+        out.append(f"{where}: {e.message}")
+    return out
+
+
+def _cluster_spec_errors(spec: dict, where: str) -> list[str]:
+    errs = []
+    if spec.get("rayVersion") != PINNED_RAY:
+        errs.append(f"{where}.rayVersion: {spec.get('rayVersion')!r} != pinned Ray {PINNED_RAY}")
+    groups = [("headGroupSpec", spec.get("headGroupSpec", {}))] + [
+        (f"workerGroupSpecs[{i}]", g) for i, g in enumerate(spec.get("workerGroupSpecs", []))]
+    for name, g in groups:
+        for j, c in enumerate(g.get("template", {}).get("spec", {}).get("containers", [])):
+            image = c.get("image", "")
+            tag = image.rsplit(":", 1)[-1] if ":" in image else ""
+            if image.startswith(("rayproject/ray", "rayproject/ray-ml")) and not tag.startswith(f"{PINNED_RAY}-") and tag != PINNED_RAY:
+                errs.append(f"{where}.{name}.template.spec.containers[{j}].image: {image!r} is not Ray {PINNED_RAY}")
+            if "ray-ml" in image:
+                errs.append(f"{where}.{name}...image: {image!r}: ray-ml images are no longer published")
+        if name != "headGroupSpec":
+            lo, n, hi = g.get("minReplicas", 0), g.get("replicas", g.get("minReplicas", 0)), g.get("maxReplicas", 0)
+            if not lo <= n <= hi:
+                errs.append(f"{where}.{name}: needs minReplicas <= replicas <= maxReplicas, got {lo} <= {n} <= {hi}")
+    return errs
+
+
+def _runtime_env_errors(text: str, where: str) -> list[str]:
+    from ray.runtime_env import RuntimeEnv
+
+    try:
+        env = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        return [f"{where}: not valid YAML: {e}"]
+    unknown = set(env) - set(RuntimeEnv.known_fields)
+    if unknown:
+        return [f"{where}: unknown RuntimeEnv field(s) {sorted(unknown)}; known: {sorted(RuntimeEnv.known_fields)}"]
+    try:
+        RuntimeEnv(**env)
+    except Exception as e:  # RuntimeEnv raises several types for bad values
+        return [f"{where}: not a valid Ray RuntimeEnv: {e}"]
+    return []
+
+
+def _run_job_validation(job: str, args: list[str], where: str) -> list[str]:
+    import contextlib
+    import importlib.util
+    import io
+
+    path = REPO / job
+    if not path.is_file():
+        return [f"{where}: entrypoint script {job} does not exist"]
+    spec = importlib.util.spec_from_file_location(f"_hierdino_job_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            rc = module.main(args + ["--validate-only"])
+        except SystemExit as e:  # argparse errors
+            rc = e.code
+    return [] if rc == 0 else [f"{where}: `{job} {' '.join(args)} --validate-only` failed: {err.getvalue().strip()}"]
+
+
+def check_custom_resource(doc: dict, schemas: dict[str, dict]) -> list[str]:
+    kind = doc.get("kind")
+    if kind not in SCHEMA_FILES:
+        return []
+    doc = drop_nulls(doc)
+    schema = schemas[kind]
+    doc = fill_defaults(doc, schema)
+    errs = _schema_errors(doc, schema)
+    spec = doc.get("spec", {})
+    name = doc.get("metadata", {}).get("name", "")
+    if kind == "RayJob":
+        if len(name) > 47:
+            errs.append(f"metadata.name: {name!r} is {len(name)} characters; RayJob names must be <= 47")
+        if spec.get("submissionMode") not in SUBMISSION_MODES:
+            errs.append(f"spec.submissionMode: {spec.get('submissionMode')!r} is not one of {SUBMISSION_MODES}")
+        if spec.get("ttlSecondsAfterFinished") and not spec.get("shutdownAfterJobFinishes"):
+            errs.append("spec.ttlSecondsAfterFinished is set but spec.shutdownAfterJobFinishes is not true")
+        for key in ("activeDeadlineSeconds", "preRunningDeadlineSeconds"):
+            if key in spec and not spec[key] > 0:
+                errs.append(f"spec.{key}: must be > 0, got {spec[key]}")
+        if "rayClusterSpec" in spec:
+            errs += _cluster_spec_errors(spec["rayClusterSpec"], "spec.rayClusterSpec")
+        if "runtimeEnvYAML" in spec:
+            errs += _runtime_env_errors(spec["runtimeEnvYAML"], "spec.runtimeEnvYAML")
+        if "entrypoint" in spec:
+            args = shlex.split(spec["entrypoint"])
+            if len(args) < 2 or not re.fullmatch(r"python3?", args[0]):
+                errs.append(f"spec.entrypoint: expected 'python jobs/<job>.py ...', got {spec['entrypoint']!r}")
+            else:
+                errs += _run_job_validation(args[1], args[2:], "spec.entrypoint")
+    else:
+        errs += _cluster_spec_errors(spec, "spec")
+    return errs
+
+
+def check_launcher(config: dict) -> list[str]:
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    try:
+        validate_config(prepare_config(copy.deepcopy(config)))
+    except Exception as e:  # jsonschema.ValidationError, ValueError ...
+        return [f"ray cluster config: {str(e).splitlines()[0]}"]
+    image = config.get("docker", {}).get("image", "")
+    if image and not image.split(":")[-1].startswith(PINNED_RAY):
+        return [f"docker.image: {image!r} is not Ray {PINNED_RAY}"]
+    return []
+
+
+def check_file(path: str | Path, schemas: dict[str, dict] | None) -> list[str]:
+    """Problems of every document in a YAML file (KubeRay CRs need ``schemas``; launcher configs do not)."""
+    docs = [d for d in yaml.safe_load_all(Path(path).read_text()) if d]
+    errs = []
+    for i, doc in enumerate(docs):
+        prefix = f"{path}" + (f"[{i}]" if len(docs) > 1 else "")
+        if "provider" in doc and "cluster_name" in doc:
+            errs += [f"{prefix}: {e}" for e in check_launcher(doc)]
+        elif doc.get("kind") in SCHEMA_FILES:
+            if schemas is None:
+                raise ManifestError(f"{prefix}: a {doc['kind']} needs the KubeRay CRD schemas (--schemas DIR)")
+            errs += [f"{prefix}: {e}" for e in check_custom_resource(doc, schemas)]
+    return errs
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m hierdino.manifests")
+    p.add_argument("--schemas", default=None, help="directory with rayjobs.v1.schema.json and rayclusters.v1.schema.json")
+    p.add_argument("files", nargs="+")
+    args = p.parse_args(argv)
+    schemas = load_schemas(args.schemas) if args.schemas else None
+    errs = [e for f in args.files for e in check_file(f, schemas)]
+    print("\n".join(errs) if errs else f"{len(args.files)} file(s) OK")
+    return 1 if errs else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
