@@ -205,7 +205,7 @@ def _convert(key: str, value: Any, tp) -> Any:
     tp, optional = _unwrap_optional(tp)
     if typing.get_origin(tp) is Literal and value in typing.get_args(tp):  # e.g. kind "none" is a value, not null
         return value
-    if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~") and tp is not str):
+    if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~") and (optional or tp is not str)):
         if optional:
             return None
         raise ConfigError(f"{key}: value is required, got null")

@@ -113,7 +113,7 @@ def test_ray_job_submit_runs_pretrain(synth_suite, tmp_path):
 
         job_id = re.search(r"Job '(raysubmit_\w+)' succeeded", out).group(1)
         status = subprocess.run([RAY_CLI, "job", "status", "--address", address, job_id], env=env, capture_output=True, text=True)
-        assert "SUCCEEDED" in status.stdout + status.stderr
+        assert "succeeded" in (status.stdout + status.stderr).lower()
         run = tmp_path / "runs" / "submitted"
         assert sorted(p.name for p in run.glob("checkpoint_*")) == ["checkpoint_0000002", "checkpoint_0000004"]
         assert (run / "export" / "teacher_backbone.safetensors").exists()
@@ -132,7 +132,7 @@ from ray.cluster_utils import Cluster
 from hierdino.config import load_config
 from hierdino.train.launch import train
 
-cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
 cluster.add_node(num_cpus=2)
 cluster.add_node(num_cpus=2)
 cluster.wait_for_nodes()
@@ -140,9 +140,9 @@ import ray
 ray.init(address=cluster.address)
 base = ["tiny-cpu", [f"data.synth_cache={sys.argv[1]}", f"run.storage={sys.argv[2]}", "run.name=two-node",
         f"data.s3_endpoint={os.environ['AWS_ENDPOINT_URL']}", "scaling.num_workers=2", "scaling.placement_strategy=SPREAD",
-        "scaling.cpus_per_worker=1", "train.steps=4", "train.batch_size=16", "checkpoint.every_steps=2",
+        "scaling.cpus_per_worker=1", "train.steps=2", "train.batch_size=8", "checkpoint.every_steps=1",
         "eval.at_end=false", "data.num_cpus_per_map=0.5"]]
-first = train(load_config(base[0], base[1] + ["train.stop_at_step=2"]))
+first = train(load_config(base[0], base[1] + ["train.stop_at_step=1"]))
 second = train(load_config(*base))
 print("RESULT " + json.dumps({"first": {k: first[k] for k in ("step", "final_checksum", "worker_nodes")},
                               "second": {k: second[k] for k in ("step", "start_step", "start_checksum", "worker_nodes", "export")}}))
@@ -162,7 +162,7 @@ def test_two_node_fsdp_run_checkpoints_to_s3_and_resumes(s3_server, synth_suite,
     assert r.returncode == 0 and lines, (r.stdout + r.stderr)[-4000:]
     res = json.loads(lines[0][len("RESULT "):])
     assert len(set(res["first"]["worker_nodes"])) == 2  # SPREAD: one worker per node
-    assert res["first"]["step"] == 2 and res["second"]["start_step"] == 2 and res["second"]["step"] == 4
+    assert res["first"]["step"] == 1 and res["second"]["start_step"] == 1 and res["second"]["step"] == 2
     assert res["second"]["start_checksum"] == pytest.approx(res["first"]["final_checksum"], rel=1e-12)
     assert res["second"]["export"] == "s3://twonode/runs/two-node/export/teacher_backbone.safetensors"
     from hierdino.data import storage
@@ -170,4 +170,4 @@ def test_two_node_fsdp_run_checkpoints_to_s3_and_resumes(s3_server, synth_suite,
 
     opts = StorageOptions(**s3_server.storage_options())
     names = {p.rsplit("/", 2)[-2] for p in storage.list_files("s3://twonode/runs/two-node", ".metadata", opts)}
-    assert names == {"checkpoint_0000002", "checkpoint_0000004"}
+    assert names == {"checkpoint_0000001", "checkpoint_0000002"}
