@@ -115,7 +115,7 @@ def test_ray_job_submit_runs_pretrain(synth_suite, tmp_path):
         status = subprocess.run([RAY_CLI, "job", "status", "--address", address, job_id], env=env, capture_output=True, text=True)
         assert "succeeded" in (status.stdout + status.stderr).lower()
         run = tmp_path / "runs" / "submitted"
-        assert sorted(p.name for p in run.glob("checkpoint_*")) == ["checkpoint_0000002", "checkpoint_0000004"]
+        assert sorted(p.name for p in run.glob("checkpoint_0*")) == ["checkpoint_0000002", "checkpoint_0000004"]
         assert (run / "export" / "teacher_backbone.safetensors").exists()
     finally:
         if head.poll() is None:
