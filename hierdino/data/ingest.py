@@ -133,11 +133,13 @@ def _multipliers(sizes: list[int], weights: list[float] | None) -> list[float]:
     return [w / wsum * total / n for w, n in zip(weights, sizes)]
 
 
-def _read(uri: str, options: StorageOptions | None):
+def _read(uri: str, options: StorageOptions | None, num_cpus: float = 1.0):
     import ray.data
 
     fs, _ = storage.resolve(uri, options)
-    ds = ray.data.read_parquet(shards.shard_paths(uri, options), filesystem=fs)
+    # Read tasks take the same CPU share as the crop tasks: with a whole CPU each, a 2-CPU node
+    # holding one training worker and a Tune trial driver could never schedule a read.
+    ds = ray.data.read_parquet(shards.shard_paths(uri, options), filesystem=fs, num_cpus=num_cpus)
     return ds.select_columns(["image", "image_id", "label", "split"])
 
 
@@ -160,7 +162,7 @@ def build_train_dataset(data: TrainData, crops: CropSpec, epochs: range, weights
     for e in epochs:
         parts = []
         for k, (uri, m) in enumerate(zip(data.uris, mult)):
-            parts += _weighted(_read(uri, options), m, seed=crops.seed * 1009 + e * 31 + k)
+            parts += _weighted(_read(uri, options, num_cpus), m, seed=crops.seed * 1009 + e * 31 + k)
         ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
         ds = ds.randomize_block_order(seed=crops.seed * 7919 + e)
         ds = ds.map_batches(multicrop, batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus,
