@@ -17,7 +17,7 @@ free weight per hierarchy level, sampled independently then normalised to sum 1 
 Each trial is a function trainable that starts its own ``TorchTrainer`` (Ray Train V2) with the
 trial's overrides; ``TuneReportCallback`` forwards the training reports, which carry
 ``ext_val_bacc`` every ``eval.every_steps`` so ASHA can stop bad trials early. Notes for Ray 2.60:
-the trial drivers reserve almost no CPU (``tune.with_resources``) and ``max_concurrent_trials`` keeps
+the trial drivers reserve no CPU (``tune.with_resources``) and ``max_concurrent_trials`` keeps
 trial drivers from queueing for the workers' resources; the dashboard stays on, since without it a
 trial stopped by ASHA can leave its Train resources reserved (ray-project/ray #54305).
 """
@@ -212,7 +212,9 @@ def run_sweep(base: str, space_path: str, trials: int, out: str, scheduler: str 
         raise SpaceError(f"scheduler must be asha or none, got {scheduler!r}")
     param_space = {"sample": space.tune_space(levels), "fixed": space.fixed, "base": base,
                    "base_overrides": base_overrides, "trials_dir": storage.join(out_path, "trials")}
-    trainable = tune.with_resources(_trial, {"cpu": 0.01})  # a trial driver only waits on its TorchTrainer
+    # A trial driver only waits on its TorchTrainer: it holds no CPU (a bundle needs some resource,
+    # hence 1 MiB of memory). Even 0.01 CPU left the trial's Ray Data unable to start on 2 CPUs.
+    trainable = tune.with_resources(_trial, {"cpu": 0, "memory": 2 ** 20})
     exp_dir = storage.join(out_path, "tune")
     if tune.Tuner.can_restore(storage.join(exp_dir, space.name)):
         log(f"[hierdino] resuming the sweep in {exp_dir}/{space.name}")
