@@ -164,7 +164,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     corrupt = CorruptCounter(cfg.data.max_corrupt_fraction)
     shard = ray.train.get_dataset_shard("train")
     rows_per_epoch = max(1, loop_config.get("rows_per_epoch", 1))
-    live_eval = None
+    live_eval, eval_metrics = None, {}
     if cfg.eval.every_steps:
         from hierdino.eval.live import LiveEvaluator
 
@@ -191,8 +191,11 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             images += cfg.train.batch_size
             state["images_seen"] += cfg.train.batch_size
             state["data_epoch"] = loop_config.get("start_epoch", 0) + state["images_seen"] // rows_per_epoch
-            if live_eval is not None and (step % cfg.eval.every_steps == 0 or step == stop):
-                last.update(live_eval(model.teacher["backbone"], device))
+            reporting = step % cfg.checkpoint.every_steps == 0 or step == stop
+            if live_eval is not None and (step % cfg.eval.every_steps == 0 or step == stop or (reporting and not eval_metrics)):
+                eval_metrics = live_eval(model.teacher["backbone"], device)
+            # Every report carries the latest external scores: Tune requires its metric in each one.
+            last.update(eval_metrics)
             if step % cfg.train.log_every == 0 or step == stop:
                 elapsed = time.perf_counter() - t0
                 rate = images / max(elapsed, 1e-9)
