@@ -129,7 +129,7 @@ def build_suite(out: str, size: str = "small", image_size: int = 64, seed: int =
         raise ValueError(f"size must be small or default, got {size!r}")
     workers = workers or max(1, min(mp.cpu_count(), 8))
     manifests = {}
-    ctx = mp.get_context("spawn" if workers > 1 else None) if workers > 1 else None
+    ctx = mp.get_context("spawn") if workers > 1 else None
     pool = ctx.Pool(workers) if ctx else None
     try:
         for spec in SUITE:
