@@ -2,9 +2,15 @@
 
   python jobs/reproduce.py                       # 4 variants x 3 seeds, then evaluation on the test splits
   python jobs/reproduce.py --seeds 0 --steps 40 --sweep-trials 2 --out runs/repro-smoke   # a quick check
+  python jobs/reproduce.py --scale vits14-gpu --time-budget-min 7 --seeds 0 1 \
+      --level-weights 0.25,0.3,0.28,0.16 --out runs/repro-vits14   # 224 px ViT-S/14 on one GPU
 
 The design is pre-registered in hierdino/configs/repro/ (read base.yaml). Resumable: finished runs
 (an export present) and a finished sweep are skipped when the command is run again.
+``--scale NAME`` lays hierdino/configs/repro/scale-NAME.yaml over every variant (model, image size,
+resources; never the losses). ``--time-budget-min`` (with no ``--steps``) times a short calibration
+run and gives every variant the same number of steps that fits the budget, fixed before any variant
+trains. ``--level-weights`` gives variant (d) weights chosen elsewhere instead of sweeping.
 Writes OUT/results.md, OUT/results.json and OUT/plots/*.png.
 """
 
@@ -12,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -35,28 +42,97 @@ def labelled_counts(suite: str) -> dict:
             "_fine": fine, "_coarse": coarse}
 
 
+def scale_overrides(name: str | None) -> list[str]:
+    """``hierdino/configs/repro/scale-NAME.yaml`` as ``key.sub=value`` overrides (empty without a scale)."""
+    if not name:
+        return []
+    import yaml
+    from importlib import resources
+
+    path = resources.files("hierdino.configs") / "repro" / f"scale-{name}.yaml"
+    if not path.is_file():
+        scales = sorted(p.name[6:-5] for p in (resources.files("hierdino.configs") / "repro").iterdir()
+                        if p.name.startswith("scale-"))
+        raise SystemExit(f"reproduce.py: unknown --scale {name!r} (known: {', '.join(scales)})")
+
+    def text(v) -> str:
+        if isinstance(v, list):
+            return "[" + ",".join(text(x) for x in v) + "]"
+        return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+
+    out: list[str] = []
+
+    def walk(prefix: str, node) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(f"{prefix}{key}.", value)
+            else:
+                out.append(f"{prefix}{key}={text(value)}")
+
+    walk("", yaml.safe_load(path.read_text()) or {})
+    return out
+
+
+def calibrate_steps(args, common: list[str], n_runs: int, log=print) -> int:
+    """Steps per variant that fit ``--time-budget-min``, from a timed 40-step run of variant (c).
+
+    Budget per run = (budget - time spent so far - evaluation reserve) / runs; a run costs its
+    start-up (the calibration run's wall time beyond its steps) plus steps at the measured rate.
+    Decided from timings alone, before any variant trains, and the same for every variant.
+    """
+    from hierdino.config import load_config
+    from hierdino.data import storage
+    from hierdino.train.launch import run_uri, train
+
+    cfg = load_config("repro/hxe-alpha0.5", common + ["train.steps=40", "checkpoint.every_steps=40", "train.log_every=10",
+                                                      "run.name=calibration"])
+    t0 = time.time()
+    train(cfg, log=lambda *_: None)
+    wall = time.time() - t0
+    recs = [json.loads(line) for line in storage.read_bytes(storage.join(run_uri(cfg), "metrics.jsonl")).decode().splitlines()]
+    rate = recs[-1]["images_per_s"]
+    step_s = cfg.train.batch_size / rate
+    overhead = max(0.0, wall - 40 * step_s)
+    left = args.time_budget_min * 60 - (time.time() - args.t0) - args.eval_reserve_s
+    per_run = left / n_runs
+    steps = int((per_run - overhead) / step_s) // 10 * 10
+    log(f"[reproduce] calibration: {rate:.0f} img/s ({step_s:.3f} s/step), start-up {overhead:.0f}s per run, "
+        f"{left:.0f}s left for {n_runs} runs -> {steps} steps each")
+    if steps < 50:
+        raise SystemExit(f"reproduce.py: --time-budget-min {args.time_budget_min} leaves {steps} steps per run (< 50); "
+                         f"raise the budget or use fewer --seeds")
+    return steps
+
+
 def run_variants(args, suite: str, log=print) -> dict[str, list[str]]:
     from hierdino.config import load_config
     from hierdino.data import storage
     from hierdino.train.launch import run_uri, train
     from hierdino.tune.sweep import run_sweep
 
-    common = [f"data.synth_cache={suite}", f"run.storage={args.out}"]
+    common = scale_overrides(args.scale) + [f"data.synth_cache={suite}", f"run.storage={args.out}"]
+    if not args.steps and args.time_budget_min:
+        args.steps = calibrate_steps(args, common, len(args.variants) * len(args.seeds), log)
     if args.steps:
         common += [f"train.steps={args.steps}", f"checkpoint.every_steps={max(1, args.steps // 2)}"]
-    sweep_dir = f"{args.out}/sweep-level-weights"
-    best = Path(sweep_dir, "best_config.yaml")
-    if not best.exists():
-        log(f"[reproduce] sweep of the level weights on the val splits ({args.sweep_trials} trials)")
-        steps = args.sweep_steps or (args.steps or 300) // 2
-        run_sweep("repro/hxe-sweep", str(Path(__file__).resolve().parents[1] / "tune_spaces/level_weights.yaml"),
-                  args.sweep_trials, sweep_dir, "asha", 1,
-                  common + [f"train.steps={steps}", f"checkpoint.every_steps={steps}", f"eval.every_steps={max(1, steps // 3)}"],
-                  log=lambda *_: None)
-    level_weights = load_config(str(best)).loss.supervised.level_weights
-    log(f"[reproduce] (d) level weights from the sweep: {[round(w, 3) for w in level_weights]}")
+    args.steps = load_config("repro/base", common).train.steps
+    if args.level_weights:
+        level_weights = args.level_weights
+        log(f"[reproduce] (d) level weights as given: {level_weights}")
+    else:
+        sweep_dir = f"{args.out}/sweep-level-weights"
+        best = Path(sweep_dir, "best_config.yaml")
+        if not best.exists():
+            log(f"[reproduce] sweep of the level weights on the val splits ({args.sweep_trials} trials)")
+            steps = args.sweep_steps or args.steps // 2
+            run_sweep("repro/hxe-sweep", str(Path(__file__).resolve().parents[1] / "tune_spaces/level_weights.yaml"),
+                      args.sweep_trials, sweep_dir, "asha", 1,
+                      common + [f"train.steps={steps}", f"checkpoint.every_steps={steps}", f"eval.every_steps={max(1, steps // 3)}"],
+                      log=lambda *_: None)
+        level_weights = load_config(str(best)).loss.supervised.level_weights
+        log(f"[reproduce] (d) level weights from the sweep: {[round(w, 3) for w in level_weights]}")
     runs: dict[str, list[str]] = {}
-    for variant in VARIANTS:
+    for variant in args.variants:
         for seed in args.seeds:
             over = common + [f"train.seed={seed}", f"run.name={variant}-s{seed}"]
             if variant == "hxe-sweep":
@@ -71,7 +147,7 @@ def run_variants(args, suite: str, log=print) -> dict[str, list[str]]:
     return runs, level_weights
 
 
-def summarise(results: dict, runs: dict, counts: dict, level_weights, hours: float) -> dict:
+def summarise(results: dict, runs: dict, counts: dict, level_weights, hours: float, setup: dict) -> dict:
     """Per variant x dataset x probe: mean over seeds, seed s.d., mean bootstrap interval."""
     name_of = {uri.rstrip("/").rsplit("/", 1)[-1]: v for v, uris in runs.items() for uri in uris}
     table: dict = {}
@@ -90,12 +166,15 @@ def summarise(results: dict, runs: dict, counts: dict, level_weights, hours: flo
                     vals = [s[k] for s in seeds]
                     cell[k] = {"mean": float(np.mean(vals)), "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0}
                 cell["bacc_ci95_mean"] = [float(np.mean([s["bacc_ci95"][i] for s in seeds])) for i in (0, 1)]
-    return {"variants": VARIANTS, "table": table, "labelled_per_epoch": counts, "level_weights_d": level_weights,
-            "hours": hours}
+    return {"variants": VARIANTS, "setup": setup, "table": table, "labelled_per_epoch": counts,
+            "level_weights_d": level_weights, "hours": hours}
 
 
 def markdown(summary: dict, probes: list[str]) -> str:
+    st = summary["setup"]
     lines = ["# SSL only vs flat CE vs hierarchical CE on the synthetic benchmark (test splits)", "",
+             f"Setup: {st['arch']} at {st['image_size']} px, {st['steps']} steps of batch {st['batch_size']}, "
+             f"seeds {st['seeds']}, scale {st['scale'] or 'none (pre-registered CPU design)'}, on {st['device']}.", "",
              "Balanced accuracy (%) as mean over seeds ± seed s.d., with the mean bootstrap 95% interval of a "
              "single run in brackets; severity = mean edges from the true leaf to the LCA over errors (lower is "
              "milder); lineage = depth-1 balanced accuracy. Probe for severity/lineage: logreg.", "",
@@ -114,7 +193,8 @@ def markdown(summary: dict, probes: list[str]) -> str:
     c = summary["labelled_per_epoch"]
     lines += ["", f"Supervision per epoch: flat CE uses the {c['_fine']} leaf-labelled images of synth-fine; HXE also "
               f"uses the {c['_coarse']} coarse-labelled images of synth-coarse (flat CE must ignore them); SSL uses none.",
-              f"Variant (d) level weights (from the val-split sweep): {[round(w, 3) for w in summary['level_weights_d']]}.",
+              f"Variant (d) level weights ({st.get('level_weights_source', 'from the val-split sweep')}): "
+              f"{[round(w, 3) for w in summary['level_weights_d']]}.",
               f"Wall time: {summary['hours']:.2f} h."]
     return "\n".join(lines) + "\n"
 
@@ -159,18 +239,27 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="reproduce.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/repro")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                   help="a subset of the variants (smoke checks; the comparison needs all four)")
     p.add_argument("--steps", type=int, default=None, help="override the pre-registered 300 steps (smoke checks only)")
     p.add_argument("--sweep-trials", type=int, default=4)
     p.add_argument("--sweep-steps", type=int, default=None)
     p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--scale", default=None, help="lay hierdino/configs/repro/scale-NAME.yaml over every variant")
+    p.add_argument("--time-budget-min", type=float, default=None,
+                   help="without --steps: pick the steps per variant that fit this many minutes (timed calibration run)")
+    p.add_argument("--eval-reserve-s", type=float, default=120, help="seconds of the budget kept for the evaluation")
+    p.add_argument("--level-weights", type=lambda t: [float(w) for w in t.split(",")], default=None,
+                   help="variant (d) weights w1,...,wD chosen elsewhere (e.g. the CPU run's val sweep) instead of sweeping")
     args = p.parse_args(argv)
     args.out = str(Path(args.out).absolute())
+    args.t0 = time.time()
     from hierdino.config import load_config
     from hierdino.eval.report import evaluate
     from hierdino.train.launch import ensure_synthetic_suite, init_ray
 
-    t0 = time.time()
-    cfg = load_config("repro/base")
+    t0 = args.t0
+    cfg = load_config("repro/base", scale_overrides(args.scale))
     ensure_synthetic_suite(cfg)
     suite = cfg.data.synth_cache
     init_ray()
@@ -179,7 +268,15 @@ def main(argv=None) -> int:
     probes = ["knn1", "knn20", "logreg"]
     results = evaluate(models, [f"{suite}/{d}" for d in EXTERNAL], f"{args.out}/report", "test", tuple(probes),
                        args.bootstrap, plots=False, log=lambda *_: None)
-    summary = summarise(results, runs, labelled_counts(suite), level_weights, (time.time() - t0) / 3600)
+    import torch
+
+    cfg = load_config("repro/base", scale_overrides(args.scale) + [f"train.steps={args.steps}"])
+    setup = {"scale": args.scale, "arch": cfg.model.arch, "image_size": cfg.data.image_size, "steps": cfg.train.steps,
+             "batch_size": cfg.train.batch_size, "seeds": args.seeds,
+             "level_weights_source": "given with --level-weights" if args.level_weights else "from the val-split sweep",
+             "device": torch.cuda.get_device_name(0) if cfg.scaling.use_gpu and torch.cuda.is_available()
+             else f"{os.cpu_count()} CPUs"}
+    summary = summarise(results, runs, labelled_counts(suite), level_weights, (time.time() - t0) / 3600, setup)
     Path(args.out, "results.json").write_text(json.dumps(summary, indent=2))
     md = markdown(summary, probes)
     Path(args.out, "results.md").write_text(md)
