@@ -90,9 +90,12 @@ def calibrate_steps(args, common: list[str], n_runs: int, log=print) -> int:
     train(cfg, log=lambda *_: None)
     wall = time.time() - t0
     recs = [json.loads(line) for line in storage.read_bytes(storage.join(run_uri(cfg), "metrics.jsonl")).decode().splitlines()]
-    rate = recs[-1]["images_per_s"]
-    step_s = cfg.train.batch_size / rate
-    overhead = max(0.0, wall - 40 * step_s)
+    # Steady state from the last two records (the first steps wait for the pipeline to start);
+    # everything else in the run's wall time counts as per-run start-up.
+    elapsed = [r["step"] * cfg.train.batch_size / r["images_per_s"] for r in recs[-2:]]
+    step_s = (elapsed[1] - elapsed[0]) / (recs[-1]["step"] - recs[-2]["step"])
+    rate = cfg.train.batch_size / step_s
+    overhead = max(0.0, wall - recs[-1]["step"] * step_s)
     left = args.time_budget_min * 60 - (time.time() - args.t0) - args.eval_reserve_s
     per_run = left / n_runs
     steps = int((per_run - overhead) / step_s) // 10 * 10

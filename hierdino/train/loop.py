@@ -182,7 +182,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             except StopIteration:
                 break
             wait += time.perf_counter() - tw
-            corrupt.update(raw["ok"].numpy())
+            corrupt.update(raw["ok"].cpu().numpy())
             batch = make_step_batch(raw, cfg, gen, device, grid)
             with autocast:
                 last = step_fn(batch, step)
