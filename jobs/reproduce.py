@@ -193,6 +193,7 @@ def markdown(summary: dict, probes: list[str]) -> str:
             lr = cells[probes[-1]]
             lines.append(f"| {label} | {ds} | " + " | ".join(b) + f" | {lr['severity']['mean']:.2f} ± {lr['severity']['sd']:.2f}"
                          f" | {100 * lr['lineage_bacc']['mean']:.1f} ± {100 * lr['lineage_bacc']['sd']:.1f} |")
+    lines += contrast_lines(summary, probes)
     c = summary["labelled_per_epoch"]
     lines += ["", f"Supervision per epoch: flat CE uses the {c['_fine']} leaf-labelled images of synth-fine; HXE also "
               f"uses the {c['_coarse']} coarse-labelled images of synth-coarse (flat CE must ignore them); SSL uses none.",
@@ -200,6 +201,44 @@ def markdown(summary: dict, probes: list[str]) -> str:
               f"{[round(w, 3) for w in summary['level_weights_d']]}.",
               f"Wall time: {summary['hours']:.2f} h."]
     return "\n".join(lines) + "\n"
+
+
+CONTRASTS = (("hxe-alpha0.5", "flat"), ("hxe-sweep", "flat"), ("hxe-alpha0.5", "ssl"), ("flat", "ssl"))
+
+
+def contrasts(summary: dict, probes: list[str]) -> list[dict]:
+    """Seed-paired bAcc differences X - Y per dataset and probe, next to a single run's interval half-width."""
+    out = []
+    for x, y in CONTRASTS:
+        for ds in EXTERNAL:
+            for p in probes:
+                cx = summary["table"].get(x, {}).get(ds, {}).get(p)
+                cy = summary["table"].get(y, {}).get(ds, {}).get(p)
+                if not cx or not cy or len(cx["per_seed"]) != len(cy["per_seed"]):
+                    continue
+                d = [a["bacc"] - b["bacc"] for a, b in zip(cx["per_seed"], cy["per_seed"])]
+                half = np.mean([(s["bacc_ci95"][1] - s["bacc_ci95"][0]) / 2 for s in cx["per_seed"] + cy["per_seed"]])
+                out.append({"x": x, "y": y, "dataset": ds, "probe": p, "diff": float(np.mean(d)),
+                            "sd": float(np.std(d, ddof=1)) if len(d) > 1 else 0.0, "wins": int(sum(v > 0 for v in d)),
+                            "seeds": len(d), "ci_half_width": float(half)})
+    return out
+
+
+def contrast_lines(summary: dict, probes: list[str]) -> list[str]:
+    rows = contrasts(summary, probes)
+    if not rows:
+        return []
+    lines = ["", "Seed-paired differences in bAcc (percentage points, mean ± s.d. over seeds; seeds where X wins), "
+             "next to the mean half-width of one run's bootstrap 95% interval:", "",
+             "| X - Y | dataset | " + " | ".join(probes) + " |", "|---|---|" + "---|" * len(probes)]
+    for x, y in CONTRASTS:
+        for ds in EXTERNAL:
+            cells = {r["probe"]: r for r in rows if (r["x"], r["y"], r["dataset"]) == (x, y, ds)}
+            if cells:
+                lines.append(f"| {VARIANTS[x]} - {VARIANTS[y]} | {ds} | " + " | ".join(
+                    f"{100 * c['diff']:+.1f} ± {100 * c['sd']:.1f} ({c['wins']}/{c['seeds']}; ±{100 * c['ci_half_width']:.1f})"
+                    if (c := cells.get(p)) else "" for p in probes) + " |")
+    return lines
 
 
 def plots(summary: dict, results: dict, runs: dict, out: str, probes: list[str]) -> None:
@@ -238,6 +277,12 @@ def plots(summary: dict, results: dict, runs: dict, out: str, probes: list[str])
     plt.close(fig)
 
 
+def describe_setup(args, cfg, device: str) -> dict:
+    return {"scale": args.scale, "arch": cfg.model.arch, "image_size": cfg.data.image_size, "steps": cfg.train.steps,
+            "batch_size": cfg.train.batch_size, "seeds": args.seeds, "device": device,
+            "level_weights_source": "given with --level-weights" if args.level_weights else "from the val-split sweep"}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="reproduce.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/repro")
@@ -252,12 +297,23 @@ def main(argv=None) -> int:
     p.add_argument("--time-budget-min", type=float, default=None,
                    help="without --steps: pick the steps per variant that fit this many minutes (timed calibration run)")
     p.add_argument("--eval-reserve-s", type=float, default=120, help="seconds of the budget kept for the evaluation")
+    p.add_argument("--render", action="store_true", help="only rewrite OUT/results.md from OUT/results.json")
     p.add_argument("--level-weights", type=lambda t: [float(w) for w in t.split(",")], default=None,
                    help="variant (d) weights w1,...,wD chosen elsewhere (e.g. the CPU run's val sweep) instead of sweeping")
     args = p.parse_args(argv)
     args.out = str(Path(args.out).absolute())
     args.t0 = time.time()
+    probes = ["knn1", "knn20", "logreg"]
     from hierdino.config import load_config
+
+    if args.render:
+        summary = json.loads(Path(args.out, "results.json").read_text())
+        if "setup" not in summary:  # written before the setup was recorded: the design's defaults
+            summary["setup"] = describe_setup(args, load_config("repro/base", scale_overrides(args.scale)), "not recorded")
+        md = markdown(summary, probes)
+        Path(args.out, "results.md").write_text(md)
+        print(md)
+        return 0
     from hierdino.eval.report import evaluate
     from hierdino.train.launch import ensure_synthetic_suite, init_ray
 
@@ -268,17 +324,13 @@ def main(argv=None) -> int:
     init_ray()
     runs, level_weights = run_variants(args, suite)
     models = [u for uris in runs.values() for u in uris]
-    probes = ["knn1", "knn20", "logreg"]
     results = evaluate(models, [f"{suite}/{d}" for d in EXTERNAL], f"{args.out}/report", "test", tuple(probes),
                        args.bootstrap, plots=False, log=lambda *_: None)
     import torch
 
     cfg = load_config("repro/base", scale_overrides(args.scale) + [f"train.steps={args.steps}"])
-    setup = {"scale": args.scale, "arch": cfg.model.arch, "image_size": cfg.data.image_size, "steps": cfg.train.steps,
-             "batch_size": cfg.train.batch_size, "seeds": args.seeds,
-             "level_weights_source": "given with --level-weights" if args.level_weights else "from the val-split sweep",
-             "device": torch.cuda.get_device_name(0) if cfg.scaling.use_gpu and torch.cuda.is_available()
-             else f"{os.cpu_count()} CPUs"}
+    setup = describe_setup(args, cfg, torch.cuda.get_device_name(0) if cfg.scaling.use_gpu and torch.cuda.is_available()
+                           else f"{os.cpu_count()} CPUs")
     summary = summarise(results, runs, labelled_counts(suite), level_weights, (time.time() - t0) / 3600, setup)
     Path(args.out, "results.json").write_text(json.dumps(summary, indent=2))
     md = markdown(summary, probes)

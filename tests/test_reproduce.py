@@ -74,3 +74,8 @@ def test_summary_is_mean_and_sample_sd_over_seeds_and_the_table_shows_it():
     assert "| (c) HXE alpha=0.5 | synth-ood | 70.5 ± 0.7 [65.5, 76.0] |" in md
     assert "SSL only" not in md.split("|---|")[1]  # no rows for a variant that did not run
     assert "the 10 leaf-labelled images" in md and "the 7 coarse-labelled" in md
+    (c,) = reproduce.contrasts(s, ["logreg"])  # only (c) - (b) has both sides
+    assert (c["x"], c["y"], c["dataset"], c["wins"], c["seeds"]) == ("hxe-alpha0.5", "flat", "synth-ood", 2, 2)
+    assert c["diff"] == pytest.approx(0.085) and c["sd"] == pytest.approx(np.std([0.10, 0.07], ddof=1))
+    assert c["ci_half_width"] == pytest.approx((0.05 + 0.05 + 0.05 + 0.055) / 4)
+    assert "| (c) HXE alpha=0.5 - (b) flat CE | synth-ood | +8.5 ± 2.1 (2/2; ±5.1) |" in md
