@@ -73,6 +73,18 @@ def scale_overrides(name: str | None) -> list[str]:
     return out
 
 
+def steps_for_budget(recs: list[dict], batch_size: int, wall_s: float, left_s: float, n_runs: int) -> tuple[int, float, float]:
+    """(steps per run rounded down to 10, seconds per step, start-up seconds per run) from a calibration run.
+
+    The step time is the steady state between the last two ``metrics.jsonl`` records (the first steps
+    wait for the pipeline to start); the rest of the run's wall time counts as per-run start-up.
+    """
+    elapsed = [r["step"] * batch_size / r["images_per_s"] for r in recs[-2:]]
+    step_s = (elapsed[1] - elapsed[0]) / (recs[-1]["step"] - recs[-2]["step"])
+    overhead = max(0.0, wall_s - recs[-1]["step"] * step_s)
+    return int((left_s / n_runs - overhead) / step_s) // 10 * 10, step_s, overhead
+
+
 def calibrate_steps(args, common: list[str], n_runs: int, log=print) -> int:
     """Steps per variant that fit ``--time-budget-min``, from a timed 40-step run of variant (c).
 
@@ -90,17 +102,10 @@ def calibrate_steps(args, common: list[str], n_runs: int, log=print) -> int:
     train(cfg, log=lambda *_: None)
     wall = time.time() - t0
     recs = [json.loads(line) for line in storage.read_bytes(storage.join(run_uri(cfg), "metrics.jsonl")).decode().splitlines()]
-    # Steady state from the last two records (the first steps wait for the pipeline to start);
-    # everything else in the run's wall time counts as per-run start-up.
-    elapsed = [r["step"] * cfg.train.batch_size / r["images_per_s"] for r in recs[-2:]]
-    step_s = (elapsed[1] - elapsed[0]) / (recs[-1]["step"] - recs[-2]["step"])
-    rate = cfg.train.batch_size / step_s
-    overhead = max(0.0, wall - recs[-1]["step"] * step_s)
     left = args.time_budget_min * 60 - (time.time() - args.t0) - args.eval_reserve_s
-    per_run = left / n_runs
-    steps = int((per_run - overhead) / step_s) // 10 * 10
-    log(f"[reproduce] calibration: {rate:.0f} img/s ({step_s:.3f} s/step), start-up {overhead:.0f}s per run, "
-        f"{left:.0f}s left for {n_runs} runs -> {steps} steps each")
+    steps, step_s, overhead = steps_for_budget(recs, cfg.train.batch_size, wall, left, n_runs)
+    log(f"[reproduce] calibration: {cfg.train.batch_size / step_s:.0f} img/s ({step_s:.3f} s/step), start-up "
+        f"{overhead:.0f}s per run, {left:.0f}s left for {n_runs} runs -> {steps} steps each")
     if steps < 50:
         raise SystemExit(f"reproduce.py: --time-budget-min {args.time_budget_min} leaves {steps} steps per run (< 50); "
                          f"raise the budget or use fewer --seeds")

@@ -79,3 +79,14 @@ def test_summary_is_mean_and_sample_sd_over_seeds_and_the_table_shows_it():
     assert c["diff"] == pytest.approx(0.085) and c["sd"] == pytest.approx(np.std([0.10, 0.07], ddof=1))
     assert c["ci_half_width"] == pytest.approx((0.05 + 0.05 + 0.05 + 0.055) / 4)
     assert "| (c) HXE alpha=0.5 - (b) flat CE | synth-ood | +8.5 ± 2.1 (2/2; ±5.1) |" in md
+
+
+def test_time_budget_uses_the_steady_state_step_and_counts_the_start_up_per_run():
+    # metrics.jsonl of a 40-step calibration run on an H100: the first batch waited ~40 s for the pipeline
+    recs = [{"step": 20, "images_per_s": 29.708831}, {"step": 30, "images_per_s": 42.386667},
+            {"step": 40, "images_per_s": 53.937707}]
+    steps, step_s, overhead = reproduce.steps_for_budget(recs, 64, wall_s=80.5, left_s=300.0, n_runs=2)
+    e30, e40 = 30 * 64 / 42.386667, 40 * 64 / 53.937707
+    assert step_s == pytest.approx((e40 - e30) / 10)
+    assert overhead == pytest.approx(80.5 - 40 * step_s)
+    assert steps == int((150 - overhead) / step_s) // 10 * 10 == 360
