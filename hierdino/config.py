@@ -336,6 +336,31 @@ def parse_override(text: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
+def override_text(value: Any) -> str:
+    """A value as ``key=value`` override text that loading converts back (``null``, ``[a,b]``, scalars)."""
+    if value is None:
+        return "null"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(override_text(v) for v in value) + "]"
+    return str(value)
+
+
+def preset_overrides(preset_or_path: str | Path) -> list[str]:
+    """A (partial) preset or YAML file as ``key.sub=value`` overrides, to lay over another config."""
+    data, _ = _resolve(preset_or_path)
+    out: list[str] = []
+
+    def walk(prefix: str, node: dict) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(f"{prefix}{key}.", value)
+            else:
+                out.append(f"{prefix}{key}={override_text(value)}")
+
+    walk("", data)
+    return out
+
+
 def list_presets() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("hierdino.configs").iterdir() if p.name.endswith(".yaml"))
 

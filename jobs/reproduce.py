@@ -46,31 +46,15 @@ def scale_overrides(name: str | None) -> list[str]:
     """``hierdino/configs/repro/scale-NAME.yaml`` as ``key.sub=value`` overrides (empty without a scale)."""
     if not name:
         return []
-    import yaml
     from importlib import resources
 
-    path = resources.files("hierdino.configs") / "repro" / f"scale-{name}.yaml"
-    if not path.is_file():
-        scales = sorted(p.name[6:-5] for p in (resources.files("hierdino.configs") / "repro").iterdir()
-                        if p.name.startswith("scale-"))
+    from hierdino.config import preset_overrides
+
+    repro = resources.files("hierdino.configs") / "repro"
+    if not (repro / f"scale-{name}.yaml").is_file():
+        scales = sorted(p.name[6:-5] for p in repro.iterdir() if p.name.startswith("scale-"))
         raise SystemExit(f"reproduce.py: unknown --scale {name!r} (known: {', '.join(scales)})")
-
-    def text(v) -> str:
-        if isinstance(v, list):
-            return "[" + ",".join(text(x) for x in v) + "]"
-        return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
-
-    out: list[str] = []
-
-    def walk(prefix: str, node) -> None:
-        for key, value in node.items():
-            if isinstance(value, dict):
-                walk(f"{prefix}{key}.", value)
-            else:
-                out.append(f"{prefix}{key}={text(value)}")
-
-    walk("", yaml.safe_load(path.read_text()) or {})
-    return out
+    return preset_overrides(f"repro/scale-{name}")
 
 
 def steps_for_budget(recs: list[dict], batch_size: int, wall_s: float, left_s: float, n_runs: int) -> tuple[int, float, float]:
@@ -112,8 +96,8 @@ def calibrate_steps(args, common: list[str], n_runs: int, log=print) -> int:
     return steps
 
 
-def run_variants(args, suite: str, log=print) -> dict[str, list[str]]:
-    from hierdino.config import load_config
+def run_variants(args, suite: str, log=print) -> tuple[dict[str, list[str]], list[float]]:
+    from hierdino.config import load_config, override_text
     from hierdino.data import storage
     from hierdino.train.launch import run_uri, train
     from hierdino.tune.sweep import run_sweep
@@ -144,7 +128,7 @@ def run_variants(args, suite: str, log=print) -> dict[str, list[str]]:
         for seed in args.seeds:
             over = common + [f"train.seed={seed}", f"run.name={variant}-s{seed}"]
             if variant == "hxe-sweep":
-                over.append("loss.supervised.level_weights=[" + ",".join(f"{w:.6f}" for w in level_weights) + "]")
+                over.append(f"loss.supervised.level_weights={override_text(level_weights)}")
             cfg = load_config(f"repro/{variant}", over)
             uri = run_uri(cfg)
             if not storage.exists(storage.join(uri, "export", "model.json")):
@@ -202,7 +186,7 @@ def markdown(summary: dict, probes: list[str]) -> str:
     c = summary["labelled_per_epoch"]
     lines += ["", f"Supervision per epoch: flat CE uses the {c['_fine']} leaf-labelled images of synth-fine; HXE also "
               f"uses the {c['_coarse']} coarse-labelled images of synth-coarse (flat CE must ignore them); SSL uses none.",
-              f"Variant (d) level weights ({st.get('level_weights_source', 'from the val-split sweep')}): "
+              f"Variant (d) level weights ({st['level_weights_source']}): "
               f"{[round(w, 3) for w in summary['level_weights_d']]}.",
               f"Wall time: {summary['hours']:.2f} h."]
     return "\n".join(lines) + "\n"
@@ -246,7 +230,7 @@ def contrast_lines(summary: dict, probes: list[str]) -> list[str]:
     return lines
 
 
-def plots(summary: dict, results: dict, runs: dict, out: str, probes: list[str]) -> None:
+def plots(summary: dict, out: str, probes: list[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -283,7 +267,7 @@ def plots(summary: dict, results: dict, runs: dict, out: str, probes: list[str])
 
 
 def describe_setup(args, cfg, device: str) -> dict:
-    return {"scale": args.scale, "arch": cfg.model.arch, "image_size": cfg.data.image_size, "steps": cfg.train.steps,
+    return {"scale": args.scale, "arch": cfg.model.arch, "image_size": cfg.data.image_size, "steps": args.steps or cfg.train.steps,
             "batch_size": cfg.train.batch_size, "seeds": args.seeds, "device": device,
             "level_weights_source": "given with --level-weights" if args.level_weights else "from the val-split sweep"}
 
@@ -322,7 +306,6 @@ def main(argv=None) -> int:
     from hierdino.eval.report import evaluate
     from hierdino.train.launch import ensure_synthetic_suite, init_ray
 
-    t0 = args.t0
     cfg = load_config("repro/base", scale_overrides(args.scale))
     ensure_synthetic_suite(cfg)
     suite = cfg.data.synth_cache
@@ -333,16 +316,15 @@ def main(argv=None) -> int:
                        args.bootstrap, plots=False, log=lambda *_: None)
     import torch
 
-    cfg = load_config("repro/base", scale_overrides(args.scale) + [f"train.steps={args.steps}"])
     setup = describe_setup(args, cfg, torch.cuda.get_device_name(0) if cfg.scaling.use_gpu and torch.cuda.is_available()
                            else f"{os.cpu_count()} CPUs")
-    summary = summarise(results, runs, labelled_counts(suite), level_weights, (time.time() - t0) / 3600, setup)
+    summary = summarise(results, runs, labelled_counts(suite), level_weights, (time.time() - args.t0) / 3600, setup)
     Path(args.out, "results.json").write_text(json.dumps(summary, indent=2))
     md = markdown(summary, probes)
     Path(args.out, "results.md").write_text(md)
-    plots(summary, results, runs, args.out, probes)
+    plots(summary, args.out, probes)
     print(md)
-    print(f"[reproduce] wrote {args.out}/results.md, results.json and plots/ in {(time.time() - t0) / 60:.1f} min")
+    print(f"[reproduce] wrote {args.out}/results.md, results.json and plots/ in {(time.time() - args.t0) / 60:.1f} min")
     return 0
 
 

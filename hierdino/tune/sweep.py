@@ -33,7 +33,7 @@ from pathlib import Path
 
 import yaml
 
-from hierdino.config import ConfigError, load_config
+from hierdino.config import ConfigError, load_config, override_text
 from hierdino.data import storage
 
 OBJECTIVE = "ext_val_bacc"
@@ -116,14 +116,6 @@ def load_space(path: str | Path) -> Space:
     return Space(str(data.get("name") or path.stem), dict(data["params"]), dict(data.get("fixed") or {}), str(path))
 
 
-def _fmt(v) -> str:
-    if v is None:
-        return "null"
-    if isinstance(v, (list, tuple)):
-        return "[" + ",".join(_fmt(x) for x in v) + "]"
-    return str(v)
-
-
 def trial_overrides(sample: dict, fixed: dict) -> dict:
     """Tune's sample -> config overrides (level weights gathered and normalised to sum 1)."""
     out = dict(fixed)
@@ -147,9 +139,9 @@ def check_space(base: str, base_overrides: list[str], space: Space) -> int:
         probes = p["values"] if "values" in p else ([p["low"], p["high"]] if p["dist"] != "level_weights" else [])
         if p["dist"] == "level_weights":
             sample = {f"{key}@{i}": 1.0 for i in range(1, levels + 1)}
-            probes_over = [{k: _fmt(v) for k, v in trial_overrides(sample, space.fixed).items()}]
+            probes_over = [{k: override_text(v) for k, v in trial_overrides(sample, space.fixed).items()}]
         else:
-            probes_over = [{k: _fmt(v) for k, v in trial_overrides({key: v}, space.fixed).items()} for v in probes]
+            probes_over = [{k: override_text(v) for k, v in trial_overrides({key: v}, space.fixed).items()} for v in probes]
         for over in probes_over:
             try:
                 load_config(base, list(base_overrides) + [f"{k}={v}" for k, v in over.items()])
@@ -173,7 +165,7 @@ def _trial(config: dict) -> None:
 
     ctx = tune.get_context()
     over = trial_overrides(config["sample"], config["fixed"])
-    overrides = list(config["base_overrides"]) + [f"{k}={_fmt(v)}" for k, v in over.items()] + [
+    overrides = list(config["base_overrides"]) + [f"{k}={override_text(v)}" for k, v in over.items()] + [
         f"run.storage={config['trials_dir']}", f"run.name={ctx.get_trial_id()}"]
     cfg = load_config(config["base"], overrides)
     trainer = build_trainer(cfg, log=lambda *_: None, callbacks=[TuneReportCallback()])
@@ -244,7 +236,7 @@ def write_outputs(grid, base: str, base_overrides: list[str], space: Space, out:
             "stopped_early": not r.error and ((r.metrics or {}).get("step") or 0) < total_steps,
             "evaluations": 0 if best_step is None else int(len(best_step)),
             "error": type(r.error).__name__ if r.error else "",
-            **{k: _fmt(v) for k, v in over.items()},
+            **{k: override_text(v) for k, v in over.items()},
         })
     rows.sort(key=lambda x: -x[OBJECTIVE] if x[OBJECTIVE] == x[OBJECTIVE] else math.inf)
     keys = list(dict.fromkeys(k for r in rows for k in r))
@@ -261,7 +253,7 @@ def write_outputs(grid, base: str, base_overrides: list[str], space: Space, out:
     outputs = {"rows": rows, "table": "\n".join(md)}
     if best is not None:
         params = {k: best[k] for k in keys if k not in ("trial", OBJECTIVE, "step", "stopped_early", "evaluations", "error")}
-        fixed = {k: _fmt(v) for k, v in space.fixed.items()}
+        fixed = {k: override_text(v) for k, v in space.fixed.items()}
         cfg = load_config(base, list(base_overrides) + [f"{k}={v}" for k, v in {**fixed, **params}.items()]
                           + [f"run.name=best-{space.name}"])
         header = f"# best trial {best['trial']} of sweep {space.name}: {OBJECTIVE}={best[OBJECTIVE]:.4f}\n"
