@@ -58,6 +58,7 @@ class HeadConfig:
     bottleneck: int = _f(256, min=2)
     hidden: int = _f(2048, min=2)
     layers: int = _f(3, min=1)
+    batchnorm: bool = _f(False, doc="BatchNorm after each hidden layer (DINO's use_bn_in_head); helps from-scratch short runs")
 
 
 @dataclass
@@ -65,6 +66,7 @@ class ModelConfig:
     arch: str = _f("vit_small_patch14_dinov2", doc="timm ViT name, or `vit_tiny_cpu`")
     init_weights: Optional[str] = _f(None, doc="path or s3:// URI of DINOv2 / DinoBloom / timm weights")
     drop_path_rate: float = _f(0.3, min=0.0, max=1.0)
+    drop_path_uniform: bool = _f(True, doc="every block drops paths at drop_path_rate (DINOv2); false: linear 0 -> rate")
     layerscale_init: float = _f(1e-5, gt=0.0)
     dino_head: HeadConfig = _f(factory=HeadConfig)
     ibot_head: HeadConfig = _f(factory=HeadConfig)
@@ -82,7 +84,9 @@ class SupervisedLossConfig:
     weight: float = _f(0.5, min=0.0)
     alpha: Optional[float] = _f(0.5, min=0.0, doc="w[d] = exp(-alpha*d); null when level_weights are given")
     level_weights: Optional[list[float]] = _f(None, doc="one weight per hierarchy level [w1..wD]")
-    normalize: Literal["none", "tree"] = _f("tree", doc="'tree' divides edge weights by their sum over the tree")
+    normalize: Literal["none", "tree", "path"] = _f(
+        "tree", doc="'tree': edge weights / their sum over the tree (Bertinetto, the paper); 'path': scaled so the mean "
+                    "over leaves of the average edge weight on the root-to-leaf path is 1 (the scale of flat CE)")
 
 
 @dataclass
@@ -124,6 +128,7 @@ class TrainConfig:
     log_every: int = _f(10, min=1)
     precision: Literal["auto", "bf16", "fp32"] = _f("auto", doc="auto: bf16 params on GPU, fp32 on CPU")
     stop_at_step: Optional[int] = _f(None, min=1, doc="stop early (schedules still span `steps`); for tests and resume")
+    stop_on_collapse: bool = _f(False, doc="stop with an error when the DINO targets stay near uniform after warm-up")
 
 
 @dataclass

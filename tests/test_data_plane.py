@@ -4,7 +4,7 @@ import torch
 
 from hierdino.data import shards
 from hierdino.data.augment import gaussian_blur, photometric
-from hierdino.data.ingest import CorruptCounter, CropSpec, IngestError, build_train_dataset, describe_train_data, multicrop
+from hierdino.data.ingest import CorruptCounter, CropSpec, IngestError, dataset_stream, describe_train_data, multicrop
 from hierdino.data.masking import block_mask, ibot_masks
 from hierdino.data.shards import Record
 from hierdino.data.suite import TRAIN_SETS, plan, SUITE
@@ -22,20 +22,25 @@ def _rows(ds, n=None):
     return {k: np.concatenate([b[k] for b in out]) for k in out[0]}
 
 
+def _epoch(td, k, crops, epoch=0):
+    """One whole epoch of dataset ``k``'s stream."""
+    return _rows(dataset_stream(td.uris[k], k, td, crops, td.sizes[k], consumed=epoch * td.sizes[k], num_cpus=0.5))
+
+
 def test_ingest_shapes_dtypes_labels(ray_cluster, synth_suite):
     uris = [f"{synth_suite}/{n}" for n in TRAIN_SETS]
     td = describe_train_data(uris, H1, None)
-    assert td.rows_per_epoch == sum(m.num_images for m in td.manifests.values())
-    ds = build_train_dataset(td, CROPS, range(1), num_cpus=0.5)
-    rows = _rows(ds)
-    n = td.rows_per_epoch
+    assert td.sizes == [m.num_images for m in td.manifests.values()]
+    per = [_epoch(td, k, CROPS) for k in range(3)]
+    rows = {c: np.concatenate([r[c] for r in per]) for c in per[0]}
+    n = sum(td.sizes)
     assert rows["global"].shape == (n, 2, 64, 64, 3) and rows["global"].dtype == np.uint8
     assert rows["local"].shape == (n, 2, 32, 32, 3) and rows["local"].dtype == np.uint8
     assert rows["sup"].shape == (n, 64, 64, 3) and rows["label"].dtype == np.int64
     assert rows["ok"].all()
     labels = rows["label"]
     assert (labels == -1).sum() == td.manifests[uris[2]].num_images  # synth-unlabeled
-    assert (labels >= 0).sum() == td.labeled_per_epoch
+    assert (labels >= 0).sum() == sum(td.labeled)
     # coarse labels arrive as internal-node indices, fine labels as leaf indices
     assert (labels == H1.index("neutrophil")).any() and (labels == H1.index("neutrophil_band")).any()
     assert labels.max() < len(H1.nodes)
@@ -45,12 +50,11 @@ def test_ingest_shapes_dtypes_labels(ray_cluster, synth_suite):
 def test_ingest_deterministic_under_seed_and_epochs_differ(ray_cluster, synth_suite):
     td = describe_train_data([f"{synth_suite}/synth-ood"], load_hierarchy("synth-ood"), None)
     crops = CropSpec(32, (0.32, 1.0), 0, 16, (0.05, 0.32), False, seed=11)
-    a = _rows(build_train_dataset(td, crops, range(1), num_cpus=0.5))
-    b = _rows(build_train_dataset(td, crops, range(1), num_cpus=0.5))
+    a, b = _epoch(td, 0, crops), _epoch(td, 0, crops)
     assert np.array_equal(np.sort(a["global"].reshape(len(a["label"]), -1).sum(1)),
                           np.sort(b["global"].reshape(len(b["label"]), -1).sum(1)))
     assert "local" not in a and "sup" not in a
-    e1 = _rows(build_train_dataset(td, crops, range(1, 2), num_cpus=0.5))
+    e1 = _epoch(td, 0, crops, epoch=1)
     assert not np.array_equal(np.sort(a["global"].reshape(len(a["label"]), -1).sum(1)),
                               np.sort(e1["global"].reshape(len(e1["label"]), -1).sum(1)))
 
@@ -81,7 +85,7 @@ def test_corrupt_images_counted_then_fail(ray_cluster, tmp_path):
         r.image = b"\x89PNG corrupt"
     shards.write_dataset(recs, str(tmp_path / "c"), "c", "t")
     td = describe_train_data([str(tmp_path / "c")], H1, None)
-    rows = _rows(build_train_dataset(td, CropSpec(32, local_number=0, supervised=False), range(1), num_cpus=0.5))
+    rows = _epoch(td, 0, CropSpec(32, local_number=0, supervised=False))
     assert (~rows["ok"]).sum() == 3 and rows["ok"].sum() == 37
     counter = CorruptCounter(0.1, min_seen=10)
     counter.update(rows["ok"])
@@ -96,12 +100,15 @@ def test_labels_outside_hierarchy_fail_listing_all(synth_suite):
         describe_train_data([f"{synth_suite}/synth-coarse"], small, None)
 
 
-def test_weighted_mix_rows_per_epoch(synth_suite):
+def test_weighted_mix_proportions_and_labelled_share(synth_suite):
     uris = [f"{synth_suite}/synth-fine", f"{synth_suite}/synth-unlabeled"]
     td = describe_train_data(uris, H1, [3.0, 1.0])
-    total = sum(m.num_images for m in td.manifests.values())
-    assert td.rows_per_epoch == pytest.approx(total, abs=2)
-    assert td.labeled_per_epoch == pytest.approx(0.75 * total, abs=2)
+    assert td.proportions == pytest.approx([0.75, 0.25])
+    assert td.labeled_fraction == pytest.approx(0.75)  # synth-fine is all labelled, synth-unlabeled not at all
+    by_size = describe_train_data(uris, H1, None)
+    assert by_size.proportions == pytest.approx([1600 / 2800, 1200 / 2800], abs=0.01)
+    with pytest.raises(IngestError, match="not all 0"):
+        describe_train_data(uris, H1, [0.0, 0.0])
 
 
 def test_ibot_masks_counts_and_ratios():

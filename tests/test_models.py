@@ -104,17 +104,33 @@ def _synthetic_raw(n=32, seed=0):
             "ok": torch.ones(n, dtype=torch.bool)}
 
 
-def test_single_process_tiny_run_loss_falls():
+def _tiny_run(*overrides, steps=40):
     torch.manual_seed(0)
-    cfg = load_config("tiny-cpu", ["train.steps=40", "optim.warmup_steps=5", "loss.warmup_teacher_temp_steps=5",
-                                   "optim.freeze_last_layer_steps=0"])
+    cfg = load_config("tiny-cpu", [f"train.steps={steps}", "optim.warmup_steps=5", "optim.freeze_last_layer_steps=0",
+                                   *overrides])
     m = StudentTeacher(cfg, load_hierarchy("wbc-h1"))
     step = TrainStep(m, cfg)
     raw = _synthetic_raw()
     gen = torch.Generator().manual_seed(0)
-    losses = [step(make_step_batch(raw, cfg, gen, torch.device("cpu"), 8), i)["loss"] for i in range(40)]
-    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3
-    assert all(np.isfinite(losses))
+    return [step(make_step_batch(raw, cfg, gen, torch.device("cpu"), 8), i, monitor=i == steps - 1) for i in range(steps)]
+
+
+def test_seeded_tiny_run_learns_without_collapse():
+    """40 seeded steps of the tiny-cpu recipe: the loss falls and the DINO targets stay image-dependent.
+
+    Measured (this commit, 2 CPUs): entropy ratio ~0.6 at step 40 with the tiny-cpu recipe; the first release's
+    recipe (layer scale 1e-5, no head BatchNorm, teacher temperature to 0.07) sits at >= 0.99, uniform.
+    The margin 0.9 is the issue's healthy bound.
+    """
+    out = _tiny_run()
+    losses = [o["loss"] for o in out]
+    assert all(np.isfinite(losses)) and np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3
+    last = out[-1]
+    assert last["dino_entropy"] < 0.9, last
+    assert last["distinct_protos"] >= 8 and last["cls_spread"] > 0.5 and 0 < last["labelled"] < 1
+    old = _tiny_run("model.layerscale_init=1e-5", "model.dino_head.batchnorm=false", "model.ibot_head.batchnorm=false",
+                    "loss.teacher_temp=0.07", "loss.warmup_teacher_temp_steps=5", steps=20)
+    assert old[-1]["dino_entropy"] > 0.98  # the monitor flags the first release's collapse
 
 
 def test_non_finite_loss_names_step_and_terms():
@@ -132,7 +148,8 @@ def test_non_finite_loss_names_step_and_terms():
 
 def test_batches_without_labels_or_masks_still_run_every_forward():
     """FSDP2 forwards are collectives: a rank with no labelled image must run the same modules."""
-    cfg = load_config("tiny-cpu", ["model.arch=vit_micro_cpu", "data.mask_sample_prob=0.0"])
+    cfg = load_config("tiny-cpu", ["model.arch=vit_micro_cpu", "data.mask_sample_prob=0.0", "data.local_crops_number=2",
+                                   "data.supervised_view=separate"])
     m = StudentTeacher(cfg, load_hierarchy("wbc-h1"))
     calls = []
     m.student["backbone"].register_forward_hook(lambda *_: calls.append("backbone"))
@@ -141,7 +158,68 @@ def test_batches_without_labels_or_masks_still_run_every_forward():
     raw["label"][:] = -1
     batch = make_step_batch(raw, cfg, torch.Generator().manual_seed(0), torch.device("cpu"), 8)
     assert batch.sup_images.shape[0] == 0 and not batch.masks.any()
-    loss, terms = m.losses(batch, 0.04)
+    loss, terms, _ = m.losses(batch, 0.04)
     assert calls.count("backbone") == 3 and calls.count("ibot") == 1  # global, local, supervised stand-in
     assert terms["sup"].item() == 0.0 and terms["ibot"].item() == 0.0 and terms["sup"].requires_grad
     loss.backward()
+
+
+def test_drop_path_uniform_gives_every_block_the_rate():
+    from timm.layers import DropPath
+
+    from hierdino.models.backbone import build_backbone
+
+    uniform = build_backbone("vit_tiny_cpu", 64, 0.3, 1e-5, drop_path_uniform=True)
+    assert [b.drop_path1.drop_prob for b in uniform.blocks] == [0.3] * 4
+    assert all(isinstance(b.drop_path2, DropPath) and b.drop_path2.drop_prob == 0.3 for b in uniform.blocks)
+    linear = build_backbone("vit_tiny_cpu", 64, 0.3, 1e-5, drop_path_uniform=False)
+    assert not isinstance(linear.blocks[0].drop_path1, DropPath)  # timm: 0 for the first block, rising to 0.3
+    assert linear.blocks[-1].drop_path1.drop_prob == pytest.approx(0.3)
+
+
+def test_each_student_submodule_is_clipped_on_its_own():
+    """DINOv2 clips backbone and each head separately: after the step every group's norm was <= clip."""
+    cfg = load_config("tiny-cpu", ["model.arch=vit_micro_cpu", "optim.clip_grad=0.01", "optim.freeze_last_layer_steps=0"])
+    torch.manual_seed(0)
+    m = StudentTeacher(cfg, load_hierarchy("wbc-h1"))
+    step = TrainStep(m, cfg)
+    seen = {}
+    orig = torch.optim.AdamW.step
+
+    def spy(opt, *a, **k):  # the gradients as the optimizer sees them
+        for name, params in m.clip_groups().items():
+            grads = [p.grad.flatten() for p in params if p.grad is not None]
+            seen[name] = float(torch.cat(grads).norm()) if grads else 0.0
+        return orig(opt, *a, **k)
+
+    torch.optim.AdamW.step = spy
+    try:
+        out = step(make_step_batch(_synthetic_raw(8), cfg, torch.Generator().manual_seed(0), torch.device("cpu"), 8), 0)
+    finally:
+        torch.optim.AdamW.step = orig
+    assert set(seen) == {"backbone", "dino_head", "ibot_head", "sup_head"}
+    assert all(v <= 0.01 * 1.001 for v in seen.values()), seen
+    assert all(out[f"grad_norm_{k}"] > 0.01 for k in seen)  # each was above the bound before clipping
+
+
+def test_bf16_backbone_keeps_heads_and_losses_in_fp32():
+    cfg = load_config("tiny-cpu", ["model.arch=vit_micro_cpu"])
+    torch.manual_seed(0)
+    m = StudentTeacher(cfg, load_hierarchy("wbc-h1"))
+    m.backbone_autocast = True
+    dtypes = {}
+
+    def record(name):
+        def hook(mod, inputs, out):
+            dtypes.setdefault(name, (out[0] if isinstance(out, tuple) else out).dtype)
+        return hook
+
+    m.student["backbone"].register_forward_hook(record("backbone"))
+    m.student["dino_head"].register_forward_hook(record("dino_head"))
+    m.sup_head.register_forward_hook(record("sup_head"))
+    batch = make_step_batch(_synthetic_raw(8), cfg, torch.Generator().manual_seed(0), torch.device("cpu"), 8)
+    loss, terms, _ = m.losses(batch, 0.04)
+    assert dtypes == {"backbone": torch.bfloat16, "dino_head": torch.float32, "sup_head": torch.float32}
+    assert loss.dtype == torch.float32 and all(t.dtype == torch.float32 for t in terms.values())
+    loss.backward()  # outside autocast
+    assert m.student["backbone"].vit.blocks[0].attn.qkv.weight.grad.dtype == torch.float32

@@ -58,6 +58,7 @@ def test_dino_loss_pairs_with_local_crops():
 
 
 def test_ibot_loss_against_loop():
+    """DINOv2's normalisation: per-crop means over masked patches, summed, divided by ALL crops (3 here, 1 unmasked)."""
     torch.manual_seed(2)
     masks = torch.zeros(3, 5, dtype=torch.bool)
     masks[0, [1, 2]] = True
@@ -70,7 +71,20 @@ def test_ibot_loss_against_loop():
         if n:
             ref.append(sum(-(t[k + i] * torch.log_softmax(s[k + i] / 0.1, -1)).sum() for i in range(n)) / n)
             k += n
-    assert ibot_patch_loss(s, t, masks, 0.1).item() == pytest.approx((sum(ref) / len(ref)).item(), rel=1e-5)
+    assert len(ref) == 2
+    assert ibot_patch_loss(s, t, masks, 0.1).item() == pytest.approx((sum(ref) / 3).item(), rel=1e-5)
+    none = torch.zeros(3, 5, dtype=torch.bool)  # no masked patch anywhere: zero with a live graph
+    empty = torch.zeros(0, 7, requires_grad=True)
+    out = ibot_patch_loss(empty, torch.zeros(0, 7), none, 0.1)
+    assert out.item() == 0.0 and out.requires_grad
+
+
+def test_ibot_loss_hand_computed():
+    """Two crops, one masked with patches whose CE are hand-computable: (ln 2 + ln 2) / 2 / 2 crops."""
+    masks = torch.tensor([[True, True, False], [False, False, False]])
+    s = torch.zeros(2, 2)                         # student uniform over 2 prototypes: CE = ln 2 for any target
+    t = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
+    assert ibot_patch_loss(s, t, masks, 0.1).item() == pytest.approx(math.log(2) / 2, rel=1e-6)
 
 
 def test_koleo_on_known_points():
@@ -79,6 +93,38 @@ def test_koleo_on_known_points():
     assert koleo_loss(square).item() == pytest.approx(-math.log(math.sqrt(2)), rel=1e-5)
     clustered = torch.tensor([[1.0, 0], [1.0, 0.01], [-1, 0], [-1, 0.01]])
     assert koleo_loss(clustered) > koleo_loss(square)
+
+
+def test_dino_loss_hand_computed():
+    """Two global crops, K = 2: pairs (teacher 0, student 1) and (teacher 1, student 0), averaged."""
+    s0, s1 = torch.tensor([[0.0, 0.0]]), torch.tensor([[0.1, 0.0]])  # / tau=0.1 -> logits [0, 0] and [1, 0]
+    t0, t1 = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    ce_t0_s1 = -math.log(math.e / (math.e + 1))    # target prototype 0 under softmax([1, 0])
+    ce_t1_s0 = math.log(2)                          # any target under softmax([0, 0])
+    assert dino_loss([s0, s1], [t0, t1], 0.1).item() == pytest.approx((ce_t0_s1 + ce_t1_s0) / 2, rel=1e-6)
+
+
+def test_koleo_is_summed_over_global_crops_in_the_step():
+    """DINOv2 adds KoLeo of each global crop (no mean): the step's term is L(crop 1) + L(crop 2)."""
+    from hierdino.config import load_config
+    from hierdino.hierarchy import load_hierarchy
+    from hierdino.models.student_teacher import StepBatch, StudentTeacher
+
+    cfg = load_config("tiny-cpu", ["model.arch=vit_micro_cpu", "data.image_size=32", "loss.koleo_weight=0.1",
+                                   "data.local_crops_number=0", "loss.supervised.kind=none"])
+    torch.manual_seed(0)
+    model = StudentTeacher(cfg, load_hierarchy("wbc-h1"))
+    crops = torch.randn(8, 3, 32, 32)
+    batch = StepBatch(crops, None, torch.zeros(8, 16, dtype=torch.bool), torch.full((4,), -1), None, None)
+    _, terms, _ = model.losses(batch, 0.04)
+    cls, _ = model.student["backbone"](crops)
+    expected = koleo_loss(cls[:4]) + koleo_loss(cls[4:])
+    assert terms["koleo"].item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_sinkhorn_of_identical_teacher_outputs_is_uniform():
+    q = sinkhorn_knopp(torch.randn(1, 32).repeat(16, 1), teacher_temp=0.04)
+    assert torch.allclose(q, torch.full((16, 32), 1 / 32), atol=1e-6)
 
 
 def test_schedules():
@@ -90,8 +136,9 @@ def test_schedules():
     assert scaled_lr(0.004, 256) == pytest.approx(0.002)
     from hierdino.config import load_config
 
-    s = Schedules.from_config(load_config("tiny-cpu"))
-    assert s.at(0)["teacher_temp"] == pytest.approx(0.04) and s.at(10_000 // 100)["teacher_temp"] == pytest.approx(0.07)
+    s = Schedules.from_config(load_config("tiny-cpu", ["loss.teacher_temp=0.07", "loss.warmup_teacher_temp_steps=100"]))
+    assert s.at(0)["teacher_temp"] == pytest.approx(0.04) and s.at(50)["teacher_temp"] == pytest.approx(0.055)
+    assert s.at(100)["teacher_temp"] == pytest.approx(0.07)
     assert s.at(s.total)["momentum"] == pytest.approx(1.0) and s.at(0)["freeze_last_layer"]
     assert not s.at(s.freeze_last_layer_steps)["freeze_last_layer"]
 

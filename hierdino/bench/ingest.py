@@ -70,12 +70,12 @@ def bench_dataloader(blobs, size, local_n, local_size, batch=64, workers=2) -> f
 
 def bench_ray(uri, n_images, size, local_n, local_size, options=None, batch=64) -> float:
     from hierdino.data.augment import photometric
-    from hierdino.data.ingest import CropSpec, build_train_dataset, describe_train_data
+    from hierdino.data.ingest import CropSpec, dataset_stream, describe_train_data
     from hierdino.hierarchy import load_hierarchy
 
     data = describe_train_data([uri], load_hierarchy("wbc-h1"), None, options)
     crops = CropSpec(size, (0.32, 1.0), local_n, local_size, (0.05, 0.32), False, 0)
-    ds = build_train_dataset(data, crops, range(1), options=options, num_cpus=1.0, batch_size=batch)
+    ds = dataset_stream(uri, 0, data, crops, data.sizes[0], options=options, num_cpus=1.0, batch_size=batch)
     gen = torch.Generator().manual_seed(0)
     t0, n = time.perf_counter(), 0
     for b in ds.iter_torch_batches(batch_size=batch):

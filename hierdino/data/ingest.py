@@ -1,14 +1,23 @@
 """Ray Data ingest: Parquet shards -> decoded multi-crop uint8 batches for the training workers.
 
-``read_parquet`` (streaming) -> ``randomize_block_order(seed + epoch)`` -> ``map_batches(multicrop)``
-on CPU. Each output row holds ``global`` (uint8 ``[2, S, S, 3]``), ``local`` (uint8 ``[N, s, s, 3]``)
+One streaming pipeline per training dataset: ``read_parquet`` (files in a seeded order per epoch)
+-> ``map_batches(multicrop)`` on CPU, epochs chained, cut to the rows the run needs. Each worker
+iterates its split of every stream through a local shuffle buffer (row-level shuffling) and
+``hierdino.data.mix.MixedBatches`` cuts batches that hold every dataset in its proportion.
+
+Why per-dataset streams and not one shuffled union: a union yields whole blocks of one dataset at a
+time (one block per small dataset, as the first release found), and a global row shuffle
+(``random_shuffle``, ``randomize_block_order``) is a barrier that materialises an epoch before the
+first batch. Interleaving streams at row level in the worker gives exact proportions in every batch
+with nothing materialised, the same on S3 as on local disk, and makes the data position a function
+of the step (the schedule is deterministic), which is what resuming needs.
+
+Each output row holds ``global`` (uint8 ``[2, S, S, 3]``), ``local`` (uint8 ``[N, s, s, 3]``)
 when N > 0, ``sup`` (uint8 ``[S, S, 3]``) when the supervised view is on, ``label`` (node index, -1
 when unlabelled) and ``ok`` (False for an undecodable image, whose arrays are zeros).
 
-Epochs are explicit: the training dataset is the union of one pipeline per epoch, each with its
-own block order and crop seed, so a seed fixes every crop of every epoch, and a resumed run starts
-from the epoch its checkpoint names. Several datasets mix with per-epoch row counts proportional to
-``data.weights`` (whole copies plus a seeded random sample).
+Epochs are explicit per dataset, each with its own file order and crop seed, so a seed fixes every
+crop; a resumed run starts each dataset after the rows its steps consumed (``resume_position``).
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import numpy as np
 
 from hierdino.data import shards, storage
 from hierdino.data.augment import decode, random_resized_crop, row_rng, supervised_view
+from hierdino.data.mix import MixSchedule, mix_proportions
 from hierdino.data.storage import StorageOptions
 from hierdino.hierarchy import Hierarchy
 
@@ -99,13 +109,23 @@ def check_labels(manifests: dict[str, shards.Manifest], hierarchy: Hierarchy) ->
 
 @dataclass
 class TrainData:
-    """What the trainer needs to know about its training data."""
+    """What the trainer needs to know about its training data: one entry per dataset, in ``uris`` order."""
 
     uris: list[str]
     manifests: dict
-    rows_per_epoch: int
-    labeled_per_epoch: int
+    sizes: list[int]            # train-split rows per dataset
+    labeled: list[int]          # labelled train-split rows per dataset
+    proportions: list[float]    # share of each dataset in every batch
     label_index: dict
+
+    @property
+    def labeled_fraction(self) -> float:
+        """Expected fraction of labelled rows in a batch."""
+        return sum(p * lab / n for p, lab, n in zip(self.proportions, self.labeled, self.sizes))
+
+    def summary(self) -> str:
+        return "; ".join(f"{u.rstrip('/').rsplit('/', 1)[-1]}: {n} images ({lab} labelled), {100 * p:.1f}% of each batch"
+                         for u, n, lab, p in zip(self.uris, self.sizes, self.labeled, self.proportions))
 
 
 def describe_train_data(uris: list[str], hierarchy: Hierarchy, weights: list[float] | None,
@@ -116,59 +136,98 @@ def describe_train_data(uris: list[str], hierarchy: Hierarchy, weights: list[flo
     if any(n == 0 for n in sizes):
         empty = [u for u, n in zip(uris, sizes) if n == 0]
         raise IngestError(f"dataset(s) with no 'train' split rows: {empty}")
-    mult = _multipliers(sizes, weights)
-    rows = int(sum(n * k for n, k in zip(sizes, mult)))
-    labeled = int(sum(m.num_labeled("train") * k for m, k in zip(manifests.values(), mult)))
-    return TrainData(uris, manifests, rows, labeled, {n: hierarchy.index(n) for n in hierarchy.nodes})
+    try:
+        proportions = mix_proportions(sizes, weights)
+    except ValueError as e:
+        raise IngestError(str(e)) from None
+    labeled = [m.num_labeled("train") for m in manifests.values()]
+    return TrainData(list(uris), manifests, sizes, labeled, proportions, {n: hierarchy.index(n) for n in hierarchy.nodes})
 
 
-def _multipliers(sizes: list[int], weights: list[float] | None) -> list[float]:
-    """How many passes over each dataset make one epoch: 1 each, or proportional to ``weights``."""
-    if weights is None:
-        return [1.0] * len(sizes)
-    total = sum(sizes)
-    wsum = sum(weights)
-    if wsum <= 0 or any(w < 0 for w in weights):
-        raise IngestError(f"data.weights must be >= 0 and not all 0, got {weights}")
-    return [w / wsum * total / n for w, n in zip(weights, sizes)]
+def epoch_file_order(n_files: int, seed: int, dataset: int, epoch: int) -> list[int]:
+    """The seeded order in which an epoch reads a dataset's files."""
+    return [int(i) for i in np.random.default_rng([seed & 0xFFFFFFFF, dataset, epoch]).permutation(n_files)]
 
 
-def _read(uri: str, options: StorageOptions | None, num_cpus: float = 1.0):
+def resume_position(consumed: int, size: int, n_files: int) -> tuple[int, int]:
+    """``(epoch, first file index in that epoch's order)`` after ``consumed`` rows of a dataset.
+
+    Files written by ``make_shards`` are of about equal size, so the rows already read of the current
+    epoch map to a share of its files; rounding up skips at most one partly read file and never
+    repeats a row of the interrupted epoch.
+    """
+    epoch, into = divmod(consumed, size)
+    skip = math.ceil(into / size * n_files)
+    return (epoch + 1, 0) if skip >= n_files else (epoch, skip)
+
+
+def dataset_stream(uri: str, k: int, data: TrainData, crops: CropSpec, rows: int, consumed: int = 0,
+                   options: StorageOptions | None = None, num_cpus: float = 1.0, batch_size: int = 32):
+    """``rows`` decoded multi-crop rows of dataset ``k``, starting after ``consumed`` of its rows.
+
+    Streaming, epoch after epoch: each epoch reads the files in a seeded order (no barrier: nothing
+    waits for a whole epoch, memory stays bounded by Ray Data's backpressure), keeps the train split,
+    is cut to the rows still needed *before* decoding (so nothing is cropped for nothing), and crops
+    with a seed of its own. Row-level shuffling across files happens in the worker's local shuffle
+    buffer.
+    """
     import ray.data
+    from ray.data.expressions import col
 
     fs, _ = storage.resolve(uri, options)
-    # Read tasks take the same CPU share as the crop tasks: with a whole CPU each, a 2-CPU node
-    # holding one training worker and a Tune trial driver could never schedule a read.
-    ds = ray.data.read_parquet(shards.shard_paths(uri, options), filesystem=fs, num_cpus=num_cpus)
-    return ds.select_columns(["image", "image_id", "label", "split"])
+    paths = shards.shard_paths(uri, options)
+    manifest = data.manifests[uri]
+    size = data.sizes[k]
+    other_splits = manifest.num_images > size
+    epoch, skip = resume_position(consumed, size, len(paths))
+    parts, left = [], rows
+    while left > 0:
+        order = epoch_file_order(len(paths), crops.seed, k, epoch)[skip:]
+        # A partly read epoch holds about its share of the rows (files are of about equal size); take
+        # a little less so the cut never asks for rows that are not there.
+        have = size if not skip else int(0.9 * size * len(order) / len(paths))
+        take = min(left, have)
+        if take <= 0:
+            epoch, skip = epoch + 1, 0
+            continue
+        # Read tasks take the same CPU share as the crop tasks: with a whole CPU each, a 2-CPU node
+        # holding one training worker and a Tune trial driver could never schedule a read.
+        ds = ray.data.read_parquet([paths[i] for i in order], filesystem=fs, num_cpus=num_cpus)
+        ds = ds.select_columns(["image", "image_id", "label", "split"])
+        if other_splits:
+            ds = ds.filter(expr=col("split") == "train")
+        ds = ds.limit(take).map_batches(multicrop, batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus,
+                                        fn_kwargs={"crops": crops, "label_index": data.label_index, "epoch": epoch})
+        parts.append(ds)
+        left -= take
+        epoch, skip = epoch + 1, 0
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
-def _weighted(ds, mult: float, seed: int):
-    copies = [ds] * int(math.floor(mult))
-    frac = mult - math.floor(mult)
-    if frac > 1e-6:
-        copies.append(ds.random_sample(frac, seed=seed))
-    return copies
+def build_train_datasets(data: TrainData, crops: CropSpec, per_worker_batch: int, workers: int, start_step: int,
+                         steps: int, options: StorageOptions | None = None, num_cpus: float = 1.0,
+                         map_batch_size: int = 32) -> dict[str, object]:
+    """One stream per dataset, named ``train_<k>``, holding the rows steps ``start_step .. steps - 1`` take.
+
+    Every worker cuts its batches with ``MixSchedule(data.proportions, per_worker_batch)``, so a
+    dataset gives ``workers`` times its per-worker count each step; its stream starts after the rows
+    the steps before ``start_step`` took and holds one batch of slack per worker (Ray Train splits a
+    stream between workers dynamically, not always evenly).
+    """
+    schedule = MixSchedule(data.proportions, per_worker_batch)
+    before, after = schedule.consumed(start_step) * workers, schedule.consumed(steps) * workers
+    out = {}
+    for k, uri in enumerate(data.uris):
+        need = int(after[k] - before[k])
+        if need == 0:
+            continue
+        out[stream_name(k)] = dataset_stream(uri, k, data, crops, need + per_worker_batch * workers, int(before[k]),
+                                             options, num_cpus, map_batch_size)
+    return out
 
 
-def build_train_dataset(data: TrainData, crops: CropSpec, epochs: range, weights: list[float] | None = None,
-                        options: StorageOptions | None = None, num_cpus: float = 1.0, batch_size: int = 32):
-    """The lazily executed union of ``epochs`` passes over the training datasets."""
-    if len(epochs) == 0:
-        raise IngestError("no epochs to read")
-    sizes = [sum(m.counts.get("train", {}).values()) for m in data.manifests.values()]
-    mult = _multipliers(sizes, weights)
-    per_epoch = []
-    for e in epochs:
-        parts = []
-        for k, (uri, m) in enumerate(zip(data.uris, mult)):
-            parts += _weighted(_read(uri, options, num_cpus), m, seed=crops.seed * 1009 + e * 31 + k)
-        ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-        ds = ds.randomize_block_order(seed=crops.seed * 7919 + e)
-        ds = ds.map_batches(multicrop, batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus,
-                            fn_kwargs={"crops": crops, "label_index": data.label_index, "epoch": e})
-        per_epoch.append(ds)
-    return per_epoch[0].union(*per_epoch[1:]) if len(per_epoch) > 1 else per_epoch[0]
+def stream_name(k: int) -> str:
+    return f"train_{k}"
 
 
 class CorruptCounter:

@@ -22,7 +22,10 @@ def level_weights_for(hierarchy: Hierarchy, alpha: float | None = None,
 
     ``alpha`` gives ``w[d] = exp(-alpha * d)``; ``level_weights`` are used as given; neither means
     all ones (alpha = 0). ``normalize="tree"`` divides by the sum of the edge weights over the whole
-    tree, i.e. ``sum over non-root nodes n of w[depth(n)]``.
+    tree, i.e. ``sum over non-root nodes n of w[depth(n)]`` (Bertinetto et al.; the paper's setting).
+    ``normalize="path"`` divides by the mean over leaves l of the average edge weight on the path
+    from the root to l, ``mean_l (1/depth(l)) sum_{d=1..depth(l)} w[d]``: equal weights then become
+    all 1, so HXE at alpha = 0 is exactly flat CE on leaf targets, and any alpha keeps that scale.
     """
     if alpha is not None and level_weights is not None:
         raise ValueError("give either alpha or level_weights, not both")
@@ -43,8 +46,12 @@ def level_weights_for(hierarchy: Hierarchy, alpha: float | None = None,
     if normalize == "tree":
         total = sum(w[hierarchy.depth(n) - 1] for n in hierarchy.nodes)
         w = [x / total for x in w]
+    elif normalize == "path":
+        leaf_depths = [hierarchy.depth(leaf) for leaf in hierarchy.leaves]
+        mean_edge = sum(sum(w[:d]) / d for d in leaf_depths) / len(leaf_depths)
+        w = [x / mean_edge for x in w]
     elif normalize != "none":
-        raise ValueError(f"normalize must be 'none' or 'tree', got {normalize!r}")
+        raise ValueError(f"normalize must be 'none', 'tree' or 'path', got {normalize!r}")
     return w
 
 

@@ -1,13 +1,19 @@
-"""iBOT masked-patch loss (Zhou et al., "iBOT: Image BERT Pre-Training with Online Tokenizer", ICLR 2022).
+"""iBOT masked-patch loss (Zhou et al., "iBOT: Image BERT Pre-Training with Online Tokenizer", ICLR 2022),
+normalised as DINOv2 does.
 
 The student sees global crops with some patches replaced by a mask token; the teacher sees them
-whole. For the masked patches p of image b (``M_b`` of them), with teacher targets ``t_p`` and
-student patch logits ``s_p``::
+whole. For global crop c with ``M_c`` masked patches, teacher targets ``t_p`` and student patch
+logits ``s_p``::
 
-    L = mean over images with M_b > 0 of  (1 / M_b) * sum_{p masked in b}  sum_k -t_p[k] log_softmax(s_p / tau_s)[k]
+    L = (1 / C) * sum_{c : M_c > 0}  (1 / M_c) * sum_{p masked in c}  sum_k -t_p[k] log_softmax(s_p / tau_s)[k]
+
+where ``C`` is the number of **all** global crops in the batch (masked or not): each masked crop
+contributes its mean over masked patches, and crops without a mask count as zeros. With DINOv2's
+``mask_sample_prob = 0.5`` about half the crops are masked, so ``L`` is about half the mean per-crop
+cross-entropy; that is the scale the published iBOT weight (1.0) refers to.
 
 Shapes: ``student_patch_logits[M, K]`` and ``teacher_targets[M, K]`` for the M masked patches of the
-batch (in ``masks.nonzero()`` order), ``masks[B, N]`` bool.
+batch (in ``masks.nonzero()`` order), ``masks[C, N]`` bool.
 """
 
 from __future__ import annotations
@@ -20,10 +26,8 @@ from hierdino.losses.dino import cross_entropy_soft
 def ibot_patch_loss(student_patch_logits: torch.Tensor, teacher_targets: torch.Tensor, masks: torch.Tensor,
                     student_temp: float) -> torch.Tensor:
     per_patch = cross_entropy_soft(student_patch_logits, teacher_targets, student_temp)  # [M]
-    per_image_count = masks.sum(dim=1)  # [B]
-    image_of_patch = masks.nonzero()[:, 0]
-    weights = 1.0 / per_image_count[image_of_patch].clamp_min(1).to(per_patch.dtype)
-    n_images = (per_image_count > 0).sum()
-    if int(n_images) == 0:
-        return student_patch_logits.sum() * 0.0
-    return (per_patch * weights).sum() / n_images
+    per_crop_count = masks.sum(dim=1)  # [C]
+    crop_of_patch = masks.nonzero()[:, 0]
+    weights = 1.0 / per_crop_count[crop_of_patch].clamp_min(1).to(per_patch.dtype)
+    # An empty selection sums to a zero that keeps the graph: no host sync, no special case.
+    return (per_patch * weights).sum() / max(masks.shape[0], 1)

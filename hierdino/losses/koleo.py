@@ -4,11 +4,13 @@ Kozachenko-Leonenko differential-entropy estimator on L2-normalised features ``x
 
     L = -(1/B) sum_i log( || x_i - x_nn(i) ||_2 + eps ),  nn(i) = argmin_{j != i} || x_i - x_j ||
 
-Minimising it pushes each feature away from its nearest neighbour, spreading the batch.
+Minimising it pushes each feature away from its nearest neighbour, spreading the batch. DINOv2
+applies it to each global crop's student CLS tokens separately and **sums** the crops' values
+(``koleo_weight * (L(crop 1) + L(crop 2))``); ``StudentTeacher`` does the same.
 
 Example::
 
-    loss = koleo_loss(student_cls_global_crop_1)
+    loss = koleo_loss(student_cls_global_crop_1) + koleo_loss(student_cls_global_crop_2)
 """
 
 from __future__ import annotations

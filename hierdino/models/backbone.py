@@ -92,8 +92,13 @@ class Backbone(nn.Module):
         return len(self.vit.blocks) + 1
 
 
-def build_backbone(arch: str, img_size: int, drop_path_rate: float = 0.0, layerscale_init: float | None = 1e-5) -> Backbone:
-    """A randomly initialised backbone; ``arch`` is any timm ViT name or one of ``TINY_ARCHS``."""
+def build_backbone(arch: str, img_size: int, drop_path_rate: float = 0.0, layerscale_init: float | None = 1e-5,
+                   drop_path_uniform: bool = False) -> Backbone:
+    """A randomly initialised backbone; ``arch`` is any timm ViT name or one of ``TINY_ARCHS``.
+
+    Stochastic depth: timm raises the drop-path rate linearly from 0 (first block) to
+    ``drop_path_rate`` (last); ``drop_path_uniform`` gives every block ``drop_path_rate`` (DINOv2).
+    """
     if arch not in timm.list_models():
         import difflib
 
@@ -103,6 +108,11 @@ def build_backbone(arch: str, img_size: int, drop_path_rate: float = 0.0, layers
                             drop_path_rate=drop_path_rate, init_values=layerscale_init)
     if img_size % vit.patch_embed.patch_size[0]:
         raise ValueError(f"data.image_size={img_size} is not a multiple of {arch}'s patch size {vit.patch_embed.patch_size[0]}")
+    if drop_path_uniform and drop_path_rate > 0:
+        from timm.layers import DropPath
+
+        for blk in vit.blocks:
+            blk.drop_path1, blk.drop_path2 = DropPath(drop_path_rate), DropPath(drop_path_rate)
     return Backbone(vit, arch)
 
 

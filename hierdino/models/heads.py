@@ -13,9 +13,16 @@ class DINOHead(nn.Module):
     gain fixed to 1, as DINO). ``forward(x[..., in_dim]) -> logits[..., prototypes]``.
 
     The prototype layer is ``last_layer``; DINOv2 freezes it for the first epoch.
+
+    ``batchnorm`` puts a BatchNorm after each hidden linear layer (DINO's ``use_bn_in_head``). It
+    standardises every hidden feature over the batch, so the bottleneck carries the differences
+    between images at unit scale even when the backbone's CLS tokens are still nearly alike (a
+    from-scratch ViT at initialisation): the teacher's targets then depend on the image from the
+    first step. Each rank normalises over its own crops.
     """
 
-    def __init__(self, in_dim: int, prototypes: int, hidden: int = 2048, bottleneck: int = 256, layers: int = 3):
+    def __init__(self, in_dim: int, prototypes: int, hidden: int = 2048, bottleneck: int = 256, layers: int = 3,
+                 batchnorm: bool = False):
         super().__init__()
         if layers < 1:
             raise ValueError(f"layers must be >= 1, got {layers}")
@@ -24,6 +31,8 @@ class DINOHead(nn.Module):
         for i in range(layers):
             mods.append(nn.Linear(dims[i], dims[i + 1]))
             if i < layers - 1:
+                if batchnorm:
+                    mods.append(nn.BatchNorm1d(dims[i + 1]))
                 mods.append(nn.GELU())
         self.mlp = nn.Sequential(*mods)
         self.last_layer = nn.Linear(bottleneck, prototypes, bias=False)

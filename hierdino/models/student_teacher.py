@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from hierdino.hierarchy import Hierarchy
+from hierdino.losses.collapse import distinct_argmax, entropy_ratio, feature_spread
 from hierdino.losses.dino import TeacherCentering, dino_loss
 from hierdino.losses.hierarchical import FlatCrossEntropy, build_supervised_loss
 from hierdino.losses.ibot import ibot_patch_loss
@@ -38,10 +39,10 @@ def _tower(cfg, backbone: Backbone) -> nn.ModuleDict:
     d, i = cfg.model.dino_head, cfg.model.ibot_head
     tower = nn.ModuleDict({
         "backbone": backbone,
-        "dino_head": DINOHead(backbone.embed_dim, d.prototypes, d.hidden, d.bottleneck, d.layers),
+        "dino_head": DINOHead(backbone.embed_dim, d.prototypes, d.hidden, d.bottleneck, d.layers, d.batchnorm),
     })
     if cfg.model.ibot_separate_head:
-        tower["ibot_head"] = DINOHead(backbone.embed_dim, i.prototypes, i.hidden, i.bottleneck, i.layers)
+        tower["ibot_head"] = DINOHead(backbone.embed_dim, i.prototypes, i.hidden, i.bottleneck, i.layers, i.batchnorm)
     return tower
 
 
@@ -51,7 +52,7 @@ class StudentTeacher(nn.Module):
         self.cfg = cfg
         self.hierarchy = hierarchy
         backbone = backbone or build_backbone(cfg.model.arch, cfg.data.image_size, cfg.model.drop_path_rate,
-                                              cfg.model.layerscale_init)
+                                              cfg.model.layerscale_init, cfg.model.drop_path_uniform)
         self.student = _tower(cfg, backbone)
         self.teacher = copy.deepcopy(self.student)
         for p in self.teacher.parameters():
@@ -67,42 +68,55 @@ class StudentTeacher(nn.Module):
         self.dino_center = TeacherCentering(cfg.model.dino_head.prototypes, cfg.loss.centering, cfg.loss.center_momentum)
         self.ibot_center = TeacherCentering(ibot_k, cfg.loss.centering, cfg.loss.center_momentum)
         self.patch_size = backbone.patch_size
+        self.backbone_autocast = False  # set by the trainer for bf16 without FSDP (FSDP2 casts parameters itself)
 
     def ibot_head(self, tower: nn.ModuleDict) -> nn.Module:
         return tower["ibot_head"] if "ibot_head" in tower else tower["dino_head"]
 
-    def losses(self, batch: StepBatch, teacher_temp: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _encode(self, tower: nn.ModuleDict, images: torch.Tensor, masks: torch.Tensor | None = None):
+        """Backbone forward, under bf16 autocast when ``backbone_autocast`` is set (single-process bf16)."""
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.backbone_autocast):
+            return tower["backbone"](images, masks)
+
+    def losses(self, batch: StepBatch, teacher_temp: float,
+               monitor: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, float]]:
+        """Weighted total, each term, and (with ``monitor``) the collapse statistics of this batch.
+
+        Heads, targets and losses run in fp32 whatever the backbone's precision (DINOv2 does the same:
+        softmaxes over 65k prototypes lose too much in bf16).
+        """
         lc = self.cfg.loss
         masks = batch.masks
         n_global = 2
         # -- teacher: targets for the global crops and their masked patches
         with torch.no_grad():
-            t_cls, t_patch = self.teacher["backbone"](batch.global_crops)
-            t_logits = self.teacher["dino_head"](t_cls)
-            t_targets = self.dino_center.targets(t_logits, teacher_temp).chunk(n_global)
-            t_patch_logits = self.ibot_head(self.teacher)(t_patch[masks])
+            t_cls, t_patch = self._encode(self.teacher, batch.global_crops)
+            t_logits = self.teacher["dino_head"](t_cls.float())
+            t_targets = self.dino_center.targets(t_logits, teacher_temp)
+            t_patch_logits = self.ibot_head(self.teacher)(t_patch[masks].float())
             t_patch_targets = self.ibot_center.targets(t_patch_logits, teacher_temp)
         # -- student
-        s_cls, s_patch = self.student["backbone"](batch.global_crops, masks)
+        s_cls, s_patch = self._encode(self.student, batch.global_crops, masks)
+        s_cls = s_cls.float()
         terms: dict[str, torch.Tensor] = {}
         s_logits = list(self.student["dino_head"](s_cls).chunk(n_global))
         if batch.local_crops is not None and lc.dino_local:
-            l_cls, _ = self.student["backbone"](batch.local_crops)
-            s_logits += list(self.student["dino_head"](l_cls).chunk(self.cfg.data.local_crops_number))
-        terms["dino"] = dino_loss(s_logits, list(t_targets), lc.student_temp)
+            l_cls, _ = self._encode(self.student, batch.local_crops)
+            s_logits += list(self.student["dino_head"](l_cls.float()).chunk(self.cfg.data.local_crops_number))
+        terms["dino"] = dino_loss(s_logits, list(t_targets.chunk(n_global)), lc.student_temp)
         # Every rank runs the same forwards (FSDP2 forwards are collectives), even with no masked
         # patch or no labelled image locally; empty inputs then contribute a zero with a live graph.
-        s_patch_logits = self.ibot_head(self.student)(s_patch[masks])
+        s_patch_logits = self.ibot_head(self.student)(s_patch[masks].float())
         terms["ibot"] = ibot_patch_loss(s_patch_logits, t_patch_targets, masks, lc.student_temp)
-        terms["koleo"] = torch.stack([koleo_loss(c) for c in s_cls.chunk(n_global)]).mean() if lc.koleo_weight > 0 \
-            else s_cls.sum() * 0.0
+        # DINOv2 sums KoLeo over the global crops (not a mean).
+        terms["koleo"] = sum(koleo_loss(c) for c in s_cls.chunk(n_global)) if lc.koleo_weight > 0 else s_cls.sum() * 0.0
         if self.sup_head is not None:
             if batch.sup_images is not None:
                 images, labels = batch.sup_images, batch.sup_labels
                 if images.shape[0] == 0:  # one ignored stand-in keeps the forward/backward collectives aligned
                     images, labels = batch.global_crops[:1], batch.labels.new_full((1,), -1)
-                sup_cls, _ = self.student["backbone"](images)
-                terms["sup"] = self.sup_loss(self.sup_head(sup_cls), labels)
+                sup_cls, _ = self._encode(self.student, images)
+                terms["sup"] = self.sup_loss(self.sup_head(sup_cls.float()), labels)
             else:  # reuse the global crops
                 terms["sup"] = self.sup_loss(self.sup_head(s_cls), batch.labels.repeat(n_global))
         total = lc.dino_weight * terms["dino"] + lc.ibot_weight * terms["ibot"] + lc.koleo_weight * terms["koleo"]
@@ -111,7 +125,16 @@ class StudentTeacher(nn.Module):
         with torch.no_grad():
             self.dino_center.update(t_logits)
             self.ibot_center.update(t_patch_logits)
-        return total, terms
+        stats = {}
+        if monitor:
+            stats = {
+                "dino_entropy": entropy_ratio(t_targets),
+                "ibot_entropy": entropy_ratio(t_patch_targets),
+                "distinct_protos": float(distinct_argmax(t_targets)),
+                "cls_spread": feature_spread(s_cls),
+                "labelled": float((batch.labels >= 0).float().mean()) if batch.labels.numel() else 0.0,
+            }
+        return total, terms, stats
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
@@ -122,6 +145,13 @@ class StudentTeacher(nn.Module):
             s_params.append(s.to_local().detach() if hasattr(s, "to_local") else s.detach())
         torch._foreach_mul_(t_params, momentum)
         torch._foreach_add_(t_params, s_params, alpha=1 - momentum)
+
+    def clip_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters per student submodule, clipped separately as DINOv2 does (backbone, each head)."""
+        groups = {name: list(m.parameters()) for name, m in self.student.items()}
+        if self.sup_head is not None:
+            groups["sup_head"] = list(self.sup_head.parameters())
+        return groups
 
     def last_layers(self) -> list[nn.Module]:
         heads = [self.student["dino_head"]] + ([self.student["ibot_head"]] if "ibot_head" in self.student else [])

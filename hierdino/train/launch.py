@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
 from hierdino.config import Config
 from hierdino.data import storage
-from hierdino.data.ingest import CropSpec, build_train_dataset, default_train_uris, describe_train_data, storage_options
+from hierdino.data.ingest import CropSpec, build_train_datasets, default_train_uris, describe_train_data, storage_options
 from hierdino.hierarchy import load_hierarchy
 
 
@@ -49,7 +48,17 @@ def ensure_synthetic_suite(cfg: Config, log=print) -> None:
 
 def read_progress(uri: str) -> dict:
     path = storage.join(uri, "progress.json")
-    return json.loads(storage.read_bytes(path)) if storage.exists(path) else {"step": 0, "data_epoch": 0}
+    return json.loads(storage.read_bytes(path)) if storage.exists(path) else {"step": 0}
+
+
+def ordered_ingest_options():
+    """Ray Train's default ingest options with ``preserve_order``: with the seeded file order and the
+    step-indexed mix (``hierdino.data.mix``), a seed then fixes the batches of a one-worker run."""
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
 
 
 def build_trainer(cfg: Config, log=print, callbacks: list | None = None):
@@ -71,18 +80,13 @@ def build_trainer(cfg: Config, log=print, callbacks: list | None = None):
     if progress["step"] and not cfg.checkpoint.resume:
         raise FileExistsError(f"run {uri} already has checkpoints (step {progress['step']}); choose another run.name "
                               "or set checkpoint.resume=true")
-    remaining = max(cfg.train.steps - progress["step"], 1)
-    n_epochs = math.ceil(remaining * cfg.train.batch_size / max(data.rows_per_epoch, 1)) + 1
-    start_epoch = progress["data_epoch"] + (1 if progress["step"] else 0)
-    crops = CropSpec.from_config(cfg)
-    dataset = build_train_dataset(data, crops, range(start_epoch, start_epoch + n_epochs), cfg.data.weights, opts,
-                                  num_cpus=cfg.data.num_cpus_per_map, batch_size=min(64, cfg.train.batch_size))
-    # Read no more than the run needs (plus one batch per worker for drop_last): on small machines
-    # the pipeline would otherwise crop whole epochs ahead of the trainer and compete for the CPUs.
-    dataset = dataset.limit(remaining * cfg.train.batch_size + 2 * cfg.train.batch_size)
+    workers = cfg.scaling.num_workers
+    per_worker = cfg.train.batch_size // workers
+    datasets = build_train_datasets(data, CropSpec.from_config(cfg), per_worker, workers, progress["step"], cfg.train.steps,
+                                    opts, num_cpus=cfg.data.num_cpus_per_map, map_batch_size=min(64, per_worker))
     storage.write_bytes(storage.join(uri, "config.yaml"), cfg.to_yaml().encode())
-    log(f"[hierdino] data: {len(uris)} dataset(s), {data.rows_per_epoch} images/epoch ({data.labeled_per_epoch} labelled); "
-        f"epochs {start_epoch}..{start_epoch + n_epochs - 1}")
+    log(f"[hierdino] data: {data.summary()}; {100 * data.labeled_fraction:.0f}% of each batch labelled"
+        + (f"; resuming after step {progress['step']}" if progress["step"] else ""))
     fs, path = storage.resolve(cfg.run.storage, opts)
     run_config = ray.train.RunConfig(
         name=cfg.run.name, storage_path=path if storage.is_s3(cfg.run.storage) else str(Path(path)),
@@ -96,9 +100,11 @@ def build_trainer(cfg: Config, log=print, callbacks: list | None = None):
                                       placement_strategy=cfg.scaling.placement_strategy)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "run_uri": uri, "start_epoch": start_epoch,
-                           "rows_per_epoch": data.rows_per_epoch},
-        scaling_config=scaling, run_config=run_config, datasets={"train": dataset},
+        train_loop_config={"config": cfg.to_dict(), "run_uri": uri, "proportions": data.proportions,
+                           "streams": list(datasets)},
+        scaling_config=scaling, run_config=run_config, datasets=datasets,
+        # Ordered streams: with the seeded file order and the step-indexed mix, a seed fixes the batches.
+        dataset_config=ray.train.DataConfig(execution_options=ordered_ingest_options()),
     )
 
 

@@ -17,9 +17,11 @@ import torch.distributed as dist
 
 from hierdino.config import Config, config_from_dict
 from hierdino.data.augment import photometric
-from hierdino.data.ingest import CorruptCounter
+from hierdino.data.ingest import CorruptCounter, stream_name
+from hierdino.data.mix import MixedBatches, MixSchedule
 from hierdino.data.masking import ibot_masks
 from hierdino.hierarchy import load_hierarchy
+from hierdino.losses.collapse import CollapseWatch
 from hierdino.models.student_teacher import StepBatch, StudentTeacher, param_groups
 from hierdino.train.schedules import Schedules
 
@@ -49,6 +51,23 @@ def make_step_batch(raw: dict, cfg: Config, gen: torch.Generator, device: torch.
     return StepBatch(torch.cat(crops), local, masks, labels, sup_images, sup_labels)
 
 
+def collapse_line(rec: dict, model: StudentTeacher) -> str:
+    """The collapse monitor on the progress line: target entropies / ln K, distinct argmaxes, CLS spread, labelled share."""
+    return (f"H/lnK dino {rec['dino_entropy']:.2f} ibot {rec['ibot_entropy']:.2f} | protos {int(rec['distinct_protos'])} | "
+            f"spread {rec['cls_spread']:.2f} | labelled {100 * rec['labelled']:.0f}%")
+
+
+def supervised_summary(model: StudentTeacher) -> str:
+    """The effective supervised loss, with per-level weights for HXE (printed at start)."""
+    sup = model.cfg.loss.supervised
+    if model.sup_loss is None:
+        return "supervised loss: none"
+    text = f"supervised loss: {sup.kind} x{sup.weight}"
+    if hasattr(model.sup_loss, "weights"):
+        text += f", normalize={sup.normalize}, effective level weights " + ", ".join(f"{w:.4f}" for w in model.sup_loss.weights)
+    return text
+
+
 class TrainStep:
     """One optimisation step with schedules: losses, backward, last-layer freeze, clipping, AdamW, EMA."""
 
@@ -59,12 +78,13 @@ class TrainStep:
                                            lr=self.schedules.lr, betas=tuple(cfg.optim.betas))
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
 
-    def __call__(self, batch: StepBatch, step: int) -> dict[str, float]:
+    def __call__(self, batch: StepBatch, step: int, monitor: bool = False) -> dict[str, float]:
+        """One step; ``monitor`` adds the collapse statistics (``hierdino.losses.collapse``) of this batch."""
         s = self.schedules.at(step)
         for g in self.optimizer.param_groups:
             g["lr"] = s["lr"] * g["lr_mult"]
             g["weight_decay"] = s["wd"] * g["wd_mult"]
-        loss, terms = self.model.losses(batch, s["teacher_temp"])
+        loss, terms, stats = self.model.losses(batch, s["teacher_temp"], monitor=monitor)
         values = torch.stack([loss.detach()] + [t.detach().float() for t in terms.values()])
         if dist.is_initialized():
             dist.all_reduce(values)
@@ -72,20 +92,46 @@ class TrainStep:
         if not bool(torch.isfinite(values).all()):
             listed = ", ".join(f"{k}={v:.4g}" for k, v in zip(["loss", *terms], values.tolist()))
             raise NonFiniteLossError(f"non-finite loss at step {step}: {listed}")
-        loss.backward()
+        loss.backward()  # outside autocast: only the backbone forwards run in bf16
         if s["freeze_last_layer"]:
             for layer in self.model.last_layers():
                 for p in layer.parameters():
                     p.grad = None
-        grad_norm = float("nan")
-        if self.cfg.optim.clip_grad > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], self.cfg.optim.clip_grad)
-            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        norms = {}
+        if self.cfg.optim.clip_grad > 0:  # each student submodule on its own, as DINOv2
+            for name, params in self.model.clip_groups().items():
+                params = [p for p in params if p.grad is not None]
+                if params:
+                    n = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.clip_grad)
+                    norms[f"grad_norm_{name}"] = n.full_tensor() if hasattr(n, "full_tensor") else n
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.model.update_teacher(s["momentum"])
         out = dict(zip(["loss", *terms], values.tolist()))
-        out.update(lr=s["lr"], wd=s["wd"], momentum=s["momentum"], teacher_temp=s["teacher_temp"], grad_norm=grad_norm)
+        if norms:
+            out.update(zip(norms, torch.stack(list(norms.values())).float().tolist()))
+        out.update(lr=s["lr"], wd=s["wd"], momentum=s["momentum"], teacher_temp=s["teacher_temp"])
+        out.update(stats)
+        return out
+
+
+class WindowMean:
+    """Means of some per-step values over the steps since the last ``means()`` (one batch of 32 is noisy)."""
+
+    def __init__(self, keys: tuple):
+        self.keys = keys
+        self.sums: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, values: dict) -> None:
+        for k in self.keys:
+            if k in values:
+                self.sums[k] = self.sums.get(k, 0.0) + values[k]
+        self.count += 1
+
+    def means(self) -> dict[str, float]:
+        out = {k: v / self.count for k, v in self.sums.items()} if self.count else {}
+        self.sums, self.count = {}, 0
         return out
 
 
@@ -135,19 +181,18 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     model.to(device)
     from hierdino.train.parallel import apply_fsdp, local_param_fraction, param_dtype_for
 
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=False)
     if world > 1:
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh(device.type, (world,))
         apply_fsdp(model, mesh, param_dtype_for(cfg.train.precision, device), torch.float32)
     elif param_dtype_for(cfg.train.precision, device) == torch.bfloat16:
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+        model.backbone_autocast = True
     step_fn = TrainStep(model, cfg)
     from hierdino.train.checkpoint import CheckpointManager, export_teacher
 
     ckpt = CheckpointManager(model, step_fn.optimizer, rank)
-    state = ckpt.load() or {"step": 0, "images_seen": 0, "data_epoch": loop_config.get("start_epoch", 0)}
+    state = ckpt.load() or {"step": 0, "images_seen": 0}
     start = state["step"]
     from hierdino.train.parallel import param_checksum
 
@@ -157,68 +202,75 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     log = MetricsLog(run_uri, rank == 0)
     if rank == 0:
         print(f"[hierdino] rank 0/{world} on {device}: {'resuming at step ' + str(start) if start else 'starting'}; "
-              f"local parameter fraction {local_param_fraction(model.student):.3f}", flush=True)
+              f"local parameter fraction {local_param_fraction(model.student):.3f}; {supervised_summary(model)}", flush=True)
     per_worker = cfg.train.batch_size // world
     grid = cfg.data.image_size // model.patch_size
     gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank + 7919 * start)
     corrupt = CorruptCounter(cfg.data.max_corrupt_fraction)
-    shard = ray.train.get_dataset_shard("train")
-    rows_per_epoch = max(1, loop_config.get("rows_per_epoch", 1))
+    schedule = MixSchedule(loop_config["proportions"], per_worker)
+    streams = {}
+    for k in range(len(loop_config["proportions"])):  # a dataset with weight 0 has no stream
+        name = stream_name(k)
+        streams[k] = (ray.train.get_dataset_shard(name).iter_batches(
+            batch_size=min(64, per_worker), batch_format="numpy", local_shuffle_buffer_size=4 * per_worker,
+            local_shuffle_seed=cfg.data.shuffle_seed + 1000 * rank + 17 * k + start) if name in loop_config["streams"] else iter(()))
+    batches = MixedBatches([streams[k] for k in sorted(streams)], schedule, start_step=start)
     live_eval, eval_metrics = None, {}
     if cfg.eval.every_steps:
         from hierdino.eval.live import LiveEvaluator
 
         live_eval = LiveEvaluator(cfg)
+    watch = CollapseWatch(max(cfg.optim.warmup_steps, cfg.loss.warmup_teacher_temp_steps, cfg.optim.freeze_last_layer_steps),
+                          stop=cfg.train.stop_on_collapse)
     step, last = start, {}
+    window = WindowMean(("loss", "dino", "ibot", "koleo", "sup"))
     t0, wait, images = time.perf_counter(), 0.0, 0
     while step < stop:
-        it = iter(shard.iter_torch_batches(batch_size=per_worker, drop_last=True, local_shuffle_buffer_size=4 * per_worker,
-                                           local_shuffle_seed=cfg.data.shuffle_seed + rank + step))
-        progressed = False
-        while step < stop:
-            tw = time.perf_counter()
-            try:
-                raw = next(it)
-            except StopIteration:
-                break
-            wait += time.perf_counter() - tw
-            corrupt.update(raw["ok"].cpu().numpy())
-            batch = make_step_batch(raw, cfg, gen, device, grid)
-            with autocast:
-                last = step_fn(batch, step)
-            progressed = True
-            step += 1
-            images += cfg.train.batch_size
-            state["images_seen"] += cfg.train.batch_size
-            state["data_epoch"] = loop_config.get("start_epoch", 0) + state["images_seen"] // rows_per_epoch
-            reporting = step % cfg.checkpoint.every_steps == 0 or step == stop
-            if live_eval is not None and (step % cfg.eval.every_steps == 0 or step == stop or (reporting and not eval_metrics)):
-                eval_metrics = live_eval(model.teacher["backbone"], device)
-            # Every report carries the latest external scores: Tune requires its metric in each one.
-            last.update(eval_metrics)
-            if step % cfg.train.log_every == 0 or step == stop:
-                elapsed = time.perf_counter() - t0
-                rate = images / max(elapsed, 1e-9)
-                rec = dict(last, step=step, images_per_s=rate, data_wait=wait / max(elapsed, 1e-9),
-                           corrupt=corrupt.corrupt, epoch=state["data_epoch"])
-                log.write(rec)
-                if rank == 0:
-                    eta = (stop - step) * cfg.train.batch_size / max(rate, 1e-9)
-                    terms = " ".join(f"{k} {last[k]:.3f}" for k in ("dino", "ibot", "koleo", "sup", "ext_val_bacc") if k in last)
-                    print(f"step {step}/{total} | loss {last['loss']:.3f} ({terms}) | lr {last['lr']:.2e} | "
-                          f"{rate:.1f} img/s | data-wait {100 * rec['data_wait']:.0f}% | ETA {_fmt_time(eta)}", flush=True)
-            scalars = {k: v for k, v in last.items() if isinstance(v, float) and math.isfinite(v)}
-            if step % cfg.checkpoint.every_steps == 0 or step == stop:
-                ckpt.save(step, state, scalars)
-                if rank == 0:  # read by the driver to pick the data epoch of a restarted run
-                    from hierdino.data import storage
+        tw = time.perf_counter()
+        try:
+            raw = {k: torch.from_numpy(v) for k, v in next(batches).items()}
+        except StopIteration:
+            raise RuntimeError(f"the training data ran out at step {step}: a stream yielded fewer rows than the "
+                               f"mix schedule needs (per-worker batch {per_worker})") from None
+        wait += time.perf_counter() - tw
+        corrupt.update(raw["ok"].cpu().numpy())
+        batch = make_step_batch(raw, cfg, gen, device, grid)
+        logging = (step + 1) % cfg.train.log_every == 0 or step + 1 == stop
+        last = step_fn(batch, step, monitor=logging)
+        window.add(last)
+        step += 1
+        images += cfg.train.batch_size
+        state["images_seen"] += cfg.train.batch_size
+        reporting = step % cfg.checkpoint.every_steps == 0 or step == stop
+        if live_eval is not None and (step % cfg.eval.every_steps == 0 or step == stop or (reporting and not eval_metrics)):
+            eval_metrics = live_eval(model.teacher["backbone"], device)
+        # Every report carries the latest external scores: Tune requires its metric in each one.
+        last.update(eval_metrics)
+        if logging:
+            last.update(window.means())  # loss terms as means over the steps since the last log
+            warning = watch.observe(step, last["dino_entropy"])
+            if warning and rank == 0:
+                print(f"[hierdino] WARNING: {warning}", flush=True)
+            elapsed = time.perf_counter() - t0
+            rate = images / max(elapsed, 1e-9)
+            rec = dict(last, step=step, images_per_s=rate, data_wait=wait / max(elapsed, 1e-9),
+                       corrupt=corrupt.corrupt)
+            log.write(rec)
+            if rank == 0:
+                eta = (stop - step) * cfg.train.batch_size / max(rate, 1e-9)
+                terms = " ".join(f"{k} {last[k]:.3f}" for k in ("dino", "ibot", "koleo", "sup", "ext_val_bacc") if k in last)
+                print(f"step {step}/{total} | loss {last['loss']:.3f} ({terms}) | {collapse_line(last, model)} | "
+                      f"lr {last['lr']:.2e} | {rate:.1f} img/s | data-wait {100 * rec['data_wait']:.0f}% | "
+                      f"ETA {_fmt_time(eta)}", flush=True)
+        scalars = {k: v for k, v in last.items() if isinstance(v, float) and math.isfinite(v)}
+        if step % cfg.checkpoint.every_steps == 0 or step == stop:
+            ckpt.save(step, state, scalars)
+            if rank == 0:  # read by the driver: where a restarted run's data streams start
+                from hierdino.data import storage
 
-                    storage.write_bytes(storage.join(run_uri, "progress.json"),
-                                        json.dumps({"step": step, "data_epoch": state["data_epoch"]}).encode())
-            elif live_eval is not None and step % cfg.eval.every_steps == 0:
-                ray.train.report(dict(scalars, step=step))  # every rank: report is a barrier
-        if not progressed:
-            raise RuntimeError(f"the training data yielded no batch of {per_worker} images (step {step})")
+                storage.write_bytes(storage.join(run_uri, "progress.json"), json.dumps({"step": step}).encode())
+        elif live_eval is not None and step % cfg.eval.every_steps == 0:
+            ray.train.report(dict(scalars, step=step))  # every rank: report is a barrier
     export = export_teacher(model, run_uri, rank, hierarchy.name, cfg.data.image_size) if step >= total else None
     nodes = [ray.get_runtime_context().get_node_id()]
     if dist.is_initialized() and world > 1:
