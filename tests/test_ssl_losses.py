@@ -136,7 +136,8 @@ def test_schedules():
     assert scaled_lr(0.004, 256) == pytest.approx(0.002)
     from hierdino.config import load_config
 
-    s = Schedules.from_config(load_config("tiny-cpu", ["loss.teacher_temp=0.07", "loss.warmup_teacher_temp_steps=100"]))
+    s = Schedules.from_config(load_config("tiny-cpu", ["loss.warmup_teacher_temp=0.04", "loss.teacher_temp=0.07",
+                                                         "loss.warmup_teacher_temp_steps=100"]))
     assert s.at(0)["teacher_temp"] == pytest.approx(0.04) and s.at(50)["teacher_temp"] == pytest.approx(0.055)
     assert s.at(100)["teacher_temp"] == pytest.approx(0.07)
     assert s.at(s.total)["momentum"] == pytest.approx(1.0) and s.at(0)["freeze_last_layer"]

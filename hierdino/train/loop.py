@@ -51,7 +51,7 @@ def make_step_batch(raw: dict, cfg: Config, gen: torch.Generator, device: torch.
     return StepBatch(torch.cat(crops), local, masks, labels, sup_images, sup_labels)
 
 
-def collapse_line(rec: dict, model: StudentTeacher) -> str:
+def collapse_line(rec: dict) -> str:
     """The collapse monitor on the progress line: target entropies / ln K, distinct argmaxes, CLS spread, labelled share."""
     return (f"H/lnK dino {rec['dino_entropy']:.2f} ibot {rec['ibot_entropy']:.2f} | protos {int(rec['distinct_protos'])} | "
             f"spread {rec['cls_spread']:.2f} | labelled {100 * rec['labelled']:.0f}%")
@@ -259,7 +259,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             if rank == 0:
                 eta = (stop - step) * cfg.train.batch_size / max(rate, 1e-9)
                 terms = " ".join(f"{k} {last[k]:.3f}" for k in ("dino", "ibot", "koleo", "sup", "ext_val_bacc") if k in last)
-                print(f"step {step}/{total} | loss {last['loss']:.3f} ({terms}) | {collapse_line(last, model)} | "
+                print(f"step {step}/{total} | loss {last['loss']:.3f} ({terms}) | {collapse_line(last)} | "
                       f"lr {last['lr']:.2e} | {rate:.1f} img/s | data-wait {100 * rec['data_wait']:.0f}% | "
                       f"ETA {_fmt_time(eta)}", flush=True)
         scalars = {k: v for k, v in last.items() if isinstance(v, float) and math.isfinite(v)}
