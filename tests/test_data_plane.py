@@ -186,3 +186,13 @@ def test_plan_is_seeded_skewed_and_covers_classes():
     coarse = next(s for s in SUITE if s.name == "synth-coarse")
     labs = {lab for _, _, lab, _ in plan(coarse, "small", 0)}
     assert labs and all(not H1.is_leaf(x) for x in labs) and {"neutrophil", "lymphocyte_mature"} <= labs
+
+
+def test_ingest_workers_do_not_import_torch():
+    """Every Ray Data worker imports the crop UDF's module; torch there costs seconds per process."""
+    import subprocess
+    import sys
+
+    code = "import sys, hierdino.data.ingest; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]

@@ -1,7 +1,8 @@
 """Ray Data ingest: Parquet shards -> decoded multi-crop uint8 batches for the training workers.
 
-One streaming pipeline per training dataset: ``read_parquet`` (files in a seeded order per epoch)
--> ``map_batches(multicrop)`` on CPU, epochs chained, cut to the rows the run needs. Each worker
+One streaming pipeline per training dataset: a plan of (epoch, file) items, files in a seeded order
+per epoch -> one ``map_batches`` that reads each file row group by row group and crops on CPU ->
+cut to the rows the run needs. Each worker
 iterates its split of every stream through a local shuffle buffer (row-level shuffling) and
 ``hierdino.data.mix.MixedBatches`` cuts batches that hold every dataset in its proportion.
 
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hierdino.data import shards, storage
-from hierdino.data.augment import decode, random_resized_crop, row_rng, supervised_view
+from hierdino.data.crops import decode, random_resized_crop, row_rng, supervised_view
 from hierdino.data.mix import MixSchedule, mix_proportions
 from hierdino.data.storage import StorageOptions
 from hierdino.hierarchy import Hierarchy
@@ -161,47 +162,55 @@ def resume_position(consumed: int, size: int, n_files: int) -> tuple[int, int]:
     return (epoch + 1, 0) if skip >= n_files else (epoch, skip)
 
 
+def read_and_crop(plan: dict, crops: CropSpec, label_index: dict, options: StorageOptions | None = None,
+                  batch_size: int = 32):
+    """``map_batches`` generator UDF: for each planned ``(epoch, path)`` read the file row group by
+    row group and yield its train rows cropped with that epoch's seed (batches of ``batch_size``)."""
+    import pyarrow.parquet as pq
+
+    columns = ["image", "image_id", "label", "split"]
+    for epoch, path, uri in zip(plan["epoch"], plan["path"], plan["uri"]):
+        fs, _ = storage.resolve(str(uri), options)
+        with fs.open_input_file(str(path)) as f:
+            pf = pq.ParquetFile(f)
+            for g in range(pf.num_row_groups):
+                table = pf.read_row_group(g, columns=columns)
+                for start in range(0, table.num_rows, batch_size):
+                    rows = table.slice(start, batch_size).to_pydict()
+                    out = multicrop(rows, crops, label_index, int(epoch))
+                    if len(out["label"]):
+                        yield out
+
+
 def dataset_stream(uri: str, k: int, data: TrainData, crops: CropSpec, rows: int, consumed: int = 0,
                    options: StorageOptions | None = None, num_cpus: float = 1.0, batch_size: int = 32):
     """``rows`` decoded multi-crop rows of dataset ``k``, starting after ``consumed`` of its rows.
 
-    Streaming, epoch after epoch: each epoch reads the files in a seeded order (no barrier: nothing
-    waits for a whole epoch, memory stays bounded by Ray Data's backpressure), keeps the train split,
-    is cut to the rows still needed *before* decoding (so nothing is cropped for nothing), and crops
-    with a seed of its own. Row-level shuffling across files happens in the worker's local shuffle
-    buffer.
+    A plan of ``(epoch, file)`` items, each epoch's files in a seeded order, feeds one ordered
+    ``map_batches`` that reads each file row group by row group and crops with the epoch's seed;
+    the stream is cut at ``rows``. Streaming throughout: tasks start as the consumer needs rows
+    (Ray Data's backpressure bounds memory), nothing waits for an epoch, and the first rows come from
+    the first file without the later epochs competing for the CPUs (one operator, not a union of one
+    pipeline per epoch). Row-level shuffling across files happens in the worker's local buffer.
     """
     import ray.data
-    from ray.data.expressions import col
 
-    fs, _ = storage.resolve(uri, options)
     paths = shards.shard_paths(uri, options)
-    manifest = data.manifests[uri]
     size = data.sizes[k]
-    other_splits = manifest.num_images > size
     epoch, skip = resume_position(consumed, size, len(paths))
-    parts, left = [], rows
-    while left > 0:
+    plan, have = [], 0.0
+    while have < rows + size:  # one epoch of margin: files are only about equal in size
         order = epoch_file_order(len(paths), crops.seed, k, epoch)[skip:]
-        # A partly read epoch holds about its share of the rows (files are of about equal size); take
-        # a little less so the cut never asks for rows that are not there.
-        have = size if not skip else int(0.9 * size * len(order) / len(paths))
-        take = min(left, have)
-        if take <= 0:
-            epoch, skip = epoch + 1, 0
-            continue
-        # Read tasks take the same CPU share as the crop tasks: with a whole CPU each, a 2-CPU node
-        # holding one training worker and a Tune trial driver could never schedule a read.
-        ds = ray.data.read_parquet([paths[i] for i in order], filesystem=fs, num_cpus=num_cpus)
-        ds = ds.select_columns(["image", "image_id", "label", "split"])
-        if other_splits:
-            ds = ds.filter(expr=col("split") == "train")
-        ds = ds.limit(take).map_batches(multicrop, batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus,
-                                        fn_kwargs={"crops": crops, "label_index": data.label_index, "epoch": epoch})
-        parts.append(ds)
-        left -= take
+        plan += [{"epoch": epoch, "path": paths[i], "uri": uri} for i in order]
+        have += size * len(order) / len(paths)
         epoch, skip = epoch + 1, 0
-    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    ds = ray.data.from_items(plan, override_num_blocks=len(plan))
+    # Crop tasks take a fractional CPU share: with a whole CPU each, a 2-CPU node holding one
+    # training worker and a Tune trial driver could never schedule one.
+    ds = ds.map_batches(read_and_crop, batch_size=1, num_cpus=num_cpus,
+                        fn_kwargs={"crops": crops, "label_index": data.label_index, "options": options,
+                                   "batch_size": batch_size})
+    return ds.limit(rows)
 
 
 def build_train_datasets(data: TrainData, crops: CropSpec, per_worker_batch: int, workers: int, start_step: int,

@@ -24,7 +24,8 @@ import torch
 from torch.nn import functional as F
 
 from hierdino.data import shards, storage
-from hierdino.data.augment import decode, to_model_input
+from hierdino.data.augment import to_model_input
+from hierdino.data.crops import decode
 
 PIXEL_SIZE = 16
 
