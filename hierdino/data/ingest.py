@@ -162,15 +162,15 @@ def resume_position(consumed: int, size: int, n_files: int) -> tuple[int, int]:
     return (epoch + 1, 0) if skip >= n_files else (epoch, skip)
 
 
-def read_and_crop(plan: dict, crops: CropSpec, label_index: dict, options: StorageOptions | None = None,
+def read_and_crop(plan: dict, uri: str, crops: CropSpec, label_index: dict, options: StorageOptions | None = None,
                   batch_size: int = 32):
     """``map_batches`` generator UDF: for each planned ``(epoch, path)`` read the file row group by
     row group and yield its train rows cropped with that epoch's seed (batches of ``batch_size``)."""
     import pyarrow.parquet as pq
 
     columns = ["image", "image_id", "label", "split"]
-    for epoch, path, uri in zip(plan["epoch"], plan["path"], plan["uri"]):
-        fs, _ = storage.resolve(str(uri), options)
+    fs, _ = storage.resolve(uri, options)
+    for epoch, path in zip(plan["epoch"], plan["path"]):
         with fs.open_input_file(str(path)) as f:
             pf = pq.ParquetFile(f)
             for g in range(pf.num_row_groups):
@@ -201,14 +201,14 @@ def dataset_stream(uri: str, k: int, data: TrainData, crops: CropSpec, rows: int
     plan, have = [], 0.0
     while have < rows + size:  # one epoch of margin: files are only about equal in size
         order = epoch_file_order(len(paths), crops.seed, k, epoch)[skip:]
-        plan += [{"epoch": epoch, "path": paths[i], "uri": uri} for i in order]
+        plan += [{"epoch": epoch, "path": paths[i]} for i in order]
         have += size * len(order) / len(paths)
         epoch, skip = epoch + 1, 0
     ds = ray.data.from_items(plan, override_num_blocks=len(plan))
     # Crop tasks take a fractional CPU share: with a whole CPU each, a 2-CPU node holding one
     # training worker and a Tune trial driver could never schedule one.
     ds = ds.map_batches(read_and_crop, batch_size=1, num_cpus=num_cpus,
-                        fn_kwargs={"crops": crops, "label_index": data.label_index, "options": options,
+                        fn_kwargs={"uri": uri, "crops": crops, "label_index": data.label_index, "options": options,
                                    "batch_size": batch_size})
     return ds.limit(rows)
 

@@ -76,7 +76,6 @@ class TrainStep:
         self.schedules = Schedules.from_config(cfg)
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult),
                                            lr=self.schedules.lr, betas=tuple(cfg.optim.betas))
-        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
 
     def __call__(self, batch: StepBatch, step: int, monitor: bool = False) -> dict[str, float]:
         """One step; ``monitor`` adds the collapse statistics (``hierdino.losses.collapse``) of this batch."""
@@ -208,13 +207,16 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank + 7919 * start)
     corrupt = CorruptCounter(cfg.data.max_corrupt_fraction)
     schedule = MixSchedule(loop_config["proportions"], per_worker)
-    streams = {}
-    for k in range(len(loop_config["proportions"])):  # a dataset with weight 0 has no stream
+
+    def stream(k: int):  # a dataset whose share is 0 has no stream
         name = stream_name(k)
-        streams[k] = (ray.train.get_dataset_shard(name).iter_batches(
+        if name not in loop_config["streams"]:
+            return iter(())
+        return ray.train.get_dataset_shard(name).iter_batches(
             batch_size=min(64, per_worker), batch_format="numpy", local_shuffle_buffer_size=4 * per_worker,
-            local_shuffle_seed=cfg.data.shuffle_seed + 1000 * rank + 17 * k + start) if name in loop_config["streams"] else iter(()))
-    batches = MixedBatches([streams[k] for k in sorted(streams)], schedule, start_step=start)
+            local_shuffle_seed=cfg.data.shuffle_seed + 1000 * rank + 17 * k + start)
+
+    batches = MixedBatches([stream(k) for k in range(len(loop_config["proportions"]))], schedule, start_step=start)
     live_eval, eval_metrics = None, {}
     if cfg.eval.every_steps:
         from hierdino.eval.live import LiveEvaluator
