@@ -64,7 +64,11 @@ class HeadConfig:
 @dataclass
 class ModelConfig:
     arch: str = _f("vit_small_patch14_dinov2", doc="timm ViT name, or `vit_tiny_cpu`")
-    init_weights: Optional[str] = _f(None, doc="path or s3:// URI of DINOv2 / DinoBloom / timm weights")
+    init_weights: Optional[str] = _f(None, doc="path or s3:// URI of DINOv2 / DinoBloom / timm weights (any form; "
+                                      "check a file with `python -m hierdino.models.backbone check <weights>`)")
+    init_strict: bool = _f(True, doc="refuse init_weights that leave a backbone tensor unloaded or unused; "
+                                     "false: go on with a warning naming them")
+    init_tower: Literal["teacher", "student"] = _f("teacher", doc="which tower of a DINOv2 / DinoBloom training checkpoint to start from")
     drop_path_rate: float = _f(0.3, min=0.0, max=1.0)
     drop_path_uniform: bool = _f(True, doc="every block drops paths at drop_path_rate (DINOv2); false: linear 0 -> rate")
     layerscale_init: float = _f(1e-5, gt=0.0)
@@ -128,6 +132,8 @@ class TrainConfig:
     log_every: int = _f(10, min=1)
     precision: Literal["auto", "bf16", "fp32"] = _f("auto", doc="auto: bf16 params on GPU, fp32 on CPU")
     stop_at_step: Optional[int] = _f(None, min=1, doc="stop early (schedules still span `steps`); for tests and resume")
+    freeze_backbone_steps: int = _f(0, min=0, doc="the backbone stays fixed for the first N steps while the "
+                                    "heads warm up (for pretrained weights without DINO/iBOT heads)")
     stop_on_collapse: bool = _f(False, doc="stop with an error when the DINO targets stay near uniform after warm-up")
 
 

@@ -41,13 +41,18 @@ def main(argv=None) -> int:
     if args.validate_only:
         print(f"config OK: {args.config} ({len(args.overrides)} override(s)); run {cfg.run.storage}/{cfg.run.name}")
         return 0
+    from hierdino.models.weights import WeightsError
     from hierdino.train import launch
 
     t0 = time.time()
     if not cfg.data.train:
         launch.ensure_synthetic_suite(cfg)
     launch.init_ray()
-    final = launch.train(cfg)
+    try:
+        final = launch.train(cfg)
+    except WeightsError as e:
+        print(f"weights error: {e}", file=sys.stderr)
+        return 2
     print(f"[hierdino] training finished at step {final.get('step')} in {time.time() - t0:.0f}s")
     if final.get("export") and cfg.eval.at_end and not args.no_eval:
         from hierdino.eval.report import evaluate_run_at_end

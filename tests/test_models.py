@@ -9,6 +9,7 @@ from hierdino.config import load_config
 from hierdino.data.synth import DOMAINS, leaf_spec, render_cell
 from hierdino.hierarchy import load_hierarchy
 from hierdino.models.backbone import build_backbone, load_pretrained
+from hierdino.models.weights import WeightsError
 from hierdino.models.heads import DINOHead
 from hierdino.models.student_teacher import StudentTeacher, param_groups
 from hierdino.train.loop import TrainStep, make_step_batch
@@ -52,9 +53,10 @@ def test_loads_dinov2_and_dinobloom_formats_with_pos_embed_interpolation(tmp_pat
 
     save_file({k: v.contiguous() for k, v in hub.items() if k != "mask_token"}, tmp_path / "w.safetensors")
     report = load_pretrained(build_backbone("vit_tiny_cpu", 64), str(tmp_path / "w.safetensors"))
-    assert report.missing == ["mask_token"]
+    assert report.exact and "no mask_token" in str(report)
     torch.save({"weird": torch.zeros(3)}, tmp_path / "bad.pth")
-    assert len(load_pretrained(build_backbone("vit_tiny_cpu", 64), str(tmp_path / "bad.pth")).missing) > 10
+    with pytest.raises(WeightsError, match="NOT IN CHECKPOINT .*UNUSED FROM CHECKPOINT .*weird"):
+        load_pretrained(build_backbone("vit_tiny_cpu", 64), str(tmp_path / "bad.pth"))
 
 
 def test_dino_head_normalised_prototypes():
@@ -224,3 +226,26 @@ def test_bf16_backbone_keeps_heads_and_losses_in_fp32():
     assert loss.dtype == torch.float32 and all(t.dtype == torch.float32 for t in terms.values())
     loss.backward()  # outside autocast
     assert m.student["backbone"].vit.blocks[0].attn.qkv.weight.grad.dtype == torch.float32
+
+
+def test_freeze_backbone_steps_holds_the_backbone_while_the_heads_learn():
+    cfg = load_config("tiny-cpu", ["model.arch=vit_micro_cpu", "train.freeze_backbone_steps=2", "optim.warmup_steps=0",
+                                   "optim.freeze_last_layer_steps=0"])
+    torch.manual_seed(0)
+    m = StudentTeacher(cfg, load_hierarchy("wbc-h1"))
+    step = TrainStep(m, cfg)
+    raw = _synthetic_raw(8)
+
+    def snapshot():
+        return {n: p.detach().clone() for n, p in m.student.named_parameters()}
+
+    gen = torch.Generator().manual_seed(0)
+    before = snapshot()
+    for i in range(2):
+        step(make_step_batch(raw, cfg, gen, torch.device("cpu"), 8), i)
+    frozen = snapshot()
+    assert all(torch.equal(frozen[n], before[n]) for n in before if n.startswith("backbone."))
+    assert not torch.equal(frozen["dino_head.mlp.0.weight"], before["dino_head.mlp.0.weight"])
+    assert all(torch.allclose(t, s, atol=1e-6) for t, s in zip(m.teacher["backbone"].parameters(), m.student["backbone"].parameters()))
+    step(make_step_batch(raw, cfg, gen, torch.device("cpu"), 8), 2)
+    assert not torch.equal(m.student["backbone"].vit.blocks[0].attn.qkv.weight, frozen["backbone.vit.blocks.0.attn.qkv.weight"])

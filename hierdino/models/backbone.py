@@ -1,39 +1,46 @@
-"""ViT backbones from timm, with an iBOT mask token, and loading of DINOv2 / DinoBloom / timm weights.
+"""ViT backbones from timm with an iBOT mask token, and loading pretrained weights into them.
 
-``build_backbone("vit_small_patch14_dinov2", img_size=224)`` never downloads: weights come only
-from ``load_pretrained(backbone, "<path or s3:// URI>")``, which reads DINOv2 hub-format, DinoBloom
-(DINOv2 format under a ``teacher`` key, ``backbone.`` prefix) or timm-format checkpoints through
-``torch.load(weights_only=True)`` or safetensors, interpolates position embeddings with timm's
-filter, and reports missing/unexpected keys.
+``build_backbone("vit_small_patch14_dinov2", img_size=224)`` never downloads: weights come only from
+``load_pretrained(backbone, "<path or s3:// URI>")``, which reads every DINOv2 / DinoBloom / timm
+checkpoint form (``hierdino.models.weights``), converts it exactly, and refuses partial loads.
+``python -m hierdino.models.backbone check <weights>`` does the same for a file before a cluster run.
 """
 
 from __future__ import annotations
 
-import io
+import math
 from dataclasses import dataclass
 
 import timm
 import torch
 from torch import nn
 
+from hierdino.models.weights import Checkpoint, WeightsError, parse, read_object, to_timm
+
 TINY_ARCHS = {
-    # name: (patch, embed dim, depth, heads) - small enough for 2-CPU laptops and CI
-    "vit_tiny_cpu": (8, 96, 4, 3),
-    "vit_micro_cpu": (8, 48, 2, 2),
+    # name: timm VisionTransformer arguments - small enough for 2-CPU laptops and CI. The _reg4 and
+    # _swiglu variants have the layouts of DINOv2's register models and of its ViT-g FFN.
+    "vit_tiny_cpu": dict(patch_size=8, embed_dim=96, depth=4, num_heads=3),
+    "vit_micro_cpu": dict(patch_size=8, embed_dim=48, depth=2, num_heads=2),
+    "vit_micro_cpu_reg4": dict(patch_size=8, embed_dim=48, depth=2, num_heads=2, reg_tokens=4, no_embed_class=True),
+    "vit_micro_cpu_swiglu": dict(patch_size=8, embed_dim=48, depth=2, num_heads=2, swiglu=True, mlp_ratio=2.66667 * 2),
 }
 
 
 def _register_tiny_archs() -> None:
     """Make the tiny CPU architectures timm model names, so ``timm.create_model`` builds (and loads) them."""
+    from timm.layers import SwiGLUPacked
     from timm.models import build_model_with_cfg, register_model
     from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-    for name, (patch, dim, depth, heads) in TINY_ARCHS.items():
+    for name, spec in TINY_ARCHS.items():
         if name in timm.list_models():
             continue
+        args = {k: v for k, v in spec.items() if k != "swiglu"} | {"init_values": 1e-5}
+        if spec.get("swiglu"):
+            args |= {"mlp_layer": SwiGLUPacked, "act_layer": nn.SiLU}
 
-        def make(pretrained=False, _name=name, _args=dict(patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads,
-                                                           init_values=1e-5), **kwargs):
+        def make(pretrained=False, _name=name, _args=args, **kwargs):
             return build_model_with_cfg(VisionTransformer, _name, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
                                         **dict(_args, **kwargs))
 
@@ -118,60 +125,131 @@ def build_backbone(arch: str, img_size: int, drop_path_rate: float = 0.0, layers
 
 @dataclass
 class LoadReport:
+    """What ``load_pretrained`` found and did: the checkpoint's form, conversions, and any tensors left over."""
+
     source: str
+    form: str
+    loaded: int
     missing: list[str]
     unexpected: list[str]
-    loaded: int
+    notes: list[str]
+
+    @property
+    def exact(self) -> bool:
+        return not self.missing and not self.unexpected
 
     def __str__(self) -> str:
-        return (f"loaded {self.loaded} tensors from {self.source}; missing {len(self.missing)}: {self.missing[:8]}; "
-                f"unexpected {len(self.unexpected)}: {self.unexpected[:8]}")
+        text = f"{self.source}: {self.form} checkpoint, {self.loaded} backbone tensors loaded"
+        if self.notes:
+            text += "; " + "; ".join(self.notes)
+        if self.missing:
+            text += f"; NOT IN CHECKPOINT ({len(self.missing)}, left as initialised): {', '.join(self.missing[:12])}"
+        if self.unexpected:
+            text += f"; UNUSED FROM CHECKPOINT ({len(self.unexpected)}): {', '.join(self.unexpected[:12])}"
+        return text
 
 
-def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
-    """A state dict from a local path or s3:// URI (``.safetensors`` or a ``torch.load``-able file, weights only)."""
-    from hierdino.data import storage
+def load_pretrained(backbone: Backbone, source: str | Checkpoint, strict: bool = True, tower: str = "teacher") -> LoadReport:
+    """Load a checkpoint of any form (``hierdino.models.weights``) into ``backbone``.
 
-    data = storage.read_bytes(uri)
-    if uri.endswith(".safetensors"):
-        from safetensors.torch import load
-
-        return load(data)
-    obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    for key in ("teacher", "model", "state_dict", "student"):  # DinoBloom / DINOv2 training checkpoints
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict):
-        raise ValueError(f"{uri}: expected a state dict, got {type(obj).__name__}")
-    return obj
-
-
-def convert_state_dict(sd: dict[str, torch.Tensor], backbone: Backbone) -> dict[str, torch.Tensor]:
-    """DINOv2 / DinoBloom / timm keys -> this backbone's keys, position embeddings resampled."""
-    from timm.models.vision_transformer import checkpoint_filter_fn
-
-    out = {}
-    for k, v in sd.items():
-        for prefix in ("module.", "teacher.", "student.", "backbone.", "vit."):
-            k = k.removeprefix(prefix)
-        if k.startswith(("dino_head", "ibot_head", "head.")):
-            continue
-        out[k] = v
-    mask_token = out.pop("mask_token", None)
-    converted = checkpoint_filter_fn(out, backbone.vit)
-    result = {f"vit.{k}": v for k, v in converted.items()}
-    if mask_token is not None:
-        result["mask_token"] = mask_token.reshape(1, -1)
-    return result
-
-
-def load_pretrained(backbone: Backbone, uri: str) -> LoadReport:
-    sd = convert_state_dict(read_state_dict(uri), backbone)
+    ``strict``: a backbone tensor the checkpoint does not provide, or a checkpoint backbone tensor
+    this backbone has no place for, raises ``WeightsError`` listing them (``mask_token`` aside: timm
+    checkpoints and exports have none, and it starts at zeros as in DINOv2). Shapes must match.
+    """
+    ckpt = source if isinstance(source, Checkpoint) else parse(read_object(source), source, tower)
+    own_regs = getattr(backbone.vit, "num_reg_tokens", 0)
+    if ckpt.registers != own_regs:
+        raise WeightsError(f"{ckpt.source}: the checkpoint has {ckpt.registers} register tokens (reg_token), "
+                           f"model.arch={backbone.arch!r} has {own_regs}; pick the arch with the same registers "
+                           "(DINOv2's _reg models: timm's vit_*_patch14_reg4_dinov2)")
+    sd, notes = to_timm(ckpt, backbone.vit)
+    sd = {f"vit.{k}": v for k, v in sd.items()}
+    if "mask_token" in ckpt.backbone:
+        sd["mask_token"] = ckpt.backbone["mask_token"].reshape(1, -1)
+    else:
+        notes.append("no mask_token in the checkpoint: zeros")
     own = backbone.state_dict()
-    shape_bad = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
-    if shape_bad:
-        raise ValueError(f"{uri}: shapes do not match {backbone.arch} for {shape_bad[:5]} "
-                         f"(e.g. {shape_bad[0]}: {tuple(sd[shape_bad[0]].shape)} vs {tuple(own[shape_bad[0]].shape)})")
-    result = backbone.load_state_dict(sd, strict=False)
-    return LoadReport(uri, list(result.missing_keys), list(result.unexpected_keys), len(sd) - len(result.unexpected_keys))
+    bad = [f"{k}: {tuple(v.shape)} in checkpoint vs {tuple(own[k].shape)} in {backbone.arch}"
+           for k, v in sd.items() if k in own and own[k].shape != v.shape]
+    if bad:
+        raise WeightsError(f"{ckpt.source}: shapes do not match {backbone.arch}: {'; '.join(bad[:5])}")
+    missing = [k for k in own if k not in sd and k != "mask_token"]
+    unexpected = [k for k in sd if k not in own]
+    report = LoadReport(ckpt.source, ckpt.form, len(sd) - len(unexpected), missing, unexpected, ckpt.notes + notes)
+    if strict and not report.exact:
+        raise WeightsError(f"{report}. The checkpoint does not fit model.arch={backbone.arch!r}: pick the matching "
+                           "arch, or set model.init_strict=false to go on with these tensors as they are")
+    backbone.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+    return report
+
+
+def check(argv: list[str] | None = None) -> int:
+    """``python -m hierdino.models.backbone check <weights> [--arch A] [--img-size S] [--tower T]``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m hierdino.models.backbone check",
+                                 description="Load a checkpoint as a training run would, report it, print a feature norm.")
+    ap.add_argument("command", choices=["check"])
+    ap.add_argument("weights", help="local path or s3:// URI")
+    ap.add_argument("--arch", default=None, help="timm ViT name (default: guessed from the checkpoint's width and depth)")
+    ap.add_argument("--img-size", type=int, default=None, help="input size (default: the checkpoint's grid)")
+    ap.add_argument("--tower", default="teacher", choices=["teacher", "student"])
+    args = ap.parse_args(argv)
+    ckpt = parse(read_object(args.weights), args.weights, args.tower)
+    arch = args.arch or guess_arch(ckpt)
+    img = args.img_size or _native_size(ckpt, arch)
+    bb = build_backbone(arch, img)
+    try:
+        report = load_pretrained(bb, ckpt, strict=True)
+        status = 0
+    except WeightsError as e:
+        print(f"[hierdino] {e}")
+        report, status = load_pretrained(bb, ckpt, strict=False), 1
+    print(f"[hierdino] arch {arch} at {img} px: {report}")
+    if ckpt.heads:
+        print("[hierdino] heads: " + ", ".join(f"{h} ({len(t)} tensors, {head_prototypes(t)} prototypes)"
+                                               for h, t in ckpt.heads.items()))
+    else:
+        print("[hierdino] heads: none (random DINO/iBOT heads; consider train.freeze_backbone_steps)")
+    x = torch.linspace(-1, 1, 3 * img * img).reshape(1, 3, img, img)  # a fixed input, the same on every machine
+    with torch.no_grad():
+        cls, patches = bb.eval()(x)
+    print(f"[hierdino] fixed-input feature norms: CLS {cls.norm():.4f}, mean patch {patches.norm(dim=-1).mean():.4f}")
+    return status
+
+
+def head_prototypes(head: dict[str, torch.Tensor]) -> int | None:
+    for k in ("last_layer.weight", "last_layer.weight_v", "last_layer.parametrizations.weight.original1"):
+        if k in head:
+            return int(head[k].shape[0])
+    return None
+
+
+def guess_arch(ckpt: Checkpoint) -> str:
+    """The timm DINOv2 arch of a checkpoint from its width, depth and registers (for ``check``)."""
+    dim = int(ckpt.backbone["cls_token"].shape[-1]) if "cls_token" in ckpt.backbone else None
+    blocks = {int(k.split(".")[1]) for k in ckpt.backbone if k.startswith("blocks.")}
+    swiglu = any(".mlp.w12." in k for k in ckpt.backbone)
+    for name, spec in TINY_ARCHS.items():
+        if (spec["embed_dim"], spec["depth"], bool(spec.get("reg_tokens")), bool(spec.get("swiglu"))) == \
+                (dim, len(blocks), ckpt.registers > 0, swiglu):
+            return name
+    size = {384: "small", 768: "base", 1024: "large", 1536: "giant"}.get(dim)
+    if size is None:
+        raise WeightsError(f"{ckpt.source}: cannot guess the arch of a width-{dim} model; pass --arch")
+    return f"vit_{size}_patch14_{'reg4_' if ckpt.registers else ''}dinov2"
+
+
+def _native_size(ckpt: Checkpoint, arch: str) -> int:
+    pos = ckpt.backbone.get("pos_embed")
+    patch = TINY_ARCHS[arch]["patch_size"] if arch in TINY_ARCHS else 14
+    if pos is None:
+        return 224
+    n = pos.shape[1] - (0 if "reg_token" in ckpt.backbone else 1)  # timm's register models: no CLS position
+    return math.isqrt(n) * patch
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(check())

@@ -19,8 +19,9 @@ from hierdino.losses.dino import TeacherCentering, dino_loss
 from hierdino.losses.hierarchical import FlatCrossEntropy, build_supervised_loss
 from hierdino.losses.ibot import ibot_patch_loss
 from hierdino.losses.koleo import koleo_loss
-from hierdino.models.backbone import Backbone, build_backbone
+from hierdino.models.backbone import Backbone, build_backbone, head_prototypes, load_pretrained
 from hierdino.models.heads import DINOHead, SupervisedHead
+from hierdino.models.weights import WeightsError, head_state, parse, read_object
 
 
 @dataclass
@@ -156,6 +157,45 @@ class StudentTeacher(nn.Module):
     def last_layers(self) -> list[nn.Module]:
         heads = [self.student["dino_head"]] + ([self.student["ibot_head"]] if "ibot_head" in self.student else [])
         return [h.last_layer for h in heads]
+
+    def load_pretrained(self, uri: str, strict: bool = True, tower: str = "teacher") -> list[str]:
+        """Start student and teacher from a checkpoint of any form (``hierdino.models.weights``).
+
+        The backbone loads into both towers (strict: nothing left over, see ``load_pretrained``);
+        DINO / iBOT heads load when the checkpoint has them (a DINOv2 checkpoint with one shared head
+        gives it to both), and their shapes must match the configured heads. Returns report lines.
+        """
+        ckpt = parse(read_object(uri), uri, tower)
+        lines = []
+        for t in (self.student, self.teacher):
+            report = load_pretrained(t["backbone"], ckpt, strict=strict)
+        lines.append(f"init weights: {report}")
+        if not ckpt.heads:
+            lines.append("init weights: no DINO/iBOT heads in the checkpoint: random heads on a pretrained backbone "
+                         "(train.freeze_backbone_steps lets them warm up first)")
+            return lines
+        for name in ("dino_head", "ibot_head"):
+            if name not in self.student:
+                continue
+            found = name if name in ckpt.heads else "dino_head" if "dino_head" in ckpt.heads else None
+            if found is None:
+                lines.append(f"init weights: no {name} in the checkpoint: random")
+                continue
+            sd = head_state(ckpt.heads[found], uri, found)
+            own = self.student[name].state_dict()
+            bad = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items() if k in own and own[k].shape != v.shape]
+            left = sorted(set(own) ^ set(sd))
+            if bad or left:
+                msg = (f"{uri}: the checkpoint's {found} does not fit model.{name} (prototypes, bottleneck, hidden, "
+                       f"layers, batchnorm): {'; '.join(bad[:4])} {'unmatched keys: ' + ', '.join(left[:8]) if left else ''}")
+                if strict:
+                    raise WeightsError(msg + "; configure the head as the checkpoint's, or set model.init_strict=false")
+                lines.append(f"init weights: WARNING {msg}; {name} left random")
+                continue
+            for t in (self.student, self.teacher):
+                t[name].load_state_dict(sd)
+            lines.append(f"init weights: {name} from the checkpoint's {found} ({head_prototypes(sd)} prototypes)")
+        return lines
 
     def ignored_internal_labels(self) -> int:
         return self.sup_loss.ignored_internal if isinstance(self.sup_loss, FlatCrossEntropy) else 0

@@ -61,6 +61,19 @@ def ordered_ingest_options():
     return options
 
 
+def check_init_weights(cfg: Config, hierarchy, log=print) -> None:
+    """Load ``model.init_weights`` into a model on the meta device (no memory for weights): a checkpoint
+    that does not fit stops the run here, before any worker starts (``WeightsError``)."""
+    import torch
+
+    from hierdino.models.student_teacher import StudentTeacher
+
+    with torch.device("meta"):
+        model = StudentTeacher(cfg, hierarchy)
+    for line in model.load_pretrained(cfg.model.init_weights, cfg.model.init_strict, cfg.model.init_tower):
+        log(f"[hierdino] {line}")
+
+
 def build_trainer(cfg: Config, log=print, callbacks: list | None = None):
     """The ``TorchTrainer`` for ``cfg`` (Ray must be initialised)."""
     import ray.train
@@ -80,6 +93,8 @@ def build_trainer(cfg: Config, log=print, callbacks: list | None = None):
     if progress["step"] and not cfg.checkpoint.resume:
         raise FileExistsError(f"run {uri} already has checkpoints (step {progress['step']}); choose another run.name "
                               "or set checkpoint.resume=true")
+    if cfg.model.init_weights and not progress["step"]:
+        check_init_weights(cfg, hierarchy, log)
     workers = cfg.scaling.num_workers
     per_worker = cfg.train.batch_size // workers
     datasets = build_train_datasets(data, CropSpec.from_config(cfg), per_worker, workers, progress["step"], cfg.train.steps,

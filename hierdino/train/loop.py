@@ -92,10 +92,12 @@ class TrainStep:
             listed = ", ".join(f"{k}={v:.4g}" for k, v in zip(["loss", *terms], values.tolist()))
             raise NonFiniteLossError(f"non-finite loss at step {step}: {listed}")
         loss.backward()  # outside autocast: only the backbone forwards run in bf16
-        if s["freeze_last_layer"]:
-            for layer in self.model.last_layers():
-                for p in layer.parameters():
-                    p.grad = None
+        frozen = self.model.last_layers() if s["freeze_last_layer"] else []
+        if step < self.cfg.train.freeze_backbone_steps:
+            frozen.append(self.model.student["backbone"])
+        for module in frozen:  # no gradient: AdamW neither moves nor decays these parameters this step
+            for p in module.parameters():
+                p.grad = None
         norms = {}
         if self.cfg.optim.clip_grad > 0:  # each student submodule on its own, as DINOv2
             for name, params in self.model.clip_groups().items():
@@ -171,12 +173,9 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     hierarchy = load_hierarchy(cfg.hierarchy.name)
     model = StudentTeacher(cfg, hierarchy)
     if cfg.model.init_weights:
-        from hierdino.models.backbone import load_pretrained
-
-        for tower in (model.student, model.teacher):
-            report = load_pretrained(tower["backbone"], cfg.model.init_weights)
-        if rank == 0:
-            print(f"[hierdino] init weights: {report}", flush=True)
+        for line in model.load_pretrained(cfg.model.init_weights, cfg.model.init_strict, cfg.model.init_tower):
+            if rank == 0:
+                print(f"[hierdino] {line}", flush=True)
     model.to(device)
     from hierdino.train.parallel import apply_fsdp, local_param_fraction, param_dtype_for
 
