@@ -144,6 +144,8 @@ class ScalingConfig:
     cpus_per_worker: float = _f(1.0, gt=0.0)
     max_failures: int = _f(3, min=-1, doc="worker restarts from the last checkpoint; -1 = unlimited")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = _f("PACK", doc="SPREAD puts workers on different nodes")
+    wait_for_resources_s: float = _f(0.0, min=0.0, doc="an autoscaling cluster (KubeRay, `ray up`): wait this long "
+                                     "for the CPUs/GPUs the run needs before giving up (0: fail at once)")
 
 
 @dataclass
@@ -370,6 +372,18 @@ def preset_overrides(preset_or_path: str | Path) -> list[str]:
 
     walk("", data)
     return out
+
+
+def config_diff(base: Config, cfg: Config) -> list[str]:
+    """``key: base -> cfg`` for every leaf key whose value differs (the start block's "changed" list)."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    a, b = flat(base.to_dict()), flat(cfg.to_dict())
+    return [f"{k}: {override_text(a[k])} -> {override_text(b[k])}" for k in b if a.get(k) != b[k]]
 
 
 def list_presets() -> list[str]:

@@ -14,7 +14,7 @@ KubeRay custom resources are validated the way the API server would, but strictl
 
 Launcher YAMLs go through Ray's own ``prepare_config`` and ``validate_config`` (no cloud calls).
 
-  python -m hierdino.manifests --schemas ../shared/kuberay-v1.7.0 cluster/kuberay/*.yaml cluster/launcher/*.yaml
+  python -m hierdino.manifests cluster/kuberay/*.yaml cluster/launcher/*.yaml   # bundled KubeRay v1.7.0 schemas
 """
 
 from __future__ import annotations
@@ -84,9 +84,22 @@ def strict_schema(schema: dict) -> dict:
     return s
 
 
-def load_schemas(schema_dir: str | Path) -> dict[str, dict]:
-    d = Path(schema_dir)
-    return {kind: json.loads((d / name).read_text()) for kind, name in SCHEMA_FILES.items()}
+BUNDLED_SCHEMAS = Path(__file__).parent / "schemas" / "kuberay-v1.7.0"  # see schemas/README.md
+
+
+def load_schemas(schema_dir: str | Path = BUNDLED_SCHEMAS) -> dict[str, dict]:
+    """The RayJob / RayCluster CRD schemas of a directory (``<name>.json`` or ``<name>.json.gz``)."""
+    import gzip
+
+    d, out = Path(schema_dir), {}
+    for kind, name in SCHEMA_FILES.items():
+        if (d / name).exists():
+            out[kind] = json.loads((d / name).read_text())
+        elif (d / f"{name}.gz").exists():
+            out[kind] = json.loads(gzip.decompress((d / f"{name}.gz").read_bytes()))
+        else:
+            raise ManifestError(f"{d}: no {name} (or {name}.gz) for {kind}")
+    return out
 
 
 def _schema_errors(doc: dict, schema: dict) -> list[str]:
@@ -216,17 +229,19 @@ def check_file(path: str | Path, schemas: dict[str, dict] | None) -> list[str]:
             errs += [f"{prefix}: {e}" for e in check_launcher(doc)]
         elif doc.get("kind") in SCHEMA_FILES:
             if schemas is None:
-                raise ManifestError(f"{prefix}: a {doc['kind']} needs the KubeRay CRD schemas (--schemas DIR)")
+                raise ManifestError(f"{prefix}: a {doc['kind']} needs the KubeRay CRD schemas (load_schemas())")
             errs += [f"{prefix}: {e}" for e in check_custom_resource(doc, schemas)]
     return errs
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m hierdino.manifests")
-    p.add_argument("--schemas", default=None, help="directory with rayjobs.v1.schema.json and rayclusters.v1.schema.json")
+    p.add_argument("--schemas", default=str(BUNDLED_SCHEMAS),
+                   help="directory with rayjobs.v1.schema.json and rayclusters.v1.schema.json (default: the bundled "
+                        "KubeRay v1.7.0 schemas)")
     p.add_argument("files", nargs="+")
     args = p.parse_args(argv)
-    schemas = load_schemas(args.schemas) if args.schemas else None
+    schemas = load_schemas(args.schemas)
     errs = [e for f in args.files for e in check_file(f, schemas)]
     print("\n".join(errs) if errs else f"{len(args.files)} file(s) OK")
     return 1 if errs else 0

@@ -28,6 +28,10 @@ def parse_args(argv=None):
                    help="override a config key, e.g. --set train.steps=100 (repeatable)")
     p.add_argument("--validate-only", action="store_true", help="check the config and exit; nothing is started")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
+    p.add_argument("--verbose", action="store_true", help="Ray Data plans, progress bars and Ray's warnings too")
+    p.add_argument("--dashboard", action="store_true", help="start the Ray dashboard with the local cluster")
+    p.add_argument("--local-cpus", type=int, default=None, metavar="N",
+                   help="CPUs the local cluster may use (default: all); ignored under `ray job submit`")
     return p.parse_args(argv)
 
 
@@ -43,24 +47,28 @@ def main(argv=None) -> int:
         return 0
     from hierdino.models.weights import WeightsError
     from hierdino.train import launch
+    from hierdino.train.preflight import ResourcesError
 
     t0 = time.time()
-    if not cfg.data.train:
-        launch.ensure_synthetic_suite(cfg)
-    launch.init_ray()
+    launch.init_ray(args.local_cpus, dashboard=args.dashboard, verbose=args.verbose)
     try:
-        final = launch.train(cfg)
-    except WeightsError as e:
-        print(f"weights error: {e}", file=sys.stderr)
+        launch.preflight(cfg, log=lambda *_: None)  # before building data: a run that cannot fit stops in seconds
+        if not cfg.data.train:
+            launch.ensure_synthetic_suite(cfg)
+        final = launch.train(cfg, preset=args.config)
+    except (WeightsError, ResourcesError) as e:
+        print(f"{'weights' if isinstance(e, WeightsError) else 'resources'} error: {e}", file=sys.stderr)
         return 2
-    print(f"[hierdino] training finished at step {final.get('step')} in {time.time() - t0:.0f}s")
     if final.get("export") and cfg.eval.at_end and not args.no_eval:
         from hierdino.eval.report import evaluate_run_at_end
 
         evaluate_run_at_end(cfg, final["run_dir"])
-    print(f"[hierdino] run directory: {final['run_dir']}")
-    if final.get("export"):
-        print(f"[hierdino] exported teacher backbone: {final['export']}")
+    print(f"[hierdino] finished    step {final.get('step')} in {(time.time() - t0) / 60:.1f} min; "
+          f"{final.get('images_per_s', 0):.1f} images/s in the training loop")
+    print(f"[hierdino] checkpoint  {final.get('checkpoint')}")
+    print(f"[hierdino] metrics     {final['run_dir']}/metrics.jsonl; tensorboard --logdir {final['run_dir']}/tb")
+    print(f"[hierdino] run         {final['run_dir']}")
+    print(f"[hierdino] export      {final.get('export') or 'none (the run stopped before train.steps)'}")
     return 0
 
 

@@ -14,16 +14,22 @@ import pytest
 import yaml
 
 from conftest import REPO
-from hierdino.manifests import check_custom_resource, check_file, check_launcher, load_schemas
+from hierdino.manifests import BUNDLED_SCHEMAS, check_custom_resource, check_file, check_launcher, load_schemas
 
 RAY_CLI = str(Path(sys.executable).parent / "ray")
-SCHEMA_DIR = os.environ.get("HIERDINO_KUBERAY_SCHEMAS")
-needs_schemas = pytest.mark.skipif(
-    not SCHEMA_DIR, reason="HIERDINO_KUBERAY_SCHEMAS is not set (.ci/run sets it to ../shared/kuberay-v1.7.0)")
+SCHEMA_DIR = BUNDLED_SCHEMAS  # what users get: the schemas shipped in the package
+
+
+def test_bundled_schemas_are_the_kuberay_v170_crd_schemas():
+    shared = REPO.parent / "shared" / "kuberay-v1.7.0"  # the copy the project's schemas were taken from
+    bundled = load_schemas()
+    assert set(bundled) == {"RayJob", "RayCluster"}
+    assert "submissionMode" in bundled["RayJob"]["properties"]["spec"]["properties"]
+    if shared.is_dir():
+        assert bundled == load_schemas(shared)
 KUBERAY = sorted((REPO / "cluster" / "kuberay").glob("*.yaml"))
 
 
-@needs_schemas
 @pytest.mark.parametrize("path", KUBERAY, ids=lambda p: p.name)
 def test_kuberay_manifests_pass_strict_checks(path):
     assert check_file(path, load_schemas(SCHEMA_DIR)) == []
@@ -33,7 +39,6 @@ def _job():
     return yaml.safe_load((REPO / "cluster/kuberay/rayjob-pretrain.yaml").read_text())
 
 
-@needs_schemas
 @pytest.mark.parametrize("mutate,message", [
     (lambda d: d["spec"].__setitem__("shutdownAfterJobFinished", True), "'shutdownAfterJobFinished' was unexpected"),
     (lambda d: d["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0].__setitem__("imagee", "x"),
@@ -58,7 +63,6 @@ def test_manifest_mistakes_are_caught(mutate, message):
     assert any(message in e for e in errs), errs
 
 
-@needs_schemas
 def test_nulls_dropped_and_defaults_filled_before_validation():
     doc = _job()
     doc["spec"]["suspend"] = None
@@ -82,17 +86,19 @@ def _free_port():
 
 
 def test_ray_job_submit_runs_pretrain(synth_suite, tmp_path):
+    """cluster/README.md step 1 as written: `ray start --head` (token auth, Ray's default), then
+    `export RAY_AUTH_MODE=token` and `ray job submit --working-dir . -- python jobs/pretrain.py ...`."""
     import tempfile
 
-    env = dict(os.environ, RAY_AUTH_MODE="disabled")
-    env.pop("RAY_ADDRESS", None)
+    head_env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    env = dict(head_env, RAY_AUTH_MODE="token")
     ray_tmp = tempfile.mkdtemp(prefix="rh-", dir="/tmp")  # Ray's socket paths must stay short
     port, dash = _free_port(), _free_port()
     head = subprocess.Popen(
         [RAY_CLI, "start", "--head", "--block", f"--port={port}",
          "--node-ip-address=127.0.0.1", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--num-cpus=2",
          f"--temp-dir={ray_tmp}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        env=head_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         address = f"http://127.0.0.1:{dash}"
         deadline = time.time() + 120

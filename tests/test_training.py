@@ -104,7 +104,19 @@ def test_embedded_default_end_to_end(ray_cluster, synth_suite, tmp_path):
                         "--set", "train.log_every=3"],
                        capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "step 6/6 | loss" in r.stdout
-    tail = r.stdout.strip().splitlines()[-2:]
-    assert tail[0] == f"[hierdino] run directory: {tmp_path}/tiny-cpu"
+    out = r.stdout
+    assert [out.count(f"step {s}/6 | loss") for s in (3, 6)] == [1, 1], out[-3000:]  # once per log step
+    assert "Execution plan of Dataset" not in out + r.stderr and "No pretrained configuration" not in out + r.stderr
+    assert "[hierdino] model     vit_tiny_cpu at 64 px: backbone" in out
+    assert "changed: data.synth_cache:" in out and "train.steps: 500 -> 6" in out
+    tail = out.strip().splitlines()[-2:]
+    assert tail[0] == f"[hierdino] run         {tmp_path}/tiny-cpu"
     assert tail[1].endswith("export/teacher_backbone.safetensors")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tiny-cpu" / "tb")).Reload()
+    logged = [json.loads(line) for line in (tmp_path / "tiny-cpu" / "metrics.jsonl").read_text().splitlines()]
+    assert [e.step for e in events.Scalars("loss/dino")] == [m["step"] for m in logged] == [3, 6]
+    assert [e.value for e in events.Scalars("collapse/dino_entropy")] == pytest.approx([m["dino_entropy"] for m in logged])
+    assert "schedule/lr" in events.Tags()["scalars"]
+    assert any(t.startswith("eval/final_synth-ext-1_") for t in events.Tags()["scalars"])  # the evaluation at the end

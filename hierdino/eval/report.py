@@ -104,4 +104,10 @@ def evaluate_run_at_end(cfg, run_dir: str, log=print) -> dict:
                    default_img_size=cfg.eval.image_size or cfg.data.image_size, log=log)
     log(markdown_table(res))
     log(f"[hierdino] evaluation report: {storage.join(out, 'results.md')}")
+    from hierdino.train.tracking import RunLog
+
+    tb = RunLog(run_dir, jsonl=False)  # the external scores beside the training curves in TensorBoard
+    run = [r for r in res["rows"] if r["model"] not in ("pixels",) and not r["model"].startswith("random")]
+    tb.write({f"final_{r['dataset']}_{r['probe']}_bacc": r["metrics"]["bacc"]["value"] for r in run}, step=cfg.train.steps)
+    tb.close()
     return res

@@ -41,6 +41,7 @@ def _register_tiny_archs() -> None:
             args |= {"mlp_layer": SwiGLUPacked, "act_layer": nn.SiLU}
 
         def make(pretrained=False, _name=name, _args=args, **kwargs):
+            kwargs["pretrained_cfg"] = kwargs.get("pretrained_cfg") or {"architecture": _name}  # no "no config" warning
             return build_model_with_cfg(VisionTransformer, _name, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
                                         **dict(_args, **kwargs))
 

@@ -6,10 +6,11 @@ import json
 import os
 from pathlib import Path
 
-from hierdino.config import Config
+from hierdino.config import Config, config_diff, load_config
 from hierdino.data import storage
 from hierdino.data.ingest import CropSpec, build_train_datasets, default_train_uris, describe_train_data, storage_options
 from hierdino.hierarchy import load_hierarchy
+from hierdino.train.preflight import preflight
 
 
 def run_uri(cfg: Config) -> str:
@@ -20,19 +21,39 @@ def run_uri(cfg: Config) -> str:
     return storage.join(base, cfg.run.name)
 
 
-def init_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster of ``RAY_ADDRESS`` (``ray job submit``), else start a local one."""
+def init_ray(num_cpus: int | None = None, dashboard: bool = False, verbose: bool = False) -> None:
+    """Join the cluster of ``RAY_ADDRESS`` (``ray job submit``), else start a local one (``num_cpus``:
+    all by default; the dashboard only when asked).
+
+    Unless ``verbose``: one progress line per log step (Ray Train's print patch tees worker prints
+    into its logger, so each line came twice), no Ray Data execution plans or progress bars, Ray Data
+    logs at WARNING, no deprecation warnings from Ray's internals; locally, no preemption watcher.
+    """
     import ray
 
     if ray.is_initialized():
         return
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # propagated by Ray Train to its workers
+    env = {}
+    if not verbose:
+        import warnings
+
+        from ray.util.annotations import RayDeprecationWarning
+
+        warnings.filterwarnings("ignore", category=RayDeprecationWarning)
+        env["RAY_DATA_LOG_LEVEL"] = "WARNING"
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
     else:
-        ray.init(address="local", num_cpus=num_cpus, configure_logging=False)
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # a laptop is not preempted
+        os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray's default for a new local cluster, said once in the docs
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, configure_logging=False,
+                 runtime_env={"env_vars": env} if env else None)
     from ray.data import DataContext
 
-    DataContext.get_current().enable_progress_bars = False
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = verbose
+    ctx.print_on_execution_start = verbose
 
 
 def ensure_synthetic_suite(cfg: Config, log=print) -> None:
@@ -74,7 +95,41 @@ def check_init_weights(cfg: Config, hierarchy, log=print) -> None:
         log(f"[hierdino] {line}")
 
 
-def build_trainer(cfg: Config, log=print, callbacks: list | None = None):
+def model_size(cfg: Config, hierarchy) -> str:
+    """Parameter counts of the student's parts, from a model on the meta device (no memory for weights)."""
+    import torch
+
+    from hierdino.models.student_teacher import StudentTeacher
+
+    with torch.device("meta"):
+        model = StudentTeacher(cfg, hierarchy)
+    parts = {name: sum(p.numel() for p in m.parameters()) for name, m in model.student.items()}
+    return ", ".join(f"{name} {n / 1e6:.2f}M" for name, n in parts.items()) + " parameters (student; the teacher the same)"
+
+
+def start_block(cfg: Config, uri: str, progress: dict, data, plan, hierarchy, preset: str | None, log=print) -> None:
+    """What the run is, before it starts: run directory, config changes, data mix, model, resources."""
+    import ray
+
+    changed = []
+    if preset:
+        base = load_config(preset)
+        base.data.synth_cache = str(Path(base.data.synth_cache).expanduser())  # as ensure_synthetic_suite resolves it
+        changed = config_diff(base, cfg)
+    res = ray.cluster_resources()
+    log(f"[hierdino] run       {uri} ({'resuming after step ' + str(progress['step']) if progress['step'] else 'new'})")
+    if preset:
+        log(f"[hierdino] config    {preset}" + (f"; changed: {'; '.join(changed)}" if changed else "; as the preset"))
+    log(f"[hierdino] data      {data.summary()}; {100 * data.labeled_fraction:.0f}% of each batch labelled")
+    log(f"[hierdino] model     {cfg.model.arch} at {cfg.data.image_size} px: {model_size(cfg, hierarchy)}")
+    log(f"[hierdino] resources cluster {res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU; run {plan.workers} worker(s) x "
+        f"{plan.cpus_per_worker:g} CPU{' + 1 GPU' if plan.gpus else ''}, ingest {plan.ingest_cpus:g} CPU per task"
+        + (f" ({plan.note})" if plan.note else ""))
+    log(f"[hierdino] tracking  {storage.join(uri, 'metrics.jsonl')}; TensorBoard: tensorboard --logdir "
+        f"{storage.join(uri, 'tb')}")
+
+
+def build_trainer(cfg: Config, log=print, callbacks: list | None = None, preset: str | None = None):
     """The ``TorchTrainer`` for ``cfg`` (Ray must be initialised)."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -95,13 +150,13 @@ def build_trainer(cfg: Config, log=print, callbacks: list | None = None):
                               "or set checkpoint.resume=true")
     if cfg.model.init_weights and not progress["step"]:
         check_init_weights(cfg, hierarchy, log)
+    plan = preflight(cfg, log)  # before anything starts: a run that cannot fit stops here (ResourcesError)
     workers = cfg.scaling.num_workers
     per_worker = cfg.train.batch_size // workers
     datasets = build_train_datasets(data, CropSpec.from_config(cfg), per_worker, workers, progress["step"], cfg.train.steps,
-                                    opts, num_cpus=cfg.data.num_cpus_per_map, map_batch_size=min(64, per_worker))
+                                    opts, num_cpus=plan.ingest_cpus, map_batch_size=min(64, per_worker))
     storage.write_bytes(storage.join(uri, "config.yaml"), cfg.to_yaml().encode())
-    log(f"[hierdino] data: {data.summary()}; {100 * data.labeled_fraction:.0f}% of each batch labelled"
-        + (f"; resuming after step {progress['step']}" if progress["step"] else ""))
+    start_block(cfg, uri, progress, data, plan, hierarchy, preset, log)
     fs, path = storage.resolve(cfg.run.storage, opts)
     run_config = ray.train.RunConfig(
         name=cfg.run.name, storage_path=path if storage.is_s3(cfg.run.storage) else str(Path(path)),
@@ -123,10 +178,11 @@ def build_trainer(cfg: Config, log=print, callbacks: list | None = None):
     )
 
 
-def train(cfg: Config, log=print) -> dict:
+def train(cfg: Config, log=print, preset: str | None = None) -> dict:
     """Run training to the end (or ``train.stop_at_step``); returns rank 0's final metrics."""
-    trainer = build_trainer(cfg, log)
+    trainer = build_trainer(cfg, log, preset=preset)
     result = trainer.fit()
     if result.error:
         raise result.error
-    return dict(result.return_value or {}, run_dir=run_uri(cfg))
+    ckpt = result.checkpoint.path if result.checkpoint else None
+    return dict(result.return_value or {}, run_dir=run_uri(cfg), checkpoint=ckpt)

@@ -23,6 +23,7 @@ from hierdino.data.masking import ibot_masks
 from hierdino.hierarchy import load_hierarchy
 from hierdino.losses.collapse import CollapseWatch
 from hierdino.models.student_teacher import StepBatch, StudentTeacher, param_groups
+from hierdino.train.tracking import RunLog
 from hierdino.train.schedules import Schedules
 
 
@@ -141,25 +142,6 @@ def _fmt_time(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-class MetricsLog:
-    """``metrics.jsonl`` in the run directory (rank 0 only); local files are appended, S3 rewritten."""
-
-    def __init__(self, run_uri: str, enabled: bool):
-        from hierdino.data import storage
-
-        self.enabled, self.storage = enabled, storage
-        self.uri = storage.join(run_uri, "metrics.jsonl")
-        self.lines: list[str] = []
-        if enabled and storage.exists(self.uri):
-            self.lines = storage.read_bytes(self.uri).decode().splitlines()
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        self.lines.append(json.dumps(record))
-        self.storage.write_bytes(self.uri, ("\n".join(self.lines) + "\n").encode())
-
-
 def train_loop_per_worker(loop_config: dict) -> dict:
     import ray
     import ray.train
@@ -197,7 +179,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     start_checksum = param_checksum(model.student)
     total = cfg.train.steps
     stop = min(cfg.train.stop_at_step or total, total)
-    log = MetricsLog(run_uri, rank == 0)
+    log = RunLog(run_uri, rank == 0)
     if rank == 0:
         print(f"[hierdino] rank 0/{world} on {device}: {'resuming at step ' + str(start) if start else 'starting'}; "
               f"local parameter fraction {local_param_fraction(model.student):.3f}; {supervised_summary(model)}", flush=True)
@@ -266,17 +248,19 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         scalars = {k: v for k, v in last.items() if isinstance(v, float) and math.isfinite(v)}
         if step % cfg.checkpoint.every_steps == 0 or step == stop:
             ckpt.save(step, state, scalars)
+            log.flush()
             if rank == 0:  # read by the driver: where a restarted run's data streams start
                 from hierdino.data import storage
 
                 storage.write_bytes(storage.join(run_uri, "progress.json"), json.dumps({"step": step}).encode())
         elif live_eval is not None and step % cfg.eval.every_steps == 0:
             ray.train.report(dict(scalars, step=step))  # every rank: report is a barrier
+    log.close()
     export = export_teacher(model, run_uri, rank, hierarchy.name, cfg.data.image_size) if step >= total else None
     nodes = [ray.get_runtime_context().get_node_id()]
     if dist.is_initialized() and world > 1:
         nodes = [None] * world
         dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-    return dict(last, step=step, start_step=start, worker_nodes=nodes, start_checksum=start_checksum, final_checksum=param_checksum(model.student),
+    return dict(last, step=step, start_step=start, images_per_s=images / max(time.perf_counter() - t0, 1e-9), worker_nodes=nodes, start_checksum=start_checksum, final_checksum=param_checksum(model.student),
                 export=export, local_param_fraction=local_param_fraction(model.student),
                 corrupt_images=corrupt.corrupt, ignored_internal_labels=model.ignored_internal_labels())

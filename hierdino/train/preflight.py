@@ -1,0 +1,91 @@
+"""Preflight: does the cluster have what a run asks for? Checked before any trainer starts.
+
+A run needs ``num_workers x cpus_per_worker`` CPUs (and one GPU per worker with ``use_gpu``) for
+the training workers, plus at least one Ray Data task's CPUs (``data.num_cpus_per_map``) beside
+them, or the ingest never runs and the workers wait forever for their first batch. When the CPUs
+left beside the workers are fewer than ``num_cpus_per_map`` but more than none, the ingest's share is
+lowered to what is left (and said). Otherwise the run stops with one error naming the numbers and
+the fixes. A cluster that grows on demand (KubeRay or ``ray up`` autoscaling) can be waited for:
+``scaling.wait_for_resources_s`` polls the cluster, printing what it waits for, then gives up.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+
+class ResourcesError(RuntimeError):
+    """The cluster cannot run this configuration; the message names the numbers and the fix."""
+
+
+@dataclass
+class Plan:
+    """What a run asks for and the ingest CPU share it will use."""
+
+    workers: int
+    cpus_per_worker: float
+    gpus: int
+    ingest_cpus: float          # num_cpus_per_map after adaptation
+    note: str = ""              # what was adapted, for the start block
+
+
+def plan_resources(cfg, available: dict) -> Plan:
+    """Fit ``cfg`` to the cluster's total resources ``available`` (``ray.cluster_resources()``)."""
+    s = cfg.scaling
+    cpus, gpus = float(available.get("CPU", 0)), int(available.get("GPU", 0))
+    train_cpus = s.num_workers * s.cpus_per_worker
+    want_gpus = s.num_workers if s.use_gpu else 0
+    if want_gpus > gpus:
+        raise ResourcesError(
+            f"scaling.use_gpu=true with scaling.num_workers={s.num_workers} needs {want_gpus} GPU(s); the cluster has "
+            f"{gpus}. Set scaling.use_gpu=false to train on CPUs, lower scaling.num_workers, or add GPU nodes "
+            "(an autoscaling cluster: set scaling.wait_for_resources_s)")
+    spare = cpus - train_cpus
+    need = cfg.data.num_cpus_per_map
+    if spare >= need:
+        return Plan(s.num_workers, s.cpus_per_worker, want_gpus, need)
+    if spare > 0:
+        return Plan(s.num_workers, s.cpus_per_worker, want_gpus, round(spare, 3),
+                    f"data.num_cpus_per_map lowered from {need:g} to {spare:g}: the CPUs left beside "
+                    f"{s.num_workers} worker(s) x {s.cpus_per_worker:g} CPU")
+    fits = max(cpus - need, 0) / s.num_workers
+    raise ResourcesError(
+        f"the cluster has {cpus:g} CPU(s); {s.num_workers} training worker(s) x scaling.cpus_per_worker="
+        f"{s.cpus_per_worker:g} take {train_cpus:g} and leave {max(spare, 0):g} for the data ingest, which needs "
+        f"data.num_cpus_per_map={need:g} at least: the run would wait forever for its first batch. Fix: "
+        + (f"--set scaling.cpus_per_worker={_floor(fits)} " if fits > 0 else "")
+        + f"or fewer workers (scaling.num_workers), or a smaller data.num_cpus_per_map, or a bigger cluster "
+        "(an autoscaling cluster: set scaling.wait_for_resources_s)")
+
+
+def _floor(x: float) -> str:
+    """A round CPU count <= x (0.25 steps below 1)."""
+    return f"{int(x)}" if x >= 1 else f"{max(int(x * 4) / 4, 0.25):g}"
+
+
+def preflight(cfg, log=print, resources=None, sleep=time.sleep, clock=time.monotonic) -> Plan:
+    """``plan_resources`` against the live cluster; with ``scaling.wait_for_resources_s`` > 0, retry
+    until it fits or the time is up (a message every 30 s, never a silent wait)."""
+    if resources is None:
+        import ray
+
+        resources = ray.cluster_resources
+    deadline = clock() + cfg.scaling.wait_for_resources_s
+    last_said = None
+    while True:
+        try:
+            plan = plan_resources(cfg, resources())
+        except ResourcesError as e:
+            now = clock()
+            if now >= deadline:
+                waited = cfg.scaling.wait_for_resources_s
+                raise ResourcesError(str(e) + (f" (waited {waited:g} s)" if waited else "")) from None
+            if last_said is None or now - last_said >= 30:
+                log(f"[hierdino] waiting up to {deadline - now:.0f} s more for resources: {e}")
+                last_said = now
+            sleep(min(5.0, max(deadline - now, 0.0)))
+            continue
+        if plan.note:
+            log(f"[hierdino] {plan.note}")
+        return plan

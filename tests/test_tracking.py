@@ -1,0 +1,71 @@
+"""Run tracking (issue #14): metrics.jsonl appended, TensorBoard event files on local disk and S3,
+read back with TensorBoard's own event reader."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from hierdino.train.tracking import RunLog, scalar_tag
+
+
+def _records():
+    return [{"step": s, "loss": 5.0 - s, "dino": 4.0 - s / 2, "dino_entropy": 0.9 - s / 10, "lr": 1e-3 * s,
+             "grad_norm_backbone": 2.0, "ext_val_bacc": 0.5 + s / 100, "note": "text is kept in jsonl only",
+             "bad": float("nan")} for s in (1, 2, 3)]
+
+
+def _scalars(logdir):
+    acc = EventAccumulator(str(logdir)).Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tags_group_the_metrics():
+    assert [scalar_tag(k) for k in ("sup", "cls_spread", "teacher_temp", "grad_norm_dino_head", "ext_val_bacc", "x")] == \
+        ["loss/sup", "collapse/cls_spread", "schedule/teacher_temp", "grad/dino_head", "eval/ext_val_bacc", "other/x"]
+
+
+def test_local_run_appends_jsonl_and_writes_event_files(tmp_path):
+    log = RunLog(str(tmp_path))
+    for r in _records()[:2]:
+        log.write(r)
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2  # on disk at once, no flush needed
+    log.close()
+    again = RunLog(str(tmp_path))  # a resumed run appends after the earlier lines
+    again.write(_records()[2])
+    again.close()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3] and lines[0]["note"].startswith("text")
+    sc = _scalars(tmp_path / "tb")
+    assert sc["loss/dino"] == [(1, 3.5), (2, 3.0), (3, 2.5)]
+    assert sc["schedule/lr"] == [(s, pytest.approx(1e-3 * s)) for s in (1, 2, 3)]
+    assert "other/bad" not in sc and "other/note" not in sc  # non-finite and non-numeric values are not plotted
+
+
+def test_s3_run_buffers_until_flush_and_uploads_event_files(s3_server, tmp_path, monkeypatch):
+    from hierdino.data import storage
+
+    s3_server.create_bucket("tracking")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
+    run = "s3://tracking/runs/r1"
+    log = RunLog(run)
+    for r in _records()[:2]:
+        log.write(r)
+    assert not storage.exists(f"{run}/metrics.jsonl")  # buffered: S3 has no append
+    log.flush()
+    assert len(storage.read_bytes(f"{run}/metrics.jsonl").decode().splitlines()) == 2
+    log.close()
+    resumed = RunLog(run)
+    resumed.write(_records()[2])
+    resumed.close()
+    assert [json.loads(x)["step"] for x in storage.read_bytes(f"{run}/metrics.jsonl").decode().splitlines()] == [1, 2, 3]
+    files = storage.list_files(f"{run}/tb")
+    assert len(files) == 2  # one event file per writer (per driver or resumed run), as TensorBoard expects
+    for f in files:
+        (tmp_path / f.rsplit("/", 1)[-1]).write_bytes(storage.read_bytes(f if f.startswith("s3://") else "s3://" + f))
+    assert sorted(_scalars(tmp_path)["eval/ext_val_bacc"]) == [(1, pytest.approx(0.51)), (2, pytest.approx(0.52)),
+                                                                (3, pytest.approx(0.53))]
