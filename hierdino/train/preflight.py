@@ -55,7 +55,7 @@ def plan_resources(cfg, available: dict) -> Plan:
         f"{s.cpus_per_worker:g} take {train_cpus:g} and leave {max(spare, 0):g} for the data ingest, which needs "
         f"data.num_cpus_per_map={need:g} at least: the run would wait forever for its first batch. Fix: "
         + (f"--set scaling.cpus_per_worker={_floor(fits)} " if fits > 0 else "")
-        + f"or fewer workers (scaling.num_workers), or a smaller data.num_cpus_per_map, or a bigger cluster "
+        + "or fewer workers (scaling.num_workers), or a smaller data.num_cpus_per_map, or a bigger cluster "
         "(an autoscaling cluster: set scaling.wait_for_resources_s)")
 
 
