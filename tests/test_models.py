@@ -1,9 +1,11 @@
 import json
+import math
 
 import numpy as np
 import pytest
 import timm
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from hierdino.config import load_config
 from hierdino.data.synth import DOMAINS, leaf_spec, render_cell
@@ -249,3 +251,48 @@ def test_freeze_backbone_steps_holds_the_backbone_while_the_heads_learn():
     assert all(torch.allclose(t, s, atol=1e-6) for t, s in zip(m.teacher["backbone"].parameters(), m.student["backbone"].parameters()))
     step(make_step_batch(raw, cfg, gen, torch.device("cpu"), 8), 2)
     assert not torch.equal(m.student["backbone"].vit.blocks[0].attn.qkv.weight, frozen["backbone.vit.blocks.0.attn.qkv.weight"])
+
+
+class _HostReads(TorchDispatchMode):
+    """Records the ops that make a GPU wait for the host: reading a value back (``.item()``,
+    ``bool(t)``, ``.tolist()``) or computing a data-dependent shape (``nonzero``, boolean-mask
+    indexing). torch.optim's own reads of its host-side step counters are not ours and are skipped."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        aten = torch.ops.aten
+        syncing = func in (aten._local_scalar_dense.default, aten.is_nonzero.default, aten.nonzero.default,
+                           aten.masked_select.default, aten.equal.default)
+        if func is aten.index.Tensor:
+            syncing = any(t is not None and t.dtype == torch.bool for t in args[1])
+        if syncing:
+            import traceback
+
+            stack = traceback.extract_stack()
+            if not any("/torch/optim/" in f.filename for f in stack):
+                ours = [f for f in stack if "/hierdino/" in f.filename]
+                self.calls.append((str(func), f"{ours[-1].filename}:{ours[-1].lineno}" if ours else "?"))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("extra", [[], ["data.local_crops_number=2", "data.supervised_view=separate",
+                                        "loss.centering=sinkhorn", "loss.koleo_weight=0.1", "loss.supervised.kind=flat"]])
+def test_a_step_between_log_steps_reads_nothing_back_from_the_device(extra):
+    cfg = load_config("tiny-cpu", ["model.arch=vit_micro_cpu", "optim.warmup_steps=0", "optim.freeze_last_layer_steps=0",
+                                   *extra])
+    torch.manual_seed(0)
+    m = StudentTeacher(cfg, load_hierarchy("wbc-h1"))
+    step = TrainStep(m, cfg)
+    gen = torch.Generator().manual_seed(0)
+    raw = _synthetic_raw(8)
+    step(make_step_batch(raw, cfg, gen, torch.device("cpu"), 8), 0)  # warm: lazily created state
+    batch = make_step_batch(raw, cfg, gen, torch.device("cpu"), 8)
+    with _HostReads() as reads:
+        assert step(batch, 1, sync=False) is None
+    assert reads.calls == []
+    with _HostReads() as reads:  # the check itself sees reads: a log step makes them
+        out = step(batch, 2, monitor=True, sync=True)
+    assert reads.calls and math.isfinite(out["dino"])

@@ -10,6 +10,9 @@ the overhead of 2 Ray Train workers (FSDP2), all in one run.
 - Ray overhead: step time with 2 workers (FSDP2, each with half the batch) over the
   single-process full step (CPU only; on one GPU the multi-worker part is skipped).
 
+- breakdown: the time of each named part of the full step (augmentation, teacher, student
+  forwards, heads + losses, backward, clipping + optimizer, EMA) from ``torch.profiler``.
+
   python -m hierdino.bench.step [--config tiny-cpu] [--steps 10] [--batch 32] [--no-ray]
   python -m hierdino.bench.step --config vits14 --batch 64     # on a GPU, bf16
 """
@@ -60,23 +63,52 @@ def time_full_step(cfg, batch: int, steps: int, device: torch.device, dtype: tor
 
     torch.manual_seed(0)
     model = StudentTeacher(cfg, load_hierarchy(cfg.hierarchy.name)).to(device)
+    model.backbone_autocast = dtype != torch.float32  # as the trainer: backbones in bf16, heads/losses fp32
     step_fn = TrainStep(model, cfg)
     raw = _raw_batch(cfg, batch)
     gen = torch.Generator().manual_seed(0)
+    dgen = None if device.type == "cpu" else torch.Generator(device=device).manual_seed(1)
     grid = cfg.data.image_size // model.patch_size
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     from torch.utils.flop_counter import FlopCounterMode
 
-    with autocast:
-        step_fn(make_step_batch(raw, cfg, gen, device, grid), 1000)  # warm-up
-        with FlopCounterMode(display=False) as fc:
-            step_fn(make_step_batch(raw, cfg, gen, device, grid), 1000)
-        _sync(device)
-        t0 = time.perf_counter()
+    def one(i: int, sync: bool = False):
+        step_fn(make_step_batch(raw, cfg, gen, device, grid, dgen), 1000 + i, sync=sync)
+
+    one(0, sync=True)  # warm-up
+    with FlopCounterMode(display=False) as fc:
+        one(0, sync=True)
+    _sync(device)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        one(i, sync=i == steps - 1)  # as in training: one host read per log step
+    _sync(device)
+    return (time.perf_counter() - t0) / steps, fc.get_total_flops(), lambda: profile_parts(one, steps, device)
+
+
+PARTS = ("augment", "teacher", "student_forward", "heads_losses", "backward", "clip_optimizer", "ema")
+
+
+def profile_parts(one, steps: int, device: torch.device) -> dict[str, float]:
+    """Milliseconds per step of each named region of the step (``record_function`` in the trainer),
+    from ``torch.profiler``: device time on a GPU, CPU time on the CPU; ``other`` is the rest."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    _sync(device)
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
         for i in range(steps):
-            step_fn(make_step_batch(raw, cfg, gen, device, grid), 1000 + i)
+            one(i, sync=i == steps - 1)
         _sync(device)
-    return (time.perf_counter() - t0) / steps, fc.get_total_flops()
+    wall = (time.perf_counter() - t0) / steps * 1000
+    out = {}
+    for ev in prof.key_averages():
+        if ev.key in PARTS:
+            t = getattr(ev, "device_time_total", 0) if device.type == "cuda" else ev.cpu_time_total
+            out[ev.key] = out.get(ev.key, 0.0) + t / 1000 / steps
+    out["other"] = max(wall - sum(out.values()), 0.0)
+    out["wall"] = wall
+    return out
 
 
 def time_bare_step(cfg, batch: int, steps: int, device: torch.device, dtype: torch.dtype) -> float:
@@ -168,13 +200,19 @@ def main(argv=None) -> None:
     if device.type == "cpu":
         torch.set_num_threads(1)  # compare per core with the 1-CPU Ray workers
     peak = matmul_peak(device, dtype)
-    full_s, flops = time_full_step(cfg, batch, args.steps, device, dtype)
+    full_s, flops, parts = time_full_step(cfg, batch, args.steps, device, dtype)
     bare_s = time_bare_step(cfg, batch, args.steps, device, dtype)
     print(f"{args.config} ({cfg.model.arch}, {cfg.data.image_size} px, batch {batch}, {device}, {dtype})")
     print(f"  bare step (backbone fwd/bwd + AdamW)     {1000 * bare_s:9.1f} ms")
     print(f"  full step (teacher, student, 4 losses, EMA) {1000 * full_s:6.1f} ms   ratio full/bare {full_s / bare_s:5.2f}x")
     print(f"  full step FLOPs {flops / 1e9:.1f} GFLOP -> {flops / full_s / 1e12:.3f} TFLOP/s; matmul peak "
           f"{peak / 1e12:.3f} TFLOP/s; MFU {100 * flops / full_s / peak:.1f}%")
+    breakdown = parts()
+    wall = breakdown.pop("wall")
+    print(f"  full step by part (torch.profiler, {'device' if device.type == 'cuda' else 'CPU'} time, ms per step; "
+          f"profiled wall {wall:.1f} ms, shares of it):")
+    for name, ms in breakdown.items():
+        print(f"    {name:16s} {ms:8.1f} ms  {100 * ms / wall:5.1f}%")
     if not args.no_ray and device.type == "cpu":
         ray_s = time_ray_step(cfg, batch, args.steps)
         print(f"  2 Ray Train workers (FSDP2, gloo), same global batch {1000 * ray_s:9.1f} ms   "

@@ -18,11 +18,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # -- device: photometric -------------------------------------------------------------------------
 
 def _uniform(gen: torch.Generator, n: int, lo: float, hi: float, device) -> torch.Tensor:
-    return torch.rand(n, generator=gen, device="cpu").to(device) * (hi - lo) + lo
+    """Drawn on the generator's device (the training device: no host round trip per draw)."""
+    return torch.rand(n, generator=gen, device=gen.device).to(device) * (hi - lo) + lo
 
 
 def _bernoulli(gen: torch.Generator, n: int, p: float, device) -> torch.Tensor:
-    return (torch.rand(n, generator=gen, device="cpu") < p).to(device)
+    return (torch.rand(n, generator=gen, device=gen.device) < p).to(device)
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
@@ -41,10 +42,14 @@ def _hue_rotate(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bij,bjhw->bihw", m, x)
 
 
-def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Per-sample Gaussian blur (separable, reflect padding); ``sigma[B]`` in pixels."""
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float | None = None) -> torch.Tensor:
+    """Per-sample Gaussian blur (separable, reflect padding); ``sigma[B]`` in pixels.
+
+    The kernel radius is ``ceil(3 * max_sigma)``; give ``max_sigma`` (the sampling range's upper
+    bound) to avoid reading ``sigma.max()`` back from the device.
+    """
     b, c, h, w = x.shape
-    radius = max(1, int(math.ceil(3 * float(sigma.max()))))
+    radius = max(1, int(math.ceil(3 * (float(sigma.max()) if max_sigma is None else max_sigma))))
     radius = min(radius, (min(h, w) - 1) // 2)
     t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
     k = torch.exp(-0.5 * (t[None] / sigma[:, None].to(x.dtype)) ** 2)
@@ -62,7 +67,8 @@ def photometric(images: torch.Tensor, gen: torch.Generator, blur_p: float, solar
                 normalize: bool = True) -> torch.Tensor:
     """uint8 ``[B, H, W, 3]`` -> augmented, normalised float ``[B, 3, H, W]`` on the same device.
 
-    Random parameters come from ``gen`` (a CPU generator), so a seed fixes them on any device.
+    Random parameters come from ``gen``, drawn on its device: a seed fixes them for a device type.
+    No value is read back to the host unless the images are on the CPU.
     """
     x = images.permute(0, 3, 1, 2).float().div_(255.0)
     n, dev = x.shape[0], x.device
@@ -83,9 +89,10 @@ def photometric(images: torch.Tensor, gen: torch.Generator, blur_p: float, solar
     x = gray * _gray(x).expand_as(x) + (1 - gray) * x
     if blur_p > 0:
         do_blur = _bernoulli(gen, n, blur_p, dev)
-        sigma = _uniform(gen, n, 0.1, 2.0, dev) * (x.shape[-1] / 224)  # DINOv2's 0.1-2 px at 224 px
-        if bool(do_blur.any()):
-            blurred = gaussian_blur(x, sigma.clamp_min(1e-3))
+        scale = x.shape[-1] / 224
+        sigma = _uniform(gen, n, 0.1, 2.0, dev) * scale  # DINOv2's 0.1-2 px at 224 px
+        if dev.type != "cpu" or bool(do_blur.any()):  # skipping needs a host read: only where it is free
+            blurred = gaussian_blur(x, sigma.clamp_min(1e-3), max_sigma=2.0 * scale)
             x = torch.where(do_blur.view(-1, 1, 1, 1), blurred, x)
     if solarize_p > 0:
         sol = _bernoulli(gen, n, solarize_p, dev).view(-1, 1, 1, 1)

@@ -84,8 +84,8 @@ class TeacherCentering(nn.Module):
             return
         total = _all_reduce(teacher_logits.float().sum(dim=0, keepdim=True))
         count = _all_reduce(torch.tensor(float(teacher_logits.shape[0]), device=teacher_logits.device))
-        if float(count) > 0:  # the same on every rank: count is all-reduced
-            self.center.mul_(self.momentum).add_(total / count, alpha=1 - self.momentum)
+        moved = self.center * self.momentum + total / count.clamp_min(1.0) * (1 - self.momentum)
+        self.center.copy_(torch.where(count > 0, moved, self.center))  # no host read: no stall on GPUs
 
 
 def cross_entropy_soft(student_logits: torch.Tensor, targets: torch.Tensor, student_temp: float) -> torch.Tensor:

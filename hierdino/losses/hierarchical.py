@@ -55,11 +55,19 @@ def level_weights_for(hierarchy: Hierarchy, alpha: float | None = None,
     return w
 
 
-def _masked_mean(per_sample: torch.Tensor, valid: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Mean of ``per_sample[valid]``; a zero that keeps the graph alive when nothing is valid."""
-    if not bool(valid.any()):
-        return logits.sum() * 0.0
-    return per_sample[valid].mean()
+def _masked_mean(per_sample: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean of ``per_sample[valid]`` (0, with the graph alive, when nothing is valid), computed
+    without reading anything back to the host. ``per_sample`` must be finite where not valid."""
+    v = valid.to(per_sample.dtype)
+    return (per_sample * v).sum() / v.sum().clamp_min(1.0)
+
+
+def _check_targets(loss: nn.Module, target: torch.Tensor, n_nodes: int) -> None:
+    """Targets must be -1 or node indices. The check reads a value back from the device (a GPU stall
+    per step), so the trainer turns it off (``check_targets = False``): its labels come from the
+    ingest's label map, checked against the hierarchy before the run starts."""
+    if loss.check_targets and bool(((target < -1) | (target >= n_nodes)).any()):
+        raise ValueError(f"targets must be -1 or node indices in [0, {n_nodes}), got {target.tolist()}")
 
 
 class HierarchicalCrossEntropy(nn.Module):
@@ -88,6 +96,7 @@ class HierarchicalCrossEntropy(nn.Module):
                  level_weights: Sequence[float] | None = None, normalize: str = "none"):
         super().__init__()
         self.hierarchy = hierarchy
+        self.check_targets = True
         self.weights = level_weights_for(hierarchy, alpha, level_weights, normalize)
         n = len(hierarchy.nodes)
         # Additive mask: 0 where leaf l is under node n, -inf elsewhere -> logsumexp selects subsets.
@@ -117,9 +126,7 @@ class HierarchicalCrossEntropy(nn.Module):
             )
         if target.shape != logits.shape[:1]:
             raise ValueError(f"target must be [B]={tuple(logits.shape[:1])}, got {tuple(target.shape)}")
-        n_nodes = len(self.hierarchy.nodes)
-        if bool(((target < -1) | (target >= n_nodes)).any()):
-            raise ValueError(f"targets must be -1 or node indices in [0, {n_nodes}), got {target.tolist()}")
+        _check_targets(self, target, len(self.hierarchy.nodes))
         log_p = self.node_log_probs(logits)
         log_p_ext = torch.cat([log_p, log_p.new_zeros(log_p.shape[0], 1)], dim=1)  # root column = log 1
         # -log(P(n) / P(parent(n))) for every edge, weighted by its level.
@@ -128,7 +135,7 @@ class HierarchicalCrossEntropy(nn.Module):
         return (edge * on_path).sum(dim=1) * (target >= 0).to(log_p.dtype)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return _masked_mean(self.per_sample(logits, target), target >= 0, logits)
+        return _masked_mean(self.per_sample(logits, target), target >= 0)
 
 
 class FlatCrossEntropy(nn.Module):
@@ -142,23 +149,30 @@ class FlatCrossEntropy(nn.Module):
     def __init__(self, hierarchy: Hierarchy):
         super().__init__()
         self.hierarchy = hierarchy
+        self.check_targets = True
         self.num_leaves = hierarchy.num_leaves
-        self.ignored_internal = 0
-        self.last_ignored_internal = 0
+        self._ignored: torch.Tensor | None = None  # running count, kept on the device until read
+        self._last: torch.Tensor | None = None
+
+    @property
+    def ignored_internal(self) -> int:
+        return 0 if self._ignored is None else int(self._ignored)
+
+    @property
+    def last_ignored_internal(self) -> int:
+        return 0 if self._last is None else int(self._last)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if logits.dim() != 2 or logits.shape[1] != self.num_leaves:
             raise ValueError(f"logits must be [B, {self.num_leaves}], got {tuple(logits.shape)}")
-        n_nodes = len(self.hierarchy.nodes)
-        if bool(((target < -1) | (target >= n_nodes)).any()):
-            raise ValueError(f"targets must be -1 or node indices in [0, {n_nodes}), got {target.tolist()}")
+        _check_targets(self, target, len(self.hierarchy.nodes))
         internal = target >= self.num_leaves
-        self.last_ignored_internal = int(internal.sum())
-        self.ignored_internal += self.last_ignored_internal
+        self._last = internal.sum()
+        self._ignored = self._last if self._ignored is None else self._ignored + self._last
         valid = (target >= 0) & ~internal
         safe = torch.where(valid, target, torch.zeros_like(target))
         per = nn.functional.cross_entropy(logits, safe, reduction="none")
-        return _masked_mean(per, valid, logits)
+        return _masked_mean(per, valid)
 
 
 def build_supervised_loss(kind: str, hierarchy: Hierarchy, alpha: float | None = None,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from hierdino.hierarchy import Hierarchy
 from hierdino.losses.collapse import distinct_argmax, entropy_ratio, feature_spread
@@ -34,6 +35,13 @@ class StepBatch:
     labels: torch.Tensor                # [B] node indices, -1 = unlabelled
     sup_images: torch.Tensor | None     # [L, 3, S, S] labelled images' supervised view, or None
     sup_labels: torch.Tensor | None     # [L]
+    mask_index: torch.Tensor | None = None  # [M] flat indices of the masked patches into [2B * n_patches],
+    # computed on the host where the masks are drawn (None: from ``masks``, a device sync on GPUs)
+
+    def masked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(flat indices of the masked patches, the crop of each), in ``masks.nonzero()`` order."""
+        index = self.mask_index if self.mask_index is not None else self.masks.flatten().nonzero().squeeze(1)
+        return index, index // self.masks.shape[1]
 
 
 def _tower(cfg, backbone: Backbone) -> nn.ModuleDict:
@@ -64,6 +72,8 @@ class StudentTeacher(nn.Module):
                 m.drop_prob = 0.0
         sup = cfg.loss.supervised
         self.sup_loss = build_supervised_loss(sup.kind, hierarchy, sup.alpha, sup.level_weights, sup.normalize)
+        if self.sup_loss is not None:  # labels come from the ingest's label map, checked before the run
+            self.sup_loss.check_targets = False
         self.sup_head = SupervisedHead(backbone.embed_dim, hierarchy.num_leaves) if self.sup_loss is not None else None
         ibot_k = (cfg.model.ibot_head if cfg.model.ibot_separate_head else cfg.model.dino_head).prototypes
         self.dino_center = TeacherCentering(cfg.model.dino_head.prototypes, cfg.loss.centering, cfg.loss.center_momentum)
@@ -89,43 +99,47 @@ class StudentTeacher(nn.Module):
         lc = self.cfg.loss
         masks = batch.masks
         n_global = 2
-        # -- teacher: targets for the global crops and their masked patches
-        with torch.no_grad():
+        mask_index, crop_of_patch = batch.masked()
+        # Named regions (torch.profiler): hierdino.bench.step prints the time of each.
+        with record_function("teacher"), torch.no_grad():  # targets for the global crops and their masked patches
             t_cls, t_patch = self._encode(self.teacher, batch.global_crops)
             t_logits = self.teacher["dino_head"](t_cls.float())
             t_targets = self.dino_center.targets(t_logits, teacher_temp)
-            t_patch_logits = self.ibot_head(self.teacher)(t_patch[masks].float())
+            t_patch_logits = self.ibot_head(self.teacher)(t_patch.flatten(0, 1).index_select(0, mask_index).float())
             t_patch_targets = self.ibot_center.targets(t_patch_logits, teacher_temp)
-        # -- student
-        s_cls, s_patch = self._encode(self.student, batch.global_crops, masks)
-        s_cls = s_cls.float()
-        terms: dict[str, torch.Tensor] = {}
-        s_logits = list(self.student["dino_head"](s_cls).chunk(n_global))
-        if batch.local_crops is not None and lc.dino_local:
-            l_cls, _ = self._encode(self.student, batch.local_crops)
-            s_logits += list(self.student["dino_head"](l_cls.float()).chunk(self.cfg.data.local_crops_number))
-        terms["dino"] = dino_loss(s_logits, list(t_targets.chunk(n_global)), lc.student_temp)
         # Every rank runs the same forwards (FSDP2 forwards are collectives), even with no masked
         # patch or no labelled image locally; empty inputs then contribute a zero with a live graph.
-        s_patch_logits = self.ibot_head(self.student)(s_patch[masks].float())
-        terms["ibot"] = ibot_patch_loss(s_patch_logits, t_patch_targets, masks, lc.student_temp)
-        # DINOv2 sums KoLeo over the global crops (not a mean).
-        terms["koleo"] = sum(koleo_loss(c) for c in s_cls.chunk(n_global)) if lc.koleo_weight > 0 else s_cls.sum() * 0.0
-        if self.sup_head is not None:
-            if batch.sup_images is not None:
-                images, labels = batch.sup_images, batch.sup_labels
+        with record_function("student_forward"):
+            s_cls, s_patch = self._encode(self.student, batch.global_crops, masks)
+            s_cls = s_cls.float()
+            l_cls = sup_cls = None
+            if batch.local_crops is not None and lc.dino_local:
+                l_cls = self._encode(self.student, batch.local_crops)[0].float()
+            if self.sup_head is not None and batch.sup_images is not None:
+                images, sup_labels = batch.sup_images, batch.sup_labels
                 if images.shape[0] == 0:  # one ignored stand-in keeps the forward/backward collectives aligned
-                    images, labels = batch.global_crops[:1], batch.labels.new_full((1,), -1)
-                sup_cls, _ = self._encode(self.student, images)
-                terms["sup"] = self.sup_loss(self.sup_head(sup_cls.float()), labels)
-            else:  # reuse the global crops
+                    images, sup_labels = batch.global_crops[:1], batch.labels.new_full((1,), -1)
+                sup_cls = self._encode(self.student, images)[0].float()
+        with record_function("heads_losses"):
+            terms: dict[str, torch.Tensor] = {}
+            s_logits = list(self.student["dino_head"](s_cls).chunk(n_global))
+            if l_cls is not None:
+                s_logits += list(self.student["dino_head"](l_cls).chunk(self.cfg.data.local_crops_number))
+            terms["dino"] = dino_loss(s_logits, list(t_targets.chunk(n_global)), lc.student_temp)
+            s_patch_logits = self.ibot_head(self.student)(s_patch.flatten(0, 1).index_select(0, mask_index).float())
+            terms["ibot"] = ibot_patch_loss(s_patch_logits, t_patch_targets, masks, lc.student_temp, crop_of_patch)
+            # DINOv2 sums KoLeo over the global crops (not a mean).
+            terms["koleo"] = sum(koleo_loss(c) for c in s_cls.chunk(n_global)) if lc.koleo_weight > 0 else s_cls.sum() * 0.0
+            if sup_cls is not None:
+                terms["sup"] = self.sup_loss(self.sup_head(sup_cls), sup_labels)
+            elif self.sup_head is not None:  # reuse the global crops
                 terms["sup"] = self.sup_loss(self.sup_head(s_cls), batch.labels.repeat(n_global))
-        total = lc.dino_weight * terms["dino"] + lc.ibot_weight * terms["ibot"] + lc.koleo_weight * terms["koleo"]
-        if "sup" in terms:
-            total = total + lc.supervised.weight * terms["sup"]
-        with torch.no_grad():
-            self.dino_center.update(t_logits)
-            self.ibot_center.update(t_patch_logits)
+            total = lc.dino_weight * terms["dino"] + lc.ibot_weight * terms["ibot"] + lc.koleo_weight * terms["koleo"]
+            if "sup" in terms:
+                total = total + lc.supervised.weight * terms["sup"]
+            with torch.no_grad():
+                self.dino_center.update(t_logits)
+                self.ibot_center.update(t_patch_logits)
         stats = {}
         if monitor:
             stats = {

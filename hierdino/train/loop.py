@@ -14,6 +14,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from hierdino.config import Config, config_from_dict
 from hierdino.data.augment import photometric
@@ -31,25 +32,40 @@ class NonFiniteLossError(FloatingPointError):
     """A loss that is NaN or infinite; the last good checkpoint is left as it is."""
 
 
-def make_step_batch(raw: dict, cfg: Config, gen: torch.Generator, device: torch.device, grid: int) -> StepBatch:
-    """uint8 crops from the ingest -> augmented, normalised device tensors plus iBOT masks."""
+def make_step_batch(raw: dict, cfg: Config, gen: torch.Generator, device: torch.device, grid: int,
+                    device_gen: torch.Generator | None = None) -> StepBatch:
+    """uint8 crops from the ingest (host tensors) -> augmented, normalised device tensors plus iBOT masks.
+
+    Everything whose size depends on the data (the valid rows, the labelled rows, the masked
+    patches) is selected on the host, where it is free; the device work has fixed shapes and never
+    reads values back. Masks come from ``gen`` (host), photometric parameters from ``device_gen``
+    (default ``gen``; give a generator on ``device`` for GPU runs).
+    """
+    with record_function("augment"):
+        return _make_step_batch(raw, cfg, gen, device, grid, device_gen or gen)
+
+
+def _make_step_batch(raw, cfg, gen, device, grid, dgen) -> StepBatch:
     ok = raw["ok"].bool()
     g = raw["global"][ok].to(device, non_blocking=True)
     b = g.shape[0]
-    crops = [photometric(g[:, 0], gen, blur_p=1.0), photometric(g[:, 1], gen, blur_p=0.1, solarize_p=0.2)]
+    crops = [photometric(g[:, 0], dgen, blur_p=1.0), photometric(g[:, 1], dgen, blur_p=0.1, solarize_p=0.2)]
     local = None
     if "local" in raw and cfg.data.local_crops_number > 0:
         loc = raw["local"][ok].to(device, non_blocking=True)
         loc = loc.transpose(0, 1).reshape(-1, *loc.shape[2:])  # crop-major
-        local = photometric(loc, gen, blur_p=0.5)
-    labels = raw["label"][ok].to(device)
+        local = photometric(loc, dgen, blur_p=0.5)
+    host_labels = raw["label"][ok]
+    labels = host_labels.to(device, non_blocking=True)
     sup_images = sup_labels = None
     if "sup" in raw:
-        has = labels >= 0
-        sup_labels = labels[has]
-        sup_images = photometric(raw["sup"][ok].to(device)[has], gen, blur_p=0.5)
-    masks = ibot_masks(2 * b, grid, cfg.data.mask_sample_prob, tuple(cfg.data.mask_ratio), gen).to(device)
-    return StepBatch(torch.cat(crops), local, masks, labels, sup_images, sup_labels)
+        has = host_labels >= 0
+        sup_labels = host_labels[has].to(device, non_blocking=True)
+        sup_images = photometric(raw["sup"][ok][has].to(device, non_blocking=True), dgen, blur_p=0.5)
+    masks = ibot_masks(2 * b, grid, cfg.data.mask_sample_prob, tuple(cfg.data.mask_ratio), gen)
+    mask_index = masks.flatten().nonzero().squeeze(1).to(device, non_blocking=True)
+    return StepBatch(torch.cat(crops), local, masks.to(device, non_blocking=True), labels, sup_images, sup_labels,
+                     mask_index)
 
 
 def collapse_line(rec: dict) -> str:
@@ -70,16 +86,26 @@ def supervised_summary(model: StudentTeacher) -> str:
 
 
 class TrainStep:
-    """One optimisation step with schedules: losses, backward, last-layer freeze, clipping, AdamW, EMA."""
+    """One optimisation step with schedules: losses, backward, last-layer freeze, clipping, AdamW, EMA.
+
+    Between log steps nothing is read back from the device (no ``.item()``, ``bool(tensor)`` or
+    data-dependent shapes), so a GPU never waits for the host. The loss terms are summed on the
+    device over the steps since the last read; ``sync=True`` reads them back as means over that
+    window (with this step's gradient norms, schedules and, with ``monitor``, collapse statistics)
+    and raises ``NonFiniteLossError`` naming the first step whose loss was not finite.
+    """
 
     def __init__(self, model: StudentTeacher, cfg: Config):
         self.model, self.cfg = model, cfg
         self.schedules = Schedules.from_config(cfg)
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult),
                                            lr=self.schedules.lr, betas=tuple(cfg.optim.betas))
+        self._window: torch.Tensor | None = None   # sum of [loss, terms...] since the last sync
+        self._steps = 0
+        self._first_bad: torch.Tensor | None = None  # first step with a non-finite loss, -1 if none
 
-    def __call__(self, batch: StepBatch, step: int, monitor: bool = False) -> dict[str, float]:
-        """One step; ``monitor`` adds the collapse statistics (``hierdino.losses.collapse``) of this batch."""
+    def __call__(self, batch: StepBatch, step: int, monitor: bool = False, sync: bool = True) -> dict[str, float] | None:
+        """One step; returns the host record when ``sync`` (else None)."""
         s = self.schedules.at(step)
         for g in self.optimizer.param_groups:
             g["lr"] = s["lr"] * g["lr_mult"]
@@ -89,10 +115,14 @@ class TrainStep:
         if dist.is_initialized():
             dist.all_reduce(values)
             values /= dist.get_world_size()
-        if not bool(torch.isfinite(values).all()):
-            listed = ", ".join(f"{k}={v:.4g}" for k, v in zip(["loss", *terms], values.tolist()))
-            raise NonFiniteLossError(f"non-finite loss at step {step}: {listed}")
-        loss.backward()  # outside autocast: only the backbone forwards run in bf16
+        bad = ~torch.isfinite(values).all()
+        if self._first_bad is None:
+            self._first_bad = torch.full((), -1, dtype=torch.long, device=values.device)
+        self._first_bad = torch.where(bad & (self._first_bad < 0), step, self._first_bad)
+        self._window = values if self._window is None else self._window + values
+        self._steps += 1
+        with record_function("backward"):
+            loss.backward()  # outside autocast: only the backbone forwards run in bf16
         frozen = self.model.last_layers() if s["freeze_last_layer"] else []
         if step < self.cfg.train.freeze_backbone_steps:
             frozen.append(self.model.student["backbone"])
@@ -100,40 +130,30 @@ class TrainStep:
             for p in module.parameters():
                 p.grad = None
         norms = {}
-        if self.cfg.optim.clip_grad > 0:  # each student submodule on its own, as DINOv2
-            for name, params in self.model.clip_groups().items():
-                params = [p for p in params if p.grad is not None]
-                if params:
-                    n = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.clip_grad)
-                    norms[f"grad_norm_{name}"] = n.full_tensor() if hasattr(n, "full_tensor") else n
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.model.update_teacher(s["momentum"])
-        out = dict(zip(["loss", *terms], values.tolist()))
+        with record_function("clip_optimizer"):
+            if self.cfg.optim.clip_grad > 0:  # each student submodule on its own, as DINOv2
+                for name, params in self.model.clip_groups().items():
+                    params = [p for p in params if p.grad is not None]
+                    if params:
+                        n = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.clip_grad)
+                        norms[f"grad_norm_{name}"] = n.full_tensor() if hasattr(n, "full_tensor") else n
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        with record_function("ema"):
+            self.model.update_teacher(s["momentum"])
+        if not sync:
+            return None
+        first_bad, window = int(self._first_bad), (self._window / self._steps).tolist()  # the one host read
+        self._window, self._steps, self._first_bad = None, 0, None
+        names = ["loss", *terms]
+        if first_bad >= 0:
+            listed = ", ".join(f"{k}={v:.4g}" for k, v in zip(names, values.tolist()))
+            raise NonFiniteLossError(f"non-finite loss at step {first_bad} (found at step {step}); at step {step}: {listed}")
+        out = dict(zip(names, window))  # means over the steps since the last sync
         if norms:
             out.update(zip(norms, torch.stack(list(norms.values())).float().tolist()))
         out.update(lr=s["lr"], wd=s["wd"], momentum=s["momentum"], teacher_temp=s["teacher_temp"])
         out.update(stats)
-        return out
-
-
-class WindowMean:
-    """Means of some per-step values over the steps since the last ``means()`` (one batch of 32 is noisy)."""
-
-    def __init__(self, keys: tuple):
-        self.keys = keys
-        self.sums: dict[str, float] = {}
-        self.count = 0
-
-    def add(self, values: dict) -> None:
-        for k in self.keys:
-            if k in values:
-                self.sums[k] = self.sums.get(k, 0.0) + values[k]
-        self.count += 1
-
-    def means(self) -> dict[str, float]:
-        out = {k: v / self.count for k, v in self.sums.items()} if self.count else {}
-        self.sums, self.count = {}, 0
         return out
 
 
@@ -146,6 +166,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     import ray
     import ray.train
 
+    worker_start = time.perf_counter()
     cfg = config_from_dict(loop_config["config"])
     run_uri = loop_config["run_uri"]
     ctx = ray.train.get_context()
@@ -185,7 +206,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
               f"local parameter fraction {local_param_fraction(model.student):.3f}; {supervised_summary(model)}", flush=True)
     per_worker = cfg.train.batch_size // world
     grid = cfg.data.image_size // model.patch_size
-    gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank + 7919 * start)
+    gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank + 7919 * start)  # host: masks
+    device_gen = None if device.type == "cpu" else torch.Generator(device=device).manual_seed(gen.initial_seed() + 1)
     corrupt = CorruptCounter(cfg.data.max_corrupt_fraction)
     schedule = MixSchedule(loop_config["proportions"], per_worker)
 
@@ -206,8 +228,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     watch = CollapseWatch(max(cfg.optim.warmup_steps, cfg.loss.warmup_teacher_temp_steps, cfg.optim.freeze_last_layer_steps),
                           stop=cfg.train.stop_on_collapse)
     step, last = start, {}
-    window = WindowMean(("loss", "dino", "ibot", "koleo", "sup"))
-    t0, wait, images = time.perf_counter(), 0.0, 0
+    t0, wait, images, first_batch_s = time.perf_counter(), 0.0, 0, None
     while step < stop:
         tw = time.perf_counter()
         try:
@@ -216,28 +237,30 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             raise RuntimeError(f"the training data ran out at step {step}: a stream yielded fewer rows than the "
                                f"mix schedule needs (per-worker batch {per_worker})") from None
         wait += time.perf_counter() - tw
-        corrupt.update(raw["ok"].cpu().numpy())
-        batch = make_step_batch(raw, cfg, gen, device, grid)
+        if first_batch_s is None:  # from worker start: model build, checkpoint load and the ingest's start-up
+            first_batch_s = time.perf_counter() - worker_start
+            if rank == 0:
+                print(f"[hierdino] first batch {first_batch_s:.1f} s after the worker started", flush=True)
+        corrupt.update(raw["ok"].numpy())
+        batch = make_step_batch(raw, cfg, gen, device, grid, device_gen)
         logging = (step + 1) % cfg.train.log_every == 0 or step + 1 == stop
-        last = step_fn(batch, step, monitor=logging)
-        window.add(last)
+        reporting = (step + 1) % cfg.checkpoint.every_steps == 0 or step + 1 == stop
+        last = step_fn(batch, step, monitor=logging, sync=logging or reporting) or last
         step += 1
         images += cfg.train.batch_size
         state["images_seen"] += cfg.train.batch_size
-        reporting = step % cfg.checkpoint.every_steps == 0 or step == stop
         if live_eval is not None and (step % cfg.eval.every_steps == 0 or step == stop or (reporting and not eval_metrics)):
             eval_metrics = live_eval(model.teacher["backbone"], device)
         # Every report carries the latest external scores: Tune requires its metric in each one.
         last.update(eval_metrics)
         if logging:
-            last.update(window.means())  # loss terms as means over the steps since the last log
             warning = watch.observe(step, last["dino_entropy"])
             if warning and rank == 0:
                 print(f"[hierdino] WARNING: {warning}", flush=True)
             elapsed = time.perf_counter() - t0
             rate = images / max(elapsed, 1e-9)
             rec = dict(last, step=step, images_per_s=rate, data_wait=wait / max(elapsed, 1e-9),
-                       corrupt=corrupt.corrupt)
+                       corrupt=corrupt.corrupt, first_batch_s=first_batch_s)
             log.write(rec)
             if rank == 0:
                 eta = (stop - step) * cfg.train.batch_size / max(rate, 1e-9)

@@ -23,7 +23,7 @@ GROUPS = {
     "loss": ("loss", "dino", "ibot", "koleo", "sup"),
     "collapse": ("dino_entropy", "ibot_entropy", "distinct_protos", "cls_spread", "labelled"),
     "schedule": ("lr", "wd", "momentum", "teacher_temp"),
-    "speed": ("images_per_s", "data_wait"),
+    "speed": ("images_per_s", "data_wait", "first_batch_s"),
 }
 
 
