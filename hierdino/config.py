@@ -132,6 +132,8 @@ class TrainConfig:
     log_every: int = _f(10, min=1)
     precision: Literal["auto", "bf16", "fp32"] = _f("auto", doc="auto: bf16 params on GPU, fp32 on CPU")
     stop_at_step: Optional[int] = _f(None, min=1, doc="stop early (schedules still span `steps`); for tests and resume")
+    compile: bool = _f(False, doc="torch.compile each transformer block of student and teacher (GPU runs; "
+                                  "the first steps are slower while it compiles)")
     freeze_backbone_steps: int = _f(0, min=0, doc="the backbone stays fixed for the first N steps while the "
                                     "heads warm up (for pretrained weights without DINO/iBOT heads)")
     stop_on_collapse: bool = _f(False, doc="stop with an error when the DINO targets stay near uniform after warm-up")
@@ -392,7 +394,7 @@ def list_presets() -> list[str]:
 
 def _read_source(preset_or_path: str | Path) -> tuple[dict, str]:
     path = Path(str(preset_or_path)).expanduser()
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    if path.suffix in (".yaml", ".yml") or path.is_file():  # a directory named like a preset (a run) is not a config
         if not path.is_file():
             raise ConfigError(f"config file {preset_or_path} does not exist")
         text, source = path.read_text(), str(path)

@@ -3,14 +3,16 @@
   python jobs/sweep.py --config tiny-cpu --space tune_spaces/alpha.yaml --trials 4
   python jobs/sweep.py --config vits14 --space tune_spaces/level_weights.yaml --trials 32 --max-concurrent 8
 
-Writes OUT/results.csv, OUT/results.md (sorted by ext_val_bacc), OUT/best_config.yaml (takes
-`jobs/pretrain.py --config` as it is) and OUT/objective.png. Run it again to resume.
+Writes OUT/results.csv, OUT/results.md (sorted by ext_val_bacc, with each trial's 95% bootstrap
+interval pooled over the external sets, how the winner was chosen and whether it is distinguishable
+from the runner-up), OUT/best_config.yaml (takes `jobs/pretrain.py --config` as it is) and
+OUT/objective.png. The winner is chosen among trials that reached the full budget: a trial ASHA
+stopped early never wins. OUT defaults to <run.storage>/sweeps/<space>. Run it again to resume.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -28,13 +30,15 @@ def main(argv=None) -> int:
     p.add_argument("--scheduler", choices=["asha", "none"], default="asha")
     p.add_argument("--max-concurrent", type=int, default=1)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--out", default=None, help="default: sweeps/<space name>; an s3:// URI on clusters")
+    p.add_argument("--search", choices=["random", "optuna"], default="random",
+                   help="random sampling, or Optuna's TPE (pip install 'hierdino[optuna]')")
+    p.add_argument("--out", default=None, help="default: <run.storage>/sweeps/<space name> (S3 storage keeps them on clusters)")
     p.add_argument("--validate-only", action="store_true", help="check the config and the space; nothing is started")
     args = p.parse_args(argv)
     from hierdino.config import load_config
     from hierdino.train.launch import ensure_synthetic_suite, init_ray
 
-    from hierdino.tune.sweep import check_space, load_space
+    from hierdino.tune.sweep import check_space, default_out, load_space
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -46,12 +50,17 @@ def main(argv=None) -> int:
     if args.validate_only:
         print(f"config and space OK: {args.config}, {args.space}")
         return 0
-    out = args.out or os.path.join("sweeps", space.name)
+    out = args.out or default_out(cfg, space)
     if not cfg.data.train:
         ensure_synthetic_suite(cfg)
         args.overrides.append(f"data.synth_cache={cfg.data.synth_cache}")
-    init_ray()
-    res = run_sweep(args.config, args.space, args.trials, out, args.scheduler, args.max_concurrent, args.overrides)
+    init_ray(dashboard=True)  # without the dashboard a trial stopped by ASHA can keep its resources (ray #54305)
+    try:
+        res = run_sweep(args.config, args.space, args.trials, out, args.scheduler, args.max_concurrent, args.overrides,
+                        search=args.search)
+    except SpaceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"[hierdino] sweep results: {out}/results.md; best config: {out}/best_config.yaml")
     return 0 if res.get("best") else 1
 

@@ -1,6 +1,7 @@
 import pytest
 import yaml
 
+from conftest import REPO
 from hierdino.config import load_config
 from hierdino.tune.sweep import SpaceError, check_space, load_space, run_sweep, trial_overrides
 
@@ -50,3 +51,108 @@ def test_two_trial_sweep_writes_outputs_and_asha_stops_the_bad_trial(ray_cluster
         assert (out / name).stat().st_size > 100
     best = load_config(str(out / "best_config.yaml"))
     assert best.eval.image_size == 64 and best.train.steps == 8 and best.eval.split == "val"
+
+
+def _synthetic(values: dict):
+    """A trainable that reports ``values[seed] = [(step, objective, lo, hi), ...]`` without training;
+    a list shorter than the budget is a trial stopped early (as ASHA stops one)."""
+    def trainable(config):
+        from ray import tune
+
+        for step, v, lo, hi in values[config["sample"]["train.seed"]]:
+            tune.report({"ext_val_bacc": v, "ext_val_bacc_lo": lo, "ext_val_bacc_hi": hi, "step": step})
+    return trainable
+
+
+def _space(tmp_path, key, dist):
+    space = tmp_path / "syn.yaml"
+    space.write_text(yaml.safe_dump({"name": "syn", "params": {key: dist}}))
+    return space
+
+
+def test_a_trial_stopped_early_never_wins_and_the_verdict_uses_intervals(ray_cluster, tmp_path):
+    from hierdino.tune import sweep
+
+    values = {  # keyed by train.seed; budget: train.steps = 8
+        1: [(4, 0.95, 0.90, 0.99)],                           # the best value, but after half the budget
+        2: [(4, 0.70, 0.6, 0.8), (8, 0.80, 0.75, 0.85)],
+        3: [(4, 0.72, 0.6, 0.8), (8, 0.78, 0.74, 0.83)],
+        4: [(4, 0.60, 0.5, 0.7), (8, 0.65, 0.60, 0.70)],
+    }
+    out = tmp_path / "sweep"
+    res = sweep.run_sweep("tiny-cpu", str(_space(tmp_path, "train.seed", {"dist": "grid", "values": list(values)})), 1,
+                          str(out), "none",
+                          1, ["train.steps=8"], log=lambda *_: None, trainable=_synthetic(values))
+    rows = {r["train.seed"]: r for r in res["rows"]}
+    assert rows["1"]["stopped_early"] and not rows["1"]["chosen"]
+    assert rows["2"]["chosen"] and res["best"]["train.seed"] == "2"
+    assert res["rows"][0]["train.seed"] == "1"  # the table still sorts by value: the stopped trial stays visible
+    assert "reached the full budget (8 steps)" in res["how"] and res["verdict"].startswith("not distinguishable")
+    header = (out / "best_config.yaml").read_text().splitlines()[:3]
+    assert "ext_val_bacc=0.8000 [0.7500, 0.8500] at step 8" in header[0] and "full budget" in header[1]
+
+
+def test_choose_best_without_full_budget_compares_at_the_common_step():
+    from hierdino.tune.sweep import choose_best
+
+    def row(t, step, v):
+        return {"trial": t, "ext_val_bacc": v, "ci_lo": v - 0.01, "ci_hi": v + 0.01, "step": step, "error": ""}
+
+    rows = [row("a", 6, 0.70), row("b", 4, 0.90), row("c", 6, 0.60)]
+    hist = {"a": [(2, 0.5, 0.4, 0.6), (4, 0.95, 0.93, 0.97), (6, 0.70, 0.69, 0.71)],
+            "b": [(2, 0.6, 0.5, 0.7), (4, 0.90, 0.89, 0.91)], "c": [(4, 0.2, 0.1, 0.3), (6, 0.6, 0.59, 0.61)]}
+    best, how, verdict = choose_best(rows, hist, total_steps=8)
+    assert best["trial"] == "a" and "at step 4" in how  # a's 0.95 at step 4 beats b's 0.90 there
+    assert verdict.startswith("distinguishable")  # [0.93, 0.97] lies above b's [0.89, 0.91]
+
+
+def test_pooled_interval_matches_a_hand_computation():
+    import numpy as np
+    from sklearn.metrics import balanced_accuracy_score
+
+    from hierdino.eval.metrics import pooled_bacc_interval
+
+    sets = [(["a", "a", "b", "b", "c"], ["a", "b", "b", "b", "a"]), (["x", "y", "y", "y"], ["x", "y", "x", "y"])]
+    point, lo, hi = pooled_bacc_interval(sets, n=200, seed=3)
+    assert point == pytest.approx((np.mean([1 / 2, 1, 0]) + np.mean([1, 2 / 3])) / 2)
+    rng, means = np.random.default_rng(3), []
+    for _ in range(200):  # the same resamples, scored by scikit-learn
+        vals = []
+        for t, p in sets:
+            idx = rng.integers(0, len(t), len(t))
+            with np.errstate(all="ignore"):
+                import warnings
+
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    vals.append(balanced_accuracy_score([t[i] for i in idx], [p[i] for i in idx]))
+        means.append(np.mean(vals))
+    assert (lo, hi) == pytest.approx((np.quantile(means, 0.025), np.quantile(means, 0.975)))
+    assert pooled_bacc_interval([(["a"] * 50 + ["b"] * 50, ["a"] * 50 + ["b"] * 50)], n=50)[1:] == (1.0, 1.0)
+
+
+def test_optuna_search_runs_a_small_sweep(ray_cluster, tmp_path):
+    pytest.importorskip("optuna", reason="the optuna extra is not installed (CI installs it with the test extra)")
+    from hierdino.tune import sweep
+
+    def trainable(config):
+        from ray import tune
+
+        x = config["sample"]["loss.supervised.alpha"]
+        tune.report({"ext_val_bacc": 1 - (x - 0.3) ** 2, "ext_val_bacc_lo": 0.0, "ext_val_bacc_hi": 1.0, "step": 8})
+
+    res = sweep.run_sweep("tiny-cpu", str(_space(tmp_path, "loss.supervised.alpha", {"dist": "uniform", "low": 0.0, "high": 1.0})), 3,
+                          str(tmp_path / "opt"), "none", 1, ["train.steps=8"], log=lambda *_: None, search="optuna",
+                          trainable=trainable)
+    xs = [float(r["loss.supervised.alpha"]) for r in res["rows"]]
+    assert len(xs) == 3 and len(set(xs)) == 3 and all(0 <= x <= 1 for x in xs)
+    with pytest.raises(sweep.SpaceError, match="grid"):
+        sweep.searcher("optuna", sweep.load_space(_space(tmp_path, "train.seed", {"dist": "grid", "values": [1, 2]})))
+
+
+def test_sweep_outputs_default_under_run_storage(tmp_path):
+    from hierdino.tune.sweep import default_out
+
+    space = load_space(REPO / "tune_spaces" / "alpha.yaml")
+    assert default_out(load_config("tiny-cpu", ["run.storage=s3://bucket/runs"]), space) == "s3://bucket/runs/sweeps/alpha"
+    assert default_out(load_config("tiny-cpu", [f"run.storage={tmp_path}"]), space) == f"{tmp_path}/sweeps/alpha"

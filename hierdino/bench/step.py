@@ -59,11 +59,13 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: i
 def time_full_step(cfg, batch: int, steps: int, device: torch.device, dtype: torch.dtype):
     from hierdino.hierarchy import load_hierarchy
     from hierdino.models.student_teacher import StudentTeacher
-    from hierdino.train.loop import TrainStep, make_step_batch
+    from hierdino.train.loop import TrainStep, compile_blocks, make_step_batch
 
     torch.manual_seed(0)
     model = StudentTeacher(cfg, load_hierarchy(cfg.hierarchy.name)).to(device)
     model.backbone_autocast = dtype != torch.float32  # as the trainer: backbones in bf16, heads/losses fp32
+    if cfg.train.compile:
+        compile_blocks(model)
     step_fn = TrainStep(model, cfg)
     raw = _raw_batch(cfg, batch)
     gen = torch.Generator().manual_seed(0)

@@ -12,6 +12,7 @@ import torch
 
 from hierdino.data import shards
 from hierdino.eval.features import backbone_features, decode_images
+from hierdino.eval.metrics import pooled_bacc_interval
 from hierdino.eval.probes import fit_predict
 from hierdino.eval.report import resolve_dataset
 
@@ -21,6 +22,7 @@ class LiveEvaluator:
         self.probe, self.split = cfg.eval.probe, cfg.eval.split
         self.size = cfg.eval.image_size or cfg.data.image_size
         self.batch_size = cfg.eval.batch_size
+        self.bootstrap = min(cfg.eval.bootstrap, 300)  # a few hundred resamples suffice for a 95% interval
         self.sets = []
         for name in cfg.eval.datasets:
             uri = resolve_dataset(name, cfg.data.synth_cache)
@@ -35,14 +37,14 @@ class LiveEvaluator:
     def __call__(self, backbone, device) -> dict[str, float]:
         was_training = backbone.training
         backbone.eval()
-        out = {}
+        out, scored = {}, []
         for name, images, labels, splits in self.sets:
             feats = backbone_features(backbone, images, self.size, self.batch_size, device)
             tr, ev = splits == "train", splits == self.split
             pred = fit_predict(self.probe, feats[tr], labels[tr], feats[ev])
-            from sklearn.metrics import balanced_accuracy_score
-
-            out[f"bacc/{name}"] = float(balanced_accuracy_score(list(labels[ev]), list(pred)))
+            scored.append((list(labels[ev]), list(pred)))
+            out[f"bacc/{name}"] = pooled_bacc_interval([scored[-1]], n=0)[0]
         backbone.train(was_training)
-        out["ext_val_bacc"] = float(np.mean(list(out.values()))) if out else float("nan")
+        # the objective of sweeps, with its bootstrap interval pooled over the datasets
+        out["ext_val_bacc"], out["ext_val_bacc_lo"], out["ext_val_bacc_hi"] = pooled_bacc_interval(scored, n=self.bootstrap)
         return out

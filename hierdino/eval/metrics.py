@@ -135,3 +135,32 @@ def bootstrap(y_true: list[str], y_pred: list[str], h: Hierarchy, n: int = 1000,
         for k, v in enc.metrics(rng.integers(0, m, m)).items():
             samples.setdefault(k, []).append(v)
     return {k: (float(np.quantile(v, alpha / 2)), float(np.quantile(v, 1 - alpha / 2))) for k, v in samples.items()}
+
+
+def pooled_bacc_interval(sets: list[tuple[list, list]], n: int = 1000, seed: int = 0,
+                         alpha: float = 0.05) -> tuple[float, float, float]:
+    """The mean over datasets of balanced accuracy, and its percentile ``1 - alpha`` interval.
+
+    ``sets``: ``(y_true, y_pred)`` per dataset. Each resample draws every dataset's scored images
+    with replacement, independently (the datasets are independent samples), and averages their
+    balanced accuracies; the interval is the spread of that mean over ``n`` seeded resamples.
+    """
+    encoded = []
+    for y_true, y_pred in sets:
+        classes = sorted(set(y_true) | set(y_pred))
+        code = {c: i for i, c in enumerate(classes)}
+        encoded.append((np.array([code[x] for x in y_true]), np.array([code[x] for x in y_pred]), len(classes)))
+    if not encoded:
+        return float("nan"), float("nan"), float("nan")
+    point = float(np.mean([_bacc(t, p, k) for t, p, k in encoded]))
+    if n <= 0:
+        return point, float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = []
+    for _ in range(n):
+        vals = []
+        for t, p, k in encoded:
+            idx = rng.integers(0, len(t), len(t))
+            vals.append(_bacc(t[idx], p[idx], k))
+        means.append(np.mean(vals))
+    return point, float(np.quantile(means, alpha / 2)), float(np.quantile(means, 1 - alpha / 2))

@@ -15,7 +15,7 @@ import json
 import math
 import os
 import tempfile
-import uuid
+import time
 
 from hierdino.data import storage
 
@@ -58,8 +58,10 @@ class RunLog:
         self.tb_local = tempfile.mkdtemp(prefix="hierdino-tb-") if self.remote else self.tb_uri
         if not self.remote:
             os.makedirs(self.tb_local, exist_ok=True)
-        # a unique file per writer: tensorboardX names files by the second, and a resumed run must not overwrite
-        self.writer = SummaryWriter(logdir=self.tb_local, flush_secs=30, filename_suffix=f".{uuid.uuid4().hex[:12]}")
+        # One file per writer, named in time order: tensorboardX names files by the second (a resumed
+        # run must not overwrite the last file) and TensorBoard reads a directory's files in name order.
+        self.writer = SummaryWriter(logdir=self.tb_local, flush_secs=30,
+                                    filename_suffix=f".{time.time_ns():020d}.{os.getpid()}")
 
     def write(self, record: dict, step: int | None = None) -> None:
         """One record: a ``metrics.jsonl`` line and a TensorBoard scalar per finite number in it."""

@@ -177,9 +177,38 @@ def _trial(config: dict) -> None:
         tune.report({OBJECTIVE: final[OBJECTIVE], "step": final.get("step")})
 
 
+def default_out(cfg, space: Space) -> str:
+    """``<run.storage>/sweeps/<space>``: on S3 storage the results outlive the pod that ran the sweep."""
+    base = cfg.run.storage if storage.is_s3(cfg.run.storage) else str(Path(cfg.run.storage).expanduser().absolute())
+    return storage.join(base, "sweeps", space.name)
+
+
+def searcher(search: str, space: Space, seed: int = 0):
+    """``None`` (Tune's random sampling) or Ray Tune's Optuna searcher (TPE), which needs the extra."""
+    if search == "random":
+        return None
+    if search != "optuna":
+        raise SpaceError(f"--search must be random or optuna, got {search!r}")
+    grid = [k for k, p in space.params.items() if p["dist"] == "grid"]
+    if grid:
+        raise SpaceError(f"{space.source}: dist grid ({', '.join(grid)}) enumerates values; a searcher proposes them. "
+                         "Use --search random, or dist choice")
+    try:
+        import optuna
+
+        from ray.tune.search.optuna import OptunaSearch
+    except ImportError:
+        raise SpaceError("--search optuna needs Optuna: pip install 'hierdino[optuna]'") from None
+    return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=seed))
+
+
 def run_sweep(base: str, space_path: str, trials: int, out: str, scheduler: str = "asha", max_concurrent: int = 1,
-              base_overrides: list[str] | None = None, log=print) -> dict:
-    """Run (or resume) a sweep under ``out``; writes results.csv/.md, best_config.yaml and objective.png."""
+              base_overrides: list[str] | None = None, log=print, search: str = "random", trainable=None) -> dict:
+    """Run (or resume) a sweep under ``out``; writes results.csv/.md, best_config.yaml and objective.png.
+
+    ``trainable``: the function each trial runs (default: a short pretrain, ``_trial``); tests give
+    one that reports without training, to check selection through the real Tune machinery.
+    """
     from ray import tune
 
     space = load_space(space_path)
@@ -206,7 +235,8 @@ def run_sweep(base: str, space_path: str, trials: int, out: str, scheduler: str 
                    "base_overrides": base_overrides, "trials_dir": storage.join(out_path, "trials")}
     # A trial driver only waits on its TorchTrainer: it holds no CPU (a bundle needs some resource,
     # hence 1 MiB of memory). Even 0.01 CPU left the trial's Ray Data unable to start on 2 CPUs.
-    trainable = tune.with_resources(_trial, {"cpu": 0, "memory": 2 ** 20})
+    trainable = tune.with_resources(trainable or _trial, {"cpu": 0, "memory": 2 ** 20})
+    search_alg = searcher(search, space)
     exp_dir = storage.join(out_path, "tune")
     if tune.Tuner.can_restore(storage.join(exp_dir, space.name)):
         log(f"[hierdino] resuming the sweep in {exp_dir}/{space.name}")
@@ -215,31 +245,95 @@ def run_sweep(base: str, space_path: str, trials: int, out: str, scheduler: str 
         tuner = tune.Tuner(
             trainable, param_space=param_space,
             tune_config=tune.TuneConfig(metric=OBJECTIVE, mode="max", num_samples=trials, scheduler=sched,
-                                        max_concurrent_trials=max_concurrent),
+                                        search_alg=search_alg, max_concurrent_trials=max_concurrent),
             run_config=tune.RunConfig(name=space.name, storage_path=exp_dir),
         )
     grid = tuner.fit()
     return write_outputs(grid, base, base_overrides, space, out_path, cfg.train.steps, log)
 
 
+RESULT_KEYS = ("trial", OBJECTIVE, "ci_lo", "ci_hi", "step", "stopped_early", "chosen", "evaluations", "error")
+
+
+def _history(result) -> list[tuple[int, float, float, float]]:
+    """A trial's reported (step, objective, interval low, interval high), in order."""
+    df = result.metrics_dataframe
+    if df is None or OBJECTIVE not in df or "step" not in df:
+        return []
+    out = []
+    for _, row in df.iterrows():
+        v = row.get(OBJECTIVE)
+        if v == v and v is not None and row.get("step") == row.get("step"):
+            out.append((int(row["step"]), float(v), float(row.get(f"{OBJECTIVE}_lo", math.nan)),
+                        float(row.get(f"{OBJECTIVE}_hi", math.nan))))
+    return out
+
+
+def choose_best(rows: list[dict], histories: dict[str, list], total_steps: int) -> tuple[dict | None, str, str]:
+    """The winner, how it was chosen, and whether it is distinguishable from the runner-up.
+
+    Among trials without error: those that reached the full budget (ASHA's top rung) compete on
+    their final objective; if none did, every trial's objective at the largest step all of them
+    reached. A trial stopped early never wins against full-budget trials: its value was measured
+    after less training. The verdict compares the winner's bootstrap interval with the runner-up's.
+    """
+    ok = [r for r in rows if not r["error"] and r[OBJECTIVE] == r[OBJECTIVE]]
+    if not ok:
+        return None, "no trial finished without error", ""
+    full = [r for r in ok if (r["step"] or 0) >= total_steps]
+    if full:
+        pool = [(r, r[OBJECTIVE], r["ci_lo"], r["ci_hi"]) for r in full]
+        how = f"best {OBJECTIVE} among the {len(full)} trial(s) that reached the full budget ({total_steps} steps)"
+    else:
+        common = min(r["step"] or 0 for r in ok)
+        pool = []
+        for r in ok:
+            at = [h for h in histories.get(r["trial"], []) if h[0] <= common]
+            if at:
+                pool.append((r, *at[-1][1:]))
+        how = (f"no trial reached the full budget ({total_steps} steps): best {OBJECTIVE} at step {common}, "
+               f"the largest step all {len(ok)} trials reached")
+    pool.sort(key=lambda x: -x[1])
+    best, verdict = pool[0], "no runner-up"
+    if len(pool) > 1:
+        second = pool[1]
+        if any(v != v for v in (best[2], best[3], second[2], second[3])):
+            verdict = "no intervals reported: distinguishability unknown"
+        elif best[2] <= second[3]:
+            verdict = (f"not distinguishable at this evaluation size: the winner's 95% interval "
+                       f"[{best[2]:.4f}, {best[3]:.4f}] overlaps the runner-up's ({second[0]['trial']}) "
+                       f"[{second[2]:.4f}, {second[3]:.4f}]")
+        else:
+            verdict = (f"distinguishable: the winner's 95% interval [{best[2]:.4f}, {best[3]:.4f}] lies above the "
+                       f"runner-up's ({second[0]['trial']}) [{second[2]:.4f}, {second[3]:.4f}]")
+    return best[0], how, verdict
+
+
 def write_outputs(grid, base: str, base_overrides: list[str], space: Space, out: str, total_steps: int, log=print) -> dict:
-    rows = []
+    rows, histories = [], {}
     for r in grid:
         sample = (r.config or {}).get("sample", {})
         over = trial_overrides(sample, {})
-        hist = r.metrics_dataframe
-        best_step = None if hist is None or OBJECTIVE not in hist else hist[OBJECTIVE].dropna()
+        m = r.metrics or {}
+        trial = m.get("trial_id", "?")
+        histories[trial] = _history(r)
         rows.append({
-            "trial": (r.metrics or {}).get("trial_id", "?"),
-            OBJECTIVE: (r.metrics or {}).get(OBJECTIVE, float("nan")),
-            "step": (r.metrics or {}).get("step"),
-            "stopped_early": not r.error and ((r.metrics or {}).get("step") or 0) < total_steps,
-            "evaluations": 0 if best_step is None else int(len(best_step)),
+            "trial": trial,
+            OBJECTIVE: m.get(OBJECTIVE, float("nan")),
+            "ci_lo": m.get(f"{OBJECTIVE}_lo", float("nan")),
+            "ci_hi": m.get(f"{OBJECTIVE}_hi", float("nan")),
+            "step": m.get("step"),
+            "stopped_early": not r.error and (m.get("step") or 0) < total_steps,
+            "chosen": False,
+            "evaluations": len(histories[trial]),
             "error": type(r.error).__name__ if r.error else "",
             **{k: override_text(v) for k, v in over.items()},
         })
+    best, how, verdict = choose_best(rows, histories, total_steps)
+    if best is not None:
+        best["chosen"] = True
     rows.sort(key=lambda x: -x[OBJECTIVE] if x[OBJECTIVE] == x[OBJECTIVE] else math.inf)
-    keys = list(dict.fromkeys(k for r in rows for k in r))
+    keys = list(dict.fromkeys([*RESULT_KEYS, *(k for r in rows for k in r)]))
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=keys)
     w.writeheader()
@@ -248,19 +342,20 @@ def write_outputs(grid, base: str, base_overrides: list[str], space: Space, out:
     md = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for r in rows:
         md.append("| " + " | ".join(f"{r.get(k):.4f}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys) + " |")
+    md += ["", f"Chosen: {how}.", f"Verdict: {verdict}." if verdict else ""]
     storage.write_bytes(storage.join(out, "results.md"), ("\n".join(md) + "\n").encode())
-    best = next((r for r in rows if r[OBJECTIVE] == r[OBJECTIVE] and not r["error"]), None)
-    outputs = {"rows": rows, "table": "\n".join(md)}
+    outputs = {"rows": rows, "table": "\n".join(md), "how": how, "verdict": verdict}
+    params_keys = [k for k in keys if k not in RESULT_KEYS]
     if best is not None:
-        params = {k: best[k] for k in keys if k not in ("trial", OBJECTIVE, "step", "stopped_early", "evaluations", "error")}
+        params = {k: best[k] for k in params_keys}
         fixed = {k: override_text(v) for k, v in space.fixed.items()}
         cfg = load_config(base, list(base_overrides) + [f"{k}={v}" for k, v in {**fixed, **params}.items()]
                           + [f"run.name=best-{space.name}"])
-        header = f"# best trial {best['trial']} of sweep {space.name}: {OBJECTIVE}={best[OBJECTIVE]:.4f}\n"
+        header = (f"# best trial {best['trial']} of sweep {space.name}: {OBJECTIVE}={best[OBJECTIVE]:.4f} "
+                  f"[{best['ci_lo']:.4f}, {best['ci_hi']:.4f}] at step {best['step']}\n# chosen: {how}\n# {verdict}\n")
         storage.write_bytes(storage.join(out, "best_config.yaml"), (header + cfg.to_yaml()).encode())
         outputs["best"] = best
-    _plot(rows, [k for k in keys if k not in ("trial", OBJECTIVE, "step", "stopped_early", "evaluations", "error")],
-          storage.join(out, "objective.png"))
+    _plot(rows, params_keys, storage.join(out, "objective.png"))
     log("\n".join(md))
     return outputs
 
@@ -274,8 +369,10 @@ def _plot(rows: list[dict], params: list[str], uri: str) -> None:
     params = params or ["trial"]
     fig, axes = plt.subplots(1, len(params), figsize=(4 * len(params), 3.2), squeeze=False)
     for ax, p in zip(axes[0], params):
-        xs, ys, colors = [], [], []
+        xs, ys, colors, errs = [], [], [], []
         for r in rows:
+            lo, hi = r.get("ci_lo", math.nan), r.get("ci_hi", math.nan)
+            errs.append((r[OBJECTIVE] - lo, hi - r[OBJECTIVE]) if lo == lo and hi == hi else (0.0, 0.0))
             x = r.get(p)
             try:
                 x = float(x)
@@ -284,15 +381,17 @@ def _plot(rows: list[dict], params: list[str], uri: str) -> None:
             xs.append(x)
             ys.append(r[OBJECTIVE])
             colors.append("tab:red" if r["stopped_early"] else "tab:blue")
-        if all(isinstance(x, float) for x in xs):
-            ax.scatter(xs, ys, c=colors)
-        else:
-            cats = sorted(set(map(str, xs)))
-            ax.scatter([cats.index(str(x)) for x in xs], ys, c=colors)
+        numeric = all(isinstance(x, float) for x in xs)
+        cats = [] if numeric else sorted(set(map(str, xs)))
+        pos = xs if numeric else [cats.index(str(x)) for x in xs]
+        for x, y, c, e, r in zip(pos, ys, colors, errs, rows):
+            ax.errorbar([x], [y], yerr=[[e[0]], [e[1]]], fmt="x" if r["stopped_early"] else "o", color=c, capsize=3,
+                        mfc="none" if r["stopped_early"] else c)
+        if cats:
             ax.set_xticks(range(len(cats)), cats, rotation=30, fontsize=7)
         ax.set_xlabel(p, fontsize=8)
         ax.set_ylabel(OBJECTIVE)
-    fig.suptitle("sweep objective (red: stopped early by ASHA)", fontsize=9)
+    fig.suptitle("sweep objective with 95% bootstrap intervals (red x: stopped early by ASHA)", fontsize=9)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
