@@ -99,7 +99,7 @@ def test_end_to_end_evaluation_with_plots_and_cache(ray_cluster, synth_suite, ti
 
     datasets = [resolve_dataset(n, synth_suite) for n in ("synth-ext-1", "synth-ood")]
     logs = []
-    res = evaluate([str(tiny_export), "pixels"], datasets, str(tmp_path), "val", bootstrap_n=1000, log=logs.append)
+    res = evaluate([str(tiny_export), "pixels"], datasets, str(tmp_path), "val", bootstrap_n=200, log=logs.append)
     assert len(res["rows"]) == 2 * 2 * 3
     data = json.loads((tmp_path / "results.json").read_text())
     row = data["rows"][0]
@@ -111,7 +111,7 @@ def test_end_to_end_evaluation_with_plots_and_cache(ray_cluster, synth_suite, ti
     assert len(pngs) == 2 * 2 * 2 + 2 and all(p.stat().st_size > 5000 for p in pngs)
     assert sum("features:" in line for line in logs) == 4
     logs2 = []
-    res2 = evaluate([str(tiny_export), "pixels"], datasets, str(tmp_path), "val", bootstrap_n=1000, plots=False, log=logs2.append)
+    res2 = evaluate([str(tiny_export), "pixels"], datasets, str(tmp_path), "val", bootstrap_n=200, plots=False, log=logs2.append)
     assert not any("features:" in line for line in logs2)  # every feature came from the cache
     assert res2["rows"] == res["rows"]
 

@@ -41,16 +41,17 @@ def test_two_trial_sweep_writes_outputs_and_asha_stops_the_bad_trial(ray_cluster
     space.write_text(yaml.safe_dump({"name": "asha_demo", "params": {"eval.image_size": {"dist": "grid", "values": [64, 8]}}}))
     out = tmp_path / "sweep"
     res = run_sweep("tiny-cpu", str(space), 1, str(out), "asha", 1, [
-        f"data.synth_cache={synth_suite}", "train.steps=8", "train.batch_size=16", "checkpoint.every_steps=3",
-        "eval.every_steps=4", "train.log_every=4"], log=lambda *_: None)  # checkpoints off the eval steps, 1-CPU worker
+        f"data.synth_cache={synth_suite}", "train.steps=4", "train.batch_size=16", "checkpoint.every_steps=3",
+        "eval.every_steps=2", "train.log_every=2"], log=lambda *_: None)  # checkpoints off the eval steps, 1-CPU worker
     rows = {r["eval.image_size"]: r for r in res["rows"]}
-    assert rows["64"]["step"] == 8 and not rows["64"]["stopped_early"]
-    assert rows["8"]["stopped_early"] and rows["8"]["step"] == 4
+    assert rows["64"]["step"] == 4 and not rows["64"]["stopped_early"] and rows["64"]["chosen"]
+    assert rows["8"]["stopped_early"] and rows["8"]["step"] == 2
+    assert rows["64"]["ci_lo"] <= rows["64"]["ext_val_bacc"] <= rows["64"]["ci_hi"]  # the live evaluation's interval
     assert rows["64"]["ext_val_bacc"] > rows["8"]["ext_val_bacc"]
     for name in ("results.csv", "results.md", "objective.png", "best_config.yaml"):
         assert (out / name).stat().st_size > 100
     best = load_config(str(out / "best_config.yaml"))
-    assert best.eval.image_size == 64 and best.train.steps == 8 and best.eval.split == "val"
+    assert best.eval.image_size == 64 and best.train.steps == 4 and best.eval.split == "val"
 
 
 def _synthetic(values: dict):
