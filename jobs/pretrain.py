@@ -29,7 +29,9 @@ def parse_args(argv=None):
     p.add_argument("--validate-only", action="store_true", help="check the config and exit; nothing is started")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
     p.add_argument("--verbose", action="store_true", help="Ray Data plans, progress bars and Ray's warnings too")
-    p.add_argument("--dashboard", action="store_true", help="start the Ray dashboard with the local cluster")
+    p.add_argument("--no-dashboard", dest="dashboard", action="store_false",
+                   help="start the local cluster without Ray's dashboard (Ray Train then cannot query its state API "
+                        "and says so every few seconds)")
     p.add_argument("--local-cpus", type=int, default=None, metavar="N",
                    help="CPUs the local cluster may use (default: all); ignored under `ray job submit`")
     return p.parse_args(argv)

@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     if not cfg.data.train:
         ensure_synthetic_suite(cfg)
         args.overrides.append(f"data.synth_cache={cfg.data.synth_cache}")
-    init_ray(dashboard=True)  # without the dashboard a trial stopped by ASHA can keep its resources (ray #54305)
+    init_ray()  # with the dashboard: without it a trial stopped by ASHA can keep its resources (ray #54305)
     try:
         res = run_sweep(args.config, args.space, args.trials, out, args.scheduler, args.max_concurrent, args.overrides,
                         search=args.search)

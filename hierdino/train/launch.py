@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -21,13 +22,15 @@ def run_uri(cfg: Config) -> str:
     return storage.join(base, cfg.run.name)
 
 
-def init_ray(num_cpus: int | None = None, dashboard: bool = False, verbose: bool = False) -> None:
+def init_ray(num_cpus: int | None = None, dashboard: bool = True, verbose: bool = False) -> None:
     """Join the cluster of ``RAY_ADDRESS`` (``ray job submit``), else start a local one (``num_cpus``:
-    all by default; the dashboard only when asked).
+    all by default). The local cluster keeps Ray's dashboard: Ray Train 2.60's placement-group
+    cleaner and Tune's early stopping query its state API (without it the cleaner logs a failure
+    every few seconds and a trial ASHA stops can keep its resources, ray-project/ray #54305).
 
     Unless ``verbose``: one progress line per log step (Ray Train's print patch tees worker prints
     into its logger, so each line came twice), no Ray Data execution plans or progress bars, Ray Data
-    logs at WARNING, no deprecation warnings from Ray's internals; locally, no preemption watcher.
+    logs at ERROR (local clusters), no deprecation warnings from Ray's internals; locally, no preemption watcher.
     """
     import ray
 
@@ -41,12 +44,12 @@ def init_ray(num_cpus: int | None = None, dashboard: bool = False, verbose: bool
         from ray.util.annotations import RayDeprecationWarning
 
         warnings.filterwarnings("ignore", category=RayDeprecationWarning)
-        env["RAY_DATA_LOG_LEVEL"] = "WARNING"
+        logging.getLogger("ray.data").setLevel(logging.ERROR)  # the driver's own Ray Data logs (evaluation)
+        env["RAY_DATA_LOG_LEVEL"] = "ERROR"  # its warnings are progress-bar notes; preflight covers resources
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
     else:
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # a laptop is not preempted
-        os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray's default for a new local cluster, said once in the docs
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, configure_logging=False,
                  runtime_env={"env_vars": env} if env else None)
     from ray.data import DataContext
