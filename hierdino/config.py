@@ -144,6 +144,8 @@ class ScalingConfig:
     num_workers: int = _f(1, min=1)
     use_gpu: bool = _f(True)
     cpus_per_worker: float = _f(1.0, gt=0.0)
+    gpus_per_worker: float = _f(1.0, gt=0.0, max=1.0, doc="with use_gpu: a fraction (0.25, 0.5) lets several small "
+                                                        "runs (sweep trials) share a GPU")
     max_failures: int = _f(3, min=-1, doc="worker restarts from the last checkpoint; -1 = unlimited")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = _f("PACK", doc="SPREAD puts workers on different nodes")
     wait_for_resources_s: float = _f(0.0, min=0.0, doc="an autoscaling cluster (KubeRay, `ray up`): wait this long "

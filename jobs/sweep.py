@@ -28,7 +28,12 @@ def main(argv=None) -> int:
     p.add_argument("--space", required=True)
     p.add_argument("--trials", type=int, default=4)
     p.add_argument("--scheduler", choices=["asha", "none"], default="asha")
-    p.add_argument("--max-concurrent", type=int, default=1)
+    p.add_argument("--max-concurrent", type=int, default=None,
+                   help="trials at once (default: as many as fit on the cluster, said at start)")
+    p.add_argument("--cpus-per-trial", type=float, default=None,
+                   help="CPUs of each trial's training workers together (sets scaling.cpus_per_worker)")
+    p.add_argument("--gpus-per-trial", type=float, default=None,
+                   help="GPUs of each trial, fractions allowed (0.25: four trials share a GPU; sets scaling.gpus_per_worker)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--search", choices=["random", "optuna"], default="random",
                    help="random sampling, or Optuna's TPE (pip install 'hierdino[optuna]')")
@@ -41,6 +46,12 @@ def main(argv=None) -> int:
     from hierdino.tune.sweep import check_space, default_out, load_space
 
     try:
+        cfg = load_config(args.config, args.overrides)
+        workers = cfg.scaling.num_workers
+        if args.cpus_per_trial is not None:
+            args.overrides.append(f"scaling.cpus_per_worker={args.cpus_per_trial / workers:g}")
+        if args.gpus_per_trial is not None:
+            args.overrides += ["scaling.use_gpu=true", f"scaling.gpus_per_worker={args.gpus_per_trial / workers:g}"]
         cfg = load_config(args.config, args.overrides)
         space = load_space(args.space)
         check_space(args.config, args.overrides, space)
@@ -55,8 +66,20 @@ def main(argv=None) -> int:
         ensure_synthetic_suite(cfg)
         args.overrides.append(f"data.synth_cache={cfg.data.synth_cache}")
     init_ray()  # with the dashboard: without it a trial stopped by ASHA can keep its resources (ray #54305)
+    import ray
+
+    from hierdino.train.preflight import ResourcesError, plan_resources, trials_at_once
+
     try:
-        res = run_sweep(args.config, args.space, args.trials, out, args.scheduler, args.max_concurrent, args.overrides,
+        plan_resources(cfg, ray.cluster_resources())  # one trial must fit, or the sweep would wait forever
+    except ResourcesError as e:
+        print(f"resources error: {e}", file=sys.stderr)
+        return 2
+    fit = trials_at_once(cfg, ray.cluster_resources())
+    concurrent = args.max_concurrent or max(1, fit)
+    print(f"[hierdino] {fit} trial(s) fit on the cluster at once; running {concurrent} at a time")
+    try:
+        res = run_sweep(args.config, args.space, args.trials, out, args.scheduler, concurrent, args.overrides,
                         search=args.search)
     except SpaceError as e:
         print(f"error: {e}", file=sys.stderr)

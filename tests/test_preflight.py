@@ -63,3 +63,16 @@ def test_oversubscribed_default_run_exits_fast_instead_of_hanging(tmp_path):
     assert "resources error" in out.stderr and "cpus_per_worker=0.75" in out.stderr
     assert time.time() - t0 < 60
     assert not (tmp_path / "synth").exists()  # stopped before building any data
+
+
+def test_fractional_gpus_pack_several_trials_on_one_gpu():
+    from hierdino.train.preflight import trials_at_once
+
+    quarter = _cfg("scaling.use_gpu=true", "scaling.gpus_per_worker=0.25", "scaling.cpus_per_worker=2",
+                   "data.num_cpus_per_map=1")
+    assert plan_resources(quarter, {"CPU": 16.0, "GPU": 1.0}).gpus == 0.25
+    assert trials_at_once(quarter, {"CPU": 16.0, "GPU": 1.0}) == 4   # 4 x 0.25 GPU; CPUs would allow 5
+    assert trials_at_once(quarter, {"CPU": 8.0, "GPU": 1.0}) == 2    # 8 // (2 + 1) CPUs
+    assert trials_at_once(_cfg(), {"CPU": 2.0}) == 1                 # the tiny preset: 1 + 0.5 CPUs each
+    with pytest.raises(ResourcesError, match="gpus_per_worker=1 needs 2 GPU"):
+        plan_resources(_cfg("scaling.use_gpu=true", "scaling.num_workers=2"), {"CPU": 16.0, "GPU": 1.0})

@@ -126,7 +126,7 @@ def start_block(cfg: Config, uri: str, progress: dict, data, plan, hierarchy, pr
     log(f"[hierdino] data      {data.summary()}; {100 * data.labeled_fraction:.0f}% of each batch labelled")
     log(f"[hierdino] model     {cfg.model.arch} at {cfg.data.image_size} px: {model_size(cfg, hierarchy)}")
     log(f"[hierdino] resources cluster {res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU; run {plan.workers} worker(s) x "
-        f"{plan.cpus_per_worker:g} CPU{' + 1 GPU' if plan.gpus else ''}, ingest {plan.ingest_cpus:g} CPU per task"
+        f"{plan.cpus_per_worker:g} CPU{f' + {cfg.scaling.gpus_per_worker:g} GPU' if plan.gpus else ''}, ingest {plan.ingest_cpus:g} CPU per task"
         + (f" ({plan.note})" if plan.note else ""))
     log(f"[hierdino] tracking  {storage.join(uri, 'metrics.jsonl')}; TensorBoard: tensorboard --logdir "
         f"{storage.join(uri, 'tb')}")
@@ -169,7 +169,8 @@ def build_trainer(cfg: Config, log=print, callbacks: list | None = None, preset:
         callbacks=callbacks,
     )
     scaling = ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker,
+                                                            **({"GPU": cfg.scaling.gpus_per_worker} if cfg.scaling.use_gpu else {})},
                                       placement_strategy=cfg.scaling.placement_strategy)
     return TorchTrainer(
         train_loop_per_worker,

@@ -25,7 +25,7 @@ class Plan:
 
     workers: int
     cpus_per_worker: float
-    gpus: int
+    gpus: float
     ingest_cpus: float          # num_cpus_per_map after adaptation
     note: str = ""              # what was adapted, for the start block
 
@@ -33,13 +33,14 @@ class Plan:
 def plan_resources(cfg, available: dict) -> Plan:
     """Fit ``cfg`` to the cluster's total resources ``available`` (``ray.cluster_resources()``)."""
     s = cfg.scaling
-    cpus, gpus = float(available.get("CPU", 0)), int(available.get("GPU", 0))
+    cpus, gpus = float(available.get("CPU", 0)), float(available.get("GPU", 0))
     train_cpus = s.num_workers * s.cpus_per_worker
-    want_gpus = s.num_workers if s.use_gpu else 0
-    if want_gpus > gpus:
+    want_gpus = s.num_workers * s.gpus_per_worker if s.use_gpu else 0
+    if want_gpus > gpus + 1e-9:
         raise ResourcesError(
-            f"scaling.use_gpu=true with scaling.num_workers={s.num_workers} needs {want_gpus} GPU(s); the cluster has "
-            f"{gpus}. Set scaling.use_gpu=false to train on CPUs, lower scaling.num_workers, or add GPU nodes "
+            f"scaling.use_gpu=true with scaling.num_workers={s.num_workers} x scaling.gpus_per_worker="
+            f"{s.gpus_per_worker:g} needs {want_gpus:g} GPU(s); the cluster has "
+            f"{gpus:g}. Set scaling.use_gpu=false to train on CPUs, lower scaling.num_workers, or add GPU nodes "
             "(an autoscaling cluster: set scaling.wait_for_resources_s)")
     spare = cpus - train_cpus
     need = cfg.data.num_cpus_per_map
@@ -89,3 +90,14 @@ def preflight(cfg, log=print, resources=None, sleep=time.sleep, clock=time.monot
         if plan.note:
             log(f"[hierdino] {plan.note}")
         return plan
+
+
+def trials_at_once(cfg, available: dict) -> int:
+    """How many runs of ``cfg`` (sweep trials) fit on the cluster together: each takes its workers'
+    CPUs and GPU shares plus one ingest task's CPUs."""
+    s = cfg.scaling
+    per_cpu = s.num_workers * s.cpus_per_worker + cfg.data.num_cpus_per_map
+    fit = int(float(available.get("CPU", 0)) // per_cpu)
+    if s.use_gpu:
+        fit = min(fit, int(float(available.get("GPU", 0)) // (s.num_workers * s.gpus_per_worker) + 1e-9))
+    return fit
