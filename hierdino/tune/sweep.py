@@ -294,7 +294,12 @@ def choose_best(rows: list[dict], histories: dict[str, list], total_steps: int) 
         how = (f"no trial reached the full budget ({total_steps} steps): best {OBJECTIVE} at step {common}, "
                f"the largest step all {len(ok)} trials reached")
     pool.sort(key=lambda x: -x[1])
-    best, verdict = pool[0], "no runner-up"
+    stopped = [r for r in ok if r not in [p[0] for p in pool]]
+    best, verdict = pool[0], "no runner-up: the only trial in the comparison"
+    if len(pool) == 1 and stopped:
+        steps = sorted({r["step"] or 0 for r in stopped})
+        verdict = (f"no runner-up at the full budget: ASHA stopped the other {len(stopped)} trial(s) at step(s) "
+                   f"{', '.join(map(str, steps))}, where their values are not comparable with a final one")
     if len(pool) > 1:
         second = pool[1]
         if any(v != v for v in (best[2], best[3], second[2], second[3])):
