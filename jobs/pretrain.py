@@ -61,6 +61,10 @@ def main(argv=None) -> int:
     except (WeightsError, ResourcesError) as e:
         print(f"{'weights' if isinstance(e, WeightsError) else 'resources'} error: {e}", file=sys.stderr)
         return 2
+    if final.get("stopped_by"):
+        print(f"[hierdino] stopped by {final['stopped_by']} after step {final.get('step')}; checkpoint "
+              f"{final.get('checkpoint')}. Run the same command again to resume from it.")
+        return 0
     if final.get("export") and cfg.eval.at_end and not args.no_eval:
         from hierdino.eval.report import evaluate_run_at_end
 

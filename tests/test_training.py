@@ -92,27 +92,52 @@ def test_pretrain_validate_only_catches_bad_key():
     assert r.returncode == 0 and "config OK" in r.stdout
 
 
-def test_embedded_default_end_to_end(ray_cluster, synth_suite, tmp_path):
+def test_embedded_default_stopped_by_sigterm_then_resumed_to_the_end(ray_cluster, synth_suite, tmp_path):
+    """`pretrain.py` as a user runs it (one progress line per log step, start and end blocks,
+    TensorBoard files), interrupted as Kubernetes evicts a pod (SIGTERM to the driver): it checkpoints
+    the step in flight and exits 0; the same command resumes there and finishes with the evaluation."""
     env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
-    r = subprocess.run([sys.executable, str(REPO / "jobs/pretrain.py"), "--set", f"data.synth_cache={synth_suite}",
-                        "--set", f"run.storage={tmp_path}", "--set", "train.steps=6", "--set", "train.batch_size=16",
-                        "--set", "scaling.cpus_per_worker=0.5", "--set", "checkpoint.every_steps=3",
-                        "--set", "train.log_every=3", "--set", "eval.bootstrap=200"],
-                       capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    cmd = [sys.executable, str(REPO / "jobs/pretrain.py"), "--set", f"data.synth_cache={synth_suite}",
+           "--set", f"run.storage={tmp_path}", "--set", "train.steps=30", "--set", "train.batch_size=16",
+           "--set", "scaling.cpus_per_worker=0.5", "--set", "checkpoint.every_steps=100", "--set", "train.log_every=3",
+           "--set", "eval.bootstrap=200"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+    first = []
+    for line in p.stdout:  # wait until training is under way
+        first.append(line)
+        if "step 3/30 | loss" in line:
+            p.send_signal(signal.SIGTERM)
+            break
+    rest, _ = p.communicate(timeout=300)
+    text = "".join(first) + rest
+    assert p.returncode == 0, text[-3000:]
+    import re
+
+    stopped = re.search(r"stopped by SIGTERM after step (\d+); checkpoint (\S+)\. Run the same command again", text)
+    assert stopped, text[-3000:]
+    step = int(stopped.group(1))
+    assert 3 <= step < 30 and stopped.group(2).endswith(f"checkpoint_{step:07d}")
+    assert json.loads((tmp_path / "tiny-cpu" / "progress.json").read_text())["step"] == step
+    assert not (tmp_path / "tiny-cpu" / "export").exists()
+
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = r.stdout
-    assert [out.count(f"step {s}/6 | loss") for s in (3, 6)] == [1, 1], out[-3000:]  # once per log step
+    assert f"resuming after step {step}" in out and f"step {step}/30 | loss" not in out  # no step repeated
+    logged_steps = [s for s in range(step + 1, 31) if s % 3 == 0 or s == 30]
+    assert [out.count(f"step {s}/30 | loss") for s in logged_steps] == [1] * len(logged_steps), out[-3000:]
     assert "Execution plan of Dataset" not in out + r.stderr and "No pretrained configuration" not in out + r.stderr
     assert "[hierdino] model     vit_tiny_cpu at 64 px: backbone" in out
-    assert "changed: data.synth_cache:" in out and "train.steps: 500 -> 6" in out
+    assert "changed: data.synth_cache:" in out and "train.steps: 500 -> 30" in out
     tail = out.strip().splitlines()[-2:]
     assert tail[0] == f"[hierdino] run         {tmp_path}/tiny-cpu"
     assert tail[1].endswith("export/teacher_backbone.safetensors")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(tmp_path / "tiny-cpu" / "tb")).Reload()
+    events = EventAccumulator(str(tmp_path / "tiny-cpu" / "tb")).Reload()  # both runs' files
     logged = [json.loads(line) for line in (tmp_path / "tiny-cpu" / "metrics.jsonl").read_text().splitlines()]
-    assert [e.step for e in events.Scalars("loss/dino")] == [m["step"] for m in logged] == [3, 6]
+    assert [e.step for e in events.Scalars("loss/dino")] == [m["step"] for m in logged]
+    assert [m["step"] for m in logged][-len(logged_steps):] == logged_steps and logged[0]["step"] == 3
     assert [e.value for e in events.Scalars("collapse/dino_entropy")] == pytest.approx([m["dino_entropy"] for m in logged])
     assert "schedule/lr" in events.Tags()["scalars"]
     assert any(t.startswith("eval/final_synth-ext-1_") for t in events.Tags()["scalars"])  # the evaluation at the end

@@ -12,6 +12,7 @@ from hierdino.data import storage
 from hierdino.data.ingest import CropSpec, build_train_datasets, default_train_uris, describe_train_data, storage_options
 from hierdino.hierarchy import load_hierarchy
 from hierdino.train.preflight import preflight
+from hierdino.train.stop import GracefulStop
 
 
 def run_uri(cfg: Config) -> str:
@@ -132,7 +133,7 @@ def start_block(cfg: Config, uri: str, progress: dict, data, plan, hierarchy, pr
         f"{storage.join(uri, 'tb')}")
 
 
-def build_trainer(cfg: Config, log=print, callbacks: list | None = None, preset: str | None = None):
+def build_trainer(cfg: Config, log=print, callbacks: list | None = None, preset: str | None = None, stop_flag=None):
     """The ``TorchTrainer`` for ``cfg`` (Ray must be initialised)."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -175,18 +176,29 @@ def build_trainer(cfg: Config, log=print, callbacks: list | None = None, preset:
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "run_uri": uri, "proportions": data.proportions,
-                           "streams": list(datasets)},
+                           "streams": list(datasets), "stop_flag": stop_flag},
         scaling_config=scaling, run_config=run_config, datasets=datasets,
         # Ordered streams: with the seeded file order and the step-indexed mix, a seed fixes the batches.
         dataset_config=ray.train.DataConfig(execution_options=ordered_ingest_options()),
     )
 
 
-def train(cfg: Config, log=print, preset: str | None = None) -> dict:
-    """Run training to the end (or ``train.stop_at_step``); returns rank 0's final metrics."""
-    trainer = build_trainer(cfg, log, preset=preset)
-    result = trainer.fit()
+def train(cfg: Config, log=print, preset: str | None = None, graceful: bool = True) -> dict:
+    """Run training to the end (or ``train.stop_at_step``); returns rank 0's final metrics.
+
+    ``graceful`` (main thread only): SIGTERM / SIGINT end the run after the step in flight with a
+    checkpoint (``hierdino.train.stop``); the result then has ``stopped_by`` set.
+    """
+    import threading
+
+    if not graceful or threading.current_thread() is not threading.main_thread():
+        result = build_trainer(cfg, log, preset=preset).fit()
+        stopped_by = None
+    else:
+        with GracefulStop(cfg.scaling.num_workers, log) as stop:
+            result = build_trainer(cfg, log, preset=preset, stop_flag=stop.flag).fit()
+        stopped_by = stop.signal
     if result.error:
         raise result.error
     ckpt = result.checkpoint.path if result.checkpoint else None
-    return dict(result.return_value or {}, run_dir=run_uri(cfg), checkpoint=ckpt)
+    return dict(result.return_value or {}, run_dir=run_uri(cfg), checkpoint=ckpt, stopped_by=stopped_by)

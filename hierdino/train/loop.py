@@ -24,6 +24,7 @@ from hierdino.data.masking import ibot_masks
 from hierdino.hierarchy import load_hierarchy
 from hierdino.losses.collapse import CollapseWatch
 from hierdino.models.student_teacher import StepBatch, StudentTeacher, param_groups
+from hierdino.train.stop import StopPoller
 from hierdino.train.tracking import RunLog
 from hierdino.train.schedules import Schedules
 
@@ -239,7 +240,11 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                           stop=cfg.train.stop_on_collapse)
     step, last = start, {}
     t0, wait, images, first_batch_s = time.perf_counter(), 0.0, 0, None
+    poller, stopped_by_request = StopPoller(loop_config.get("stop_flag")), False
     while step < stop:
+        after = poller.stop_after(step)  # a graceful stop asked of the driver: this step is then the last one
+        if after is not None and max(after, step + 1) < stop:
+            stop, stopped_by_request = max(after, step + 1), True
         tw = time.perf_counter()
         try:
             raw = {k: torch.from_numpy(v) for k, v in next(batches).items()}
@@ -294,6 +299,6 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     if dist.is_initialized() and world > 1:
         nodes = [None] * world
         dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-    return dict(last, step=step, start_step=start, images_per_s=images / max(time.perf_counter() - t0, 1e-9), worker_nodes=nodes, start_checksum=start_checksum, final_checksum=param_checksum(model.student),
+    return dict(last, step=step, start_step=start, stopped_by_request=stopped_by_request, images_per_s=images / max(time.perf_counter() - t0, 1e-9), worker_nodes=nodes, start_checksum=start_checksum, final_checksum=param_checksum(model.student),
                 export=export, local_param_fraction=local_param_fraction(model.student),
                 corrupt_images=corrupt.corrupt, ignored_internal_labels=model.ignored_internal_labels())

@@ -174,7 +174,8 @@ def _trial(config: dict) -> None:
         raise result.error
     final = result.return_value or {}
     if OBJECTIVE in final:  # normally already reported at the last step; ASHA ends trials at max_t
-        tune.report({OBJECTIVE: final[OBJECTIVE], "step": final.get("step")})
+        keys = (OBJECTIVE, f"{OBJECTIVE}_lo", f"{OBJECTIVE}_hi")
+        tune.report({**{k: final[k] for k in keys if k in final}, "step": final.get("step")})
 
 
 def default_out(cfg, space: Space) -> str:
@@ -322,11 +323,15 @@ def write_outputs(grid, base: str, base_overrides: list[str], space: Space, out:
         m = r.metrics or {}
         trial = m.get("trial_id", "?")
         histories[trial] = _history(r)
+        lo, hi = m.get(f"{OBJECTIVE}_lo", float("nan")), m.get(f"{OBJECTIVE}_hi", float("nan"))
+        if lo != lo:  # a final report without the interval: the same step's earlier report has it
+            same = [h for h in histories[trial] if h[0] == m.get("step") and h[2] == h[2]]
+            lo, hi = (same[-1][2], same[-1][3]) if same else (lo, hi)
         rows.append({
             "trial": trial,
             OBJECTIVE: m.get(OBJECTIVE, float("nan")),
-            "ci_lo": m.get(f"{OBJECTIVE}_lo", float("nan")),
-            "ci_hi": m.get(f"{OBJECTIVE}_hi", float("nan")),
+            "ci_lo": lo,
+            "ci_hi": hi,
             "step": m.get("step"),
             "stopped_early": not r.error and (m.get("step") or 0) < total_steps,
             "chosen": False,

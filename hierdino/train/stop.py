@@ -1,0 +1,79 @@
+"""Graceful stop: SIGTERM / SIGINT to the driver ends the run at a step boundary with a checkpoint.
+
+The driver owns a small actor (``StopFlag``); its signal handler asks the actor to stop. Every
+training worker polls the actor without blocking (``StopPoller``: one outstanding call, checked with
+``ray.wait(timeout=0)`` at each step) and, once a stop is requested, learns the step to stop after:
+the first step a worker asks about after the request, plus a margin for the other ranks' polls in
+flight, so that every rank stops after the same step (their steps are in lockstep: FSDP collectives).
+The loop then treats that step as the last one: it syncs, checkpoints and returns; the driver says
+how to resume. Kubernetes sends SIGTERM to an evicted pod, then SIGKILL after its grace period.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import ray
+
+
+@ray.remote(num_cpus=0)
+class StopFlag:
+    def __init__(self, margin: int):
+        self.requested, self.stop_after, self.margin = False, None, margin
+
+    def request(self) -> None:
+        self.requested = True
+
+    def poll(self, step: int) -> int | None:
+        """The step to stop after, or None while no stop is requested."""
+        if self.requested and self.stop_after is None:
+            self.stop_after = step + self.margin
+        return self.stop_after
+
+
+class StopPoller:
+    """A worker's view of the ``StopFlag``: ``stop_after(step)`` never blocks."""
+
+    def __init__(self, flag):
+        self.flag, self.pending, self.known = flag, None, None
+
+    def stop_after(self, step: int) -> int | None:
+        if self.flag is None or self.known is not None:
+            return self.known
+        if self.pending is not None:
+            ready, _ = ray.wait([self.pending], timeout=0)
+            if not ready:
+                return None
+            self.known, self.pending = ray.get(self.pending), None
+            if self.known is not None:
+                return self.known
+        self.pending = self.flag.poll.remote(step)
+        return None
+
+
+class GracefulStop:
+    """Driver side: ``with GracefulStop(workers) as stop:`` installs SIGTERM/SIGINT handlers that
+    request a stop once (a second signal aborts as before); ``stop.flag`` goes to the workers."""
+
+    def __init__(self, workers: int, log=print):
+        self.flag = StopFlag.remote(margin=0 if workers == 1 else 2)
+        self.log, self.signal, self.previous = log, None, {}
+
+    def _handler(self, signum, frame):
+        if self.signal is not None:  # a second signal: give up on the graceful stop
+            signal.signal(signum, self.previous.get(signum) or signal.SIG_DFL)
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+        self.flag.request.remote()
+        self.log(f"[hierdino] {self.signal}: finishing the step in flight and writing a checkpoint "
+                 "(send it again to abort without one)")
+
+    def __enter__(self):
+        for s in (signal.SIGTERM, signal.SIGINT):
+            self.previous[s] = signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+        return False
