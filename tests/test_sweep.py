@@ -42,7 +42,7 @@ def test_two_trial_sweep_writes_outputs_and_asha_stops_the_bad_trial(ray_cluster
     out = tmp_path / "sweep"
     res = run_sweep("tiny-cpu", str(space), 1, str(out), "asha", 1, [
         f"data.synth_cache={synth_suite}", "train.steps=4", "train.batch_size=16", "checkpoint.every_steps=3",
-        "eval.every_steps=2", "train.log_every=2"], log=lambda *_: None)  # checkpoints off the eval steps, 1-CPU worker
+        "eval.every_steps=2", "train.log_every=2", "eval.datasets=[synth-ext-1,synth-ood]"], log=lambda *_: None)  # checkpoints off the eval steps, 1-CPU worker
     rows = {r["eval.image_size"]: r for r in res["rows"]}
     assert rows["64"]["step"] == 4 and not rows["64"]["stopped_early"] and rows["64"]["chosen"]
     assert rows["8"]["stopped_early"] and rows["8"]["step"] == 2

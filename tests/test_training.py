@@ -100,7 +100,7 @@ def test_embedded_default_stopped_by_sigterm_then_resumed_to_the_end(ray_cluster
     cmd = [sys.executable, str(REPO / "jobs/pretrain.py"), "--set", f"data.synth_cache={synth_suite}",
            "--set", f"run.storage={tmp_path}", "--set", "train.steps=30", "--set", "train.batch_size=16",
            "--set", "scaling.cpus_per_worker=0.5", "--set", "checkpoint.every_steps=100", "--set", "train.log_every=3",
-           "--set", "eval.bootstrap=200"]
+           "--set", "eval.bootstrap=200", "--set", "eval.datasets=[synth-ext-1]"]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
     first = []
     for line in p.stdout:  # wait until training is under way
