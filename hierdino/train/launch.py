@@ -86,32 +86,30 @@ def ordered_ingest_options():
     return options
 
 
-def check_init_weights(cfg: Config, hierarchy, log=print) -> None:
-    """Load ``model.init_weights`` into a model on the meta device (no memory for weights): a checkpoint
-    that does not fit stops the run here, before any worker starts (``WeightsError``)."""
+def meta_model(cfg: Config, hierarchy):
+    """The run's model on the meta device (no memory for weights): for checks and sizes on the driver."""
     import torch
 
     from hierdino.models.student_teacher import StudentTeacher
 
     with torch.device("meta"):
-        model = StudentTeacher(cfg, hierarchy)
+        return StudentTeacher(cfg, hierarchy)
+
+
+def check_init_weights(cfg: Config, model, log=print) -> None:
+    """Load ``model.init_weights`` into the meta-device ``model``: a checkpoint that does not fit stops
+    the run here, before any worker starts (``WeightsError``)."""
     for line in model.load_pretrained(cfg.model.init_weights, cfg.model.init_strict, cfg.model.init_tower):
         log(f"[hierdino] {line}")
 
 
-def model_size(cfg: Config, hierarchy) -> str:
-    """Parameter counts of the student's parts, from a model on the meta device (no memory for weights)."""
-    import torch
-
-    from hierdino.models.student_teacher import StudentTeacher
-
-    with torch.device("meta"):
-        model = StudentTeacher(cfg, hierarchy)
+def model_size(model) -> str:
+    """Parameter counts of the student's parts."""
     parts = {name: sum(p.numel() for p in m.parameters()) for name, m in model.student.items()}
     return ", ".join(f"{name} {n / 1e6:.2f}M" for name, n in parts.items()) + " parameters (student; the teacher the same)"
 
 
-def start_block(cfg: Config, uri: str, progress: dict, data, plan, hierarchy, preset: str | None, log=print) -> None:
+def start_block(cfg: Config, uri: str, progress: dict, data, plan, model, preset: str | None, log=print) -> None:
     """What the run is, before it starts: run directory, config changes, data mix, model, resources."""
     import ray
 
@@ -125,7 +123,7 @@ def start_block(cfg: Config, uri: str, progress: dict, data, plan, hierarchy, pr
     if preset:
         log(f"[hierdino] config    {preset}" + (f"; changed: {'; '.join(changed)}" if changed else "; as the preset"))
     log(f"[hierdino] data      {data.summary()}; {100 * data.labeled_fraction:.0f}% of each batch labelled")
-    log(f"[hierdino] model     {cfg.model.arch} at {cfg.data.image_size} px: {model_size(cfg, hierarchy)}")
+    log(f"[hierdino] model     {cfg.model.arch} at {cfg.data.image_size} px: {model_size(model)}")
     log(f"[hierdino] resources cluster {res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU; run {plan.workers} worker(s) x "
         f"{plan.cpus_per_worker:g} CPU{f' + {cfg.scaling.gpus_per_worker:g} GPU' if plan.gpus else ''}, ingest {plan.ingest_cpus:g} CPU per task"
         + (f" ({plan.note})" if plan.note else ""))
@@ -152,15 +150,16 @@ def build_trainer(cfg: Config, log=print, callbacks: list | None = None, preset:
     if progress["step"] and not cfg.checkpoint.resume:
         raise FileExistsError(f"run {uri} already has checkpoints (step {progress['step']}); choose another run.name "
                               "or set checkpoint.resume=true")
+    model = meta_model(cfg, hierarchy)
     if cfg.model.init_weights and not progress["step"]:
-        check_init_weights(cfg, hierarchy, log)
+        check_init_weights(cfg, model, log)
     plan = preflight(cfg, log)  # before anything starts: a run that cannot fit stops here (ResourcesError)
     workers = cfg.scaling.num_workers
     per_worker = cfg.train.batch_size // workers
     datasets = build_train_datasets(data, CropSpec.from_config(cfg), per_worker, workers, progress["step"], cfg.train.steps,
                                     opts, num_cpus=plan.ingest_cpus, map_batch_size=min(64, per_worker))
     storage.write_bytes(storage.join(uri, "config.yaml"), cfg.to_yaml().encode())
-    start_block(cfg, uri, progress, data, plan, hierarchy, preset, log)
+    start_block(cfg, uri, progress, data, plan, model, preset, log)
     fs, path = storage.resolve(cfg.run.storage, opts)
     run_config = ray.train.RunConfig(
         name=cfg.run.name, storage_path=path if storage.is_s3(cfg.run.storage) else str(Path(path)),

@@ -240,11 +240,11 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                           stop=cfg.train.stop_on_collapse)
     step, last = start, {}
     t0, wait, images, first_batch_s = time.perf_counter(), 0.0, 0, None
-    poller, stopped_by_request = StopPoller(loop_config.get("stop_flag")), False
+    poller = StopPoller(loop_config.get("stop_flag"))
     while step < stop:
         after = poller.stop_after(step)  # a graceful stop asked of the driver: this step is then the last one
-        if after is not None and max(after, step + 1) < stop:
-            stop, stopped_by_request = max(after, step + 1), True
+        if after is not None:
+            stop = min(stop, max(after, step + 1))
         tw = time.perf_counter()
         try:
             raw = {k: torch.from_numpy(v) for k, v in next(batches).items()}
@@ -284,7 +284,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                       f"lr {last['lr']:.2e} | {rate:.1f} img/s | data-wait {100 * rec['data_wait']:.0f}% | "
                       f"ETA {_fmt_time(eta)}", flush=True)
         scalars = {k: v for k, v in last.items() if isinstance(v, float) and math.isfinite(v)}
-        if step % cfg.checkpoint.every_steps == 0 or step == stop:
+        if reporting:
             ckpt.save(step, state, scalars)
             log.flush()
             if rank == 0:  # read by the driver: where a restarted run's data streams start
@@ -299,6 +299,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     if dist.is_initialized() and world > 1:
         nodes = [None] * world
         dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-    return dict(last, step=step, start_step=start, stopped_by_request=stopped_by_request, images_per_s=images / max(time.perf_counter() - t0, 1e-9), worker_nodes=nodes, start_checksum=start_checksum, final_checksum=param_checksum(model.student),
+    return dict(last, step=step, start_step=start, images_per_s=images / max(time.perf_counter() - t0, 1e-9),
+                worker_nodes=nodes, start_checksum=start_checksum, final_checksum=param_checksum(model.student),
                 export=export, local_param_fraction=local_param_fraction(model.student),
                 corrupt_images=corrupt.corrupt, ignored_internal_labels=model.ignored_internal_labels())

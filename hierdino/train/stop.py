@@ -76,4 +76,5 @@ class GracefulStop:
     def __exit__(self, *exc):
         for s, h in self.previous.items():
             signal.signal(s, h)
+        ray.kill(self.flag)  # one flag per run: none left behind in a long-lived cluster
         return False
