@@ -120,7 +120,7 @@ def test_ibot_masks_counts_and_ratios():
     ratios = counts[counts > 0].float() / 64
     assert ratios.min() >= 0.09 and ratios.max() <= 0.5
     assert ratios.max() - ratios.min() > 0.2  # spread over the range
-    assert block_mask(14, 50, gen).sum() == 50
+    assert block_mask(14, 50, np.random.default_rng(0)).sum() == 50
     assert torch.equal(ibot_masks(16, 8, 0.5, (0.1, 0.5), torch.Generator().manual_seed(1)),
                        ibot_masks(16, 8, 0.5, (0.1, 0.5), torch.Generator().manual_seed(1)))
 
@@ -136,6 +136,22 @@ def test_photometric_shapes_determinism_and_blur():
     assert torch.allclose(gaussian_blur(flat, torch.tensor([1.5])), flat, atol=1e-6)
     noisy = torch.rand(2, 3, 16, 16)
     assert gaussian_blur(noisy, torch.tensor([2.0, 2.0])).std() < noisy.std() * 0.6
+
+
+def test_gaussian_blur_matches_scipy_per_sample():
+    """Independent reference: scipy's separable Gaussian filter with mirror borders (torch's 'reflect'),
+    truncated at the same radius, one sigma per sample."""
+    from scipy.ndimage import gaussian_filter1d
+
+    x = torch.rand(3, 2, 20, 17, dtype=torch.float64)
+    sigma = torch.tensor([0.4, 1.0, 2.0], dtype=torch.float64)
+    got = gaussian_blur(x, sigma, max_sigma=2.0).numpy()
+    radius = 6  # ceil(3 * 2.0)
+    for b in range(3):
+        s = float(sigma[b])
+        want = gaussian_filter1d(x[b].numpy(), s, axis=-1, mode="mirror", truncate=(radius + 0.25) / s)
+        want = gaussian_filter1d(want, s, axis=-2, mode="mirror", truncate=(radius + 0.25) / s)
+        np.testing.assert_allclose(got[b], want, atol=1e-10)
 
 
 def _pixel_features(h, leaves, n, domain, size=32, seed=0):

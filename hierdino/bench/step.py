@@ -44,7 +44,9 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int | None = None, reps: int = 10) -> float:
+    """FLOP/s of an n x n x n matmul: n = 8192 on a GPU (small products do not reach its peak), 2048 on CPU."""
+    n = n or (8192 if device.type == "cuda" else 2048)
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):
         a @ b
@@ -110,6 +112,9 @@ def profile_parts(one, steps: int, device: torch.device) -> dict[str, float]:
             out[ev.key] = out.get(ev.key, 0.0) + t / 1000 / steps
     out["other"] = max(wall - sum(out.values()), 0.0)
     out["wall"] = wall
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    ops = sorted((ev for ev in prof.key_averages() if ev.key not in PARTS), key=lambda ev: -getattr(ev, attr, 0))
+    out["top"] = [(ev.key, getattr(ev, attr, 0) / 1000 / steps) for ev in ops[:10]]
     return out
 
 
@@ -196,9 +201,10 @@ def main(argv=None) -> None:
     cfg = load_config(args.config, args.overrides)
     batch = args.batch or cfg.train.batch_size
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.scaling.use_gpu else "cpu")
-    from hierdino.train.parallel import param_dtype_for
+    from hierdino.train.parallel import param_dtype_for, use_tensor_cores
 
     dtype = param_dtype_for(cfg.train.precision, device)
+    use_tensor_cores(device)  # as the trainer
     if device.type == "cpu":
         torch.set_num_threads(1)  # compare per core with the 1-CPU Ray workers
     peak = matmul_peak(device, dtype)
@@ -210,11 +216,14 @@ def main(argv=None) -> None:
     print(f"  full step FLOPs {flops / 1e9:.1f} GFLOP -> {flops / full_s / 1e12:.3f} TFLOP/s; matmul peak "
           f"{peak / 1e12:.3f} TFLOP/s; MFU {100 * flops / full_s / peak:.1f}%")
     breakdown = parts()
-    wall = breakdown.pop("wall")
+    wall, top = breakdown.pop("wall"), breakdown.pop("top")
     print(f"  full step by part (torch.profiler, {'device' if device.type == 'cuda' else 'CPU'} time, ms per step; "
           f"profiled wall {wall:.1f} ms, shares of it):")
     for name, ms in breakdown.items():
         print(f"    {name:16s} {ms:8.1f} ms  {100 * ms / wall:5.1f}%")
+    print("  slowest operations (self time, ms per step):")
+    for name, ms in top:
+        print(f"    {ms:8.2f} ms  {name[:90]}")
     if not args.no_ray and device.type == "cpu":
         ray_s = time_ray_step(cfg, batch, args.steps)
         print(f"  2 Ray Train workers (FSDP2, gloo), same global batch {1000 * ray_s:9.1f} ms   "

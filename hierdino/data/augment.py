@@ -30,14 +30,17 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
     return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
 
 
+# RGB -> YIQ and its inverse, as constants (no matrix inverse on the device: it would sync).
+_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+_FROM_YIQ = tuple(map(tuple, torch.linalg.inv(torch.tensor(_TO_YIQ, dtype=torch.float64)).tolist()))
+
+
 def _hue_rotate(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
     """Rotate hue by ``angle`` radians per sample in YIQ space."""
-    to_yiq = x.new_tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-    from_yiq = torch.linalg.inv(to_yiq)
+    to_yiq, from_yiq = x.new_tensor(_TO_YIQ), x.new_tensor(_FROM_YIQ)
     c, s = torch.cos(angle), torch.sin(angle)
-    rot = torch.zeros(x.shape[0], 3, 3, device=x.device, dtype=x.dtype)
-    rot[:, 0, 0] = 1
-    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = c, -s, s, c
+    one, zero = torch.ones_like(c), torch.zeros_like(c)
+    rot = torch.stack([one, zero, zero, zero, c, -s, zero, s, c], dim=1).view(-1, 3, 3)
     m = from_yiq @ rot @ to_yiq  # [B, 3, 3]
     return torch.einsum("bij,bjhw->bihw", m, x)
 
@@ -45,21 +48,23 @@ def _hue_rotate(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float | None = None) -> torch.Tensor:
     """Per-sample Gaussian blur (separable, reflect padding); ``sigma[B]`` in pixels.
 
-    The kernel radius is ``ceil(3 * max_sigma)``; give ``max_sigma`` (the sampling range's upper
-    bound) to avoid reading ``sigma.max()`` back from the device.
+    ``y[b] = sum_t k_b[t] * x[b] shifted by t``, rows then columns, with ``k_b[t] ~ exp(-t^2 / 2 sigma_b^2)``
+    normalised to sum 1 over ``t = -r..r``: a weighted sum of 2r + 1 shifted copies, which is one
+    fused elementwise pass per tap on any device (a grouped convolution with one group per sample
+    and channel is slow on GPUs). The radius is ``r = ceil(3 * max_sigma)``; give ``max_sigma`` (the
+    sampling range's upper bound) to avoid reading ``sigma.max()`` back from the device.
     """
     b, c, h, w = x.shape
     radius = max(1, int(math.ceil(3 * (float(sigma.max()) if max_sigma is None else max_sigma))))
     radius = min(radius, (min(h, w) - 1) // 2)
     t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
     k = torch.exp(-0.5 * (t[None] / sigma[:, None].to(x.dtype)) ** 2)
-    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [B*C, K]
-    y = x.reshape(1, b * c, h, w)
-    y = torch.nn.functional.pad(y, (radius, radius, 0, 0), mode="reflect")
-    y = torch.nn.functional.conv2d(y, k[:, None, None, :], groups=b * c)
-    y = torch.nn.functional.pad(y, (0, 0, radius, radius), mode="reflect")
-    y = torch.nn.functional.conv2d(y, k[:, None, :, None], groups=b * c)
-    return y.reshape(b, c, h, w)
+    k = (k / k.sum(1, keepdim=True)).view(b, 1, 1, 1, -1)  # [B, 1, 1, 1, K]
+    n = 2 * radius + 1
+    y = torch.nn.functional.pad(x, (radius, radius, 0, 0), mode="reflect")
+    x = sum(y[..., i:i + w] * k[..., i] for i in range(n))
+    y = torch.nn.functional.pad(x, (0, 0, radius, radius), mode="reflect")
+    return sum(y[..., i:i + h, :] * k[..., i] for i in range(n))
 
 
 def photometric(images: torch.Tensor, gen: torch.Generator, blur_p: float, solarize_p: float = 0.0,

@@ -10,48 +10,58 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 
-def block_mask(grid: int, num_masked: int, gen: torch.Generator, min_patches: int = 4,
-               aspect: tuple = (0.3, 1 / 0.3)) -> torch.Tensor:
-    """A bool ``[grid*grid]`` mask with exactly ``num_masked`` True entries, built from rectangles."""
-    mask = torch.zeros(grid, grid, dtype=torch.bool)
+def block_mask(grid: int, num_masked: int, rng: np.random.Generator, min_patches: int = 4,
+               aspect: tuple = (0.3, 1 / 0.3)) -> np.ndarray:
+    """A bool ``[grid*grid]`` mask with exactly ``num_masked`` True entries, built from rectangles.
+
+    NumPy on the host: a batch of masks is hundreds of tiny draws and slices, which cost
+    microseconds each here and tens of microseconds each as torch ops.
+    """
+    mask = np.zeros((grid, grid), dtype=bool)
     log_a = (math.log(aspect[0]), math.log(aspect[1]))
-    tries = 0
-    while int(mask.sum()) < num_masked and tries < 200:
+    count, tries = 0, 0
+    while count < num_masked and tries < 200:
         tries += 1
-        left = num_masked - int(mask.sum())
-        target = float(torch.empty(1).uniform_(min_patches, max(min_patches, left), generator=gen))
-        ar = math.exp(float(torch.empty(1).uniform_(*log_a, generator=gen)))
+        left = num_masked - count
+        target = rng.uniform(min_patches, max(min_patches, left))
+        ar = math.exp(rng.uniform(*log_a))
         h = max(1, min(grid, int(round(math.sqrt(target * ar)))))
         w = max(1, min(grid, int(round(math.sqrt(target / ar)))))
-        top = int(torch.randint(0, grid - h + 1, (1,), generator=gen))
-        lft = int(torch.randint(0, grid - w + 1, (1,), generator=gen))
+        top = int(rng.integers(0, grid - h + 1))
+        lft = int(rng.integers(0, grid - w + 1))
         region = mask[top:top + h, lft:lft + w]
-        new = (~region).nonzero()
+        new = np.argwhere(~region)
         if len(new) > left:  # trim so the count is exact
-            keep = new[torch.randperm(len(new), generator=gen)[:left]]
+            keep = new[rng.permutation(len(new))[:left]]
             region[keep[:, 0], keep[:, 1]] = True
         else:
             region[:] = True
-    flat = mask.flatten()
-    short = num_masked - int(flat.sum())
+        count += min(len(new), left)
+    flat = mask.reshape(-1)
+    short = num_masked - count
     if short > 0:  # rare: fill the rest at random
-        free = (~flat).nonzero().flatten()
-        flat[free[torch.randperm(len(free), generator=gen)[:short]]] = True
+        free = np.flatnonzero(~flat)
+        flat[free[rng.permutation(len(free))[:short]]] = True
     return flat
 
 
 def ibot_masks(batch: int, grid: int, sample_prob: float, ratio: tuple, gen: torch.Generator) -> torch.Tensor:
-    """Bool ``[batch, grid*grid]``: block masks for ``round(batch * sample_prob)`` crops, the rest unmasked."""
+    """Bool ``[batch, grid*grid]``: block masks for ``round(batch * sample_prob)`` crops, the rest unmasked.
+
+    One draw from ``gen`` seeds the NumPy generator that draws the masks, so ``gen``'s seed fixes them.
+    """
     n_patches = grid * grid
     n_masked_crops = int(round(batch * sample_prob))
-    masks = torch.zeros(batch, n_patches, dtype=torch.bool)
+    masks = np.zeros((batch, n_patches), dtype=bool)
     if n_masked_crops == 0:
-        return masks
-    edges = torch.linspace(ratio[0], ratio[1], n_masked_crops + 1)
+        return torch.from_numpy(masks)
+    rng = np.random.default_rng(int(torch.randint(0, 2 ** 62, (1,), generator=gen)))
+    edges = np.linspace(ratio[0], ratio[1], n_masked_crops + 1)
     for i in range(n_masked_crops):
-        r = float(torch.empty(1).uniform_(float(edges[i]), float(edges[i + 1]), generator=gen))
-        masks[i] = block_mask(grid, int(round(r * n_patches)), gen)
-    return masks[torch.randperm(batch, generator=gen)]
+        r = rng.uniform(edges[i], edges[i + 1])
+        masks[i] = block_mask(grid, int(round(r * n_patches)), rng)
+    return torch.from_numpy(masks[rng.permutation(batch)])

@@ -26,6 +26,7 @@ from hierdino.losses.collapse import CollapseWatch
 from hierdino.models.student_teacher import StepBatch, StudentTeacher, param_groups
 from hierdino.train.stop import StopPoller
 from hierdino.train.tracking import RunLog
+from hierdino.train.parallel import use_tensor_cores
 from hierdino.train.schedules import Schedules
 
 
@@ -48,21 +49,27 @@ def make_step_batch(raw: dict, cfg: Config, gen: torch.Generator, device: torch.
 
 def _make_step_batch(raw, cfg, gen, device, grid, dgen) -> StepBatch:
     ok = raw["ok"].bool()
-    g = raw["global"][ok].to(device, non_blocking=True)
+    all_ok = bool(ok.all())  # host tensors: free to read; the usual case needs no row copy
+
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        return t if all_ok else t[ok]
+
+    g = rows(raw["global"]).to(device, non_blocking=True)
     b = g.shape[0]
     crops = [photometric(g[:, 0], dgen, blur_p=1.0), photometric(g[:, 1], dgen, blur_p=0.1, solarize_p=0.2)]
     local = None
     if "local" in raw and cfg.data.local_crops_number > 0:
-        loc = raw["local"][ok].to(device, non_blocking=True)
+        loc = rows(raw["local"]).to(device, non_blocking=True)
         loc = loc.transpose(0, 1).reshape(-1, *loc.shape[2:])  # crop-major
         local = photometric(loc, dgen, blur_p=0.5)
-    host_labels = raw["label"][ok]
+    host_labels = rows(raw["label"])
     labels = host_labels.to(device, non_blocking=True)
     sup_images = sup_labels = None
     if "sup" in raw:
         has = host_labels >= 0
         sup_labels = host_labels[has].to(device, non_blocking=True)
-        sup_images = photometric(raw["sup"][ok][has].to(device, non_blocking=True), dgen, blur_p=0.5)
+        sup = rows(raw["sup"])
+        sup_images = photometric((sup if bool(has.all()) else sup[has]).to(device, non_blocking=True), dgen, blur_p=0.5)
     masks = ibot_masks(2 * b, grid, cfg.data.mask_sample_prob, tuple(cfg.data.mask_ratio), gen)
     mask_index = masks.flatten().nonzero().squeeze(1).to(device, non_blocking=True)
     return StepBatch(torch.cat(crops), local, masks.to(device, non_blocking=True), labels, sup_images, sup_labels,
@@ -181,6 +188,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
+    use_tensor_cores(device)
     torch.manual_seed(cfg.train.seed)  # identical initialisation on every rank
     hierarchy = load_hierarchy(cfg.hierarchy.name)
     model = StudentTeacher(cfg, hierarchy)

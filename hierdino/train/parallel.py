@@ -6,6 +6,14 @@ import torch
 from torch import nn
 
 
+def use_tensor_cores(device: torch.device) -> None:
+    """On CUDA, let fp32 matmuls and convolutions (the heads, the losses' projections) use TF32
+    tensor cores, as DINOv2's trainer does; bf16 work is unaffected. No effect on the CPU."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def param_dtype_for(precision: str, device: torch.device) -> torch.dtype:
     """bf16 parameters on GPU (``auto`` or ``bf16``), fp32 on CPU or with ``fp32``."""
     if precision not in ("auto", "bf16", "fp32"):
