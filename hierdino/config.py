@@ -132,6 +132,8 @@ class TrainConfig:
     log_every: int = _f(10, min=1)
     precision: Literal["auto", "bf16", "fp32"] = _f("auto", doc="auto: bf16 params on GPU, fp32 on CPU")
     stop_at_step: Optional[int] = _f(None, min=1, doc="stop early (schedules still span `steps`); for tests and resume")
+    skip_nonfinite_steps: int = _f(0, min=0, doc="steps with a non-finite loss or gradient that may be skipped "
+                                   "(a warning each) before the run stops with an error naming the step")
     compile: bool = _f(False, doc="torch.compile each transformer block of student and teacher (GPU runs; "
                                   "the first steps are slower while it compiles)")
     freeze_backbone_steps: int = _f(0, min=0, doc="the backbone stays fixed for the first N steps while the "
@@ -155,8 +157,7 @@ class ScalingConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = _f(1000, min=1)
-    keep: int = _f(3, min=1)
-    resume: bool = _f(True, doc="continue the run of the same name when it has a checkpoint")
+    keep: int = _f(3, min=1, doc="complete checkpoints kept; older ones are deleted after a newer one is committed")
 
 
 @dataclass
@@ -175,6 +176,10 @@ class EvalConfig:
 class RunConfig:
     storage: str = _f("./runs", doc="local path or s3:// URI holding run directories")
     name: str = _f("hierdino", doc="run directory name; the same name resumes")
+    resume: bool = _f(True, doc="continue the run of the same name from its last complete checkpoint (its config "
+                                "must match, see hierdino.train.resume); false: a fresh run in a new directory <name>-2, -3, ...")
+    storage_retry_s: float = _f(180.0, min=0.0, doc="how long reads and writes retry an object store that stops "
+                                "answering before the run stops with an error")
 
 
 @dataclass

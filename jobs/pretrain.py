@@ -50,6 +50,7 @@ def main(argv=None) -> int:
     from hierdino.models.weights import WeightsError
     from hierdino.train import launch
     from hierdino.train.preflight import ResourcesError
+    from hierdino.train.resume import ResumeError
 
     t0 = time.time()
     launch.init_ray(args.local_cpus, dashboard=args.dashboard, verbose=args.verbose)
@@ -58,8 +59,9 @@ def main(argv=None) -> int:
         if not cfg.data.train:
             launch.ensure_synthetic_suite(cfg)
         final = launch.train(cfg, preset=args.config)
-    except (WeightsError, ResourcesError) as e:
-        print(f"{'weights' if isinstance(e, WeightsError) else 'resources'} error: {e}", file=sys.stderr)
+    except (WeightsError, ResourcesError, ResumeError) as e:
+        kind = {WeightsError: "weights", ResourcesError: "resources", ResumeError: "resume"}[type(e)]
+        print(f"{kind} error: {e}", file=sys.stderr)
         return 2
     if final.get("stopped_by"):
         print(f"[hierdino] stopped by {final['stopped_by']} after step {final.get('step')}; checkpoint "

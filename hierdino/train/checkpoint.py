@@ -1,9 +1,17 @@
-"""Checkpoints: ``torch.distributed.checkpoint`` shards inside Ray checkpoints, and the teacher export.
+"""Checkpoints: ``torch.distributed.checkpoint`` shards written to the run directory, committed
+atomically, and the teacher export.
 
-A checkpoint directory holds the DCP shards of the model (student, teacher, supervised head,
-centres) and the optimiser, plus ``train_state_rank{r}.pt`` per rank (step, data epoch, images
-seen, RNG states). Ray keeps the last ``checkpoint.keep`` and hands the latest back after a
-worker failure or when a run of the same name is started again.
+``<run>/checkpoint_<step>/`` holds the DCP shards of the model (student, teacher, supervised head,
+centres) and the optimiser, ``train_state_rank{r}.pt`` per rank (step, data epoch, images seen, RNG
+states), ``manifest_rank{r}.json`` per rank (its files and their sizes, written after them) and,
+last, ``COMMITTED.json`` from rank 0 once every rank's files are stored. A checkpoint is used only
+when it is complete, which is checked by reading: the marker, every rank's manifest, and every
+listed file at its listed size (``verify``). One interrupted while being written (a worker or the
+driver killed, the store failing) is skipped, and the run resumes from the previous complete one;
+older checkpoints are deleted only after a newer one is committed (``checkpoint.keep``).
+
+Every write and read goes through ``hierdino.data.storage``, which retries a store that stops
+answering for ``run.storage_retry_s`` seconds.
 """
 
 from __future__ import annotations
@@ -11,51 +19,146 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import tempfile
+import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict,
 )
 
 from hierdino.data import storage
+from hierdino.data.storage import StorageOptions
+
+COMMIT = "COMMITTED.json"
+_NAME = re.compile(r"^checkpoint_(\d{7,})$")
+
+
+def checkpoint_uri(run_uri: str, step: int) -> str:
+    return storage.join(run_uri, f"checkpoint_{step:07d}")
+
+
+def verify(uri: str, options: StorageOptions | None = None) -> str | None:
+    """``None`` when the checkpoint at ``uri`` is complete, else why not (read from the store)."""
+    sizes = storage.file_sizes(uri, options)
+    if COMMIT not in sizes:
+        return "no commit marker (interrupted while being written)"
+    marker = json.loads(storage.read_bytes(storage.join(uri, COMMIT), options))
+    for rank in range(int(marker["world"])):
+        name = f"manifest_rank{rank}.json"
+        if name not in sizes:
+            return f"{name} is missing"
+        listed = json.loads(storage.read_bytes(storage.join(uri, name), options))["files"]
+        for f, size in listed.items():
+            if sizes.get(f) != size:
+                return f"{f} is {'missing' if f not in sizes else f'{sizes[f]} bytes, not {size}'}"
+    return None
+
+
+@dataclass
+class Found:
+    uri: str | None          # the newest complete checkpoint, or None
+    step: int                # its step (0 when none)
+    skipped: list[str]       # newer checkpoints that were not complete, with the reason
+
+
+def latest_complete(run_uri: str, options: StorageOptions | None = None) -> Found:
+    """The newest complete checkpoint of the run at ``run_uri`` (checked by ``verify``)."""
+    steps = sorted((int(m.group(1)) for d in storage.list_dirs(run_uri, options) if (m := _NAME.match(d))), reverse=True)
+    skipped = []
+    for step in steps:
+        uri = checkpoint_uri(run_uri, step)
+        why = verify(uri, options)
+        if why is None:
+            return Found(uri, step, skipped)
+        skipped.append(f"checkpoint_{step:07d}: {why}")
+    return Found(None, 0, skipped)
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 class CheckpointManager:
-    """Owns what goes into a checkpoint; the loop calls ``save(step, ...)`` and ``load()``."""
+    """Owns what goes into a checkpoint, how it is committed and which one a run resumes from."""
 
-    def __init__(self, model, optimizer, rank: int):
-        self.model, self.optimizer, self.rank = model, optimizer, rank
+    def __init__(self, model, optimizer, rank: int, world: int, run_uri: str, keep: int,
+                 options: StorageOptions | None = None):
+        self.model, self.optimizer, self.rank, self.world = model, optimizer, rank, world
+        self.run_uri, self.keep, self.options = run_uri, keep, options
 
     def _app_state(self) -> dict:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         return {"model": model_sd, "optim": optim_sd}
 
-    def save(self, step: int, train_state: dict, metrics: dict) -> None:
-        import ray.train
+    def save(self, step: int, train_state: dict) -> str:
+        """Write, commit and prune (collective over ranks); returns the checkpoint's URI.
 
+        Local run directories are written in place; object stores get the shards from a local
+        temporary directory, each file uploaded with retries.
+        """
+        uri = checkpoint_uri(self.run_uri, step)
+        local = not storage.is_s3(uri)
         with tempfile.TemporaryDirectory(prefix="hierdino-ckpt-") as tmp:
-            dcp.save(self._app_state(), checkpoint_id=tmp)
+            target = storage.resolve(uri)[1] if local else tmp
+            os.makedirs(target, exist_ok=True)
+            dcp.save(self._app_state(), checkpoint_id=target)
             state = dict(train_state, step=step, rng=_rng_state())
-            torch.save(state, os.path.join(tmp, f"train_state_rank{self.rank}.pt"))
-            ray.train.report(dict(metrics, step=step), checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=f"checkpoint_{step:07d}")
+            torch.save(state, os.path.join(target, f"train_state_rank{self.rank}.pt"))
+            mine = [n for n in sorted(os.listdir(target)) if n.startswith(f"__{self.rank}_")
+                    or n == f"train_state_rank{self.rank}.pt" or (n == ".metadata" and self.rank == 0)]
+            files = {}
+            for name in mine:
+                if not local:
+                    storage.upload_file(os.path.join(target, name), storage.join(uri, name), self.options)
+                files[name] = os.path.getsize(os.path.join(target, name))
+                _fault_hook("HIERDINO_TEST_KILL_IN_CHECKPOINT", step)  # test-only: die with this checkpoint half written
+        manifest = {"step": step, "rank": self.rank, "world": self.world, "files": files}
+        storage.write_bytes(storage.join(uri, f"manifest_rank{self.rank}.json"), json.dumps(manifest).encode(), self.options)
+        _barrier()  # every rank's files are stored
+        if self.rank == 0:
+            marker = {"step": step, "world": self.world, "time": time.time()}
+            storage.write_bytes(storage.join(uri, COMMIT), json.dumps(marker).encode(), self.options)
+            self._prune(step)
+        _barrier()
+        return uri
 
-    def load(self) -> dict | None:
-        """Restore from Ray's latest checkpoint; returns its train state, or None when there is none."""
-        import ray.train
+    def _prune(self, newest: int) -> None:
+        """Keep the newest ``keep`` committed checkpoints; delete older ones and any debris older than ``newest``."""
+        steps = sorted((int(m.group(1)) for d in storage.list_dirs(self.run_uri, self.options)
+                        if (m := _NAME.match(d))), reverse=True)
+        kept = 0
+        for step in steps:
+            if step > newest:
+                continue
+            uri = checkpoint_uri(self.run_uri, step)
+            if kept < self.keep and (step == newest or verify(uri, self.options) is None):
+                kept += 1
+                continue
+            storage.delete_dir(uri, self.options)
 
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
+    def load(self, log=print) -> dict | None:
+        """Restore the newest complete checkpoint; returns its train state, or None when there is none."""
+        found = latest_complete(self.run_uri, self.options)
+        if self.rank == 0:
+            for line in found.skipped:
+                log(f"[hierdino] skipped {line}")
+        if found.uri is None:
             return None
-        with ckpt.as_directory() as d:
+        with tempfile.TemporaryDirectory(prefix="hierdino-restore-") as d:
+            storage.download_dir(found.uri, d, self.options)
             app = self._app_state()
             saved = set(dcp.FileSystemReader(d).read_metadata().state_dict_metadata)
             missing = [k for k in app["model"] if f"model.{k}" not in saved]
             if missing:
-                raise RuntimeError(f"checkpoint {d} does not match the model: {len(missing)} missing tensors, e.g. {missing[:5]}")
+                raise RuntimeError(f"checkpoint {found.uri} does not match the model: {len(missing)} missing tensors, "
+                                   f"e.g. {missing[:5]}")
             # Parameters never stepped (the frozen prototype layers early on) have no optimiser state.
             for fqn in [f for f in app["optim"]["state"] if not any(k.startswith(f"optim.state.{f}.") for k in saved)]:
                 del app["optim"]["state"][fqn]
@@ -68,7 +171,21 @@ class CheckpointManager:
                 path = os.path.join(d, "train_state_rank0.pt")
             state = torch.load(path, weights_only=True)
         _set_rng_state(state.pop("rng"))
+        state["checkpoint"] = found.uri
         return state
+
+
+def _fault_hook(var: str, step: int) -> None:
+    """Test-only fault injection: ``VAR=<step>`` kills this process (SIGKILL, as the OOM killer or a
+    node loss would) at that step, once per run directory (a marker file under ``VAR_DIR``)."""
+    at = os.environ.get(var)
+    if at is None or int(at) != step:
+        return
+    marker = os.path.join(os.environ.get(f"{var}_DIR", tempfile.gettempdir()), f"{var}.{step}.done")
+    if os.path.exists(marker):
+        return
+    open(marker, "w").close()
+    os.kill(os.getpid(), 9)
 
 
 def _rng_state() -> dict:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -11,7 +10,9 @@ from hierdino.config import Config, config_diff, load_config
 from hierdino.data import storage
 from hierdino.data.ingest import CropSpec, build_train_datasets, default_train_uris, describe_train_data, storage_options
 from hierdino.hierarchy import load_hierarchy
+from hierdino.train.checkpoint import latest_complete
 from hierdino.train.preflight import preflight
+from hierdino.train.resume import plan_start
 from hierdino.train.stop import GracefulStop
 
 
@@ -47,8 +48,11 @@ def init_ray(num_cpus: int | None = None, dashboard: bool = True, verbose: bool 
         warnings.filterwarnings("ignore", category=RayDeprecationWarning)
         logging.getLogger("ray.data").setLevel(logging.ERROR)  # the driver's own Ray Data logs (evaluation)
         env["RAY_DATA_LOG_LEVEL"] = "ERROR"  # its warnings are progress-bar notes; preflight covers resources
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
+    # Test-only fault injection (HIERDINO_TEST_*, see hierdino.train.checkpoint) reaches the workers.
+    faults = {k: v for k, v in os.environ.items() if k.startswith("HIERDINO_TEST_")}
+    env.update(faults)
+    if os.environ.get("RAY_ADDRESS"):  # a submitted job keeps its own runtime_env unless a test injects faults
+        ray.init(runtime_env={"env_vars": faults} if faults else None)
     else:
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # a laptop is not preempted
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, configure_logging=False,
@@ -69,11 +73,6 @@ def ensure_synthetic_suite(cfg: Config, log=print) -> None:
         log(f"[hierdino] building the small synthetic suite ({cfg.data.image_size} px) into {cache}")
         build_suite(cache, "small", cfg.data.image_size, seed=0, log=log)
     cfg.data.synth_cache = cache
-
-
-def read_progress(uri: str) -> dict:
-    path = storage.join(uri, "progress.json")
-    return json.loads(storage.read_bytes(path)) if storage.exists(path) else {"step": 0}
 
 
 def ordered_ingest_options():
@@ -109,7 +108,7 @@ def model_size(model) -> str:
     return ", ".join(f"{name} {n / 1e6:.2f}M" for name, n in parts.items()) + " parameters (student; the teacher the same)"
 
 
-def start_block(cfg: Config, uri: str, progress: dict, data, plan, model, preset: str | None, log=print) -> None:
+def start_block(cfg: Config, uri: str, start_step: int, data, plan, model, preset: str | None, log=print) -> None:
     """What the run is, before it starts: run directory, config changes, data mix, model, resources."""
     import ray
 
@@ -119,7 +118,7 @@ def start_block(cfg: Config, uri: str, progress: dict, data, plan, model, preset
         base.data.synth_cache = str(Path(base.data.synth_cache).expanduser())  # as ensure_synthetic_suite resolves it
         changed = config_diff(base, cfg)
     res = ray.cluster_resources()
-    log(f"[hierdino] run       {uri} ({'resuming after step ' + str(progress['step']) if progress['step'] else 'new'})")
+    log(f"[hierdino] run       {uri} ({'resuming after step ' + str(start_step) if start_step else 'new'})")
     if preset:
         log(f"[hierdino] config    {preset}" + (f"; changed: {'; '.join(changed)}" if changed else "; as the preset"))
     log(f"[hierdino] data      {data.summary()}; {100 * data.labeled_fraction:.0f}% of each batch labelled")
@@ -145,27 +144,24 @@ def build_trainer(cfg: Config, log=print, callbacks: list | None = None, preset:
     opts = storage_options(cfg)
     uris = cfg.data.train or default_train_uris(cfg)
     data = describe_train_data(uris, hierarchy, cfg.data.weights, opts)
-    uri = run_uri(cfg)
-    progress = read_progress(uri)
-    if progress["step"] and not cfg.checkpoint.resume:
-        raise FileExistsError(f"run {uri} already has checkpoints (step {progress['step']}); choose another run.name "
-                              "or set checkpoint.resume=true")
+    storage.set_retry_window(cfg.run.storage_retry_s)
+    start = plan_start(cfg, run_uri, opts, log)  # may refuse a changed config (ResumeError) or rename the run
+    uri, start_step = start.uri, start.found.step
     model = meta_model(cfg, hierarchy)
-    if cfg.model.init_weights and not progress["step"]:
+    if cfg.model.init_weights and not start_step:
         check_init_weights(cfg, model, log)
     plan = preflight(cfg, log)  # before anything starts: a run that cannot fit stops here (ResourcesError)
     workers = cfg.scaling.num_workers
     per_worker = cfg.train.batch_size // workers
-    datasets = build_train_datasets(data, CropSpec.from_config(cfg), per_worker, workers, progress["step"], cfg.train.steps,
+    datasets = build_train_datasets(data, CropSpec.from_config(cfg), per_worker, workers, start_step, cfg.train.steps,
                                     opts, num_cpus=plan.ingest_cpus, map_batch_size=min(64, per_worker))
     storage.write_bytes(storage.join(uri, "config.yaml"), cfg.to_yaml().encode())
-    start_block(cfg, uri, progress, data, plan, model, preset, log)
+    start_block(cfg, uri, start_step, data, plan, model, preset, log)
     fs, path = storage.resolve(cfg.run.storage, opts)
     run_config = ray.train.RunConfig(
         name=cfg.run.name, storage_path=path if storage.is_s3(cfg.run.storage) else str(Path(path)),
         storage_filesystem=fs if storage.is_s3(cfg.run.storage) else None,
         failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
-        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
         callbacks=callbacks,
     )
     scaling = ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
@@ -199,5 +195,5 @@ def train(cfg: Config, log=print, preset: str | None = None, graceful: bool = Tr
         stopped_by = stop.signal
     if result.error:
         raise result.error
-    ckpt = result.checkpoint.path if result.checkpoint else None
+    ckpt = latest_complete(run_uri(cfg), storage_options(cfg)).uri
     return dict(result.return_value or {}, run_dir=run_uri(cfg), checkpoint=ckpt, stopped_by=stopped_by)

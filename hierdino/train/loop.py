@@ -8,8 +8,8 @@ loop, the tests and ``hierdino.bench.step``).
 
 from __future__ import annotations
 
-import json
 import math
+import os
 import time
 
 import torch
@@ -17,8 +17,9 @@ import torch.distributed as dist
 from torch.profiler import record_function
 
 from hierdino.config import Config, config_from_dict
+from hierdino.data import storage
 from hierdino.data.augment import photometric
-from hierdino.data.ingest import CorruptCounter, stream_name
+from hierdino.data.ingest import CorruptCounter, storage_options, stream_name
 from hierdino.data.mix import MixedBatches, MixSchedule
 from hierdino.data.masking import ibot_masks
 from hierdino.hierarchy import load_hierarchy
@@ -107,18 +108,24 @@ class TrainStep:
     Between log steps nothing is read back from the device (no ``.item()``, ``bool(tensor)`` or
     data-dependent shapes), so a GPU never waits for the host. The loss terms are summed on the
     device over the steps since the last read; ``sync=True`` reads them back as means over that
-    window (with this step's gradient norms, schedules and, with ``monitor``, collapse statistics)
-    and raises ``NonFiniteLossError`` naming the first step whose loss was not finite.
+    window (with this step's gradient norms, schedules and, with ``monitor``, collapse statistics).
+
+    A step whose loss terms or gradient norms are not finite is not applied, decided on the device:
+    the fused AdamW skips its update when ``found_inf`` is set (as under a gradient scaler), and the
+    teacher centres keep their values. At the next read the skipped steps are counted against
+    ``train.skip_nonfinite_steps`` (a warning each); past it ``NonFiniteLossError`` names the first
+    skipped step and its non-finite terms, before any checkpoint of the damaged window is written.
     """
 
     def __init__(self, model: StudentTeacher, cfg: Config):
         self.model, self.cfg = model, cfg
         self.schedules = Schedules.from_config(cfg)
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult),
-                                           lr=self.schedules.lr, betas=tuple(cfg.optim.betas))
-        self._window: torch.Tensor | None = None   # sum of [loss, terms...] since the last sync
-        self._steps = 0
-        self._first_bad: torch.Tensor | None = None  # first step with a non-finite loss, -1 if none
+                                           lr=self.schedules.lr, betas=tuple(cfg.optim.betas), fused=True)
+        self._window: torch.Tensor | None = None   # sum of [loss, terms...] over the applied steps since the last sync
+        self._bad: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (step, 0-d bad flag, values) per step since the last sync
+        self.skipped = 0  # non-finite steps skipped so far (this process)
+        self._nan_at = int(os.environ.get("HIERDINO_TEST_NAN_AT_STEP", -1))  # test-only fault injection
 
     def __call__(self, batch: StepBatch, step: int, monitor: bool = False, sync: bool = True) -> dict[str, float] | None:
         """One step; returns the host record when ``sync`` (else None)."""
@@ -127,16 +134,13 @@ class TrainStep:
             g["lr"] = s["lr"] * g["lr_mult"]
             g["weight_decay"] = s["wd"] * g["wd_mult"]
         loss, terms, stats = self.model.losses(batch, s["teacher_temp"], monitor=monitor)
+        if step == self._nan_at:
+            loss = loss * float("nan")
+            terms["dino"] = terms["dino"] * float("nan")
         values = torch.stack([loss.detach()] + [t.detach().float() for t in terms.values()])
         if dist.is_initialized():
             dist.all_reduce(values)
             values /= dist.get_world_size()
-        bad = ~torch.isfinite(values).all()
-        if self._first_bad is None:
-            self._first_bad = torch.full((), -1, dtype=torch.long, device=values.device)
-        self._first_bad = torch.where(bad & (self._first_bad < 0), step, self._first_bad)
-        self._window = values if self._window is None else self._window + values
-        self._steps += 1
         with record_function("backward"):
             loss.backward()  # outside autocast: only the backbone forwards run in bf16
         frozen = self.model.last_layers() if s["freeze_last_layer"] else []
@@ -153,18 +157,34 @@ class TrainStep:
                     if params:
                         n = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.clip_grad)
                         norms[f"grad_norm_{name}"] = n.full_tensor() if hasattr(n, "full_tensor") else n
+            checked = torch.cat([values] + [n.reshape(1).float() for n in norms.values()])
+            bad = ~torch.isfinite(checked).all()  # the same on every rank: values and norms are global
+            self.optimizer.found_inf = bad.float()  # the fused AdamW skips the whole update when set
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         with record_function("ema"):
-            self.model.update_teacher(s["momentum"])
+            self.model.update_teacher(s["momentum"])  # a skipped step leaves the student as it was
+        self._bad.append((step, bad, values))
+        kept = torch.where(bad, torch.zeros_like(values), values)
+        self._window = kept if self._window is None else self._window + kept
         if not sync:
             return None
-        first_bad, window = int(self._first_bad), (self._window / self._steps).tolist()  # the one host read
-        self._window, self._steps, self._first_bad = None, 0, None
+        flags = torch.stack([b for _, b, _ in self._bad]).tolist()  # the one host read (with the window below)
+        bad_steps = [(st, v) for (st, _, v), f in zip(self._bad, flags) if f]
+        applied = len(flags) - len(bad_steps)
+        window = (self._window / max(applied, 1)).tolist()
+        self._window, self._bad = None, []
         names = ["loss", *terms]
-        if first_bad >= 0:
-            listed = ", ".join(f"{k}={v:.4g}" for k, v in zip(names, values.tolist()))
-            raise NonFiniteLossError(f"non-finite loss at step {first_bad} (found at step {step}); at step {step}: {listed}")
+        for st, v in bad_steps:
+            self.skipped += 1
+            listed = ", ".join(f"{k}={x:.4g}" for k, x in zip(names, v.tolist()))
+            if self.skipped > self.cfg.train.skip_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {st} (found at step {step}; the step was not applied): {listed}; "
+                    f"{self.skipped - 1} earlier step(s) skipped of train.skip_nonfinite_steps="
+                    f"{self.cfg.train.skip_nonfinite_steps}. The last checkpoint holds the state before it.")
+            print(f"[hierdino] WARNING: step {st} skipped, non-finite: {listed} "
+                  f"({self.skipped} of train.skip_nonfinite_steps={self.cfg.train.skip_nonfinite_steps})", flush=True)
         out = dict(zip(names, window))  # means over the steps since the last sync
         if norms:
             out.update(zip(norms, torch.stack(list(norms.values())).float().tolist()))
@@ -185,6 +205,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     worker_start = time.perf_counter()
     cfg = config_from_dict(loop_config["config"])
     run_uri = loop_config["run_uri"]
+    storage.set_retry_window(cfg.run.storage_retry_s)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
@@ -211,8 +232,9 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     step_fn = TrainStep(model, cfg)
     from hierdino.train.checkpoint import CheckpointManager, export_teacher
 
-    ckpt = CheckpointManager(model, step_fn.optimizer, rank)
+    ckpt = CheckpointManager(model, step_fn.optimizer, rank, world, run_uri, cfg.checkpoint.keep, storage_options(cfg))
     state = ckpt.load() or {"step": 0, "images_seen": 0}
+    state.pop("checkpoint", None)
     start = state["step"]
     from hierdino.train.parallel import param_checksum
 
@@ -293,12 +315,9 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                       f"ETA {_fmt_time(eta)}", flush=True)
         scalars = {k: v for k, v in last.items() if isinstance(v, float) and math.isfinite(v)}
         if reporting:
-            ckpt.save(step, state, scalars)
+            ckpt.save(step, state)  # committed before Ray hears of it: a report never names a partial checkpoint
             log.flush()
-            if rank == 0:  # read by the driver: where a restarted run's data streams start
-                from hierdino.data import storage
-
-                storage.write_bytes(storage.join(run_uri, "progress.json"), json.dumps({"step": step}).encode())
+            ray.train.report(dict(scalars, step=step))
         elif live_eval is not None and step % cfg.eval.every_steps == 0:
             ray.train.report(dict(scalars, step=step))  # every rank: report is a barrier
     log.close()

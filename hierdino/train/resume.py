@@ -1,0 +1,82 @@
+"""Where a run starts: resume the run directory's last complete checkpoint, refuse a config that
+would not continue the same run, or (``run.resume=false``) start fresh in a new directory.
+
+A run directory holds the ``config.yaml`` it was started with. Resuming with a different config
+is allowed only for the keys below, which change how a run is executed or evaluated, not what it
+trains (the model, data, losses, optimiser and schedules' shape). Any other difference is refused
+with the keys named, before any worker starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import yaml
+
+from hierdino.config import Config, ConfigError, config_diff, config_from_dict
+from hierdino.data import storage
+from hierdino.data.storage import StorageOptions
+from hierdino.train.checkpoint import Found, latest_complete
+
+# Keys (or sections, ending in '.') that may differ between a run's saved config and a resume.
+RESUMABLE = (
+    "train.steps", "train.stop_at_step", "train.log_every", "train.compile", "train.skip_nonfinite_steps",
+    "train.stop_on_collapse", "data.synth_cache", "data.num_cpus_per_map", "data.s3_endpoint", "data.s3_region",
+    "data.max_corrupt_fraction", "model.init_weights", "model.init_strict", "model.init_tower",
+    "scaling.", "checkpoint.", "eval.", "run.",
+)
+
+
+class ResumeError(ConfigError):
+    """The run directory holds a run that this config would not continue."""
+
+
+@dataclass
+class Start:
+    uri: str       # the run directory
+    name: str      # run.name (changed when run.resume=false found an existing run)
+    found: Found   # the checkpoint to resume from (uri None: a new run)
+
+
+def check_compatible(saved: Config, cfg: Config, where: str) -> None:
+    """Raise ``ResumeError`` naming every key that differs from the saved config and may not."""
+    bad = [line for line in config_diff(saved, cfg)
+           if not any(line.split(":", 1)[0] == k or (k.endswith(".") and line.startswith(k)) for k in RESUMABLE)]
+    if bad:
+        raise ResumeError(f"{where} was started with a different config; resuming it with this one would not continue "
+                          f"the same run: " + "; ".join(bad) + ". Use the saved config, another run.name, or "
+                          "--set run.resume=false to start a fresh run in a new directory.")
+
+
+def _saved_config(run_uri: str, options: StorageOptions | None) -> Config | None:
+    path = storage.join(run_uri, "config.yaml")
+    if not storage.exists(path, options):
+        return None
+    return config_from_dict(yaml.safe_load(storage.read_bytes(path, options)))
+
+
+def plan_start(cfg: Config, run_uri, options: StorageOptions | None = None, log=print) -> Start:
+    """Decide where ``cfg``'s run starts; with ``run.resume=false`` and an existing run, ``cfg.run.name``
+    is changed to the first free ``<name>-2``, ``<name>-3``, ..."""
+    uri = run_uri(cfg)
+    found = latest_complete(uri, options)
+    if found.uri is None and not storage.exists(storage.join(uri, "config.yaml"), options):
+        return Start(uri, cfg.run.name, found)  # nothing there yet
+    if not cfg.run.resume:
+        base, k = cfg.run.name, 2
+        while True:
+            candidate = dataclasses.replace(cfg.run, name=f"{base}-{k}")
+            fresh = run_uri(dataclasses.replace(cfg, run=candidate))
+            if not storage.exists(fresh, options):
+                break
+            k += 1
+        log(f"[hierdino] run.resume=false: {uri} exists; this run starts fresh in {fresh}")
+        cfg.run.name = candidate.name
+        return Start(fresh, cfg.run.name, Found(None, 0, []))
+    saved = _saved_config(uri, options)
+    if saved is not None and found.uri is not None:
+        check_compatible(saved, cfg, uri)
+    for line in found.skipped:
+        log(f"[hierdino] skipped {line}")
+    return Start(uri, cfg.run.name, found)

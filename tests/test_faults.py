@@ -1,0 +1,138 @@
+"""Faults a long run meets, with real components: processes killed with signals, a SeaweedFS server
+stopped and restarted, a NaN injected through a test-only hook (``HIERDINO_TEST_*``)."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO
+from hierdino.config import load_config
+from hierdino.data import storage
+from hierdino.train.checkpoint import COMMIT, latest_complete, verify
+from hierdino.train.resume import ResumeError, check_compatible, plan_start
+
+
+def _pretrain(tmp_path, suite, *sets, env=None, local=False):
+    """``jobs/pretrain.py`` as a user runs it; on the session's cluster unless ``local`` (its own Ray)."""
+    cmd = [sys.executable, str(REPO / "jobs/pretrain.py"), "--no-eval"]
+    if local:
+        cmd += ["--local-cpus", "2", "--no-dashboard"]
+    for s in ("train.batch_size=16", "train.log_every=1", "data.num_cpus_per_map=0.5", "scaling.cpus_per_worker=0.5",
+              f"data.synth_cache={suite}", f"run.storage={tmp_path}", *sets):
+        cmd += ["--set", s]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+
+
+def test_kill_while_writing_a_checkpoint_then_nan_then_changed_config(ray_cluster, synth_suite, tmp_path):
+    """1. The worker dies (SIGKILL) half-way through writing checkpoint 6: the restarted worker skips
+    it (no commit marker) and resumes from checkpoint 3. 2. The same run extended to 12 steps with a
+    NaN at step 10: the run stops naming step 10; checkpoint 9 stays complete. 3. Resuming it with a
+    changed loss weight is refused, naming the key, before any worker starts."""
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address,
+               HIERDINO_TEST_KILL_IN_CHECKPOINT="6", HIERDINO_TEST_KILL_IN_CHECKPOINT_DIR=str(tmp_path))
+    base = ("run.name=faulty", "checkpoint.every_steps=3", "checkpoint.keep=2", "scaling.max_failures=1")
+    p = _pretrain(tmp_path, synth_suite, *base, "train.steps=9", env=env)
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out[-4000:]
+    assert (tmp_path / "HIERDINO_TEST_KILL_IN_CHECKPOINT.6.done").exists()  # the kill happened
+    assert "skipped checkpoint_0000006: no commit marker" in out and "resuming at step 3" in out, out[-4000:]
+    run = tmp_path / "faulty"
+    assert sorted(p.name for p in run.glob("checkpoint_*")) == ["checkpoint_0000006", "checkpoint_0000009"]  # keep=2
+    assert all(verify(str(run / n)) is None for n in ("checkpoint_0000006", "checkpoint_0000009"))
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(set(steps)) == list(range(1, 10))  # steps 4-6 logged twice (before the kill and after), none lost
+
+    env = dict(env, HIERDINO_TEST_NAN_AT_STEP="10")
+    env.pop("HIERDINO_TEST_KILL_IN_CHECKPOINT")
+    p = _pretrain(tmp_path, synth_suite, *base, "train.steps=12", "scaling.max_failures=0", env=env)
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode != 0 and "non-finite loss at step 10" in out and "dino=nan" in out, out[-4000:]
+    found = latest_complete(str(run))
+    assert found.step == 9 and not found.skipped  # nothing of the failed window was committed
+
+    p = _pretrain(tmp_path, synth_suite, *base, "train.steps=12", "loss.koleo_weight=0.5", env=env)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 2 and "resume error" in out and "loss.koleo_weight: 0.0 -> 0.5" in out, out[-3000:]
+
+
+def test_resume_rules_without_a_cluster(tmp_path):
+    """The checks behind a restart, on a hand-made run directory: an uncommitted or truncated checkpoint
+    is skipped with its reason; operational keys may change, recipe keys may not; run.resume=false
+    starts fresh in <name>-2."""
+    run = tmp_path / "r"
+    for step, commit in ((3, True), (6, True), (9, False)):
+        d = run / f"checkpoint_{step:07d}"
+        d.mkdir(parents=True)
+        (d / "__0_0.distcp").write_bytes(b"x" * 10)
+        (d / "manifest_rank0.json").write_text(json.dumps({"files": {"__0_0.distcp": 10}}))
+        if commit:
+            (d / COMMIT).write_text(json.dumps({"step": step, "world": 1}))
+    (run / "checkpoint_0000006" / "__0_0.distcp").write_bytes(b"x" * 4)  # truncated after its commit
+    found = latest_complete(str(run))
+    assert found.step == 3 and found.skipped == ["checkpoint_0000009: no commit marker (interrupted while being written)",
+                                                 "checkpoint_0000006: __0_0.distcp is 4 bytes, not 10"]
+    cfg = load_config("tiny-cpu", [f"run.storage={tmp_path}", "run.name=r"])
+    (run / "config.yaml").write_text(cfg.to_yaml())
+    check_compatible(cfg, load_config("tiny-cpu", ["train.steps=900", "scaling.num_workers=2", "eval.split=test"]), "r")
+    with pytest.raises(ResumeError, match=r"model.arch: vit_tiny_cpu -> vit_micro_cpu; optim.base_lr"):
+        check_compatible(cfg, load_config("tiny-cpu", ["model.arch=vit_micro_cpu", "optim.base_lr=0.1"]), "r")
+    from hierdino.train.launch import run_uri
+
+    fresh = load_config("tiny-cpu", [f"run.storage={tmp_path}", "run.name=r", "run.resume=false"])
+    start = plan_start(fresh, run_uri, log=lambda *_: None)
+    assert start.name == "r-2" and start.uri.endswith("/r-2") and start.found.uri is None and fresh.run.name == "r-2"
+
+
+def _wait_for(p, text, lines, timeout=300):
+    deadline = time.time() + timeout
+    for line in p.stdout:
+        lines.append(line)
+        if text in line:
+            return
+        assert time.time() < deadline, "".join(lines)[-3000:]
+    raise AssertionError("".join(lines)[-3000:])
+
+
+def test_object_store_outage_during_a_run(s3_server, synth_suite, tmp_path):
+    """One run on S3 storage (run.storage_retry_s=30): SeaweedFS stopped for 20 s after step 5, then
+    restarted: the run goes on, every step logged and checkpointed. Stopped again for good after step
+    14: the run stops with an error naming the URI and the operation, without the secret, and its
+    last checkpoint (12) is complete and loads."""
+    s3_server.create_bucket("outage")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(AWS_ACCESS_KEY_ID=s3_server.access_key, AWS_SECRET_ACCESS_KEY=s3_server.secret_key,
+               AWS_ENDPOINT_URL=s3_server.endpoint, AWS_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
+    opts = storage.StorageOptions(**s3_server.storage_options())
+    lines: list[str] = []
+    p = _pretrain(tmp_path, synth_suite, "run.storage=s3://outage/runs", "run.name=flaky", "checkpoint.every_steps=4",
+                  "train.steps=40", "run.storage_retry_s=30", "scaling.max_failures=0", env=env, local=True)
+    try:
+        _wait_for(p, "step 5/40 | loss", lines)
+        s3_server.outage()
+        time.sleep(20)
+        s3_server.back()
+        _wait_for(p, "step 14/40 | loss", lines)
+        s3_server.outage()
+        rest, _ = p.communicate(timeout=300)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        s3_server.back()
+    out = "".join(lines) + rest
+    assert "retrying for up to 30 s" in out, out[-4000:]  # the first outage was met, and waited out
+    assert p.returncode != 0, out[-4000:]
+    assert "cannot write s3://outage/runs/flaky/" in out and "run.storage_retry_s=30" in out, out[-4000:]
+    assert s3_server.secret_key not in out
+    found = latest_complete("s3://outage/runs/flaky", opts)
+    assert found.step == 12 and verify(found.uri, opts) is None
+    logged = [json.loads(x)["step"] for x in storage.read_bytes("s3://outage/runs/flaky/metrics.jsonl", opts).decode().splitlines()]
+    assert logged[:12] == list(range(1, 13))  # no step lost to the first outage
+    import torch.distributed.checkpoint as dcp
+
+    local = tmp_path / "restore"
+    storage.download_dir(found.uri, str(local), opts)
+    assert any(k.startswith("model.") for k in dcp.FileSystemReader(str(local)).read_metadata().state_dict_metadata)
