@@ -37,6 +37,8 @@ def main(argv=None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--search", choices=["random", "optuna"], default="random",
                    help="random sampling, or Optuna's TPE (pip install 'hierdino[optuna]')")
+    p.add_argument("--seeds-per-trial", type=int, default=1,
+                   help="train each configuration with N seeds (train.seed, +1, ...) and score the mean (needs --scheduler none)")
     p.add_argument("--out", default=None, help="default: <run.storage>/sweeps/<space name> (S3 storage keeps them on clusters)")
     p.add_argument("--validate-only", action="store_true", help="check the config and the space; nothing is started")
     args = p.parse_args(argv)
@@ -80,7 +82,7 @@ def main(argv=None) -> int:
     print(f"[hierdino] {fit} trial(s) fit on the cluster at once; running {concurrent} at a time")
     try:
         res = run_sweep(args.config, args.space, args.trials, out, args.scheduler, concurrent, args.overrides,
-                        search=args.search)
+                        search=args.search, seeds_per_trial=args.seeds_per_trial)
     except SpaceError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

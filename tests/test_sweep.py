@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import yaml
 
@@ -157,3 +159,55 @@ def test_sweep_outputs_default_under_run_storage(tmp_path):
     space = load_space(REPO / "tune_spaces" / "alpha.yaml")
     assert default_out(load_config("tiny-cpu", ["run.storage=s3://bucket/runs"]), space) == "s3://bucket/runs/sweeps/alpha"
     assert default_out(load_config("tiny-cpu", [f"run.storage={tmp_path}"]), space) == f"{tmp_path}/sweeps/alpha"
+
+
+def test_seed_mean_and_history_by_hand(tmp_path):
+    """Two seeds with zero-width evaluation intervals: the interval is the seeds' own spread,
+    1.96 * s / sqrt(2) with s = |a - b| / sqrt(2), i.e. 1.96 * |a - b| / 2; one step only one seed
+    reached is left out. The history keeps only fresh evaluations (eval steps and the last step)."""
+    from hierdino.tune.sweep import eval_history, seed_mean
+
+    a = {4: (0.70, 0.70, 0.70), 8: (0.80, 0.80, 0.80)}
+    b = {4: (0.60, 0.60, 0.60)}
+    [(step, (mean, lo, hi))] = seed_mean([a, b])
+    assert step == 4 and mean == pytest.approx(0.65) and hi - mean == pytest.approx(1.96 * 0.10 / 2)
+    [(_, (m1, lo1, hi1))] = seed_mean([{4: (0.7, 0.6, 0.8)}])  # one seed: its own bootstrap interval
+    assert (m1, lo1, hi1) == pytest.approx((0.7, 0.6, 0.8))
+    run = tmp_path / "run"
+    run.mkdir()
+    recs = [{"step": 2, "ext_val_bacc": 0.5, "ext_val_bacc_lo": 0.4, "ext_val_bacc_hi": 0.6},
+            {"step": 3, "ext_val_bacc": 0.5}, {"step": 4, "ext_val_bacc": 0.7}, {"step": 5, "loss": 1.0}]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
+    cfg = load_config("tiny-cpu", ["train.steps=5", "eval.every_steps=2"])
+    hist = eval_history(str(run), cfg)
+    assert sorted(hist) == [2, 4] and hist[2] == (0.5, 0.4, 0.6)
+
+
+def test_seeds_per_trial_refuses_asha(tmp_path):
+    from hierdino.tune import sweep
+
+    with pytest.raises(sweep.SpaceError, match="needs --scheduler none"):
+        sweep.run_sweep("tiny-cpu", str(_space(tmp_path, "train.seed", {"dist": "grid", "values": [1]})), 1,
+                        str(tmp_path / "s"), "asha", 1, ["train.steps=8"], log=lambda *_: None, seeds_per_trial=2)
+
+
+def test_sweep_outputs_land_on_s3(ray_cluster, s3_server, tmp_path, monkeypatch):
+    """`--out s3://...`: the table, best config, plot and Tune's experiment state are written to the
+    object store (SeaweedFS), where a cluster's sweep outlives its pods."""
+    from hierdino.data.storage import StorageOptions, list_files, read_bytes
+    from hierdino.tune import sweep
+
+    s3_server.create_bucket("sweeps")
+    for k, v in (("AWS_ACCESS_KEY_ID", s3_server.access_key), ("AWS_SECRET_ACCESS_KEY", s3_server.secret_key),
+                 ("AWS_ENDPOINT_URL", s3_server.endpoint), ("AWS_REGION", "us-east-1")):
+        monkeypatch.setenv(k, v)
+    values = {1: [(8, 0.8, 0.7, 0.9)], 2: [(8, 0.6, 0.5, 0.7)]}
+    res = sweep.run_sweep("tiny-cpu", str(_space(tmp_path, "train.seed", {"dist": "grid", "values": [1, 2]})), 1,
+                          "s3://sweeps/alpha", "none", 1, ["train.steps=8"], log=lambda *_: None,
+                          trainable=_synthetic(values))
+    assert res["best"]["train.seed"] == "1"
+    opts = StorageOptions(**s3_server.storage_options())
+    names = {p.split("sweeps/alpha/", 1)[1] for p in list_files("s3://sweeps/alpha", "", opts)}
+    assert {"results.csv", "results.md", "best_config.yaml", "objective.png"} <= names
+    assert any(n.startswith("tune/syn/") for n in names)  # Tune's experiment state, for --resume
+    assert yaml.safe_load(read_bytes("s3://sweeps/alpha/best_config.yaml", opts))["train"]["seed"] == 1

@@ -157,25 +157,73 @@ def load_hierarchy_depth(name: str) -> int:
 
 
 def _trial(config: dict) -> None:
-    """The function trainable: one short pretrain with the trial's overrides."""
+    """The function trainable: one short pretrain with the trial's overrides (``seeds`` > 1: one per
+    seed, one after the other, scored by their mean; see ``seed_mean``)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from hierdino.train.launch import build_trainer
+    from hierdino.train.launch import build_trainer, run_uri
 
     ctx = tune.get_context()
     over = trial_overrides(config["sample"], config["fixed"])
     overrides = list(config["base_overrides"]) + [f"{k}={override_text(v)}" for k, v in over.items()] + [
         f"run.storage={config['trials_dir']}", f"run.name={ctx.get_trial_id()}"]
     cfg = load_config(config["base"], overrides)
-    trainer = build_trainer(cfg, log=lambda *_: None, callbacks=[TuneReportCallback()])
-    result = trainer.fit()
-    if result.error:
-        raise result.error
+    seeds = config.get("seeds", 1)
+    if seeds == 1:
+        runs = [(cfg, [TuneReportCallback()])]
+    else:
+        runs = [(load_config(config["base"], overrides + [f"train.seed={cfg.train.seed + i}",
+                                                          f"run.name={ctx.get_trial_id()}-seed{i}"]), None)
+                for i in range(seeds)]
+    histories = []
+    for run_cfg, callbacks in runs:
+        result = build_trainer(run_cfg, log=lambda *_: None, callbacks=callbacks).fit()
+        if result.error:
+            raise result.error
+        histories.append(eval_history(run_uri(run_cfg), run_cfg))
     final = result.return_value or {}
-    if OBJECTIVE in final:  # normally already reported at the last step; ASHA ends trials at max_t
+    if seeds > 1:
+        for step, values in seed_mean(histories):
+            tune.report({OBJECTIVE: values[0], f"{OBJECTIVE}_lo": values[1], f"{OBJECTIVE}_hi": values[2], "step": step,
+                         "seeds": seeds})
+    elif OBJECTIVE in final:  # normally already reported at the last step; ASHA ends trials at max_t
         keys = (OBJECTIVE, f"{OBJECTIVE}_lo", f"{OBJECTIVE}_hi")
         tune.report({**{k: final[k] for k in keys if k in final}, "step": final.get("step")})
+
+
+def eval_history(uri: str, cfg) -> dict[int, tuple[float, float, float]]:
+    """``{step: (objective, lo, hi)}`` at the run's evaluation steps, read from its ``metrics.jsonl``."""
+    import json
+
+    out = {}
+    from hierdino.data.ingest import storage_options
+
+    for line in storage.read_bytes(storage.join(uri, "metrics.jsonl"), storage_options(cfg)).decode().splitlines():
+        rec = json.loads(line)
+        step = rec.get("step")
+        fresh = step is not None and (step % cfg.eval.every_steps == 0 or step == cfg.train.steps)
+        if fresh and OBJECTIVE in rec:
+            out[int(step)] = (rec[OBJECTIVE], rec.get(f"{OBJECTIVE}_lo", math.nan), rec.get(f"{OBJECTIVE}_hi", math.nan))
+    return out
+
+
+def seed_mean(histories: list[dict]) -> list[tuple[int, tuple[float, float, float]]]:
+    """Per evaluation step every seed reached: the mean objective over seeds and a 95% interval
+    that counts both noises, the evaluation's and the seed's:
+    ``mean +- 1.96 * sqrt(sum_i sigma_i^2 / n^2 + s^2 / n)``, with ``sigma_i`` = seed i's bootstrap
+    half-width / 1.96 and ``s`` the standard deviation of the seeds' values."""
+    steps = sorted(set.intersection(*(set(h) for h in histories)))
+    out = []
+    for step in steps:
+        vals = [h[step] for h in histories]
+        n = len(vals)
+        mean = sum(v[0] for v in vals) / n
+        boot = sum(((v[2] - v[1]) / 2 / 1.96) ** 2 for v in vals) / n ** 2
+        seed_var = sum((v[0] - mean) ** 2 for v in vals) / (n - 1) if n > 1 else 0.0
+        half = 1.96 * math.sqrt(boot + seed_var / n)
+        out.append((step, (mean, mean - half, mean + half)))
+    return out
 
 
 def default_out(cfg, space: Space) -> str:
@@ -204,7 +252,8 @@ def searcher(search: str, space: Space, seed: int = 0):
 
 
 def run_sweep(base: str, space_path: str, trials: int, out: str, scheduler: str = "asha", max_concurrent: int = 1,
-              base_overrides: list[str] | None = None, log=print, search: str = "random", trainable=None) -> dict:
+              base_overrides: list[str] | None = None, log=print, search: str = "random", trainable=None,
+              seeds_per_trial: int = 1) -> dict:
     """Run (or resume) a sweep under ``out``; writes results.csv/.md, best_config.yaml and objective.png.
 
     ``trainable``: the function each trial runs (default: a short pretrain, ``_trial``); tests give
@@ -219,6 +268,12 @@ def run_sweep(base: str, space_path: str, trials: int, out: str, scheduler: str 
         base_overrides.append(f"eval.every_steps={max(1, cfg.train.steps // 4)}")
     base_overrides.append("eval.split=val")
     base_overrides.append("eval.at_end=false")
+    if seeds_per_trial > 1:
+        if scheduler == "asha":
+            raise SpaceError("--seeds-per-trial > 1 needs --scheduler none: ASHA compares trials at its rungs while "
+                             "they train, and a seed mean exists only once every seed of a trial has run")
+        every = load_config(base, base_overrides).eval.every_steps
+        base_overrides.append(f"train.log_every={every}")  # every evaluation step is a logged step
     cfg = load_config(base, base_overrides)
     levels = check_space(base, base_overrides, space)
     remote = storage.is_s3(out)  # on a cluster, sweep outputs and trial runs go to shared storage
@@ -232,7 +287,7 @@ def run_sweep(base: str, space_path: str, trials: int, out: str, scheduler: str 
         sched = ASHAScheduler(time_attr="step", max_t=cfg.train.steps, grace_period=cfg.eval.every_steps, reduction_factor=2)
     elif scheduler != "none":
         raise SpaceError(f"scheduler must be asha or none, got {scheduler!r}")
-    param_space = {"sample": space.tune_space(levels), "fixed": space.fixed, "base": base,
+    param_space = {"sample": space.tune_space(levels), "fixed": space.fixed, "base": base, "seeds": seeds_per_trial,
                    "base_overrides": base_overrides, "trials_dir": storage.join(out_path, "trials")}
     # A trial driver only waits on its TorchTrainer: it holds no CPU (a bundle needs some resource,
     # hence 1 MiB of memory). Even 0.01 CPU left the trial's Ray Data unable to start on 2 CPUs.
@@ -340,6 +395,9 @@ def write_outputs(grid, base: str, base_overrides: list[str], space: Space, out:
             **{k: override_text(v) for k, v in over.items()},
         })
     best, how, verdict = choose_best(rows, histories, total_steps)
+    seeds = max([int((r.metrics or {}).get("seeds") or 1) for r in grid] or [1])
+    if seeds > 1:
+        how += f"; each value is the mean over {seeds} seeds (train.seed, +1, ...), its interval counting seed variance"
     if best is not None:
         best["chosen"] = True
     rows.sort(key=lambda x: -x[OBJECTIVE] if x[OBJECTIVE] == x[OBJECTIVE] else math.inf)
