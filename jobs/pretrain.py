@@ -44,13 +44,19 @@ def main(argv=None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    from hierdino.train.resume import ResumeError, check_resume
+
+    try:  # a run directory this config would not continue: said before any cluster work
+        where = check_resume(cfg, retry_s=10 if args.validate_only else None)
+    except ResumeError as e:
+        print(f"resume error: {e}", file=sys.stderr)
+        return 2
     if args.validate_only:
-        print(f"config OK: {args.config} ({len(args.overrides)} override(s)); run {cfg.run.storage}/{cfg.run.name}")
+        print(f"config OK: {args.config} ({len(args.overrides)} override(s)); run {cfg.run.storage}/{cfg.run.name}: {where}")
         return 0
     from hierdino.models.weights import WeightsError
     from hierdino.train import launch
     from hierdino.train.preflight import ResourcesError
-    from hierdino.train.resume import ResumeError
 
     t0 = time.time()
     launch.init_ray(args.local_cpus, dashboard=args.dashboard, verbose=args.verbose)

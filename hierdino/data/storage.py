@@ -65,7 +65,7 @@ def with_retries(fn, uri: str, action: str, window_s: float | None = None, log=p
                 raise _explain(e, uri, action) from None
             if waited + delay > window:
                 raise StorageError(f"cannot {action} {uri}: the store did not answer for {waited:.0f} s "
-                                   f"({tries} tries, run.storage_retry_s={window:g}): {_scrub(str(e))}") from None
+                                   f"({tries} tries; retry window {window:g} s, run.storage_retry_s): {_scrub(str(e))}") from None
             if tries == 1:
                 log(f"[hierdino] storage: cannot {action} {uri} ({_scrub(str(e))[:120]}); retrying for up to {window:g} s",
                     flush=True)

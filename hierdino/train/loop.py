@@ -256,8 +256,11 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         name = stream_name(k)
         if name not in loop_config["streams"]:
             return iter(())
+        # Sized by the stream's share of a step: the first step waits for every stream's shuffle buffer,
+        # so 4 steps' worth of each (not 4 whole batches of each) keeps the first batch quick.
+        share = max(1, math.ceil(loop_config["proportions"][k] * per_worker))
         return ray.train.get_dataset_shard(name).iter_batches(
-            batch_size=min(64, per_worker), batch_format="numpy", local_shuffle_buffer_size=4 * per_worker,
+            batch_size=min(64, 2 * share), batch_format="numpy", local_shuffle_buffer_size=4 * share,
             local_shuffle_seed=cfg.data.shuffle_seed + 1000 * rank + 17 * k + start)
 
     batches = MixedBatches([stream(k) for k in range(len(loop_config["proportions"]))], schedule, start_step=start)

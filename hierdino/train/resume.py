@@ -80,3 +80,23 @@ def plan_start(cfg: Config, run_uri, options: StorageOptions | None = None, log=
     for line in found.skipped:
         log(f"[hierdino] skipped {line}")
     return Start(uri, cfg.run.name, found)
+
+
+def check_resume(cfg: Config, retry_s: float | None = None) -> str:
+    """``plan_start`` on a copy of ``cfg`` (nothing renamed), from the driver before any cluster work:
+    raises ``ResumeError``; returns what the run would do. A store that cannot be reached within
+    ``retry_s`` is reported, not raised: the run itself retries for ``run.storage_retry_s``."""
+    from hierdino.data.ingest import storage_options
+    from hierdino.train.launch import run_uri
+
+    if retry_s is not None:
+        storage.set_retry_window(retry_s)
+    try:
+        start = plan_start(config_from_dict(cfg.to_dict()), run_uri, storage_options(cfg), log=lambda *_: None)
+    except storage.StorageError as e:
+        return f"run directory not checked ({e})"
+    finally:
+        storage.set_retry_window(cfg.run.storage_retry_s)
+    if start.found.uri is not None:
+        return f"resumes after step {start.found.step}"
+    return f"new run in {start.uri}"
