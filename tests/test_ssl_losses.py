@@ -32,6 +32,9 @@ def test_ema_centering_math():
     c.update(t)
     assert torch.allclose(c.center, (0.9 * 0.1 + 0.1) * t.mean(0, keepdim=True))
     assert torch.allclose(c.targets(t, 0.5), torch.softmax((t - c.center) / 0.5, 1))
+    kept = c.center.clone()
+    c.update(torch.full_like(t, float("nan")))  # the logits of a step that will be skipped
+    assert torch.equal(c.center, kept)
     with pytest.raises(ValueError, match="'median'"):
         TeacherCentering(4, "median")
 

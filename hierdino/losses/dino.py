@@ -85,7 +85,9 @@ class TeacherCentering(nn.Module):
         total = _all_reduce(teacher_logits.float().sum(dim=0, keepdim=True))
         count = _all_reduce(torch.tensor(float(teacher_logits.shape[0]), device=teacher_logits.device))
         moved = self.center * self.momentum + total / count.clamp_min(1.0) * (1 - self.momentum)
-        self.center.copy_(torch.where(count > 0, moved, self.center))  # no host read: no stall on GPUs
+        # No host read (no stall on GPUs); a batch with non-finite logits (a step that will be
+        # skipped) leaves the centre as it was.
+        self.center.copy_(torch.where((count > 0) & torch.isfinite(moved).all(), moved, self.center))
 
 
 def cross_entropy_soft(student_logits: torch.Tensor, targets: torch.Tensor, student_temp: float) -> torch.Tensor:
