@@ -44,7 +44,7 @@ def test_two_trial_sweep_writes_outputs_and_asha_stops_the_bad_trial(ray_cluster
     out = tmp_path / "sweep"
     res = run_sweep("tiny-cpu", str(space), 1, str(out), "asha", 1, [
         f"data.synth_cache={synth_suite}", "train.steps=4", "train.batch_size=16", "checkpoint.every_steps=3",
-        "eval.every_steps=2", "train.log_every=2", "eval.datasets=[synth-ext-1,synth-ood]"], log=lambda *_: None)  # checkpoints off the eval steps, 1-CPU worker
+        "eval.every_steps=2", "train.log_every=2", "eval.datasets=[synth-ext-1]"], log=lambda *_: None)  # checkpoints off the eval steps, 1-CPU worker
     rows = {r["eval.image_size"]: r for r in res["rows"]}
     assert rows["64"]["step"] == 4 and not rows["64"]["stopped_early"] and rows["64"]["chosen"]
     assert rows["8"]["stopped_early"] and rows["8"]["step"] == 2
@@ -192,8 +192,9 @@ def test_seeds_per_trial_refuses_asha(tmp_path):
 
 
 def test_sweep_outputs_land_on_s3(ray_cluster, s3_server, tmp_path, monkeypatch):
-    """`--out s3://...`: the table, best config, plot and Tune's experiment state are written to the
-    object store (SeaweedFS), where a cluster's sweep outlives its pods."""
+    """No --out and run.storage on S3: the table, best config, plot and Tune's experiment state are
+    written under <run.storage>/sweeps/<space> in the object store (SeaweedFS), where a cluster's
+    sweep outlives its pods."""
     from hierdino.data.storage import StorageOptions, list_files, read_bytes
     from hierdino.tune import sweep
 
@@ -202,12 +203,14 @@ def test_sweep_outputs_land_on_s3(ray_cluster, s3_server, tmp_path, monkeypatch)
                  ("AWS_ENDPOINT_URL", s3_server.endpoint), ("AWS_REGION", "us-east-1")):
         monkeypatch.setenv(k, v)
     values = {1: [(8, 0.8, 0.7, 0.9)], 2: [(8, 0.6, 0.5, 0.7)]}
-    res = sweep.run_sweep("tiny-cpu", str(_space(tmp_path, "train.seed", {"dist": "grid", "values": [1, 2]})), 1,
-                          "s3://sweeps/alpha", "none", 1, ["train.steps=8"], log=lambda *_: None,
+    space = _space(tmp_path, "train.seed", {"dist": "grid", "values": [1, 2]})
+    out = sweep.default_out(load_config("tiny-cpu", ["run.storage=s3://sweeps"]), load_space(space))  # no --out given
+    assert out == "s3://sweeps/sweeps/syn"
+    res = sweep.run_sweep("tiny-cpu", str(space), 1, out, "none", 1, ["train.steps=8"], log=lambda *_: None,
                           trainable=_synthetic(values))
     assert res["best"]["train.seed"] == "1"
     opts = StorageOptions(**s3_server.storage_options())
-    names = {p.split("sweeps/alpha/", 1)[1] for p in list_files("s3://sweeps/alpha", "", opts)}
+    names = {p.split("sweeps/syn/", 1)[1] for p in list_files(out, "", opts)}
     assert {"results.csv", "results.md", "best_config.yaml", "objective.png"} <= names
     assert any(n.startswith("tune/syn/") for n in names)  # Tune's experiment state, for --resume
-    assert yaml.safe_load(read_bytes("s3://sweeps/alpha/best_config.yaml", opts))["train"]["seed"] == 1
+    assert yaml.safe_load(read_bytes(f"{out}/best_config.yaml", opts))["train"]["seed"] == 1

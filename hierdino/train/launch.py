@@ -48,6 +48,7 @@ def init_ray(num_cpus: int | None = None, dashboard: bool = True, verbose: bool 
         warnings.filterwarnings("ignore", category=RayDeprecationWarning)
         logging.getLogger("ray.data").setLevel(logging.ERROR)  # the driver's own Ray Data logs (evaluation)
         env["RAY_DATA_LOG_LEVEL"] = "ERROR"  # its warnings are progress-bar notes; preflight covers resources
+        env["HIERDINO_QUIET"] = "1"  # workers: no per-report echo of every metric (hierdino.train.loop)
     # Test-only fault injection (HIERDINO_TEST_*, see hierdino.train.checkpoint) reaches the workers.
     faults = {k: v for k, v in os.environ.items() if k.startswith("HIERDINO_TEST_")}
     env.update(faults)

@@ -203,6 +203,12 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     import ray.train
 
     worker_start = time.perf_counter()
+    if os.environ.get("HIERDINO_QUIET"):  # Ray Train echoes each report's metrics at INFO: the progress line says it
+        import logging
+
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     cfg = config_from_dict(loop_config["config"])
     run_uri = loop_config["run_uri"]
     storage.set_retry_window(cfg.run.storage_retry_s)
