@@ -159,7 +159,7 @@ base = ["tiny-cpu", [f"data.synth_cache={sys.argv[1]}", f"run.storage={sys.argv[
         "eval.at_end=false", "data.num_cpus_per_map=0.5"]]
 first = train(load_config(base[0], base[1] + ["train.stop_at_step=1"]))
 second = train(load_config(*base))
-print("RESULT " + json.dumps({"first": {k: first[k] for k in ("step", "final_checksum", "worker_nodes")},
+print("RESULT " + json.dumps({"first": {k: first[k] for k in ("step", "final_checksum", "worker_nodes", "local_param_fraction", "export")},
                               "second": {k: second[k] for k in ("step", "start_step", "start_checksum", "worker_nodes", "export")}}))
 ray.shutdown()
 cluster.shutdown()
@@ -186,3 +186,23 @@ def test_two_node_fsdp_run_checkpoints_to_s3_and_resumes(s3_server, synth_suite,
     opts = StorageOptions(**s3_server.storage_options())
     names = {p.rsplit("/", 2)[-2] for p in storage.list_files("s3://twonode/runs/two-node", ".metadata", opts)}
     assert names == {"checkpoint_0000001", "checkpoint_0000002"}
+    # What the single-node FSDP test used to check, here on the two-node run: each rank holds about
+    # half the parameters, the run stopped early exports nothing, a log line per step (the stop step
+    # included), the saved config, and an export timm loads.
+    assert 0.4 < res["first"]["local_param_fraction"] < 0.6 and res["first"]["export"] is None
+    run = "s3://twonode/runs/two-node"
+    logged = [json.loads(x)["step"] for x in storage.read_bytes(f"{run}/metrics.jsonl", opts).decode().splitlines()]
+    assert logged == [1, 2]
+    import yaml
+
+    assert yaml.safe_load(storage.read_bytes(f"{run}/config.yaml", opts))["scaling"]["num_workers"] == 2
+    export = tmp_path / "export"
+    storage.download_dir(f"{run}/export", str(export), opts)
+    assert json.loads((export / "model.json").read_text())["arch"] == "vit_tiny_cpu"
+    import timm
+
+    import hierdino.models.backbone  # noqa: F401  (registers the tiny archs with timm)
+
+    model = timm.create_model("vit_tiny_cpu", pretrained=True, num_classes=0, img_size=64,
+                              pretrained_cfg_overlay={"file": str(export / "teacher_backbone.safetensors")})
+    assert model.pos_embed.shape[1] == 65

@@ -140,7 +140,7 @@ def test_seeded_tiny_run_learns_without_collapse():
 
 
 def test_non_finite_step_is_not_applied_then_stops_the_run_past_the_allowance(capsys):
-    """A NaN loss at step 7: the parameters and optimiser state stay as they were (fused AdamW with
+    """A NaN loss at the 8th step (index 7; messages count steps as the progress line): the parameters and optimiser state stay as they were (fused AdamW with
     found_inf decides on the device), a warning within train.skip_nonfinite_steps, then an error."""
     from hierdino.train.loop import NonFiniteLossError
 
@@ -160,11 +160,11 @@ def test_non_finite_step_is_not_applied_then_stops_the_run_past_the_allowance(ca
         w.copy_(saved)
     assert all(torch.equal(before[k], v) for k, v in m.student.named_parameters())
     assert all(torch.equal(a, s["exp_avg"]) for a, s in zip(opt_before, step.optimizer.state.values()))
-    assert "step 7 skipped, non-finite: loss=nan, dino=nan" in capsys.readouterr().out
+    assert "step 8 skipped, non-finite: loss=nan, dino=nan" in capsys.readouterr().out
     assert out is not None and step.skipped == 1
     with torch.no_grad():
         w.fill_(float("nan"))
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 8 .*not applied.*loss=nan, dino=nan"):
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 9 .*not applied.*loss=nan, dino=nan"):
         step(batch, 8)
 
 

@@ -1,50 +1,15 @@
-"""Ray Train runs of the tiny preset on the session's 2-CPU Ray cluster."""
+"""Ray Train runs of the tiny preset on the session's 2-CPU Ray cluster (FSDP2 over two workers and
+its resume: test_cluster.py's two-node run; faults: test_faults.py)."""
 
 import json
 import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from conftest import REPO
-from hierdino.config import load_config
-from hierdino.train.launch import train
-
-
-def _cfg(tmp_path, suite, name, *extra):
-    return load_config("tiny-cpu", [
-        f"data.synth_cache={suite}", f"run.storage={tmp_path}", f"run.name={name}", "train.batch_size=16",
-        "train.steps=8", "checkpoint.every_steps=4", "train.log_every=2", "data.num_cpus_per_map=0.5",
-        "scaling.cpus_per_worker=0.5", "eval.at_end=false", *extra])
-
-
-def _metrics(run_dir):
-    return [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
-
-
-def test_two_worker_fsdp_run_shards_parameters_and_resumes_identically(ray_cluster, synth_suite, tmp_path):
-    """FSDP2 over 2 workers; stopped after its first checkpoint and started again, the run resumes
-    with the exact parameters it saved (the S3 / two-node variant is in test_cluster.py)."""
-    over = ("scaling.num_workers=2", "train.steps=6", "checkpoint.every_steps=3")
-    first = train(_cfg(tmp_path, synth_suite, "fsdp2", *over, "train.stop_at_step=3"))
-    assert first["step"] == 3 and first["export"] is None
-    assert 0.4 < first["local_param_fraction"] < 0.6  # each rank holds about half
-    second = train(_cfg(tmp_path, synth_suite, "fsdp2", *over))
-    assert second["start_step"] == 3 and second["step"] == 6
-    assert second["start_checksum"] == pytest.approx(first["final_checksum"], rel=1e-12, abs=0)
-    assert second["final_checksum"] != pytest.approx(first["final_checksum"], rel=1e-9)
-    assert [m["step"] for m in _metrics(second["run_dir"])] == [2, 3, 4, 6]  # log steps and the stop step
-    export = Path(second["export"])
-    assert export.exists() and json.loads((export.parent / "model.json").read_text())["arch"] == "vit_tiny_cpu"
-    assert load_config(str(Path(second["run_dir"]) / "config.yaml")).scaling.num_workers == 2
-    import timm
-
-    model = timm.create_model("vit_tiny_cpu", pretrained=True, num_classes=0, img_size=64,
-                              pretrained_cfg_overlay={"file": str(export)})
-    assert model.pos_embed.shape[1] == 65
 
 
 def test_pretrain_validate_only_catches_bad_key():

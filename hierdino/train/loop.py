@@ -134,7 +134,7 @@ class TrainStep:
             g["lr"] = s["lr"] * g["lr_mult"]
             g["weight_decay"] = s["wd"] * g["wd_mult"]
         loss, terms, stats = self.model.losses(batch, s["teacher_temp"], monitor=monitor)
-        if step == self._nan_at:
+        if step + 1 == self._nan_at:  # steps are named as the progress line counts them (1-based)
             loss = loss * float("nan")
             terms["dino"] = terms["dino"] * float("nan")
         values = torch.stack([loss.detach()] + [t.detach().float() for t in terms.values()])
@@ -164,7 +164,7 @@ class TrainStep:
             self.optimizer.zero_grad(set_to_none=True)
         with record_function("ema"):
             self.model.update_teacher(s["momentum"])  # a skipped step leaves the student as it was
-        self._bad.append((step, bad, values))
+        self._bad.append((step + 1, bad, values))  # named as the progress line does: the (step + 1)-th step
         kept = torch.where(bad, torch.zeros_like(values), values)
         self._window = kept if self._window is None else self._window + kept
         if not sync:
@@ -180,7 +180,7 @@ class TrainStep:
             listed = ", ".join(f"{k}={x:.4g}" for k, x in zip(names, v.tolist()))
             if self.skipped > self.cfg.train.skip_nonfinite_steps:
                 raise NonFiniteLossError(
-                    f"non-finite loss at step {st} (found at step {step}; the step was not applied): {listed}; "
+                    f"non-finite loss at step {st} (found at step {step + 1}; the step was not applied): {listed}; "
                     f"{self.skipped - 1} earlier step(s) skipped of train.skip_nonfinite_steps="
                     f"{self.cfg.train.skip_nonfinite_steps}. The last checkpoint holds the state before it.")
             print(f"[hierdino] WARNING: step {st} skipped, non-finite: {listed} "
