@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     from hierdino.train.resume import ResumeError, check_resume
 
     try:  # a run directory this config would not continue: said before any cluster work
-        where = check_resume(cfg, retry_s=10 if args.validate_only else None)
+        where = check_resume(cfg, retry_s=10 if args.validate_only else cfg.run.storage_retry_s)
     except ResumeError as e:
         print(f"resume error: {e}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -86,6 +87,32 @@ def test_resume_rules_without_a_cluster(tmp_path):
     fresh = load_config("tiny-cpu", [f"run.storage={tmp_path}", "run.name=r", "run.resume=false"])
     start = plan_start(fresh, run_uri, log=lambda *_: None)
     assert start.name == "r-2" and start.uri.endswith("/r-2") and start.found.uri is None and fresh.run.name == "r-2"
+
+
+def test_a_step_saved_again_in_place_is_not_vouched_for_by_its_old_marker(tmp_path, monkeypatch):
+    """Checkpoint 6 is complete; a later save of step 6 (after a resume from an earlier one) dies
+    after overwriting a shard with bytes of the same size: the old marker must not make the mix of
+    old and new files pass as complete."""
+    import torch
+
+    from hierdino.train import checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    mgr = checkpoint.CheckpointManager(model, opt, 0, 1, str(tmp_path / "run"), keep=2)
+    mgr.save(6, {"images_seen": 0})
+    ckpt = tmp_path / "run" / "checkpoint_0000006"
+    assert verify(str(ckpt)) is None and mgr.load(log=lambda *_: None)["step"] == 6
+
+    def dies_half_way(state, checkpoint_id):
+        shard = next(p for p in Path(checkpoint_id).iterdir() if p.suffix == ".distcp")
+        shard.write_bytes(b"\0" * shard.stat().st_size)
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(checkpoint.dcp, "save", dies_half_way)
+    with pytest.raises(RuntimeError, match="killed"):
+        mgr.save(6, {"images_seen": 0})
+    assert verify(str(ckpt)) == "no commit marker (interrupted while being written)"
 
 
 def _wait_for(p, text, lines, timeout=300):
