@@ -215,6 +215,16 @@ def delete_dir(uri: str, options: StorageOptions | None = None) -> None:
     with_retries(lambda: fs.delete_dir(path), uri, "delete")
 
 
+def delete_file(uri: str, options: StorageOptions | None = None) -> None:
+    """Delete one file; a file that is not there is not an error."""
+    fs, path = resolve(uri, options)
+
+    def delete():
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            fs.delete_file(path)
+    with_retries(delete, uri, "delete")
+
+
 def file_sizes(uri: str, options: StorageOptions | None = None) -> dict[str, int]:
     """``{name relative to uri: size}`` of the files under ``uri`` ({} when it does not exist)."""
     fs, path = resolve(uri, options)

@@ -106,9 +106,7 @@ class CheckpointManager:
         uri = checkpoint_uri(self.run_uri, step)
         local = not storage.is_s3(uri)
         if self.rank == 0:  # a marker left by an earlier save of this step must not vouch for the files written now
-            fs, marker = storage.resolve(storage.join(uri, COMMIT), self.options)
-            if storage.exists(storage.join(uri, COMMIT), self.options):
-                storage.with_retries(lambda: fs.delete_file(marker), storage.join(uri, COMMIT), "delete")
+            storage.delete_file(storage.join(uri, COMMIT), self.options)
         _barrier()
         with tempfile.TemporaryDirectory(prefix="hierdino-ckpt-") as tmp:
             target = storage.resolve(uri)[1] if local else tmp
