@@ -165,7 +165,8 @@ def _run_job_validation(job: str, args: list[str], where: str) -> list[str]:
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         try:
-            rc = module.main(args + ["--validate-only"])
+            # --offline: the run's storage is the cluster's to reach, not the checking machine's
+            rc = module.main(args + ["--validate-only"] + (["--offline"] if path.stem == "pretrain" else []))
         except SystemExit as e:  # argparse errors
             rc = e.code
     return [] if rc == 0 else [f"{where}: `{job} {' '.join(args)} --validate-only` failed: {err.getvalue().strip()}"]

@@ -27,6 +27,8 @@ def parse_args(argv=None):
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.steps=100 (repeatable)")
     p.add_argument("--validate-only", action="store_true", help="check the config and exit; nothing is started")
+    p.add_argument("--offline", action="store_true",
+                   help="with --validate-only: do not look at run.storage (a manifest checked away from its cluster)")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
     p.add_argument("--verbose", action="store_true", help="Ray Data plans, progress bars and Ray's warnings too")
     p.add_argument("--no-dashboard", dest="dashboard", action="store_false",
@@ -46,8 +48,12 @@ def main(argv=None) -> int:
         return 2
     from hierdino.train.resume import ResumeError, check_resume
 
+    if args.offline and not args.validate_only:
+        print("usage error: --offline only goes with --validate-only", file=sys.stderr)
+        return 2
     try:  # a run directory this config would not continue: said before any cluster work
-        where = check_resume(cfg, retry_s=10 if args.validate_only else cfg.run.storage_retry_s)
+        where = ("run directory not checked (--offline)" if args.offline
+                 else check_resume(cfg, retry_s=10 if args.validate_only else cfg.run.storage_retry_s))
     except ResumeError as e:
         print(f"resume error: {e}", file=sys.stderr)
         return 2

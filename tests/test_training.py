@@ -19,6 +19,10 @@ def test_pretrain_validate_only_catches_bad_key():
     r = subprocess.run([sys.executable, str(REPO / "jobs/pretrain.py"), "--config", "vitl14", "--validate-only"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "config OK" in r.stdout
+    # a manifest's storage is the cluster's: --offline never waits for a store this machine cannot reach
+    r = subprocess.run([sys.executable, str(REPO / "jobs/pretrain.py"), "--config", "vitl14", "--validate-only", "--offline",
+                        "--set", "run.storage=s3://no-such-bucket-here/runs"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "run directory not checked (--offline)" in r.stdout and "retrying" not in r.stdout + r.stderr
 
 
 def test_embedded_default_stopped_by_sigterm_then_resumed_to_the_end(ray_cluster, synth_suite, tmp_path):
