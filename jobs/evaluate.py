@@ -19,7 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hierdino.eval.probes import PROBES  # noqa: E402
-from hierdino.eval.report import evaluate, markdown_table, resolve_dataset  # noqa: E402
+from hierdino.data.suite import resolve_dataset  # noqa: E402
+from hierdino.eval.report import evaluate, markdown_table  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -40,7 +41,7 @@ def main(argv=None) -> int:
     if args.bootstrap < 1000:
         print(f"note: --bootstrap {args.bootstrap} is below the 1000 resamples the reports assume", file=sys.stderr)
     from hierdino.eval.features import resolve_model
-    from hierdino.train.launch import init_ray
+    from hierdino.runtime import init_ray
 
     models = list(args.model)
     if args.baselines:

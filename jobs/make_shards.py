@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hierdino.data import shards, suite  # noqa: E402
-from hierdino.data.storage import StorageOptions  # noqa: E402
+from hierdino.storage import StorageOptions  # noqa: E402
 from hierdino.hierarchy import load_hierarchy  # noqa: E402
 from hierdino.labels import get_label_map  # noqa: E402
 

@@ -61,15 +61,17 @@ def main(argv=None) -> int:
         print(f"config OK: {args.config} ({len(args.overrides)} override(s)); run {cfg.run.storage}/{cfg.run.name}: {where}")
         return 0
     from hierdino.models.weights import WeightsError
+    from hierdino.data.suite import ensure_synthetic_suite
+    from hierdino.runtime import init_ray
     from hierdino.train import launch
     from hierdino.train.preflight import ResourcesError
 
     t0 = time.time()
-    launch.init_ray(args.local_cpus, dashboard=args.dashboard, verbose=args.verbose)
+    init_ray(args.local_cpus, dashboard=args.dashboard, verbose=args.verbose)
     try:
         launch.preflight(cfg, log=lambda *_: None)  # before building data: a run that cannot fit stops in seconds
         if not cfg.data.train:
-            launch.ensure_synthetic_suite(cfg)
+            ensure_synthetic_suite(cfg)
         final = launch.train(cfg, preset=args.config)
     except (WeightsError, ResourcesError, ResumeError) as e:
         kind = {WeightsError: "weights", ResourcesError: "resources", ResumeError: "resume"}[type(e)]

@@ -77,8 +77,9 @@ def calibrate_steps(args, common: list[str], n_runs: int, log=print) -> int:
     Decided from timings alone, before any variant trains, and the same for every variant.
     """
     from hierdino.config import load_config
-    from hierdino.data import storage
-    from hierdino.train.launch import run_uri, train
+    from hierdino import storage
+    from hierdino.train.checkpoint import run_uri
+    from hierdino.train.launch import train
 
     cfg = load_config("repro/hxe-alpha0.5", common + ["train.steps=40", "checkpoint.every_steps=40", "train.log_every=10",
                                                       "run.name=calibration"])
@@ -98,8 +99,9 @@ def calibrate_steps(args, common: list[str], n_runs: int, log=print) -> int:
 
 def run_variants(args, suite: str, log=print) -> tuple[dict[str, list[str]], list[float]]:
     from hierdino.config import load_config, override_text
-    from hierdino.data import storage
-    from hierdino.train.launch import run_uri, train
+    from hierdino import storage
+    from hierdino.train.checkpoint import run_uri
+    from hierdino.train.launch import train
     from hierdino.tune.sweep import run_sweep
 
     common = scale_overrides(args.scale) + [f"data.synth_cache={suite}", f"run.storage={args.out}"]
@@ -304,7 +306,8 @@ def main(argv=None) -> int:
         print(md)
         return 0
     from hierdino.eval.report import evaluate
-    from hierdino.train.launch import ensure_synthetic_suite, init_ray
+    from hierdino.data.suite import ensure_synthetic_suite
+    from hierdino.runtime import init_ray
 
     cfg = load_config("repro/base", scale_overrides(args.scale))
     ensure_synthetic_suite(cfg)

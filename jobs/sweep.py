@@ -43,7 +43,8 @@ def main(argv=None) -> int:
     p.add_argument("--validate-only", action="store_true", help="check the config and the space; nothing is started")
     args = p.parse_args(argv)
     from hierdino.config import load_config
-    from hierdino.train.launch import ensure_synthetic_suite, init_ray
+    from hierdino.data.suite import ensure_synthetic_suite
+    from hierdino.runtime import init_ray
 
     from hierdino.tune.sweep import check_space, default_out, load_space
 

@@ -180,8 +180,8 @@ def test_two_node_fsdp_run_checkpoints_to_s3_and_resumes(s3_server, synth_suite,
     assert res["first"]["step"] == 1 and res["second"]["start_step"] == 1 and res["second"]["step"] == 2
     assert res["second"]["start_checksum"] == pytest.approx(res["first"]["final_checksum"], rel=1e-12)
     assert res["second"]["export"] == "s3://twonode/runs/two-node/export/teacher_backbone.safetensors"
-    from hierdino.data import storage
-    from hierdino.data.storage import StorageOptions
+    from hierdino import storage
+    from hierdino.storage import StorageOptions
 
     opts = StorageOptions(**s3_server.storage_options())
     names = {p.rsplit("/", 2)[-2] for p in storage.list_files("s3://twonode/runs/two-node", ".metadata", opts)}

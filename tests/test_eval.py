@@ -95,7 +95,8 @@ def tiny_export(tmp_path_factory):
 
 
 def test_end_to_end_evaluation_with_plots_and_cache(ray_cluster, synth_suite, tiny_export, tmp_path):
-    from hierdino.eval.report import evaluate, resolve_dataset
+    from hierdino.data.suite import resolve_dataset
+    from hierdino.eval.report import evaluate
 
     datasets = [resolve_dataset(n, synth_suite) for n in ("synth-ext-1", "synth-ood")]
     logs = []

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import REPO
 from hierdino.config import load_config
-from hierdino.data import storage
+from hierdino import storage
 from hierdino.train.checkpoint import COMMIT, latest_complete, verify
 from hierdino.train.resume import ResumeError, check_compatible, plan_start
 
@@ -82,7 +82,7 @@ def test_resume_rules_without_a_cluster(tmp_path):
     check_compatible(cfg, load_config("tiny-cpu", ["train.steps=900", "scaling.num_workers=2", "eval.split=test"]), "r")
     with pytest.raises(ResumeError, match=r"model.arch: vit_tiny_cpu -> vit_micro_cpu; optim.base_lr"):
         check_compatible(cfg, load_config("tiny-cpu", ["model.arch=vit_micro_cpu", "optim.base_lr=0.1"]), "r")
-    from hierdino.train.launch import run_uri
+    from hierdino.train.checkpoint import run_uri
 
     fresh = load_config("tiny-cpu", [f"run.storage={tmp_path}", "run.name=r", "run.resume=false"])
     start = plan_start(fresh, run_uri, log=lambda *_: None)

@@ -1,9 +1,7 @@
-import json
 import math
 
 import numpy as np
 import pytest
-import timm
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 

@@ -1,14 +1,14 @@
 import io
-import json
 import os
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from hierdino.data import shards, storage
+from hierdino import storage
+from hierdino.data import shards
 from hierdino.data.shards import Record, ShardError
-from hierdino.data.storage import StorageError, StorageOptions
+from hierdino.storage import StorageError, StorageOptions
 from hierdino.labels import LabelMapError, get_label_map
 
 

@@ -195,7 +195,7 @@ def test_sweep_outputs_land_on_s3(ray_cluster, s3_server, tmp_path, monkeypatch)
     """No --out and run.storage on S3: the table, best config, plot and Tune's experiment state are
     written under <run.storage>/sweeps/<space> in the object store (SeaweedFS), where a cluster's
     sweep outlives its pods."""
-    from hierdino.data.storage import StorageOptions, list_files, read_bytes
+    from hierdino.storage import StorageOptions, list_files, read_bytes
     from hierdino.tune import sweep
 
     s3_server.create_bucket("sweeps")

@@ -45,7 +45,7 @@ def test_local_run_appends_jsonl_and_writes_event_files(tmp_path):
 
 
 def test_s3_run_buffers_until_flush_and_uploads_event_files(s3_server, tmp_path, monkeypatch):
-    from hierdino.data import storage
+    from hierdino import storage
 
     s3_server.create_bucket("tracking")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)

@@ -111,7 +111,7 @@ def main(argv=None) -> None:
 
     from hierdino.data import shards
     from hierdino.data.shards import Record
-    from hierdino.data.storage import StorageOptions
+    from hierdino.storage import StorageOptions
 
     torch.set_num_threads(1)
     cores = os.cpu_count()

@@ -28,10 +28,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hierdino.data import shards, storage
+from hierdino import storage
+from hierdino.data import shards
 from hierdino.data.crops import decode, random_resized_crop, row_rng, supervised_view
 from hierdino.data.mix import MixSchedule, mix_proportions
-from hierdino.data.storage import StorageOptions
+from hierdino.storage import StorageOptions
 from hierdino.hierarchy import Hierarchy
 
 
@@ -93,10 +94,6 @@ def default_train_uris(cfg) -> list[str]:
     from hierdino.data.suite import TRAIN_SETS
 
     return [storage.join(cfg.data.synth_cache, n) for n in TRAIN_SETS]
-
-
-def storage_options(cfg) -> StorageOptions:
-    return StorageOptions(endpoint=cfg.data.s3_endpoint, region=cfg.data.s3_region)
 
 
 def check_labels(manifests: dict[str, shards.Manifest], hierarchy: Hierarchy) -> None:

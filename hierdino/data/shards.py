@@ -22,8 +22,8 @@ from typing import Iterable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hierdino.data import storage
-from hierdino.data.storage import StorageOptions
+from hierdino import storage
+from hierdino.storage import StorageOptions
 from hierdino.labels import LabelMap
 
 SCHEMA_VERSION = 1

@@ -19,14 +19,15 @@ Sizes: ``small`` = 6,400 images (builds in well under a minute on 2 cores at 64 
 
 from __future__ import annotations
 
-import math
 import multiprocessing as mp
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from hierdino.data import shards, storage
+from hierdino import storage
+from hierdino.data import shards
 from hierdino.data.shards import Record
 from hierdino.data.synth import DOMAINS, render_encoded
 from hierdino.hierarchy import load_hierarchy
@@ -174,3 +175,17 @@ def suite_ready(out: str, names: tuple = SUITE_NAMES, options: storage.StorageOp
         if shards.read_manifest(uri, options).extra.get("suite_version") != SUITE_VERSION:
             return False
     return True
+
+
+def resolve_dataset(name_or_uri: str, suite_dir: str) -> str:
+    """A suite name (``synth-ext-1``) -> ``<suite_dir>/<name>``; URIs and paths pass through."""
+    return storage.join(suite_dir, name_or_uri) if name_or_uri in SUITE_NAMES else name_or_uri
+
+
+def ensure_synthetic_suite(cfg, log=print) -> None:
+    """Build the small synthetic suite into ``data.synth_cache`` when the default data is missing."""
+    cache = str(Path(cfg.data.synth_cache).expanduser())
+    if not suite_ready(cache, SUITE_NAMES):
+        log(f"[hierdino] building the small synthetic suite ({cfg.data.image_size} px) into {cache}")
+        build_suite(cache, "small", cfg.data.image_size, seed=0, log=log)
+    cfg.data.synth_cache = cache

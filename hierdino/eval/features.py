@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from hierdino.data import shards, storage
+from hierdino import storage
+from hierdino.data import shards
 from hierdino.data.augment import to_model_input
 from hierdino.data.crops import decode
 

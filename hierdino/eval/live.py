@@ -11,10 +11,10 @@ import numpy as np
 import torch
 
 from hierdino.data import shards
+from hierdino.data.suite import resolve_dataset
 from hierdino.eval.features import backbone_features, decode_images
 from hierdino.eval.metrics import pooled_bacc_interval
 from hierdino.eval.probes import fit_predict
-from hierdino.eval.report import resolve_dataset
 
 
 class LiveEvaluator:

@@ -7,7 +7,7 @@ import io
 
 import numpy as np
 
-from hierdino.data import storage
+from hierdino import storage
 
 
 def _save(fig, uri: str) -> str:

@@ -7,20 +7,15 @@ import time
 
 import numpy as np
 
-from hierdino.data import shards, storage
+from hierdino import storage
+from hierdino.data import shards
+from hierdino.data.suite import resolve_dataset
 from hierdino.eval.features import dataset_features, resolve_model
-from hierdino.eval.metrics import EncodedPredictions, bootstrap, mistake_severity, tree_feature_spearman
+from hierdino.eval.metrics import EncodedPredictions, bootstrap, tree_feature_spearman
 from hierdino.eval.probes import PROBES, fit_predict
 from hierdino.hierarchy import load_hierarchy
 
 METRIC_NAMES = ("bacc", "acc", "f1w", "severity", "hF1", "lineage_bacc")
-
-
-def resolve_dataset(name_or_uri: str, suite_dir: str) -> str:
-    """A suite name (``synth-ext-1``) -> ``<suite_dir>/<name>``; URIs and paths pass through."""
-    from hierdino.data.suite import SUITE_NAMES
-
-    return storage.join(suite_dir, name_or_uri) if name_or_uri in SUITE_NAMES else name_or_uri
 
 
 def evaluate(models: list[str], datasets: list[str], out: str, split: str = "test", probes: tuple = PROBES,

@@ -58,7 +58,7 @@ class Checkpoint:
 
 def read_object(uri: str):
     """The object stored at a local path or s3:// URI: safetensors, or ``torch.load`` with weights only."""
-    from hierdino.data import storage
+    from hierdino import storage
 
     data = storage.read_bytes(uri)
     if uri.endswith(".safetensors"):

@@ -10,7 +10,7 @@ listed file at its listed size (``verify``). One interrupted while being written
 driver killed, the store failing) is skipped, and the run resumes from the previous complete one;
 older checkpoints are deleted only after a newer one is committed (``checkpoint.keep``).
 
-Every write and read goes through ``hierdino.data.storage``, which retries a store that stops
+Every write and read goes through ``hierdino.storage``, which retries a store that stops
 answering for ``run.storage_retry_s`` seconds.
 """
 
@@ -23,6 +23,7 @@ import re
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,11 +33,19 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict,
 )
 
-from hierdino.data import storage
-from hierdino.data.storage import StorageOptions
+from hierdino import storage
+from hierdino.storage import StorageOptions
 
 COMMIT = "COMMITTED.json"
 _NAME = re.compile(r"^checkpoint_(\d{7,})$")
+
+
+def run_uri(cfg) -> str:
+    """``<run.storage>/<run.name>``, local paths made absolute."""
+    base = cfg.run.storage
+    if not storage.is_s3(base):
+        base = str(Path(base).expanduser().absolute())
+    return storage.join(base, cfg.run.name)
 
 
 def checkpoint_uri(run_uri: str, step: int) -> str:

@@ -2,78 +2,18 @@
 
 from __future__ import annotations
 
-import logging
-import os
 from pathlib import Path
 
 from hierdino.config import Config, config_diff, load_config
-from hierdino.data import storage
-from hierdino.data.ingest import CropSpec, build_train_datasets, default_train_uris, describe_train_data, storage_options
+from hierdino import storage
+from hierdino.storage import StorageOptions
+from hierdino.data.ingest import CropSpec, build_train_datasets, default_train_uris, describe_train_data
 from hierdino.hierarchy import load_hierarchy
-from hierdino.train.checkpoint import latest_complete
+from hierdino.runtime import quiet_ray_data
+from hierdino.train.checkpoint import latest_complete, run_uri
 from hierdino.train.preflight import preflight
 from hierdino.train.resume import plan_start
 from hierdino.train.stop import GracefulStop
-
-
-def run_uri(cfg: Config) -> str:
-    """``<run.storage>/<run.name>``, local paths made absolute."""
-    base = cfg.run.storage
-    if not storage.is_s3(base):
-        base = str(Path(base).expanduser().absolute())
-    return storage.join(base, cfg.run.name)
-
-
-def init_ray(num_cpus: int | None = None, dashboard: bool = True, verbose: bool = False) -> None:
-    """Join the cluster of ``RAY_ADDRESS`` (``ray job submit``), else start a local one (``num_cpus``:
-    all by default). The local cluster keeps Ray's dashboard: Ray Train 2.60's placement-group
-    cleaner and Tune's early stopping query its state API (without it the cleaner logs a failure
-    every few seconds and a trial ASHA stops can keep its resources, ray-project/ray #54305).
-
-    Unless ``verbose``: one progress line per log step (Ray Train's print patch tees worker prints
-    into its logger, so each line came twice), no Ray Data execution plans or progress bars, Ray Data
-    logs at ERROR (local clusters), no deprecation warnings from Ray's internals; locally, no preemption watcher.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # propagated by Ray Train to its workers
-    env = {}
-    if not verbose:
-        import warnings
-
-        from ray.util.annotations import RayDeprecationWarning
-
-        warnings.filterwarnings("ignore", category=RayDeprecationWarning)
-        logging.getLogger("ray.data").setLevel(logging.ERROR)  # the driver's own Ray Data logs (evaluation)
-        env["RAY_DATA_LOG_LEVEL"] = "ERROR"  # its warnings are progress-bar notes; preflight covers resources
-        env["HIERDINO_QUIET"] = "1"  # workers: no per-report echo of every metric (hierdino.train.loop)
-    # Test-only fault injection (HIERDINO_TEST_*, see hierdino.train.checkpoint) reaches the workers.
-    faults = {k: v for k, v in os.environ.items() if k.startswith("HIERDINO_TEST_")}
-    env.update(faults)
-    if os.environ.get("RAY_ADDRESS"):  # a submitted job keeps its own runtime_env unless a test injects faults
-        ray.init(runtime_env={"env_vars": faults} if faults else None)
-    else:
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # a laptop is not preempted
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, configure_logging=False,
-                 runtime_env={"env_vars": env} if env else None)
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = verbose
-    ctx.print_on_execution_start = verbose
-
-
-def ensure_synthetic_suite(cfg: Config, log=print) -> None:
-    """Build the small synthetic suite into ``data.synth_cache`` when the default data is missing."""
-    from hierdino.data.suite import SUITE_NAMES, build_suite, suite_ready
-
-    cache = str(Path(cfg.data.synth_cache).expanduser())
-    if not suite_ready(cache, SUITE_NAMES):
-        log(f"[hierdino] building the small synthetic suite ({cfg.data.image_size} px) into {cache}")
-        build_suite(cache, "small", cfg.data.image_size, seed=0, log=log)
-    cfg.data.synth_cache = cache
 
 
 def ordered_ingest_options():
@@ -138,11 +78,9 @@ def build_trainer(cfg: Config, log=print, callbacks: list | None = None, preset:
 
     from hierdino.train.loop import train_loop_per_worker
 
-    from ray.data import DataContext
-
-    DataContext.get_current().enable_progress_bars = False
+    quiet_ray_data()  # a Tune trial builds its datasets in its own process
     hierarchy = load_hierarchy(cfg.hierarchy.name)
-    opts = storage_options(cfg)
+    opts = StorageOptions.from_config(cfg)
     uris = cfg.data.train or default_train_uris(cfg)
     data = describe_train_data(uris, hierarchy, cfg.data.weights, opts)
     storage.set_retry_window(cfg.run.storage_retry_s)
@@ -196,5 +134,5 @@ def train(cfg: Config, log=print, preset: str | None = None, graceful: bool = Tr
         stopped_by = stop.signal
     if result.error:
         raise result.error
-    ckpt = latest_complete(run_uri(cfg), storage_options(cfg)).uri
+    ckpt = latest_complete(run_uri(cfg), StorageOptions.from_config(cfg)).uri
     return dict(result.return_value or {}, run_dir=run_uri(cfg), checkpoint=ckpt, stopped_by=stopped_by)

@@ -17,13 +17,15 @@ import torch.distributed as dist
 from torch.profiler import record_function
 
 from hierdino.config import Config, config_from_dict
-from hierdino.data import storage
+from hierdino import storage
+from hierdino.storage import StorageOptions
 from hierdino.data.augment import photometric
-from hierdino.data.ingest import CorruptCounter, storage_options, stream_name
+from hierdino.data.ingest import CorruptCounter, stream_name
 from hierdino.data.mix import MixedBatches, MixSchedule
 from hierdino.data.masking import ibot_masks
 from hierdino.hierarchy import load_hierarchy
 from hierdino.losses.collapse import CollapseWatch
+from hierdino.runtime import quiet_train_reports
 from hierdino.models.student_teacher import StepBatch, StudentTeacher, param_groups
 from hierdino.train.stop import StopPoller
 from hierdino.train.tracking import RunLog
@@ -203,12 +205,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     import ray.train
 
     worker_start = time.perf_counter()
-    if os.environ.get("HIERDINO_QUIET"):  # Ray Train echoes each report's metrics at INFO: the progress line says it
-        import logging
-
-        from ray.train.v2._internal.execution import context as train_context
-
-        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    quiet_train_reports()
     cfg = config_from_dict(loop_config["config"])
     run_uri = loop_config["run_uri"]
     storage.set_retry_window(cfg.run.storage_retry_s)
@@ -238,7 +235,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     step_fn = TrainStep(model, cfg)
     from hierdino.train.checkpoint import CheckpointManager, export_teacher
 
-    ckpt = CheckpointManager(model, step_fn.optimizer, rank, world, run_uri, cfg.checkpoint.keep, storage_options(cfg))
+    ckpt = CheckpointManager(model, step_fn.optimizer, rank, world, run_uri, cfg.checkpoint.keep, StorageOptions.from_config(cfg))
     state = ckpt.load() or {"step": 0, "images_seen": 0}
     state.pop("checkpoint", None)
     start = state["step"]

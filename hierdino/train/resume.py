@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import yaml
 
 from hierdino.config import Config, ConfigError, config_diff, config_from_dict
-from hierdino.data import storage
-from hierdino.data.storage import StorageOptions
-from hierdino.train.checkpoint import Found, latest_complete
+from hierdino import storage
+from hierdino.storage import StorageOptions
+from hierdino.train.checkpoint import Found, latest_complete, run_uri
 
 # Keys (or sections, ending in '.') that may differ between a run's saved config and a resume.
 RESUMABLE = (
@@ -86,13 +86,11 @@ def check_resume(cfg: Config, retry_s: float | None = None) -> str:
     """``plan_start`` on a copy of ``cfg`` (nothing renamed), from the driver before any cluster work:
     raises ``ResumeError``; returns what the run would do. A store that cannot be reached within
     ``retry_s`` is reported, not raised: the run itself retries for ``run.storage_retry_s``."""
-    from hierdino.data.ingest import storage_options
-    from hierdino.train.launch import run_uri
 
     if retry_s is not None:
         storage.set_retry_window(retry_s)
     try:
-        start = plan_start(config_from_dict(cfg.to_dict()), run_uri, storage_options(cfg), log=lambda *_: None)
+        start = plan_start(config_from_dict(cfg.to_dict()), run_uri, StorageOptions.from_config(cfg), log=lambda *_: None)
     except storage.StorageError as e:
         return f"run directory not checked ({e})"
     finally:

@@ -17,7 +17,7 @@ import os
 import tempfile
 import time
 
-from hierdino.data import storage
+from hierdino import storage
 
 GROUPS = {
     "loss": ("loss", "dino", "ibot", "koleo", "sup"),

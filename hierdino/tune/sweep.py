@@ -34,7 +34,8 @@ from pathlib import Path
 import yaml
 
 from hierdino.config import ConfigError, load_config, override_text
-from hierdino.data import storage
+from hierdino import storage
+from hierdino.storage import StorageOptions
 
 OBJECTIVE = "ext_val_bacc"
 DISTS = {"uniform": ("low", "high"), "loguniform": ("low", "high"), "randint": ("low", "high"),
@@ -162,7 +163,8 @@ def _trial(config: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from hierdino.train.launch import build_trainer, run_uri
+    from hierdino.train.checkpoint import run_uri
+    from hierdino.train.launch import build_trainer
 
     ctx = tune.get_context()
     over = trial_overrides(config["sample"], config["fixed"])
@@ -197,9 +199,8 @@ def eval_history(uri: str, cfg) -> dict[int, tuple[float, float, float]]:
     import json
 
     out = {}
-    from hierdino.data.ingest import storage_options
 
-    for line in storage.read_bytes(storage.join(uri, "metrics.jsonl"), storage_options(cfg)).decode().splitlines():
+    for line in storage.read_bytes(storage.join(uri, "metrics.jsonl"), StorageOptions.from_config(cfg)).decode().splitlines():
         rec = json.loads(line)
         step = rec.get("step")
         fresh = step is not None and (step % cfg.eval.every_steps == 0 or step == cfg.train.steps)

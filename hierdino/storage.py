@@ -92,6 +92,11 @@ class StorageOptions:
     def __repr__(self) -> str:  # keep secrets out of logs and tracebacks
         return f"StorageOptions(endpoint={self.endpoint!r}, region={self.region!r}, credentials={'set' if self.access_key else 'env/default'})"
 
+    @classmethod
+    def from_config(cls, cfg) -> "StorageOptions":
+        """The S3 settings of a run's config (``data.s3_endpoint``, ``data.s3_region``); credentials from the environment."""
+        return cls(endpoint=cfg.data.s3_endpoint, region=cfg.data.s3_region)
+
     def resolved(self) -> "StorageOptions":
         env = os.environ
         return StorageOptions(

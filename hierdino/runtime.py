@@ -1,0 +1,63 @@
+"""Ray start-up in one place: join the cluster of ``RAY_ADDRESS`` or start a local one, and keep
+Ray's own output to what a user needs (``--verbose`` brings the rest back)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+
+def quiet_ray_data(verbose: bool = False) -> None:
+    """No Ray Data execution plans or progress bars in this process unless ``verbose`` (a Tune trial
+    builds its datasets in its own process, so the trainer calls this too)."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = verbose
+    ctx.print_on_execution_start = verbose
+
+
+def quiet_train_reports() -> None:
+    """In a worker started by a quiet ``init_ray``: Ray Train's echo of every reported metric off (the
+    progress line says it)."""
+    if os.environ.get("HIERDINO_QUIET"):
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
+def init_ray(num_cpus: int | None = None, dashboard: bool = True, verbose: bool = False) -> None:
+    """Join the cluster of ``RAY_ADDRESS`` (``ray job submit``), else start a local one (``num_cpus``:
+    all by default). The local cluster keeps Ray's dashboard: Ray Train 2.60's placement-group
+    cleaner and Tune's early stopping query its state API (without it the cleaner logs a failure
+    every few seconds and a trial ASHA stops can keep its resources, ray-project/ray #54305).
+
+    Unless ``verbose``: one progress line per log step (Ray Train's print patch tees worker prints
+    into its logger, so each line came twice), no Ray Data execution plans or progress bars, Ray Data
+    logs at ERROR (local clusters), no deprecation warnings from Ray's internals; locally, no preemption watcher.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # propagated by Ray Train to its workers
+    env = {}
+    if not verbose:
+        import warnings
+
+        from ray.util.annotations import RayDeprecationWarning
+
+        warnings.filterwarnings("ignore", category=RayDeprecationWarning)
+        logging.getLogger("ray.data").setLevel(logging.ERROR)  # the driver's own Ray Data logs (evaluation)
+        env["RAY_DATA_LOG_LEVEL"] = "ERROR"  # its warnings are progress-bar notes; preflight covers resources
+        env["HIERDINO_QUIET"] = "1"  # workers: no per-report echo of every metric (quiet_train_reports)
+    # Test-only fault injection (HIERDINO_TEST_*, see hierdino.train.checkpoint) reaches the workers.
+    faults = {k: v for k, v in os.environ.items() if k.startswith("HIERDINO_TEST_")}
+    env.update(faults)
+    if os.environ.get("RAY_ADDRESS"):  # a submitted job keeps its own runtime_env unless a test injects faults
+        ray.init(runtime_env={"env_vars": faults} if faults else None)
+    else:
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # a laptop is not preempted
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, configure_logging=False,
+                 runtime_env={"env_vars": env} if env else None)
+    quiet_ray_data(verbose)
