@@ -20,6 +20,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from hierdino.data.suite import EXTERNAL_SETS
+
 
 class ConfigError(ValueError):
     """A configuration value or key that cannot be used; the message names the key and value."""
@@ -162,7 +164,7 @@ class CheckpointConfig:
 
 @dataclass
 class EvalConfig:
-    datasets: list[str] = _f(factory=lambda: ["synth-ext-1", "synth-ext-2", "synth-ood"])
+    datasets: list[str] = _f(factory=lambda: list(EXTERNAL_SETS))
     every_steps: int = _f(0, min=0, doc="periodic evaluation during training; 0 = only at the end")
     split: Literal["val", "test"] = _f("val")
     probe: Literal["knn1", "knn20", "logreg"] = _f("knn20", doc="probe whose bAcc is the sweep objective")

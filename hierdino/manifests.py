@@ -20,7 +20,11 @@ Launcher YAMLs go through Ray's own ``prepare_config`` and ``validate_config`` (
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import importlib
+import importlib.util
+import io
 import json
 import re
 import shlex
@@ -32,7 +36,6 @@ import yaml
 PINNED_RAY = "2.60.0"
 SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
 SCHEMA_FILES = {"RayJob": "rayjobs.v1.schema.json", "RayCluster": "rayclusters.v1.schema.json"}
-REPO = Path(__file__).resolve().parents[1]
 
 
 class ManifestError(ValueError):
@@ -152,21 +155,17 @@ def _runtime_env_errors(text: str, where: str) -> list[str]:
 
 
 def _run_job_validation(job: str, args: list[str], where: str) -> list[str]:
-    import contextlib
-    import importlib.util
-    import io
-
-    path = REPO / job
-    if not path.is_file():
-        return [f"{where}: entrypoint script {job} does not exist"]
-    spec = importlib.util.spec_from_file_location(f"_hierdino_job_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    """``jobs/<name>.py ARGS --validate-only`` through its command-line module ``hierdino.cli.<name>``
+    (the script is a shim over it), so the check works where only the package is installed."""
+    name = Path(job).stem
+    if Path(job).parent.name != "jobs" or importlib.util.find_spec(f"hierdino.cli.{name}") is None:
+        return [f"{where}: entrypoint script {job} is not one of hierdino's jobs/*.py"]
+    module = importlib.import_module(f"hierdino.cli.{name}")
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         try:
             # --offline: the run's storage is the cluster's to reach, not the checking machine's
-            rc = module.main(args + ["--validate-only"] + (["--offline"] if path.stem == "pretrain" else []))
+            rc = module.main(args + ["--validate-only"] + (["--offline"] if name == "pretrain" else []))
         except SystemExit as e:  # argparse errors
             rc = e.code
     return [] if rc == 0 else [f"{where}: `{job} {' '.join(args)} --validate-only` failed: {err.getvalue().strip()}"]

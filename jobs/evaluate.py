@@ -1,67 +1,12 @@
 """Evaluate frozen models on external datasets: k-NN and logistic-regression probes, balanced
-accuracy with bootstrap intervals, hierarchical metrics, a Markdown table and plots.
 
-  python jobs/evaluate.py --model runs/tiny-cpu --out report/
-  python jobs/evaluate.py --model runs/ssl --model runs/flat --model runs/hxe --baselines --split test --out report/
-  python jobs/evaluate.py --model vit_small_patch14_dinov2=/weights/dinobloom-s.pth --datasets s3://bucket/acevedo
-
-Models: run directories, exported .safetensors, '<timm arch>=<weights>', 'random:<arch>[@size]', 'pixels'.
-Datasets: shard-format URIs or names of the synthetic suite (found under --suite).
+The command-line tool lives in ``hierdino/cli/evaluate.py`` (installed as ``hierdino-evaluate``); this
+script is the documented entry point, also under ``ray job submit --working-dir . -- python jobs/evaluate.py``.
 """
 
-from __future__ import annotations
-
-import argparse
-import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from hierdino.eval.probes import PROBES  # noqa: E402
-from hierdino.data.suite import resolve_dataset  # noqa: E402
-from hierdino.eval.report import evaluate, markdown_table  # noqa: E402
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", action="append", required=True, help="repeatable")
-    p.add_argument("--datasets", nargs="+", default=["synth-ext-1", "synth-ext-2", "synth-ood"])
-    p.add_argument("--suite", default="~/.cache/hierdino/synth", help="where suite names are found")
-    p.add_argument("--split", choices=["val", "test"], default="test")
-    p.add_argument("--out", required=True)
-    p.add_argument("--probes", nargs="+", choices=PROBES, default=list(PROBES))
-    p.add_argument("--bootstrap", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--metric", choices=["euclidean", "cosine"], default="euclidean", help="k-NN distance")
-    p.add_argument("--patch-mean", action="store_true", help="concatenate the mean patch token to CLS")
-    p.add_argument("--baselines", action="store_true", help="also a random backbone of the first model's arch and raw pixels")
-    p.add_argument("--no-plots", action="store_true")
-    args = p.parse_args(argv)
-    if args.bootstrap < 1000:
-        print(f"note: --bootstrap {args.bootstrap} is below the 1000 resamples the reports assume", file=sys.stderr)
-    from hierdino.eval.features import resolve_model
-    from hierdino.runtime import init_ray
-
-    models = list(args.model)
-    if args.baselines:
-        first = resolve_model(models[0])
-        if first.kind == "backbone":
-            models.append(f"random:{first.arch}@{first.img_size}")
-        models.append("pixels")
-    suite = str(Path(os.path.expanduser(args.suite)))
-    datasets = [resolve_dataset(d, suite) for d in args.datasets]
-    init_ray()
-    res = evaluate(models, datasets, args.out, args.split, tuple(args.probes), args.bootstrap, args.seed, args.metric,
-                   args.patch_mean, plots=not args.no_plots)
-    print(markdown_table(res))
-    print(f"wrote {args.out}/results.json, {args.out}/results.md and {len(res.get('plots', []))} plots")
-    return 0
-
+from hierdino.cli.evaluate import main
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(main())

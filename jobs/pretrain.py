@@ -1,98 +1,12 @@
 """Pretrain a DINOv2 student/teacher with hierarchical supervision on Ray Train.
 
-  python jobs/pretrain.py                                   # embedded default: tiny-cpu on the synthetic suite
-  python jobs/pretrain.py --config vitl14 --set data.train=[s3://bucket/matek,s3://bucket/raabin]
-  python jobs/pretrain.py --config tiny-cpu --set train.steps=50 --validate-only
-
-Under ``ray job submit`` (``RAY_ADDRESS`` set) it joins that cluster; otherwise it starts a local one.
+The command-line tool lives in ``hierdino/cli/pretrain.py`` (installed as ``hierdino-pretrain``); this
+script is the documented entry point, also under ``ray job submit --working-dir . -- python jobs/pretrain.py``.
 """
 
-from __future__ import annotations
-
-import argparse
-import os
 import sys
-import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-
-from hierdino.config import ConfigError, load_config  # noqa: E402
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="pretrain.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="tiny-cpu", help="preset name or YAML file (default: tiny-cpu)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.steps=100 (repeatable)")
-    p.add_argument("--validate-only", action="store_true", help="check the config and exit; nothing is started")
-    p.add_argument("--offline", action="store_true",
-                   help="with --validate-only: do not look at run.storage (a manifest checked away from its cluster)")
-    p.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
-    p.add_argument("--verbose", action="store_true", help="Ray Data plans, progress bars and Ray's warnings too")
-    p.add_argument("--no-dashboard", dest="dashboard", action="store_false",
-                   help="start the local cluster without Ray's dashboard (Ray Train then cannot query its state API "
-                        "and says so every few seconds)")
-    p.add_argument("--local-cpus", type=int, default=None, metavar="N",
-                   help="CPUs the local cluster may use (default: all); ignored under `ray job submit`")
-    return p.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    from hierdino.train.resume import ResumeError, check_resume
-
-    if args.offline and not args.validate_only:
-        print("usage error: --offline only goes with --validate-only", file=sys.stderr)
-        return 2
-    try:  # a run directory this config would not continue: said before any cluster work
-        where = ("run directory not checked (--offline)" if args.offline
-                 else check_resume(cfg, retry_s=10 if args.validate_only else cfg.run.storage_retry_s))
-    except ResumeError as e:
-        print(f"resume error: {e}", file=sys.stderr)
-        return 2
-    if args.validate_only:
-        print(f"config OK: {args.config} ({len(args.overrides)} override(s)); run {cfg.run.storage}/{cfg.run.name}: {where}")
-        return 0
-    from hierdino.models.weights import WeightsError
-    from hierdino.data.suite import ensure_synthetic_suite
-    from hierdino.runtime import init_ray
-    from hierdino.train import launch
-    from hierdino.train.preflight import ResourcesError
-
-    t0 = time.time()
-    init_ray(args.local_cpus, dashboard=args.dashboard, verbose=args.verbose)
-    try:
-        launch.preflight(cfg, log=lambda *_: None)  # before building data: a run that cannot fit stops in seconds
-        if not cfg.data.train:
-            ensure_synthetic_suite(cfg)
-        final = launch.train(cfg, preset=args.config)
-    except (WeightsError, ResourcesError, ResumeError) as e:
-        kind = {WeightsError: "weights", ResourcesError: "resources", ResumeError: "resume"}[type(e)]
-        print(f"{kind} error: {e}", file=sys.stderr)
-        return 2
-    if final.get("stopped_by"):
-        print(f"[hierdino] stopped by {final['stopped_by']} after step {final.get('step')}; checkpoint "
-              f"{final.get('checkpoint')}. Run the same command again to resume from it.")
-        return 0
-    if final.get("export") and cfg.eval.at_end and not args.no_eval:
-        from hierdino.eval.report import evaluate_run_at_end
-
-        evaluate_run_at_end(cfg, final["run_dir"])
-    print(f"[hierdino] finished    step {final.get('step')} in {(time.time() - t0) / 60:.1f} min; "
-          f"{final.get('images_per_s', 0):.1f} images/s in the training loop")
-    print(f"[hierdino] checkpoint  {final.get('checkpoint')}")
-    print(f"[hierdino] metrics     {final['run_dir']}/metrics.jsonl; tensorboard --logdir {final['run_dir']}/tb")
-    print(f"[hierdino] run         {final['run_dir']}")
-    print(f"[hierdino] export      {final.get('export') or 'none (the run stopped before train.steps)'}")
-    return 0
-
+from hierdino.cli.pretrain import main
 
 if __name__ == "__main__":
     sys.exit(main())

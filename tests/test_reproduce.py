@@ -1,16 +1,13 @@
 """The pre-registered comparison of issue #8: variants, scale overlay and the results table (no training)."""
 
 import dataclasses
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from hierdino.config import load_config
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
-import reproduce  # noqa: E402
+from hierdino.cli import reproduce
 
 
 def _without_supervised(cfg) -> dict:

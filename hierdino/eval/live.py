@@ -17,6 +17,9 @@ from hierdino.eval.metrics import pooled_bacc_interval
 from hierdino.eval.probes import fit_predict
 
 
+OBJECTIVE = "ext_val_bacc"  # what sweeps optimise: mean balanced accuracy over the external val splits
+
+
 class LiveEvaluator:
     def __init__(self, cfg, options=None):
         self.probe, self.split = cfg.eval.probe, cfg.eval.split
@@ -46,5 +49,5 @@ class LiveEvaluator:
             out[f"bacc/{name}"] = pooled_bacc_interval([scored[-1]], n=0)[0]
         backbone.train(was_training)
         # the objective of sweeps, with its bootstrap interval pooled over the datasets
-        out["ext_val_bacc"], out["ext_val_bacc_lo"], out["ext_val_bacc_hi"] = pooled_bacc_interval(scored, n=self.bootstrap)
+        out[OBJECTIVE], out[f"{OBJECTIVE}_lo"], out[f"{OBJECTIVE}_hi"] = pooled_bacc_interval(scored, n=self.bootstrap)
         return out

@@ -10,6 +10,16 @@ import numpy as np
 from hierdino import storage
 
 
+def pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend (no display on cluster nodes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _save(fig, uri: str) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -19,10 +29,7 @@ def _save(fig, uri: str) -> str:
 
 def write_plots(items, out: str) -> list[str]:
     """``items``: (model, dataset, hierarchy, y_true, y_pred, features, probe) tuples."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from sklearn.decomposition import PCA
     from sklearn.metrics import confusion_matrix
 

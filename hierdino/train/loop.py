@@ -23,6 +23,7 @@ from hierdino.data.augment import photometric
 from hierdino.data.ingest import CorruptCounter, stream_name
 from hierdino.data.mix import MixedBatches, MixSchedule
 from hierdino.data.masking import ibot_masks
+from hierdino.eval.live import OBJECTIVE
 from hierdino.hierarchy import load_hierarchy
 from hierdino.losses.collapse import CollapseWatch
 from hierdino.runtime import quiet_train_reports
@@ -315,7 +316,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             log.write(rec)
             if rank == 0:
                 eta = (stop - step) * cfg.train.batch_size / max(rate, 1e-9)
-                terms = " ".join(f"{k} {last[k]:.3f}" for k in ("dino", "ibot", "koleo", "sup", "ext_val_bacc") if k in last)
+                terms = " ".join(f"{k} {last[k]:.3f}" for k in ("dino", "ibot", "koleo", "sup", OBJECTIVE) if k in last)
                 print(f"step {step}/{total} | loss {last['loss']:.3f} ({terms}) | {collapse_line(last)} | "
                       f"lr {last['lr']:.2e} | {rate:.1f} img/s | data-wait {100 * rec['data_wait']:.0f}% | "
                       f"ETA {_fmt_time(eta)}", flush=True)

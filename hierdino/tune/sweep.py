@@ -36,8 +36,8 @@ import yaml
 from hierdino.config import ConfigError, load_config, override_text
 from hierdino import storage
 from hierdino.storage import StorageOptions
+from hierdino.eval.live import OBJECTIVE
 
-OBJECTIVE = "ext_val_bacc"
 DISTS = {"uniform": ("low", "high"), "loguniform": ("low", "high"), "randint": ("low", "high"),
          "choice": ("values",), "grid": ("values",), "level_weights": ("low", "high")}
 

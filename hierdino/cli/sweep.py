@@ -1,0 +1,93 @@
+"""Ray Tune sweep of the hierarchical-loss hyperparameters, scored on external balanced accuracy (val).
+
+  python jobs/sweep.py --config tiny-cpu --space tune_spaces/alpha.yaml --trials 4
+  python jobs/sweep.py --config vits14 --space tune_spaces/level_weights.yaml --trials 32 --max-concurrent 8
+
+Writes OUT/results.csv, OUT/results.md (sorted by ext_val_bacc, with each trial's 95% bootstrap
+interval pooled over the external sets, how the winner was chosen and whether it is distinguishable
+from the runner-up), OUT/best_config.yaml (takes `jobs/pretrain.py --config` as it is) and
+OUT/objective.png. The winner is chosen among trials that reached the full budget: a trial ASHA
+stopped early never wins. OUT defaults to <run.storage>/sweeps/<space>. Run it again to resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+from hierdino.config import ConfigError
+from hierdino.tune.sweep import SpaceError, run_sweep
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="sweep.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="tiny-cpu")
+    p.add_argument("--space", required=True)
+    p.add_argument("--trials", type=int, default=4)
+    p.add_argument("--scheduler", choices=["asha", "none"], default="asha")
+    p.add_argument("--max-concurrent", type=int, default=None,
+                   help="trials at once (default: as many as fit on the cluster, said at start)")
+    p.add_argument("--cpus-per-trial", type=float, default=None,
+                   help="CPUs of each trial's training workers together (sets scaling.cpus_per_worker)")
+    p.add_argument("--gpus-per-trial", type=float, default=None,
+                   help="GPUs of each trial, fractions allowed (0.25: four trials share a GPU; sets scaling.gpus_per_worker)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--search", choices=["random", "optuna"], default="random",
+                   help="random sampling, or Optuna's TPE (pip install 'hierdino[optuna]')")
+    p.add_argument("--seeds-per-trial", type=int, default=1,
+                   help="train each configuration with N seeds (train.seed, +1, ...) and score the mean (needs --scheduler none)")
+    p.add_argument("--out", default=None, help="default: <run.storage>/sweeps/<space name> (S3 storage keeps them on clusters)")
+    p.add_argument("--validate-only", action="store_true", help="check the config and the space; nothing is started")
+    args = p.parse_args(argv)
+    from hierdino.config import load_config
+    from hierdino.data.suite import ensure_synthetic_suite
+    from hierdino.runtime import init_ray
+
+    from hierdino.tune.sweep import check_space, default_out, load_space
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        workers = cfg.scaling.num_workers
+        if args.cpus_per_trial is not None:
+            args.overrides.append(f"scaling.cpus_per_worker={args.cpus_per_trial / workers:g}")
+        if args.gpus_per_trial is not None:
+            args.overrides += ["scaling.use_gpu=true", f"scaling.gpus_per_worker={args.gpus_per_trial / workers:g}"]
+        cfg = load_config(args.config, args.overrides)
+        space = load_space(args.space)
+        check_space(args.config, args.overrides, space)
+    except (ConfigError, SpaceError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.validate_only:
+        print(f"config and space OK: {args.config}, {args.space}")
+        return 0
+    out = args.out or default_out(cfg, space)
+    if not cfg.data.train:
+        ensure_synthetic_suite(cfg)
+        args.overrides.append(f"data.synth_cache={cfg.data.synth_cache}")
+    init_ray()  # with the dashboard: without it a trial stopped by ASHA can keep its resources (ray #54305)
+    import ray
+
+    from hierdino.train.preflight import ResourcesError, plan_resources, trials_at_once
+
+    try:
+        plan_resources(cfg, ray.cluster_resources())  # one trial must fit, or the sweep would wait forever
+    except ResourcesError as e:
+        print(f"resources error: {e}", file=sys.stderr)
+        return 2
+    fit = trials_at_once(cfg, ray.cluster_resources())
+    concurrent = args.max_concurrent or max(1, fit)
+    print(f"[hierdino] {fit} trial(s) fit on the cluster at once; running {concurrent} at a time")
+    try:
+        res = run_sweep(args.config, args.space, args.trials, out, args.scheduler, concurrent, args.overrides,
+                        search=args.search, seeds_per_trial=args.seeds_per_trial)
+    except SpaceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"[hierdino] sweep results: {out}/results.md; best config: {out}/best_config.yaml")
+    return 0 if res.get("best") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
