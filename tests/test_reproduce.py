@@ -8,6 +8,7 @@ import pytest
 from hierdino.config import load_config
 
 from hierdino.cli import reproduce
+from hierdino.eval import compare
 
 
 def _without_supervised(cfg) -> dict:
@@ -19,7 +20,7 @@ def _without_supervised(cfg) -> dict:
 @pytest.mark.parametrize("scale", [None, "vits14-gpu"])
 def test_variants_differ_only_in_the_supervised_loss(scale):
     over = reproduce.scale_overrides(scale)
-    cfgs = {v: load_config(f"repro/{v}", over) for v in reproduce.VARIANTS}
+    cfgs = {v: load_config(f"repro/{v}", over) for v in compare.VARIANTS}
     base = _without_supervised(cfgs["ssl"])
     for v, cfg in cfgs.items():
         assert _without_supervised(cfg) == base, v
@@ -59,19 +60,19 @@ def test_summary_is_mean_and_sample_sd_over_seeds_and_the_table_shows_it():
     setup = {"scale": None, "arch": "vit_tiny_cpu", "image_size": 64, "steps": 300, "batch_size": 32, "seeds": [0, 1],
              "device": "2 CPUs", "level_weights_source": "from the val-split sweep"}
     counts = {"ssl": 0, "flat": 10, "hxe-alpha0.5": 17, "hxe-sweep": 17, "_fine": 10, "_coarse": 7}
-    s = reproduce.summarise({"rows": rows}, runs, counts, [0.1, 0.2, 0.3, 0.4], 0.5, setup)
+    s = compare.summarise({"rows": rows}, runs, counts, [0.1, 0.2, 0.3, 0.4], 0.5, setup)
     flat = s["table"]["flat"]["synth-ood"]["logreg"]
     assert flat["bacc"]["mean"] == pytest.approx(0.62)
     assert flat["bacc"]["sd"] == pytest.approx(np.sqrt(((0.60 - 0.62) ** 2 + (0.64 - 0.62) ** 2) / 1))
     assert flat["severity"]["mean"] == pytest.approx(1.8)
     assert s["table"]["hxe-alpha0.5"]["synth-ood"]["logreg"]["bacc_ci95_mean"] == pytest.approx([0.655, 0.76])
     assert set(s["table"]) == {"flat", "hxe-alpha0.5"}  # rows of other models are not counted
-    md = reproduce.markdown(s, ["logreg"])
+    md = compare.markdown(s, ["logreg"])
     assert "| (b) flat CE | synth-ood | 62.0 ± 2.8 [57.0, 67.0] | 1.80 ± 0.28 | 72.0 ± 2.8 |" in md
     assert "| (c) HXE alpha=0.5 | synth-ood | 70.5 ± 0.7 [65.5, 76.0] |" in md
     assert "SSL only" not in md.split("|---|")[1]  # no rows for a variant that did not run
     assert "the 10 leaf-labelled images" in md and "the 7 coarse-labelled" in md
-    (c,) = reproduce.contrasts(s, ["logreg"])  # only (c) - (b) has both sides
+    (c,) = compare.contrasts(s, ["logreg"])  # only (c) - (b) has both sides
     assert (c["x"], c["y"], c["dataset"], c["wins"], c["seeds"]) == ("hxe-alpha0.5", "flat", "synth-ood", 2, 2)
     assert c["diff"] == pytest.approx(0.085) and c["sd"] == pytest.approx(np.std([0.10, 0.07], ddof=1))
     assert c["ci_half_width"] == pytest.approx((0.05 + 0.05 + 0.05 + 0.055) / 4)

@@ -95,18 +95,30 @@ def _barrier() -> None:
 
 
 class CheckpointManager:
-    """Owns what goes into a checkpoint, how it is committed and which one a run resumes from."""
+    """Owns what goes into a checkpoint, when one is written (``should_save``), how it is committed,
+    and the run's progress (``state``: steps done and images seen; the data position follows from
+    the step, see ``hierdino.data.mix``), restored by ``load`` from the newest complete checkpoint."""
 
     def __init__(self, model, optimizer, rank: int, world: int, run_uri: str, keep: int,
-                 options: StorageOptions | None = None):
+                 options: StorageOptions | None = None, every_steps: int = 0):
         self.model, self.optimizer, self.rank, self.world = model, optimizer, rank, world
-        self.run_uri, self.keep, self.options = run_uri, keep, options
+        self.run_uri, self.keep, self.options, self.every_steps = run_uri, keep, options, every_steps
+        self.state = {"step": 0, "images_seen": 0}
+
+    def should_save(self, step: int, stop: int) -> bool:
+        """After ``step`` steps: every ``every_steps``, and at the last step of this run."""
+        return step == stop or (self.every_steps > 0 and step % self.every_steps == 0)
+
+    def advance(self, images: int) -> None:
+        """One step done on ``images`` images (the global batch)."""
+        self.state["step"] += 1
+        self.state["images_seen"] += images
 
     def _app_state(self) -> dict:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         return {"model": model_sd, "optim": optim_sd}
 
-    def save(self, step: int, train_state: dict) -> str:
+    def save(self, step: int, train_state: dict | None = None) -> str:
         """Write, commit and prune (collective over ranks); returns the checkpoint's URI.
 
         Local run directories are written in place; object stores get the shards from a local
@@ -121,7 +133,7 @@ class CheckpointManager:
             target = storage.resolve(uri)[1] if local else tmp
             os.makedirs(target, exist_ok=True)
             dcp.save(self._app_state(), checkpoint_id=target)
-            state = dict(train_state, step=step, rng=_rng_state())
+            state = dict(self.state if train_state is None else train_state, step=step, rng=_rng_state())
             torch.save(state, os.path.join(target, f"train_state_rank{self.rank}.pt"))
             mine = [n for n in sorted(os.listdir(target)) if n.startswith(f"__{self.rank}_")
                     or n == f"train_state_rank{self.rank}.pt" or (n == ".metadata" and self.rank == 0)]
@@ -183,6 +195,7 @@ class CheckpointManager:
                 path = os.path.join(d, "train_state_rank0.pt")
             state = torch.load(path, weights_only=True)
         _set_rng_state(state.pop("rng"))
+        self.state = {"step": int(state["step"]), "images_seen": int(state.get("images_seen", 0))}
         state["checkpoint"] = found.uri
         return state
 

@@ -1,9 +1,10 @@
 """The training loop run by every Ray Train worker (``train_loop_per_worker``).
 
-Reads top to bottom: build the model and optimiser, maybe load the latest checkpoint, then for each
-step: next batch -> device augmentation -> losses -> backward -> clip -> step -> EMA -> log ->
-checkpoint; finally export the teacher backbone. ``TrainStep`` is that step on its own (used by the
-loop, the tests and ``hierdino.bench.step``).
+Reads top to bottom: ``train_loop_per_worker`` builds the model (``build_model``) and optimiser,
+resumes from the newest complete checkpoint (``CheckpointManager``), then for each step: next
+batch (``TrainMetrics.next_batch``) -> device augmentation (``make_step_batch``) -> ``TrainStep``
+(losses, backward, clip, AdamW, EMA) -> log (``TrainMetrics.log_step``) -> checkpoint; finally it
+exports the teacher backbone. ``TrainStep`` is also used alone by the tests and ``hierdino.bench.step``.
 """
 
 from __future__ import annotations
@@ -12,26 +13,30 @@ import math
 import os
 import time
 
+import ray
+import ray.train
+import ray.train.torch
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 from torch.profiler import record_function
 
-from hierdino.config import Config, config_from_dict
 from hierdino import storage
-from hierdino.storage import StorageOptions
+from hierdino.config import Config, config_from_dict
 from hierdino.data.augment import photometric
-from hierdino.data.ingest import CorruptCounter, stream_name
-from hierdino.data.mix import MixedBatches, MixSchedule
+from hierdino.data.ingest import stream_name
 from hierdino.data.masking import ibot_masks
-from hierdino.eval.live import OBJECTIVE
+from hierdino.data.mix import MixedBatches, MixSchedule
+from hierdino.eval.live import LiveEvaluator
 from hierdino.hierarchy import load_hierarchy
-from hierdino.losses.collapse import CollapseWatch
-from hierdino.runtime import quiet_train_reports
 from hierdino.models.student_teacher import StepBatch, StudentTeacher, param_groups
-from hierdino.train.stop import StopPoller
-from hierdino.train.tracking import RunLog
-from hierdino.train.parallel import use_tensor_cores
+from hierdino.runtime import quiet_train_reports
+from hierdino.storage import StorageOptions
+from hierdino.train.checkpoint import CheckpointManager, export_teacher
+from hierdino.train.metrics import TrainMetrics
+from hierdino.train.parallel import apply_fsdp, local_param_fraction, param_checksum, param_dtype_for, use_tensor_cores
 from hierdino.train.schedules import Schedules
+from hierdino.train.stop import StopPoller
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -88,12 +93,6 @@ def compile_blocks(model: StudentTeacher) -> None:
             block.compile()
 
 
-def collapse_line(rec: dict) -> str:
-    """The collapse monitor on the progress line: target entropies / ln K, distinct argmaxes, CLS spread, labelled share."""
-    return (f"H/lnK dino {rec['dino_entropy']:.2f} ibot {rec['ibot_entropy']:.2f} | protos {int(rec['distinct_protos'])} | "
-            f"spread {rec['cls_spread']:.2f} | labelled {100 * rec['labelled']:.0f}%")
-
-
 def supervised_summary(model: StudentTeacher) -> str:
     """The effective supervised loss, with per-level weights for HXE (printed at start)."""
     sup = model.cfg.loss.supervised
@@ -146,23 +145,11 @@ class TrainStep:
             values /= dist.get_world_size()
         with record_function("backward"):
             loss.backward()  # outside autocast: only the backbone forwards run in bf16
-        frozen = self.model.last_layers() if s["freeze_last_layer"] else []
-        if step < self.cfg.train.freeze_backbone_steps:
-            frozen.append(self.model.student["backbone"])
-        for module in frozen:  # no gradient: AdamW neither moves nor decays these parameters this step
-            for p in module.parameters():
-                p.grad = None
-        norms = {}
+        self._drop_frozen_grads(step, s["freeze_last_layer"])
         with record_function("clip_optimizer"):
-            if self.cfg.optim.clip_grad > 0:  # each student submodule on its own, as DINOv2
-                for name, params in self.model.clip_groups().items():
-                    params = [p for p in params if p.grad is not None]
-                    if params:
-                        n = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.clip_grad)
-                        norms[f"grad_norm_{name}"] = n.full_tensor() if hasattr(n, "full_tensor") else n
-            checked = torch.cat([values] + [n.reshape(1).float() for n in norms.values()])
-            bad = ~torch.isfinite(checked).all()  # the same on every rank: values and norms are global
-            self.optimizer.found_inf = bad.float()  # the fused AdamW skips the whole update when set
+            norms = self._clip()
+            bad = ~torch.isfinite(torch.cat([values] + [n.reshape(1).float() for n in norms.values()])).all()
+            self.optimizer.found_inf = bad.float()  # the fused AdamW skips the whole update when set (same on every rank)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         with record_function("ema"):
@@ -172,89 +159,80 @@ class TrainStep:
         self._window = kept if self._window is None else self._window + kept
         if not sync:
             return None
-        flags = torch.stack([b for _, b, _ in self._bad]).tolist()  # the one host read (with the window below)
-        bad_steps = [(st, v) for (st, _, v), f in zip(self._bad, flags) if f]
-        applied = len(flags) - len(bad_steps)
-        window = (self._window / max(applied, 1)).tolist()
-        self._window, self._bad = None, []
-        names = ["loss", *terms]
-        for st, v in bad_steps:
-            self.skipped += 1
-            listed = ", ".join(f"{k}={x:.4g}" for k, x in zip(names, v.tolist()))
-            if self.skipped > self.cfg.train.skip_nonfinite_steps:
-                raise NonFiniteLossError(
-                    f"non-finite loss at step {st} (found at step {step + 1}; the step was not applied): {listed}; "
-                    f"{self.skipped - 1} earlier step(s) skipped of train.skip_nonfinite_steps="
-                    f"{self.cfg.train.skip_nonfinite_steps}. The last checkpoint holds the state before it.")
-            print(f"[hierdino] WARNING: step {st} skipped, non-finite: {listed} "
-                  f"({self.skipped} of train.skip_nonfinite_steps={self.cfg.train.skip_nonfinite_steps})", flush=True)
-        out = dict(zip(names, window))  # means over the steps since the last sync
-        if norms:
-            out.update(zip(norms, torch.stack(list(norms.values())).float().tolist()))
+        out = self._read_window(step, ["loss", *terms], norms)
         out.update(lr=s["lr"], wd=s["wd"], momentum=s["momentum"], teacher_temp=s["teacher_temp"])
         out.update(stats)
         return out
 
+    def _drop_frozen_grads(self, step: int, freeze_last_layer: bool) -> None:
+        """No gradient for frozen parts: AdamW neither moves nor decays them this step."""
+        frozen = self.model.last_layers() if freeze_last_layer else []
+        if step < self.cfg.train.freeze_backbone_steps:
+            frozen.append(self.model.student["backbone"])
+        for module in frozen:
+            for p in module.parameters():
+                p.grad = None
 
-def _fmt_time(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    def _clip(self) -> dict[str, torch.Tensor]:
+        """Clip each student submodule on its own, as DINOv2; returns their (global) gradient norms."""
+        norms = {}
+        if self.cfg.optim.clip_grad > 0:
+            for name, params in self.model.clip_groups().items():
+                params = [p for p in params if p.grad is not None]
+                if params:
+                    n = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.clip_grad)
+                    norms[f"grad_norm_{name}"] = n.full_tensor() if hasattr(n, "full_tensor") else n
+        return norms
+
+    def _read_window(self, step: int, names: list[str], norms: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The one host read: means of the applied steps since the last read, skipped steps counted."""
+        flags = torch.stack([b for _, b, _ in self._bad]).tolist()
+        bad_steps = [(st, v) for (st, _, v), f in zip(self._bad, flags) if f]
+        applied = len(flags) - len(bad_steps)
+        window = (self._window / max(applied, 1)).tolist()
+        self._window, self._bad = None, []
+        limit = self.cfg.train.skip_nonfinite_steps
+        for st, v in bad_steps:
+            self.skipped += 1
+            listed = ", ".join(f"{k}={x:.4g}" for k, x in zip(names, v.tolist()))
+            if self.skipped > limit:
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {st} (found at step {step + 1}; the step was not applied): {listed}; "
+                    f"{self.skipped - 1} earlier step(s) skipped of train.skip_nonfinite_steps={limit}. "
+                    "The last checkpoint holds the state before it.")
+            print(f"[hierdino] WARNING: step {st} skipped, non-finite: {listed} "
+                  f"({self.skipped} of train.skip_nonfinite_steps={limit})", flush=True)
+        out = dict(zip(names, window))
+        if norms:
+            out.update(zip(norms, torch.stack(list(norms.values())).float().tolist()))
+        return out
 
 
-def train_loop_per_worker(loop_config: dict) -> dict:
-    import ray
-    import ray.train
+# -- setup helpers of the loop ------------------------------------------------------------------------------
 
-    worker_start = time.perf_counter()
-    quiet_train_reports()
-    cfg = config_from_dict(loop_config["config"])
-    run_uri = loop_config["run_uri"]
-    storage.set_retry_window(cfg.run.storage_retry_s)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
-    use_tensor_cores(device)
+
+def build_model(cfg: Config, device: torch.device, world: int, say) -> StudentTeacher:
+    """Student and teacher on ``device``: pretrained weights, compiled blocks, FSDP2 over ``world``
+    ranks (or bf16 autocast of the backbone forwards on one)."""
     torch.manual_seed(cfg.train.seed)  # identical initialisation on every rank
-    hierarchy = load_hierarchy(cfg.hierarchy.name)
-    model = StudentTeacher(cfg, hierarchy)
+    model = StudentTeacher(cfg, load_hierarchy(cfg.hierarchy.name))
     if cfg.model.init_weights:
         for line in model.load_pretrained(cfg.model.init_weights, cfg.model.init_strict, cfg.model.init_tower):
-            if rank == 0:
-                print(f"[hierdino] {line}", flush=True)
+            say(f"[hierdino] {line}")
     model.to(device)
     if cfg.train.compile:
         compile_blocks(model)
-    from hierdino.train.parallel import apply_fsdp, local_param_fraction, param_dtype_for
-
+    dtype = param_dtype_for(cfg.train.precision, device)
     if world > 1:
-        from torch.distributed.device_mesh import init_device_mesh
-
-        mesh = init_device_mesh(device.type, (world,))
-        apply_fsdp(model, mesh, param_dtype_for(cfg.train.precision, device), torch.float32)
-    elif param_dtype_for(cfg.train.precision, device) == torch.bfloat16:
+        apply_fsdp(model, init_device_mesh(device.type, (world,)), dtype, torch.float32)
+    elif dtype == torch.bfloat16:
         model.backbone_autocast = True
-    step_fn = TrainStep(model, cfg)
-    from hierdino.train.checkpoint import CheckpointManager, export_teacher
+    return model
 
-    ckpt = CheckpointManager(model, step_fn.optimizer, rank, world, run_uri, cfg.checkpoint.keep, StorageOptions.from_config(cfg))
-    state = ckpt.load() or {"step": 0, "images_seen": 0}
-    state.pop("checkpoint", None)
-    start = state["step"]
-    from hierdino.train.parallel import param_checksum
 
-    start_checksum = param_checksum(model.student)
-    total = cfg.train.steps
-    stop = min(cfg.train.stop_at_step or total, total)
-    log = RunLog(run_uri, rank == 0)
-    if rank == 0:
-        print(f"[hierdino] rank 0/{world} on {device}: {'resuming at step ' + str(start) if start else 'starting'}; "
-              f"local parameter fraction {local_param_fraction(model.student):.3f}; {supervised_summary(model)}", flush=True)
-    per_worker = cfg.train.batch_size // world
-    grid = cfg.data.image_size // model.patch_size
-    gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank + 7919 * start)  # host: masks
-    device_gen = None if device.type == "cpu" else torch.Generator(device=device).manual_seed(gen.initial_seed() + 1)
-    corrupt = CorruptCounter(cfg.data.max_corrupt_fraction)
-    schedule = MixSchedule(loop_config["proportions"], per_worker)
+def open_batches(loop_config: dict, cfg: Config, rank: int, per_worker: int, start: int) -> MixedBatches:
+    """This worker's mixed batches from its shard of every dataset stream, from step ``start`` on."""
+    proportions = loop_config["proportions"]
 
     def stream(k: int):  # a dataset whose share is 0 has no stream
         name = stream_name(k)
@@ -262,78 +240,80 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             return iter(())
         # Sized by the stream's share of a step: the first step waits for every stream's shuffle buffer,
         # so 4 steps' worth of each (not 4 whole batches of each) keeps the first batch quick.
-        share = max(1, math.ceil(loop_config["proportions"][k] * per_worker))
+        share = max(1, math.ceil(proportions[k] * per_worker))
         return ray.train.get_dataset_shard(name).iter_batches(
             batch_size=min(64, 2 * share), batch_format="numpy", local_shuffle_buffer_size=4 * share,
             local_shuffle_seed=cfg.data.shuffle_seed + 1000 * rank + 17 * k + start)
 
-    batches = MixedBatches([stream(k) for k in range(len(loop_config["proportions"]))], schedule, start_step=start)
-    live_eval, eval_metrics = None, {}
-    if cfg.eval.every_steps:
-        from hierdino.eval.live import LiveEvaluator
+    return MixedBatches([stream(k) for k in range(len(proportions))], MixSchedule(proportions, per_worker), start_step=start)
 
-        live_eval = LiveEvaluator(cfg)
-    watch = CollapseWatch(max(cfg.optim.warmup_steps, cfg.loss.warmup_teacher_temp_steps, cfg.optim.freeze_last_layer_steps),
-                          stop=cfg.train.stop_on_collapse)
-    step, last = start, {}
-    t0, wait, images, first_batch_s = time.perf_counter(), 0.0, 0, None
+
+def worker_nodes(world: int) -> list:
+    """The Ray node of every rank (the two-node checks read it)."""
+    node = ray.get_runtime_context().get_node_id()
+    if not (dist.is_initialized() and world > 1):
+        return [node]
+    nodes = [None] * world
+    dist.all_gather_object(nodes, node)
+    return nodes
+
+
+# -- the loop -------------------------------------------------------------------------------------------------
+
+
+def train_loop_per_worker(loop_config: dict) -> dict:
+    """Ray Train's per-worker function: set up, resume, step to ``train.steps`` (or a stop), export."""
+    worker_start = time.perf_counter()
+    quiet_train_reports()
+    cfg, run_uri = config_from_dict(loop_config["config"]), loop_config["run_uri"]
+    options = StorageOptions.from_config(cfg)
+    storage.set_retry_window(cfg.run.storage_retry_s)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
+    use_tensor_cores(device)
+    metrics = TrainMetrics(cfg, run_uri, rank, worker_start, options)
+    model = build_model(cfg, device, world, metrics.say)
+    step_fn = TrainStep(model, cfg)
+    ckpt = CheckpointManager(model, step_fn.optimizer, rank, world, run_uri, cfg.checkpoint.keep, options,
+                             every_steps=cfg.checkpoint.every_steps)
+    ckpt.load()
+    start = step = ckpt.state["step"]
+    start_checksum = param_checksum(model.student)
+    metrics.say(f"[hierdino] rank 0/{world} on {device}: {'resuming at step ' + str(start) if start else 'starting'}; "
+                f"local parameter fraction {local_param_fraction(model.student):.3f}; {supervised_summary(model)}")
+    per_worker, grid = cfg.train.batch_size // world, cfg.data.image_size // model.patch_size
+    gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank + 7919 * start)  # host: masks
+    device_gen = None if device.type == "cpu" else torch.Generator(device=device).manual_seed(gen.initial_seed() + 1)
+    batches = open_batches(loop_config, cfg, rank, per_worker, start)
+    live_eval = LiveEvaluator(cfg) if cfg.eval.every_steps else None
+    stop, last, eval_metrics = min(cfg.train.stop_at_step or cfg.train.steps, cfg.train.steps), {}, {}
     poller = StopPoller(loop_config.get("stop_flag"))
+    metrics.begin()
     while step < stop:
         after = poller.stop_after(step)  # a graceful stop asked of the driver: this step is then the last one
         if after is not None:
             stop = min(stop, max(after, step + 1))
-        tw = time.perf_counter()
-        try:
-            raw = {k: torch.from_numpy(v) for k, v in next(batches).items()}
-        except StopIteration:
-            raise RuntimeError(f"the training data ran out at step {step}: a stream yielded fewer rows than the "
-                               f"mix schedule needs (per-worker batch {per_worker})") from None
-        wait += time.perf_counter() - tw
-        if first_batch_s is None:  # from worker start: model build, checkpoint load and the ingest's start-up
-            first_batch_s = time.perf_counter() - worker_start
-            if rank == 0:
-                print(f"[hierdino] first batch {first_batch_s:.1f} s after the worker started", flush=True)
-        corrupt.update(raw["ok"].numpy())
-        batch = make_step_batch(raw, cfg, gen, device, grid, device_gen)
+        batch = make_step_batch(metrics.next_batch(batches, step, per_worker), cfg, gen, device, grid, device_gen)
         logging = (step + 1) % cfg.train.log_every == 0 or step + 1 == stop
-        reporting = (step + 1) % cfg.checkpoint.every_steps == 0 or step + 1 == stop
-        last = step_fn(batch, step, monitor=logging, sync=logging or reporting) or last
+        saving = ckpt.should_save(step + 1, stop)
+        last = step_fn(batch, step, monitor=logging, sync=logging or saving) or last
         step += 1
-        images += cfg.train.batch_size
-        state["images_seen"] += cfg.train.batch_size
-        if live_eval is not None and (step % cfg.eval.every_steps == 0 or step == stop or (reporting and not eval_metrics)):
+        ckpt.advance(cfg.train.batch_size)
+        evaluating = live_eval is not None and step % cfg.eval.every_steps == 0
+        if live_eval is not None and (evaluating or step == stop or (saving and not eval_metrics)):
             eval_metrics = live_eval(model.teacher["backbone"], device)
-        # Every report carries the latest external scores: Tune requires its metric in each one.
-        last.update(eval_metrics)
+        last.update(eval_metrics)  # every report carries the latest external scores: Tune needs its metric in each
         if logging:
-            warning = watch.observe(step, last["dino_entropy"])
-            if warning and rank == 0:
-                print(f"[hierdino] WARNING: {warning}", flush=True)
-            elapsed = time.perf_counter() - t0
-            rate = images / max(elapsed, 1e-9)
-            rec = dict(last, step=step, images_per_s=rate, data_wait=wait / max(elapsed, 1e-9),
-                       corrupt=corrupt.corrupt, first_batch_s=first_batch_s)
-            log.write(rec)
-            if rank == 0:
-                eta = (stop - step) * cfg.train.batch_size / max(rate, 1e-9)
-                terms = " ".join(f"{k} {last[k]:.3f}" for k in ("dino", "ibot", "koleo", "sup", OBJECTIVE) if k in last)
-                print(f"step {step}/{total} | loss {last['loss']:.3f} ({terms}) | {collapse_line(last)} | "
-                      f"lr {last['lr']:.2e} | {rate:.1f} img/s | data-wait {100 * rec['data_wait']:.0f}% | "
-                      f"ETA {_fmt_time(eta)}", flush=True)
-        scalars = {k: v for k, v in last.items() if isinstance(v, float) and math.isfinite(v)}
-        if reporting:
-            ckpt.save(step, state)  # committed before Ray hears of it: a report never names a partial checkpoint
-            log.flush()
-            ray.train.report(dict(scalars, step=step))
-        elif live_eval is not None and step % cfg.eval.every_steps == 0:
-            ray.train.report(dict(scalars, step=step))  # every rank: report is a barrier
-    log.close()
-    export = export_teacher(model, run_uri, rank, hierarchy.name, cfg.data.image_size) if step >= total else None
-    nodes = [ray.get_runtime_context().get_node_id()]
-    if dist.is_initialized() and world > 1:
-        nodes = [None] * world
-        dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-    return dict(last, step=step, start_step=start, images_per_s=images / max(time.perf_counter() - t0, 1e-9),
-                worker_nodes=nodes, start_checksum=start_checksum, final_checksum=param_checksum(model.student),
-                export=export, local_param_fraction=local_param_fraction(model.student),
-                corrupt_images=corrupt.corrupt, ignored_internal_labels=model.ignored_internal_labels())
+            metrics.log_step(step, stop, last)
+        if saving:
+            ckpt.save(step)  # committed before Ray hears of it: a report never names a partial checkpoint
+            metrics.flush()
+        if saving or evaluating:  # every rank: a report is a barrier
+            ray.train.report(dict({k: v for k, v in last.items() if isinstance(v, float) and math.isfinite(v)}, step=step))
+    metrics.close()
+    export = export_teacher(model, run_uri, rank, model.hierarchy.name, cfg.data.image_size) if step >= cfg.train.steps else None
+    return dict(last, step=step, start_step=start, images_per_s=metrics.images_per_s(), worker_nodes=worker_nodes(world),
+                start_checksum=start_checksum, final_checksum=param_checksum(model.student), export=export,
+                local_param_fraction=local_param_fraction(model.student), corrupt_images=metrics.corrupt.corrupt,
+                ignored_internal_labels=model.ignored_internal_labels())

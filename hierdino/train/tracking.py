@@ -42,8 +42,9 @@ def scalar_tag(key: str) -> str:
 class RunLog:
     """Rank 0's metrics of a run (``enabled=False`` on other ranks: every call is a no-op)."""
 
-    def __init__(self, run_uri: str, enabled: bool = True, tb_subdir: str = "tb", jsonl: bool = True):
-        self.enabled, self.jsonl = enabled, jsonl
+    def __init__(self, run_uri: str, enabled: bool = True, tb_subdir: str = "tb", jsonl: bool = True,
+                 options: storage.StorageOptions | None = None):
+        self.enabled, self.jsonl, self.options = enabled, jsonl, options
         self.uri = storage.join(run_uri, "metrics.jsonl")
         self.remote = storage.is_s3(run_uri)
         self.tb_uri = storage.join(run_uri, tb_subdir)
@@ -51,8 +52,8 @@ class RunLog:
         self.writer = None
         if not enabled:
             return
-        if jsonl and self.remote and storage.exists(self.uri):  # a resumed run keeps its earlier records
-            self.lines = storage.read_bytes(self.uri).decode().splitlines()
+        if jsonl and self.remote and storage.exists(self.uri, options):  # a resumed run keeps its earlier records
+            self.lines = storage.read_bytes(self.uri, options).decode().splitlines()
         from tensorboardX import SummaryWriter
 
         self.tb_local = tempfile.mkdtemp(prefix="hierdino-tb-") if self.remote else self.tb_uri
@@ -89,10 +90,10 @@ class RunLog:
         if not self.remote:
             return
         if self.jsonl:
-            storage.write_bytes(self.uri, ("\n".join(self.lines) + "\n").encode())
+            storage.write_bytes(self.uri, ("\n".join(self.lines) + "\n").encode(), self.options)
         for name in os.listdir(self.tb_local):
             with open(os.path.join(self.tb_local, name), "rb") as f:
-                storage.write_bytes(storage.join(self.tb_uri, name), f.read())
+                storage.write_bytes(storage.join(self.tb_uri, name), f.read(), self.options)
 
     def close(self) -> None:
         if self.enabled:
