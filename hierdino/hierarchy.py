@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import argparse
 import functools
-from importlib import resources
 from pathlib import Path
 
 import yaml
 
+from hierdino import packaged
+
 ROOT = "root"
+
+HIERARCHIES = "hierdino.hierarchies"  # the package that holds the packaged trees (and label maps)
 
 
 class HierarchyError(ValueError):
@@ -218,28 +221,21 @@ def hierarchy_from_dict(data: dict, source: str = "<memory>") -> Hierarchy:
 
 
 def packaged_hierarchies() -> list[str]:
-    return sorted(
-        p.name[: -len(".yaml")]
-        for p in resources.files("hierdino.hierarchies").iterdir()
-        if p.name.endswith(".yaml") and p.name != "label_maps.yaml"
-    )
+    return packaged.names(HIERARCHIES, exclude=("label_maps",))
 
 
 @functools.lru_cache(maxsize=32)
 def load_hierarchy(name_or_path: str) -> Hierarchy:
     """Load a packaged hierarchy by name (``wbc-h1``, ``wbc-h2``, ``synth-ood``) or a YAML file path."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise FileNotFoundError(f"hierarchy file {name_or_path} does not exist")
-        text, source = path.read_text(), str(path)
-    else:
-        res = resources.files("hierdino.hierarchies") / f"{name_or_path}.yaml"
-        if not res.is_file():
-            raise HierarchyError(
-                f"unknown hierarchy {name_or_path!r}: packaged ones are {packaged_hierarchies()}, or give a .yaml path"
-            )
-        text, source = res.read_text(), f"hierdino/hierarchies/{name_or_path}.yaml"
+    try:
+        text, path = packaged.read_text(name_or_path, HIERARCHIES)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"hierarchy file {name_or_path} does not exist") from None
+    except packaged.NotPackaged:
+        raise HierarchyError(
+            f"unknown hierarchy {name_or_path!r}: packaged ones are {packaged_hierarchies()}, or give a .yaml path"
+        ) from None
+    source = path or f"hierdino/hierarchies/{name_or_path}.yaml"
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Iterable
 
 import yaml
 
-from hierdino.hierarchy import Hierarchy
+from hierdino import packaged
+from hierdino.hierarchy import HIERARCHIES, Hierarchy
 
 PACKAGED = "hierdino/hierarchies/label_maps.yaml"
 
@@ -61,7 +61,7 @@ class LabelMap:
 def load_label_maps(path: str | Path | None = None) -> dict[str, LabelMap]:
     """All label maps in a YAML file (the packaged one by default)."""
     if path is None:
-        text, file = (resources.files("hierdino.hierarchies") / "label_maps.yaml").read_text(), PACKAGED
+        text, file = packaged.read_text("label_maps", HIERARCHIES)[0], PACKAGED
     else:
         text, file = Path(path).read_text(), str(path)
     data = yaml.safe_load(text) or {}
@@ -76,11 +76,6 @@ def load_label_maps(path: str | Path | None = None) -> dict[str, LabelMap]:
         mapping = {str(k): str(v) for k, v in entries.items()}
         maps[str(source)] = LabelMap(str(source), mapping, frozenset(str(u) for u in unlabeled), file)
     return maps
-
-
-def identity_label_map(source: str, hierarchy: Hierarchy) -> LabelMap:
-    """A map whose raw labels are already node names of ``hierarchy`` (synthetic data, pre-harmonised sets)."""
-    return LabelMap(source, {n: n for n in hierarchy.nodes}, frozenset(), f"<node names of {hierarchy.name}>")
 
 
 def get_label_map(source: str, hierarchy: Hierarchy | None = None, path: str | Path | None = None) -> LabelMap:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import io
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageFilter
@@ -369,7 +369,3 @@ def encode(image: np.ndarray, fmt: str = "JPEG", quality: int = 90) -> bytes:
 def render_encoded(hierarchy: Hierarchy, leaf: str, domain: Domain, size: int, rng: np.random.Generator) -> bytes:
     """A JPEG of a ``leaf`` cell at the domain's quality."""
     return encode(render_cell(leaf_spec(hierarchy, leaf), domain, size, rng), "JPEG", domain.jpeg_quality)
-
-
-def with_domain(domain: Domain, **changes) -> Domain:
-    return replace(domain, **changes)

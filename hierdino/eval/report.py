@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import time
 
-import numpy as np
-
 from hierdino import storage
 from hierdino.data import shards
 from hierdino.data.suite import resolve_dataset
@@ -14,9 +12,6 @@ from hierdino.eval.features import dataset_features, resolve_model
 from hierdino.eval.metrics import EncodedPredictions, bootstrap, tree_feature_spearman
 from hierdino.eval.probes import PROBES, fit_predict
 from hierdino.hierarchy import load_hierarchy
-
-METRIC_NAMES = ("bacc", "acc", "f1w", "severity", "hF1", "lineage_bacc")
-
 
 def evaluate(models: list[str], datasets: list[str], out: str, split: str = "test", probes: tuple = PROBES,
              bootstrap_n: int = 1000, seed: int = 0, metric: str = "euclidean", patch_mean: bool = False,
@@ -82,12 +77,6 @@ def markdown_table(results: dict) -> str:
         lines.append(f"| {model} | {dataset} | " + " | ".join(_cell(by_probe[p]["metrics"]["bacc"]) for p in probes)
                      + f" | {_cell(last['severity'], False)} | {_cell(last['lineage_bacc'])} | {_cell(last['hF1'])} |")
     return "\n".join(lines) + "\n"
-
-
-def objective(results: dict, probe: str) -> float:
-    """Mean balanced accuracy of ``probe`` over the datasets (the sweep objective ``ext_val_bacc``)."""
-    vals = [r["metrics"]["bacc"]["value"] for r in results["rows"] if r["probe"] == probe]
-    return float(np.mean(vals)) if vals else float("nan")
 
 
 def evaluate_run_at_end(cfg, run_dir: str, log=print) -> dict:

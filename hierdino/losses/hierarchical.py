@@ -28,7 +28,8 @@ def level_weights_for(hierarchy: Hierarchy, alpha: float | None = None,
     all 1, so HXE at alpha = 0 is exactly flat CE on leaf targets, and any alpha keeps that scale.
     """
     if alpha is not None and level_weights is not None:
-        raise ValueError("give either alpha or level_weights, not both")
+        raise ValueError(f"give either alpha or level_weights, not both: alpha={alpha} and level_weights="
+                         f"{list(level_weights)} are both set (set alpha=null to use level weights)")
     depth_count = hierarchy.max_depth
     if level_weights is not None:
         w = [float(x) for x in level_weights]

@@ -1,0 +1,42 @@
+"""Checks across keys, run after every load; each error names the keys involved and their values."""
+
+from __future__ import annotations
+
+from hierdino.config.schema import Config, ConfigError
+from hierdino.hierarchy import load_hierarchy
+from hierdino.losses.hierarchical import level_weights_for
+
+
+def validate(cfg: Config) -> None:
+    """Checks across keys, each naming the keys involved."""
+    try:
+        h = load_hierarchy(cfg.hierarchy.name)
+    except Exception as e:
+        raise ConfigError(f"hierarchy.name: {cfg.hierarchy.name!r}: {e}") from None
+    sup = cfg.loss.supervised
+    try:  # the rule for alpha / level_weights lives with the loss that uses them
+        level_weights_for(h, sup.alpha, sup.level_weights, sup.normalize)
+    except ValueError as e:
+        raise ConfigError(f"loss.supervised: {e}") from None
+    for key in ("data.global_crops_scale", "data.local_crops_scale", "data.mask_ratio"):
+        lo_hi = cfg.get(key)
+        if len(lo_hi) != 2 or not (0 <= lo_hi[0] <= lo_hi[1] <= 1):
+            raise ConfigError(f"{key}: {lo_hi} must be [low, high] with 0 <= low <= high <= 1")
+    if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
+        raise ConfigError(f"optim.betas: {cfg.optim.betas} must be two numbers in [0, 1)")
+    if cfg.data.weights is not None and len(cfg.data.weights) != len(cfg.data.train):
+        raise ConfigError(f"data.weights: {cfg.data.weights} needs one weight per data.train entry ({len(cfg.data.train)})")
+    if cfg.train.batch_size % cfg.scaling.num_workers:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} is not divisible by scaling.num_workers={cfg.scaling.num_workers}"
+        )
+    if cfg.data.local_crops_size > cfg.data.image_size:
+        raise ConfigError(f"data.local_crops_size={cfg.data.local_crops_size} exceeds data.image_size={cfg.data.image_size}")
+    if cfg.train.stop_at_step is not None and cfg.train.stop_at_step > cfg.train.steps:
+        raise ConfigError(f"train.stop_at_step={cfg.train.stop_at_step} exceeds train.steps={cfg.train.steps}")
+    if not cfg.run.name or "/" in cfg.run.name:
+        raise ConfigError(f"run.name: {cfg.run.name!r} must be a non-empty name without '/'")
+    if cfg.optim.momentum_teacher > cfg.optim.momentum_teacher_end:
+        raise ConfigError(
+            f"optim.momentum_teacher={cfg.optim.momentum_teacher} exceeds optim.momentum_teacher_end={cfg.optim.momentum_teacher_end}"
+        )
