@@ -263,13 +263,27 @@ def _nucleus_distance(shape: str, x: np.ndarray, y: np.ndarray, r: float, spec: 
 
 
 def render_cell(spec: dict, domain: Domain, size: int, rng: np.random.Generator) -> np.ndarray:
-    """One RGB cell image ``uint8 [size, size, 3]``."""
+    """One RGB cell image ``uint8 [size, size, 3]``: background red cells, the cell body, nucleus,
+    granules and Auer rods, then the domain's stain, brightness, blur and noise (in that order: the
+    random draws follow it, so a seed fixes the image)."""
     X, Y = _grid(size)
-    px = 2.0 / size  # one pixel in grid units
-    edge = 1.5 * px
+    edge = 1.5 * 2.0 / size  # 1.5 pixels in grid units
     img = np.empty((size, size, 3), np.float32)
     img[:] = np.asarray(domain.background, np.float32)
-    # red cells in the background: pale-centred discs
+    _paint_red_cells(img, X, Y, domain, edge, rng)
+    body = _cell_body(spec, domain, X, Y, edge, rng)
+    _paint_cytoplasm(img, spec, body, edge, rng)
+    if spec["nucleus"] not in ("none", "smudge"):
+        _paint_nucleus(img, spec, body, size, edge, rng)
+    if spec["granules"] != "none" and spec["granule_density"] > 0:
+        _paint_granules(img, spec, body["cell"], size, rng)
+    if spec["auer"]:
+        _paint_auer_rods(img, body, size, edge, rng)
+    return _apply_domain(img, domain, size, rng)
+
+
+def _paint_red_cells(img, X, Y, domain: Domain, edge: float, rng) -> None:
+    """Red cells in the background: pale-centred discs."""
     for _ in range(rng.poisson(domain.red_cells)):
         cx, cy = rng.uniform(-1.1, 1.1, 2)
         rr = rng.uniform(0.28, 0.38) * domain.scale
@@ -277,8 +291,15 @@ def render_cell(spec: dict, domain: Domain, size: int, rng: np.random.Generator)
         _paint(img, _soft(d - rr, edge) * 0.85, domain.red_rgb)
         _paint(img, _soft(d - rr * 0.45, rr * 0.6) * 0.35, domain.background)
 
-    jit = lambda v, s: v * (1 + rng.normal(0, s))  # noqa: E731 - per-image size variation
-    cell_r = jit(spec["cell_r"], 0.07) * domain.scale
+
+def _jitter(value: float, sd: float, rng) -> float:
+    """Per-image size variation."""
+    return value * (1 + rng.normal(0, sd))
+
+
+def _cell_body(spec: dict, domain: Domain, X, Y, edge: float, rng) -> dict:
+    """The cell's frame (rotated, stretched, wobbly outline), its mask, texture and cytoplasm colour."""
+    cell_r = _jitter(spec["cell_r"], 0.07, rng) * domain.scale
     ox, oy = rng.normal(0, 0.05, 2)
     theta = rng.uniform(0, 2 * math.pi)
     ct, st = math.cos(theta), math.sin(theta)
@@ -289,66 +310,80 @@ def render_cell(spec: dict, domain: Domain, size: int, rng: np.random.Generator)
     wob = 1 + spec["cell_irregular"] * (np.sin(2 * ang + rng.uniform(0, 6.3)) + 0.6 * np.sin(3 * ang + rng.uniform(0, 6.3)))
     if spec["hairy"]:
         wob = wob + spec["hairy"] * np.maximum(np.sin(int(rng.integers(14, 22)) * ang + rng.uniform(0, 6.3)), 0) ** 3
-    cell_d = np.sqrt(xa ** 2 + ya ** 2) - cell_r * wob
-    cell = _soft(cell_d, edge)
-    tex = _texture(size, rng)
+    cell = _soft(np.sqrt(xa ** 2 + ya ** 2) - cell_r * wob, edge)
+    tex = _texture(X.shape[0], rng)
     cyto = np.clip(np.asarray(spec["cyto"], np.float32) + rng.normal(0, 0.02, 3), 0, 1)
+    return {"cell_r": cell_r, "xr": xr, "yr": yr, "ya": ya, "cell": cell, "tex": tex, "cyto": cyto}
 
-    if spec["nucleus"] == "smudge":  # smeared chromatin, no intact cytoplasm
-        streak = np.clip(0.5 + 0.5 * tex, 0, 1) * _soft(np.sqrt((xr / 1.6) ** 2 + ya ** 2) - cell_r, 6 * edge)
+
+def _paint_cytoplasm(img, spec: dict, body: dict, edge: float, rng) -> None:
+    """Cytoplasm with a halo and vacuoles, or a smudge (smeared chromatin, no intact cytoplasm)."""
+    xr, yr, cell, cell_r = body["xr"], body["yr"], body["cell"], body["cell_r"]
+    if spec["nucleus"] == "smudge":
+        streak = np.clip(0.5 + 0.5 * body["tex"], 0, 1) * _soft(np.sqrt((xr / 1.6) ** 2 + body["ya"] ** 2) - cell_r, 6 * edge)
         _paint(img, streak * 0.8, spec["nuc_rgb"])
-    else:
-        _paint(img, cell * (0.92 + 0.08 * tex), cyto)
-        if spec["halo"]:
-            _paint(img, _soft(np.sqrt(xr ** 2 + yr ** 2) - cell_r * 0.45, 4 * edge) * 0.5 * cell, (0.92, 0.92, 0.96))
-        for _ in range(spec["vacuoles"] + (rng.poisson(1) if spec["vacuoles"] else 0)):
-            a, rad = rng.uniform(0, 2 * math.pi), rng.uniform(0.5, 0.85) * cell_r
-            vr = rng.uniform(0.05, 0.09) * cell_r / 0.6
-            d = np.sqrt((xr - rad * math.cos(a)) ** 2 + (yr - rad * math.sin(a)) ** 2) - vr
-            _paint(img, _soft(d, edge) * cell * 0.8, (0.96, 0.96, 0.98))
+        return
+    _paint(img, cell * (0.92 + 0.08 * body["tex"]), body["cyto"])
+    if spec["halo"]:
+        _paint(img, _soft(np.sqrt(xr ** 2 + yr ** 2) - cell_r * 0.45, 4 * edge) * 0.5 * cell, (0.92, 0.92, 0.96))
+    for _ in range(spec["vacuoles"] + (rng.poisson(1) if spec["vacuoles"] else 0)):
+        a, rad = rng.uniform(0, 2 * math.pi), rng.uniform(0.5, 0.85) * cell_r
+        vr = rng.uniform(0.05, 0.09) * cell_r / 0.6
+        d = np.sqrt((xr - rad * math.cos(a)) ** 2 + (yr - rad * math.sin(a)) ** 2) - vr
+        _paint(img, _soft(d, edge) * cell * 0.8, (0.96, 0.96, 0.98))
 
-    if spec["nucleus"] not in ("none", "smudge"):
-        nuc_r = jit(spec["nuc_r"], 0.06) * cell_r
-        shift = (cell_r - nuc_r) * 0.8 if spec["nucleus"] == "eccentric" else rng.normal(0, 0.03)
-        nx, ny = xr - shift, yr
-        nd = _nucleus_distance(spec["nucleus"], nx, ny, nuc_r, spec, rng)
-        nuc = _soft(nd, edge) * cell
-        chrom = spec["chromatin"]
-        clump = np.clip((_texture(size, rng) - (0.4 - 0.5 * chrom)) * (2 + 6 * chrom), 0, 1)
-        nrgb = np.asarray(spec["nuc_rgb"], np.float32) + rng.normal(0, 0.02, 3)
-        shade = (1.0 + 0.35 * (1 - chrom)) - 0.45 * chrom * clump
-        _paint(img, nuc * 0.95, np.clip(nrgb, 0, 1))
-        img *= (1 - nuc[..., None] * (1 - np.clip(shade, 0.4, 1.5))[..., None] * 0.6)
-        for _ in range(spec["nucleoli"]):
-            a, rad = rng.uniform(0, 2 * math.pi), rng.uniform(0, 0.45) * nuc_r
-            d = np.sqrt((nx - rad * math.cos(a)) ** 2 + (ny - rad * math.sin(a)) ** 2) - max(0.12 * nuc_r, 1.2 * px)
-            _paint(img, _soft(d, edge) * nuc * 0.8, (0.62, 0.62, 0.88))
 
-    if spec["granules"] != "none" and spec["granule_density"] > 0:
-        rgb, g_size = GRANULE_RGB[spec["granules"]]
-        inside = np.flatnonzero(cell.ravel() > 0.5)
-        n = int(spec["granule_density"] * inside.size * (0.35 if g_size > 1 else 0.5) / max(g_size, 0.5) ** 2)
-        if n and inside.size:
-            pick = rng.choice(inside, size=min(n, inside.size), replace=False)
-            gy, gx = np.divmod(pick, size)
-            flat = img.reshape(-1, 3)
-            rad = max(0, int(round(g_size * size / 64 / 2)))
-            for dy in range(-rad, rad + 1):
-                for dx in range(-rad, rad + 1):
-                    yy, xx = np.clip(gy + dy, 0, size - 1), np.clip(gx + dx, 0, size - 1)
-                    flat[yy * size + xx] = 0.35 * flat[yy * size + xx] + 0.65 * np.asarray(rgb, np.float32)
+def _paint_nucleus(img, spec: dict, body: dict, size: int, edge: float, rng) -> None:
+    """The nucleus (shape from ``spec["nucleus"]``), its chromatin clumps and nucleoli."""
+    cell_r = body["cell_r"]
+    nuc_r = _jitter(spec["nuc_r"], 0.06, rng) * cell_r
+    shift = (cell_r - nuc_r) * 0.8 if spec["nucleus"] == "eccentric" else rng.normal(0, 0.03)
+    nx, ny = body["xr"] - shift, body["yr"]
+    nuc = _soft(_nucleus_distance(spec["nucleus"], nx, ny, nuc_r, spec, rng), edge) * body["cell"]
+    chrom = spec["chromatin"]
+    clump = np.clip((_texture(size, rng) - (0.4 - 0.5 * chrom)) * (2 + 6 * chrom), 0, 1)
+    nrgb = np.asarray(spec["nuc_rgb"], np.float32) + rng.normal(0, 0.02, 3)
+    shade = (1.0 + 0.35 * (1 - chrom)) - 0.45 * chrom * clump
+    _paint(img, nuc * 0.95, np.clip(nrgb, 0, 1))
+    img *= (1 - nuc[..., None] * (1 - np.clip(shade, 0.4, 1.5))[..., None] * 0.6)
+    for _ in range(spec["nucleoli"]):
+        a, rad = rng.uniform(0, 2 * math.pi), rng.uniform(0, 0.45) * nuc_r
+        d = np.sqrt((nx - rad * math.cos(a)) ** 2 + (ny - rad * math.sin(a)) ** 2) - max(0.12 * nuc_r, 1.2 * 2.0 / size)
+        _paint(img, _soft(d, edge) * nuc * 0.8, (0.62, 0.62, 0.88))
 
-    if spec["auer"]:
-        for _ in range(int(rng.integers(2, 5))):
-            a, rad = rng.uniform(0, 2 * math.pi), rng.uniform(0.55, 0.8) * cell_r
-            cx, cy = rad * math.cos(a), rad * math.sin(a)
-            b = rng.uniform(0, math.pi)
-            along = (xr - cx) * math.cos(b) + (yr - cy) * math.sin(b)
-            across = -(xr - cx) * math.sin(b) + (yr - cy) * math.cos(b)
-            d = np.maximum(np.abs(along) - 0.22 * cell_r, np.abs(across) - 0.8 * px)
-            _paint(img, _soft(d, edge) * 0.9, (0.58, 0.12, 0.30))
 
-    # domain: stain, brightness, blur, noise
+def _paint_granules(img, spec: dict, cell, size: int, rng) -> None:
+    """Cytoplasmic granules: dots of the granule type's colour and size inside the cell."""
+    rgb, g_size = GRANULE_RGB[spec["granules"]]
+    inside = np.flatnonzero(cell.ravel() > 0.5)
+    n = int(spec["granule_density"] * inside.size * (0.35 if g_size > 1 else 0.5) / max(g_size, 0.5) ** 2)
+    if not (n and inside.size):
+        return
+    pick = rng.choice(inside, size=min(n, inside.size), replace=False)
+    gy, gx = np.divmod(pick, size)
+    flat = img.reshape(-1, 3)
+    rad = max(0, int(round(g_size * size / 64 / 2)))
+    for dy in range(-rad, rad + 1):
+        for dx in range(-rad, rad + 1):
+            yy, xx = np.clip(gy + dy, 0, size - 1), np.clip(gx + dx, 0, size - 1)
+            flat[yy * size + xx] = 0.35 * flat[yy * size + xx] + 0.65 * np.asarray(rgb, np.float32)
+
+
+def _paint_auer_rods(img, body: dict, size: int, edge: float, rng) -> None:
+    """Two to four thin rods near the cell's rim."""
+    xr, yr, cell_r = body["xr"], body["yr"], body["cell_r"]
+    for _ in range(int(rng.integers(2, 5))):
+        a, rad = rng.uniform(0, 2 * math.pi), rng.uniform(0.55, 0.8) * cell_r
+        cx, cy = rad * math.cos(a), rad * math.sin(a)
+        b = rng.uniform(0, math.pi)
+        along = (xr - cx) * math.cos(b) + (yr - cy) * math.sin(b)
+        across = -(xr - cx) * math.sin(b) + (yr - cy) * math.cos(b)
+        d = np.maximum(np.abs(along) - 0.22 * cell_r, np.abs(across) - 0.8 * 2.0 / size)
+        _paint(img, _soft(d, edge) * 0.9, (0.58, 0.12, 0.30))
+
+
+def _apply_domain(img, domain: Domain, size: int, rng) -> np.ndarray:
+    """The domain's stain (hue, saturation), brightness, blur and sensor noise; ``uint8``."""
     img = img.reshape(-1, 3) @ _hue_matrix(domain.hue_shift, domain.saturation).T
     img = img.reshape(size, size, 3) * domain.brightness
     out = Image.fromarray(np.clip(img * 255, 0, 255).astype(np.uint8))

@@ -55,6 +55,18 @@ def _tower(cfg, backbone: Backbone) -> nn.ModuleDict:
     return tower
 
 
+def collapse_stats(dino_targets: torch.Tensor, ibot_targets: torch.Tensor, student_cls: torch.Tensor,
+                   labels: torch.Tensor) -> dict[str, float]:
+    """The collapse monitor of one batch (``hierdino.losses.collapse``) and its labelled share."""
+    return {
+        "dino_entropy": entropy_ratio(dino_targets),
+        "ibot_entropy": entropy_ratio(ibot_targets),
+        "distinct_protos": float(distinct_argmax(dino_targets)),
+        "cls_spread": feature_spread(student_cls),
+        "labelled": float((labels >= 0).float().mean()) if labels.numel() else 0.0,
+    }
+
+
 class StudentTeacher(nn.Module):
     def __init__(self, cfg, hierarchy: Hierarchy, backbone: Backbone | None = None):
         super().__init__()
@@ -140,15 +152,7 @@ class StudentTeacher(nn.Module):
             with torch.no_grad():
                 self.dino_center.update(t_logits)
                 self.ibot_center.update(t_patch_logits)
-        stats = {}
-        if monitor:
-            stats = {
-                "dino_entropy": entropy_ratio(t_targets),
-                "ibot_entropy": entropy_ratio(t_patch_targets),
-                "distinct_protos": float(distinct_argmax(t_targets)),
-                "cls_spread": feature_spread(s_cls),
-                "labelled": float((batch.labels >= 0).float().mean()) if batch.labels.numel() else 0.0,
-            }
+        stats = collapse_stats(t_targets, t_patch_targets, s_cls, batch.labels) if monitor else {}
         return total, terms, stats
 
     @torch.no_grad()
