@@ -124,6 +124,10 @@ def test_ray_job_submit_runs_pretrain(synth_suite, tmp_path):
                 break
             time.sleep(2)
         assert r.returncode == 0, out[-3000:]
+        # the job ran the uploaded working_dir's package (put on its PYTHONPATH by Ray), not this
+        # checkout's installed one: a cluster does not need hierdino installed
+        code = next(line for line in out.splitlines() if "[hierdino] code" in line)
+        assert ray_tmp in code and str(REPO / "hierdino") not in code, code
         import re
 
         job_id = re.search(r"Job '(raysubmit_\w+)' succeeded", out).group(1)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hierdino.config import Config, config_diff, load_config
+import hierdino
 from hierdino import storage
-from hierdino.storage import StorageOptions
+from hierdino.config import Config, config_diff, load_config
 from hierdino.data.ingest import CropSpec, build_train_datasets, default_train_uris, describe_train_data
 from hierdino.hierarchy import load_hierarchy
 from hierdino.runtime import quiet_ray_data
+from hierdino.storage import StorageOptions
 from hierdino.train.checkpoint import latest_complete, run_uri
 from hierdino.train.preflight import preflight
 from hierdino.train.resume import plan_start
@@ -69,6 +70,7 @@ def start_block(cfg: Config, uri: str, start_step: int, data, plan, model, prese
         + (f" ({plan.note})" if plan.note else ""))
     log(f"[hierdino] tracking  {storage.join(uri, 'metrics.jsonl')}; TensorBoard: tensorboard --logdir "
         f"{storage.join(uri, 'tb')}")
+    log(f"[hierdino] code      {Path(hierdino.__file__).parent}")  # the installed package or the job's working_dir
 
 
 def build_trainer(cfg: Config, log=print, callbacks: list | None = None, preset: str | None = None, stop_flag=None):
