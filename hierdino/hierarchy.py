@@ -17,6 +17,7 @@ the target index space of the losses: leaves first (in ``leaves`` order), then i
 from __future__ import annotations
 
 import argparse
+import difflib
 import functools
 from pathlib import Path
 
@@ -64,8 +65,6 @@ class Hierarchy:
     # -- lookups ---------------------------------------------------------------------------------
     def _check(self, name: str) -> None:
         if name != ROOT and name not in self._index:
-            import difflib
-
             close = difflib.get_close_matches(str(name), self.nodes, n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise KeyError(f"{name!r} is not a node of hierarchy {self.name!r}{hint}")
@@ -144,7 +143,7 @@ class Hierarchy:
 
     def leaf_membership(self):
         """Bool tensor ``[len(nodes), num_leaves]``: entry (n, l) is True when leaf l lies under node n."""
-        import torch
+        import torch  # Ray Data ingest workers load this module and must not import torch
 
         m = torch.zeros(len(self.nodes), self.num_leaves, dtype=torch.bool)
         leaf_pos = {leaf: i for i, leaf in enumerate(self.leaves)}
@@ -155,7 +154,7 @@ class Hierarchy:
 
     def path_matrix(self):
         """Bool tensor ``[len(nodes), len(nodes)]``: entry (t, n) is True when n is on t's root path (t included)."""
-        import torch
+        import torch  # Ray Data ingest workers load this module and must not import torch
 
         m = torch.zeros(len(self.nodes), len(self.nodes), dtype=torch.bool)
         for t in self.nodes:

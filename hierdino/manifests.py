@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import gzip
 import importlib
 import importlib.util
 import io
@@ -31,6 +32,7 @@ import shlex
 import sys
 from pathlib import Path
 
+import jsonschema
 import yaml
 
 PINNED_RAY = "2.60.0"
@@ -92,8 +94,6 @@ BUNDLED_SCHEMAS = Path(__file__).parent / "schemas" / "kuberay-v1.7.0"  # see sc
 
 def load_schemas(schema_dir: str | Path = BUNDLED_SCHEMAS) -> dict[str, dict]:
     """The RayJob / RayCluster CRD schemas of a directory (``<name>.json`` or ``<name>.json.gz``)."""
-    import gzip
-
     d, out = Path(schema_dir), {}
     for kind, name in SCHEMA_FILES.items():
         if (d / name).exists():
@@ -106,8 +106,6 @@ def load_schemas(schema_dir: str | Path = BUNDLED_SCHEMAS) -> dict[str, dict]:
 
 
 def _schema_errors(doc: dict, schema: dict) -> list[str]:
-    import jsonschema
-
     validator = jsonschema.Draft7Validator(strict_schema(schema))
     out = []
     for e in sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path)):
@@ -138,7 +136,7 @@ def _cluster_spec_errors(spec: dict, where: str) -> list[str]:
 
 
 def _runtime_env_errors(text: str, where: str) -> list[str]:
-    from ray.runtime_env import RuntimeEnv
+    from ray.runtime_env import RuntimeEnv  # heavy: only the RayJob runtimeEnvYAML check needs Ray
 
     try:
         env = yaml.safe_load(text) or {}
@@ -207,7 +205,7 @@ def check_custom_resource(doc: dict, schemas: dict[str, dict]) -> list[str]:
 
 
 def check_launcher(config: dict) -> list[str]:
-    from ray.autoscaler._private.util import prepare_config, validate_config
+    from ray.autoscaler._private.util import prepare_config, validate_config  # heavy: only launcher configs need Ray
 
     try:
         validate_config(prepare_config(copy.deepcopy(config)))

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 
 
 def quiet_ray_data(verbose: bool = False) -> None:
     """No Ray Data execution plans or progress bars in this process unless ``verbose`` (a Tune trial
     builds its datasets in its own process, so the trainer calls this too)."""
-    from ray.data import DataContext
+    from ray.data import DataContext  # heavy: the CLIs import this module at start-up, before they need Ray
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = verbose
@@ -21,7 +22,7 @@ def quiet_train_reports() -> None:
     """In a worker started by a quiet ``init_ray``: Ray Train's echo of every reported metric off (the
     progress line says it)."""
     if os.environ.get("HIERDINO_QUIET"):
-        from ray.train.v2._internal.execution import context as train_context
+        from ray.train.v2._internal.execution import context as train_context  # heavy: only Ray Train workers need it
 
         logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
@@ -36,16 +37,14 @@ def init_ray(num_cpus: int | None = None, dashboard: bool = True, verbose: bool 
     into its logger, so each line came twice), no Ray Data execution plans or progress bars, Ray Data
     logs at ERROR (local clusters), no deprecation warnings from Ray's internals; locally, no preemption watcher.
     """
-    import ray
+    import ray  # heavy: the CLIs import this module at start-up, before they need Ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # propagated by Ray Train to its workers
     env = {}
     if not verbose:
-        import warnings
-
-        from ray.util.annotations import RayDeprecationWarning
+        from ray.util.annotations import RayDeprecationWarning  # heavy: Ray, loaded only to start a cluster
 
         warnings.filterwarnings("ignore", category=RayDeprecationWarning)
         logging.getLogger("ray.data").setLevel(logging.ERROR)  # the driver's own Ray Data logs (evaluation)

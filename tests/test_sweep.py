@@ -5,7 +5,8 @@ import yaml
 
 from conftest import REPO
 from hierdino.config import load_config
-from hierdino.tune.sweep import SpaceError, check_space, load_space, run_sweep, trial_overrides
+from hierdino.tune.space import SpaceError, check_space, load_space, trial_overrides
+from hierdino.tune.sweep import run_sweep
 
 
 def test_packaged_spaces_validate_against_the_config():
@@ -96,7 +97,7 @@ def test_a_trial_stopped_early_never_wins_and_the_verdict_uses_intervals(ray_clu
 
 
 def test_choose_best_without_full_budget_compares_at_the_common_step():
-    from hierdino.tune.sweep import choose_best
+    from hierdino.tune.report import choose_best
 
     def row(t, step, v):
         return {"trial": t, "ext_val_bacc": v, "ci_lo": v - 0.01, "ci_hi": v + 0.01, "step": step, "error": ""}
@@ -149,8 +150,8 @@ def test_optuna_search_runs_a_small_sweep(ray_cluster, tmp_path):
                           trainable=trainable)
     xs = [float(r["loss.supervised.alpha"]) for r in res["rows"]]
     assert len(xs) == 3 and len(set(xs)) == 3 and all(0 <= x <= 1 for x in xs)
-    with pytest.raises(sweep.SpaceError, match="grid"):
-        sweep.searcher("optuna", sweep.load_space(_space(tmp_path, "train.seed", {"dist": "grid", "values": [1, 2]})))
+    with pytest.raises(SpaceError, match="grid"):
+        sweep.searcher("optuna", load_space(_space(tmp_path, "train.seed", {"dist": "grid", "values": [1, 2]})))
 
 
 def test_sweep_outputs_default_under_run_storage(tmp_path):
@@ -186,7 +187,7 @@ def test_seed_mean_and_history_by_hand(tmp_path):
 def test_seeds_per_trial_refuses_asha(tmp_path):
     from hierdino.tune import sweep
 
-    with pytest.raises(sweep.SpaceError, match="needs --scheduler none"):
+    with pytest.raises(SpaceError, match="needs --scheduler none"):
         sweep.run_sweep("tiny-cpu", str(_space(tmp_path, "train.seed", {"dist": "grid", "values": [1]})), 1,
                         str(tmp_path / "s"), "asha", 1, ["train.steps=8"], log=lambda *_: None, seeds_per_trial=2)
 

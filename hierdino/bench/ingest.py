@@ -25,11 +25,19 @@ import tempfile
 import time
 
 import torch
+from PIL import Image
+
+from hierdino.data import shards
+from hierdino.data.augment import photometric
+from hierdino.data.ingest import CropSpec, dataset_stream, describe_train_data
+from hierdino.data.shards import Record
+from hierdino.data.suite import SUITE, _render_chunk, plan
+from hierdino.hierarchy import load_hierarchy
+from hierdino.storage import StorageOptions
+from hierdino.testing.s3server import start_s3_server
 
 
 def _images(n: int, size: int) -> list[bytes]:
-    from hierdino.data.suite import SUITE, plan, _render_chunk
-
     spec = next(s for s in SUITE if s.name == "synth-fine")
     rows = plan(spec, "default", 0)[:n]
     return _render_chunk((spec.hierarchy, spec.domain, size, [(leaf, s) for _, leaf, _, s in rows]))
@@ -39,7 +47,7 @@ class _PILDataset(torch.utils.data.Dataset):
     """The classic DINOv2 data path: decode, then per-image torchvision transforms on PIL images."""
 
     def __init__(self, blobs, size, local_n, local_size):
-        from torchvision import transforms as T
+        from torchvision import transforms as T  # heavy: only the DataLoader baseline uses torchvision
 
         self.blobs = blobs
         norm = [T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
@@ -58,8 +66,6 @@ class _PILDataset(torch.utils.data.Dataset):
         return len(self.blobs)
 
     def __getitem__(self, i):
-        from PIL import Image
-
         im = Image.open(io.BytesIO(self.blobs[i])).convert("RGB")
         out = {"g1": self.g1(im), "g2": self.g2(im)}
         if self.local_n:
@@ -77,10 +83,6 @@ def bench_dataloader(blobs, size, local_n, local_size, batch=64, workers=2) -> f
 
 
 def bench_ray(uri, n_images, size, local_n, local_size, options=None, batch=64, photometric_on_cpu=True) -> float:
-    from hierdino.data.augment import photometric
-    from hierdino.data.ingest import CropSpec, dataset_stream, describe_train_data
-    from hierdino.hierarchy import load_hierarchy
-
     data = describe_train_data([uri], load_hierarchy("wbc-h1"), None, options)
     crops = CropSpec(size, (0.32, 1.0), local_n, local_size, (0.05, 0.32), False, 0)
     ds = dataset_stream(uri, 0, data, crops, data.sizes[0], options=options, num_cpus=1.0, batch_size=batch)
@@ -107,18 +109,14 @@ def main(argv=None) -> None:
     p.add_argument("--gpu-images-per-s", type=float, default=32 / 0.284,
                    help="images/s one GPU trains (default: ViT-L/14, 224 px, batch 32, H100: 284 ms per step)")
     args = p.parse_args(argv)
-    import ray
-
-    from hierdino.data import shards
-    from hierdino.data.shards import Record
-    from hierdino.storage import StorageOptions
+    import ray  # heavy: not for --help or an argument error
 
     torch.set_num_threads(1)
     cores = os.cpu_count()
     blobs = _images(args.images, args.image_size)
     records = lambda: (Record(b, f"i{i}", "bench", "neutrophil", "neutrophil") for i, b in enumerate(blobs))  # noqa: E731
     ray.init(num_cpus=cores, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    from ray.data import DataContext
+    from ray.data import DataContext  # heavy: Ray Data, after the arguments parse as ray above
 
     DataContext.get_current().enable_progress_bars = False
     with tempfile.TemporaryDirectory() as tmp:
@@ -131,8 +129,6 @@ def main(argv=None) -> None:
         results["ray data, local: + photometric on CPU"] = bench_ray(local, args.images, args.image_size,
                                                                      args.local_crops, args.local_size)
         if not args.no_s3:
-            from hierdino.testing.s3server import start_s3_server
-
             server = start_s3_server()
             try:
                 server.create_bucket("bench")

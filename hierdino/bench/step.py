@@ -23,8 +23,14 @@ import argparse
 import time
 
 import torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
 
-from hierdino.config import load_config
+from hierdino.config import config_from_dict, load_config
+from hierdino.data.augment import to_model_input
+from hierdino.hierarchy import load_hierarchy
+from hierdino.train.parallel import apply_fsdp, param_dtype_for, use_tensor_cores
 
 
 def _raw_batch(cfg, batch: int, seed: int = 0) -> dict:
@@ -59,9 +65,8 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int | None = None, 
 
 
 def time_full_step(cfg, batch: int, steps: int, device: torch.device, dtype: torch.dtype):
-    from hierdino.hierarchy import load_hierarchy
-    from hierdino.models.student_teacher import StudentTeacher
-    from hierdino.train.loop import TrainStep, compile_blocks, make_step_batch
+    from hierdino.models.student_teacher import StudentTeacher  # heavy (timm): not for --help or a config error
+    from hierdino.train.loop import TrainStep, compile_blocks, make_step_batch  # heavy (Ray Train, timm), likewise
 
     torch.manual_seed(0)
     model = StudentTeacher(cfg, load_hierarchy(cfg.hierarchy.name)).to(device)
@@ -73,7 +78,6 @@ def time_full_step(cfg, batch: int, steps: int, device: torch.device, dtype: tor
     gen = torch.Generator().manual_seed(0)
     dgen = None if device.type == "cpu" else torch.Generator(device=device).manual_seed(1)
     grid = cfg.data.image_size // model.patch_size
-    from torch.utils.flop_counter import FlopCounterMode
 
     def one(i: int, sync: bool = False):
         step_fn(make_step_batch(raw, cfg, gen, device, grid, dgen), 1000 + i, sync=sync)
@@ -95,8 +99,6 @@ PARTS = ("augment", "teacher", "student_forward", "heads_losses", "backward", "c
 def profile_parts(one, steps: int, device: torch.device) -> dict[str, float]:
     """Milliseconds per step of each named region of the step (``record_function`` in the trainer),
     from ``torch.profiler``: device time on a GPU, CPU time on the CPU; ``other`` is the rest."""
-    from torch.profiler import ProfilerActivity, profile
-
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     _sync(device)
     t0 = time.perf_counter()
@@ -119,8 +121,7 @@ def profile_parts(one, steps: int, device: torch.device) -> dict[str, float]:
 
 
 def time_bare_step(cfg, batch: int, steps: int, device: torch.device, dtype: torch.dtype) -> float:
-    from hierdino.data.augment import to_model_input
-    from hierdino.models.backbone import build_backbone
+    from hierdino.models.backbone import build_backbone  # heavy (timm): not for --help or a config error
 
     torch.manual_seed(0)
     bb = build_backbone(cfg.model.arch, cfg.data.image_size, cfg.model.drop_path_rate, cfg.model.layerscale_init).to(device)
@@ -148,14 +149,10 @@ def time_bare_step(cfg, batch: int, steps: int, device: torch.device, dtype: tor
 
 
 def _ray_worker(config: dict) -> dict:
-    import ray.train
-    from torch.distributed.device_mesh import init_device_mesh
+    import ray.train  # heavy: only the Ray part (skipped with --no-ray) needs Ray Train
 
-    from hierdino.config import config_from_dict
-    from hierdino.hierarchy import load_hierarchy
-    from hierdino.models.student_teacher import StudentTeacher
-    from hierdino.train.loop import TrainStep, make_step_batch
-    from hierdino.train.parallel import apply_fsdp
+    from hierdino.models.student_teacher import StudentTeacher  # heavy (timm): not for --help or a config error
+    from hierdino.train.loop import TrainStep, make_step_batch  # heavy (Ray Train, timm), likewise
 
     torch.set_num_threads(1)
     cfg = config_from_dict(config["config"])
@@ -175,9 +172,9 @@ def _ray_worker(config: dict) -> dict:
 
 
 def time_ray_step(cfg, batch: int, steps: int, workers: int = 2) -> float:
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
+    import ray  # heavy: only the Ray part (skipped with --no-ray) needs Ray
+    import ray.train  # heavy: likewise Ray Train
+    from ray.train.torch import TorchTrainer  # heavy: likewise Ray Train
 
     ray.init(num_cpus=max(2, workers), include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
@@ -201,8 +198,6 @@ def main(argv=None) -> None:
     cfg = load_config(args.config, args.overrides)
     batch = args.batch or cfg.train.batch_size
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.scaling.use_gpu else "cpu")
-    from hierdino.train.parallel import param_dtype_for, use_tensor_cores
-
     dtype = param_dtype_for(cfg.train.precision, device)
     use_tensor_cores(device)  # as the trainer
     if device.type == "cpu":

@@ -20,7 +20,9 @@ from pathlib import Path
 from hierdino.cli import user_errors
 from hierdino.eval.probes import PROBES
 from hierdino.data.suite import EXTERNAL_SETS, resolve_dataset
+from hierdino.eval.features import resolve_model
 from hierdino.eval.report import evaluate, markdown_table
+from hierdino.runtime import init_ray
 
 
 @user_errors(ValueError, FileNotFoundError, OSError)
@@ -41,9 +43,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.bootstrap < 1000:
         print(f"note: --bootstrap {args.bootstrap} is below the 1000 resamples the reports assume", file=sys.stderr)
-    from hierdino.eval.features import resolve_model
-    from hierdino.runtime import init_ray
-
     models = list(args.model)
     if args.baselines:
         first = resolve_model(models[0])

@@ -17,6 +17,9 @@ import time
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 from hierdino.config import ConfigError, load_config
+from hierdino.data.suite import ensure_synthetic_suite
+from hierdino.runtime import init_ray
+from hierdino.train.preflight import ResourcesError
 
 
 def parse_args(argv=None):
@@ -44,6 +47,7 @@ def main(argv=None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    # heavy (torch.distributed.checkpoint): not for --help or a config error
     from hierdino.train.resume import ResumeError, check_resume
 
     if args.offline and not args.validate_only:
@@ -58,11 +62,8 @@ def main(argv=None) -> int:
     if args.validate_only:
         print(f"config OK: {args.config} ({len(args.overrides)} override(s)); run {cfg.run.storage}/{cfg.run.name}: {where}")
         return 0
-    from hierdino.models.weights import WeightsError
-    from hierdino.data.suite import ensure_synthetic_suite
-    from hierdino.runtime import init_ray
-    from hierdino.train import launch
-    from hierdino.train.preflight import ResourcesError
+    from hierdino.models.weights import WeightsError  # imports torch: only a run that trains needs it
+    from hierdino.train import launch  # heavy (Ray, torch.distributed): only a run that trains needs it
 
     t0 = time.time()
     init_ray(args.local_cpus, dashboard=args.dashboard, verbose=args.verbose)
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
               f"{final.get('checkpoint')}. Run the same command again to resume from it.")
         return 0
     if final.get("export") and cfg.eval.at_end and not args.no_eval:
-        from hierdino.eval.report import evaluate_run_at_end
+        from hierdino.eval.report import evaluate_run_at_end  # heavy (scikit-learn): only the evaluation at the end
 
         evaluate_run_at_end(cfg, final["run_dir"])
     print(f"[hierdino] finished    step {final.get('step')} in {(time.time() - t0) / 60:.1f} min; "

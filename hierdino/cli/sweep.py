@@ -15,12 +15,16 @@ from __future__ import annotations
 import argparse
 import sys
 
+from hierdino.config import ConfigError, load_config
+from hierdino.data.suite import ensure_synthetic_suite
+from hierdino.runtime import init_ray
+from hierdino.train.preflight import ResourcesError, plan_resources, trials_at_once
+from hierdino.tune.space import SpaceError, check_space, load_space
+from hierdino.tune.sweep import default_out, run_sweep
 
-from hierdino.config import ConfigError
-from hierdino.tune.sweep import SpaceError, run_sweep
 
-
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The command line; the module docstring is its ``--help`` text."""
     p = argparse.ArgumentParser(prog="sweep.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="tiny-cpu")
     p.add_argument("--space", required=True)
@@ -39,23 +43,40 @@ def main(argv=None) -> int:
                    help="train each configuration with N seeds (train.seed, +1, ...) and score the mean (needs --scheduler none)")
     p.add_argument("--out", default=None, help="default: <run.storage>/sweeps/<space name> (S3 storage keeps them on clusters)")
     p.add_argument("--validate-only", action="store_true", help="check the config and the space; nothing is started")
-    args = p.parse_args(argv)
-    from hierdino.config import load_config
-    from hierdino.data.suite import ensure_synthetic_suite
-    from hierdino.runtime import init_ray
+    return p
 
-    from hierdino.tune.sweep import check_space, default_out, load_space
 
+def load_checked(args):
+    """The config (with the per-trial CPUs/GPUs added to ``args.overrides``) and the space, checked
+    against it; raises ``ConfigError`` or ``SpaceError``."""
+    cfg = load_config(args.config, args.overrides)
+    workers = cfg.scaling.num_workers
+    if args.cpus_per_trial is not None:
+        args.overrides.append(f"scaling.cpus_per_worker={args.cpus_per_trial / workers:g}")
+    if args.gpus_per_trial is not None:
+        args.overrides += ["scaling.use_gpu=true", f"scaling.gpus_per_worker={args.gpus_per_trial / workers:g}"]
+    cfg = load_config(args.config, args.overrides)
+    space = load_space(args.space)
+    check_space(args.config, args.overrides, space)
+    return cfg, space
+
+
+def trials_to_run(cfg, max_concurrent: int | None) -> int:
+    """How many trials run at once: ``--max-concurrent``, else as many as fit on the cluster (said);
+    raises ``ResourcesError`` if not even one fits, since the sweep would wait forever."""
+    import ray  # heavy: needed only once a sweep really starts
+
+    plan_resources(cfg, ray.cluster_resources())
+    fit = trials_at_once(cfg, ray.cluster_resources())
+    concurrent = max_concurrent or max(1, fit)
+    print(f"[hierdino] {fit} trial(s) fit on the cluster at once; running {concurrent} at a time")
+    return concurrent
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
-        workers = cfg.scaling.num_workers
-        if args.cpus_per_trial is not None:
-            args.overrides.append(f"scaling.cpus_per_worker={args.cpus_per_trial / workers:g}")
-        if args.gpus_per_trial is not None:
-            args.overrides += ["scaling.use_gpu=true", f"scaling.gpus_per_worker={args.gpus_per_trial / workers:g}"]
-        cfg = load_config(args.config, args.overrides)
-        space = load_space(args.space)
-        check_space(args.config, args.overrides, space)
+        cfg, space = load_checked(args)
     except (ConfigError, SpaceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -67,18 +88,11 @@ def main(argv=None) -> int:
         ensure_synthetic_suite(cfg)
         args.overrides.append(f"data.synth_cache={cfg.data.synth_cache}")
     init_ray()  # with the dashboard: without it a trial stopped by ASHA can keep its resources (ray #54305)
-    import ray
-
-    from hierdino.train.preflight import ResourcesError, plan_resources, trials_at_once
-
     try:
-        plan_resources(cfg, ray.cluster_resources())  # one trial must fit, or the sweep would wait forever
+        concurrent = trials_to_run(cfg, args.max_concurrent)
     except ResourcesError as e:
         print(f"resources error: {e}", file=sys.stderr)
         return 2
-    fit = trials_at_once(cfg, ray.cluster_resources())
-    concurrent = args.max_concurrent or max(1, fit)
-    print(f"[hierdino] {fit} trial(s) fit on the cluster at once; running {concurrent} at a time")
     try:
         res = run_sweep(args.config, args.space, args.trials, out, args.scheduler, concurrent, args.overrides,
                         search=args.search, seeds_per_trial=args.seeds_per_trial)

@@ -27,11 +27,13 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from hierdino import storage
 from hierdino.data import shards
 from hierdino.data.crops import decode, random_resized_crop, row_rng, supervised_view
 from hierdino.data.mix import MixSchedule, mix_proportions
+from hierdino.data.suite import TRAIN_SETS
 from hierdino.storage import StorageOptions
 from hierdino.hierarchy import Hierarchy
 
@@ -91,8 +93,6 @@ def multicrop(batch: dict, crops: CropSpec, label_index: dict, epoch: int, split
 
 
 def default_train_uris(cfg) -> list[str]:
-    from hierdino.data.suite import TRAIN_SETS
-
     return [storage.join(cfg.data.synth_cache, n) for n in TRAIN_SETS]
 
 
@@ -163,8 +163,6 @@ def read_and_crop(plan: dict, uri: str, crops: CropSpec, label_index: dict, opti
                   batch_size: int = 32):
     """``map_batches`` generator UDF: for each planned ``(epoch, path)`` read the file row group by
     row group and yield its train rows cropped with that epoch's seed (batches of ``batch_size``)."""
-    import pyarrow.parquet as pq
-
     columns = ["image", "image_id", "label", "split"]
     fs, _ = storage.resolve(uri, options)
     for epoch, path in zip(plan["epoch"], plan["path"]):
@@ -190,7 +188,7 @@ def dataset_stream(uri: str, k: int, data: TrainData, crops: CropSpec, rows: int
     the first file without the later epochs competing for the CPUs (one operator, not a union of one
     pipeline per epoch). Row-level shuffling across files happens in the worker's local buffer.
     """
-    import ray.data
+    import ray.data  # heavy: only the driver builds datasets; the crop workers load this module too
 
     paths = shards.shard_paths(uri, options)
     size = data.sizes[k]

@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from PIL import Image
 
 from hierdino import storage
 from hierdino.storage import StorageOptions
@@ -164,8 +166,6 @@ def read_table(uri: str, columns: list[str] | None = None, split: str | None = N
     tables = [pq.read_table(p, columns=columns, filesystem=fs) for p in shard_paths(uri, options)]
     table = pa.concat_tables(tables)
     if split is not None:
-        import pyarrow.compute as pc
-
         if columns is not None and "split" not in columns:
             raise ShardError("read_table: include 'split' in columns to filter by split")
         table = table.filter(pc.equal(table["split"], split))
@@ -176,8 +176,6 @@ def read_table(uri: str, columns: list[str] | None = None, split: str | None = N
 
 def _check_image(path: Path) -> bytes:
     """Bytes of an image that PIL can decode; re-encoded as PNG when not PNG/JPEG already."""
-    from PIL import Image
-
     data = path.read_bytes()
     with Image.open(io.BytesIO(data)) as im:
         im.load()

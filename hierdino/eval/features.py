@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.nn import functional as F
 
 from hierdino import storage
@@ -76,6 +77,7 @@ def resolve_model(spec: str, default_img_size: int = 224) -> ModelSpec:
 
 
 def load_backbone(m: ModelSpec):
+    # timm: heavy, and neither pixel baselines nor cached features need it
     from hierdino.models.backbone import build_backbone, load_pretrained
 
     torch.manual_seed(0)  # the random baseline is reproducible
@@ -107,8 +109,6 @@ def pixel_features(images: np.ndarray) -> np.ndarray:
 
 def decode_images(blobs, size: int) -> np.ndarray:
     """Encoded images -> uint8 ``[N, size, size, 3]`` (bicubic resize); undecodable images become zeros."""
-    from PIL import Image
-
     out = np.zeros((len(blobs), size, size, 3), np.uint8)
     for i, b in enumerate(blobs):
         try:
@@ -157,8 +157,8 @@ def dataset_features(model: ModelSpec, dataset_uri: str, cache_dir: str | None =
     if cache and storage.exists(cache):
         z = np.load(io.BytesIO(storage.read_bytes(cache)), allow_pickle=True)
         return DatasetFeatures(z["features"], z["labels"], z["splits"], z["image_ids"])
-    import ray
-    import ray.data
+    import ray  # heavy: only features not already in the cache need Ray
+    import ray.data  # likewise heavy, only without a cache hit
 
     fs, _ = storage.resolve(dataset_uri, options)
     ds = ray.data.read_parquet(shards.shard_paths(dataset_uri, options), filesystem=fs)

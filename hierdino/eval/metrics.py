@@ -15,6 +15,7 @@ leaves are the classes:
 from __future__ import annotations
 
 import numpy as np
+from scipy.stats import spearmanr
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
 from hierdino.hierarchy import Hierarchy
@@ -51,8 +52,6 @@ def lineage_bacc(y_true: list[str], y_pred: list[str], h: Hierarchy) -> float:
 
 def tree_feature_spearman(features: np.ndarray, labels: list[str], h: Hierarchy) -> float:
     """Spearman rho between tree distance and class-centroid Euclidean distance over class pairs."""
-    from scipy.stats import spearmanr
-
     classes = sorted(set(labels))
     if len(classes) < 3:
         return float("nan")

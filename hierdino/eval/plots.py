@@ -12,10 +12,10 @@ from hierdino import storage
 
 def pyplot():
     """``matplotlib.pyplot`` on the file-only Agg backend (no display on cluster nodes)."""
-    import matplotlib
+    import matplotlib  # optional plotting backend, loaded only when plotting
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after matplotlib.use("Agg"), and only when plotting
 
     return plt
 
@@ -30,10 +30,10 @@ def _save(fig, uri: str) -> str:
 def write_plots(items, out: str) -> list[str]:
     """``items``: (model, dataset, hierarchy, y_true, y_pred, features, probe) tuples."""
     plt = pyplot()
-    from sklearn.decomposition import PCA
-    from sklearn.metrics import confusion_matrix
+    from sklearn.decomposition import PCA  # scikit-learn: heavy, and callers of pyplot() alone do not need it
+    from sklearn.metrics import confusion_matrix  # scikit-learn: heavy, as above
 
-    from hierdino.eval.metrics import mistake_severity
+    from hierdino.eval.metrics import mistake_severity  # imports scikit-learn (heavy), as above
 
     written = []
     severity: dict[str, list] = {}

@@ -10,8 +10,10 @@ from hierdino.data import shards
 from hierdino.data.suite import resolve_dataset
 from hierdino.eval.features import dataset_features, resolve_model
 from hierdino.eval.metrics import EncodedPredictions, bootstrap, tree_feature_spearman
+from hierdino.eval.plots import write_plots
 from hierdino.eval.probes import PROBES, fit_predict
 from hierdino.hierarchy import load_hierarchy
+from hierdino.train.tracking import RunLog
 
 def evaluate(models: list[str], datasets: list[str], out: str, split: str = "test", probes: tuple = PROBES,
              bootstrap_n: int = 1000, seed: int = 0, metric: str = "euclidean", patch_mean: bool = False,
@@ -51,8 +53,6 @@ def evaluate(models: list[str], datasets: list[str], out: str, split: str = "tes
     storage.write_bytes(storage.join(out, "results.json"), json.dumps(results, indent=2).encode())
     storage.write_bytes(storage.join(out, "results.md"), markdown_table(results).encode())
     if plots:
-        from hierdino.eval.plots import write_plots
-
         results["plots"] = write_plots(per_plot, out)
     return results
 
@@ -88,8 +88,6 @@ def evaluate_run_at_end(cfg, run_dir: str, log=print) -> dict:
                    default_img_size=cfg.eval.image_size or cfg.data.image_size, log=log)
     log(markdown_table(res))
     log(f"[hierdino] evaluation report: {storage.join(out, 'results.md')}")
-    from hierdino.train.tracking import RunLog
-
     tb = RunLog(run_dir, jsonl=False)  # the external scores beside the training curves in TensorBoard
     run = [r for r in res["rows"] if r["model"] not in ("pixels",) and not r["model"].startswith("random")]
     tb.write({f"final_{r['dataset']}_{r['probe']}_bacc": r["metrics"]["bacc"]["value"] for r in run}, step=cfg.train.steps)

@@ -8,11 +8,16 @@ checkpoint form (``hierdino.models.weights``), converts it exactly, and refuses 
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import math
 from dataclasses import dataclass
 
 import timm
 import torch
+from timm.layers import DropPath, SwiGLUPacked
+from timm.models import build_model_with_cfg, register_model
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
 from hierdino.models.weights import Checkpoint, WeightsError, parse, read_object, to_timm
@@ -29,10 +34,6 @@ TINY_ARCHS = {
 
 def _register_tiny_archs() -> None:
     """Make the tiny CPU architectures timm model names, so ``timm.create_model`` builds (and loads) them."""
-    from timm.layers import SwiGLUPacked
-    from timm.models import build_model_with_cfg, register_model
-    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
-
     for name, spec in TINY_ARCHS.items():
         if name in timm.list_models():
             continue
@@ -108,8 +109,6 @@ def build_backbone(arch: str, img_size: int, drop_path_rate: float = 0.0, layers
     ``drop_path_rate`` (last); ``drop_path_uniform`` gives every block ``drop_path_rate`` (DINOv2).
     """
     if arch not in timm.list_models():
-        import difflib
-
         close = difflib.get_close_matches(arch, timm.list_models("vit_*"), n=4)
         raise ValueError(f"model.arch {arch!r} is not a timm model (nor one of {sorted(TINY_ARCHS)}); close: {close}")
     vit = timm.create_model(arch, pretrained=False, img_size=img_size, num_classes=0, dynamic_img_size=True,
@@ -117,8 +116,6 @@ def build_backbone(arch: str, img_size: int, drop_path_rate: float = 0.0, layers
     if img_size % vit.patch_embed.patch_size[0]:
         raise ValueError(f"data.image_size={img_size} is not a multiple of {arch}'s patch size {vit.patch_embed.patch_size[0]}")
     if drop_path_uniform and drop_path_rate > 0:
-        from timm.layers import DropPath
-
         for blk in vit.blocks:
             blk.drop_path1, blk.drop_path2 = DropPath(drop_path_rate), DropPath(drop_path_rate)
     return Backbone(vit, arch)
@@ -186,8 +183,6 @@ def load_pretrained(backbone: Backbone, source: str | Checkpoint, strict: bool =
 
 def check(argv: list[str] | None = None) -> int:
     """``python -m hierdino.models.backbone check <weights> [--arch A] [--img-size S] [--tower T]``."""
-    import argparse
-
     ap = argparse.ArgumentParser(prog="python -m hierdino.models.backbone check",
                                  description="Load a checkpoint as a training run would, report it, print a feature norm.")
     ap.add_argument("command", choices=["check"])

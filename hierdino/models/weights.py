@@ -28,8 +28,11 @@ import math
 import re
 from dataclasses import dataclass, field
 
+import safetensors.torch
 import torch
 from torch.nn import functional as F
+
+from hierdino import storage
 
 WRAPPERS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.", "module.")
 HEADS = ("dino_head", "ibot_head")
@@ -58,13 +61,9 @@ class Checkpoint:
 
 def read_object(uri: str):
     """The object stored at a local path or s3:// URI: safetensors, or ``torch.load`` with weights only."""
-    from hierdino import storage
-
     data = storage.read_bytes(uri)
     if uri.endswith(".safetensors"):
-        from safetensors.torch import load
-
-        return load(data)
+        return safetensors.torch.load(data)
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:
@@ -169,6 +168,7 @@ def to_timm(ckpt: Checkpoint, vit) -> tuple[dict[str, torch.Tensor], list[str]]:
     so the CLS position is added to ``cls_token``. Returns the tensors (``mask_token`` excluded) and
     what was converted.
     """
+    # timm: heavy, and the pretrain driver imports this module for WeightsError alone
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     sd = dict(ckpt.backbone)

@@ -13,6 +13,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
+import pyarrow.fs as pafs
+
 ACCESS_KEY = "hierdino-test"
 SECRET_KEY = "hierdino-test-secret"
 
@@ -63,8 +65,6 @@ class S3Server:
                 "region": "us-east-1"}
 
     def create_bucket(self, name: str) -> None:
-        import pyarrow.fs as pafs
-
         fs = pafs.S3FileSystem(access_key=self.access_key, secret_key=self.secret_key,
                                endpoint_override=self.endpoint, region="us-east-1", allow_bucket_creation=True)
         fs.create_dir(name)

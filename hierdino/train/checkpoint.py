@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -233,13 +234,11 @@ def export_teacher(model, run_uri: str, rank: int, hierarchy_name: str, image_si
     sd = get_model_state_dict(model.teacher["backbone"], options=opts)
     if rank != 0:
         return None
-    from safetensors.torch import save
-
     backbone = model.student["backbone"]
     tensors = {k.removeprefix("vit."): v.float().contiguous() for k, v in sd.items() if k.startswith("vit.")}
     uri = storage.join(run_uri, "export", "teacher_backbone.safetensors")
-    storage.write_bytes(uri, save(tensors))
-    from hierdino.models.backbone import TINY_ARCHS
+    storage.write_bytes(uri, safetensors.torch.save(tensors))
+    from hierdino.models.backbone import TINY_ARCHS  # timm: heavy, and only the export at the end needs it
 
     info = {
         "arch": backbone.arch, "img_size": image_size, "patch_size": backbone.patch_size,

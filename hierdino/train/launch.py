@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+
+import ray
+import torch
 
 import hierdino
 from hierdino import storage
@@ -20,7 +24,7 @@ from hierdino.train.stop import GracefulStop
 def ordered_ingest_options():
     """Ray Train's default ingest options with ``preserve_order``: with the seeded file order and the
     step-indexed mix (``hierdino.data.mix``), a seed then fixes the batches of a one-worker run."""
-    import ray.train
+    import ray.train  # heavy (seconds): Ray Train loads only where a trainer is built
 
     options = ray.train.DataConfig.default_ingest_options()
     options.preserve_order = True
@@ -29,9 +33,7 @@ def ordered_ingest_options():
 
 def meta_model(cfg: Config, hierarchy):
     """The run's model on the meta device (no memory for weights): for checks and sizes on the driver."""
-    import torch
-
-    from hierdino.models.student_teacher import StudentTeacher
+    from hierdino.models.student_teacher import StudentTeacher  # heavy (timm): only where a trainer is built
 
     with torch.device("meta"):
         return StudentTeacher(cfg, hierarchy)
@@ -52,8 +54,6 @@ def model_size(model) -> str:
 
 def start_block(cfg: Config, uri: str, start_step: int, data, plan, model, preset: str | None, log=print) -> None:
     """What the run is, before it starts: run directory, config changes, data mix, model, resources."""
-    import ray
-
     changed = []
     if preset:
         base = load_config(preset)
@@ -75,10 +75,10 @@ def start_block(cfg: Config, uri: str, start_step: int, data, plan, model, prese
 
 def build_trainer(cfg: Config, log=print, callbacks: list | None = None, preset: str | None = None, stop_flag=None):
     """The ``TorchTrainer`` for ``cfg`` (Ray must be initialised)."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
+    import ray.train  # heavy (seconds): Ray Train loads only where a trainer is built
+    from ray.train.torch import TorchTrainer  # heavy: Ray Train, as above
 
-    from hierdino.train.loop import train_loop_per_worker
+    from hierdino.train.loop import train_loop_per_worker  # heavy (Ray Train, timm, scikit-learn): the workers' loop
 
     quiet_ray_data()  # a Tune trial builds its datasets in its own process
     hierarchy = load_hierarchy(cfg.hierarchy.name)
@@ -125,8 +125,6 @@ def train(cfg: Config, log=print, preset: str | None = None, graceful: bool = Tr
     ``graceful`` (main thread only): SIGTERM / SIGINT end the run after the step in flight with a
     checkpoint (``hierdino.train.stop``); the result then has ``stopped_by`` set.
     """
-    import threading
-
     if not graceful or threading.current_thread() is not threading.main_thread():
         result = build_trainer(cfg, log, preset=preset).fit()
         stopped_by = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 
@@ -28,7 +29,7 @@ def apply_fsdp(model, mesh, param_dtype: torch.dtype = torch.float32, reduce_dty
 
     The student and teacher are sharded identically, so their local shards line up for the EMA.
     """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # heavy (about 1 s): only sharding needs FSDP
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     for tower in (model.student, model.teacher):
@@ -54,8 +55,6 @@ def local_param_fraction(module: nn.Module) -> float:
 
 def param_checksum(module: nn.Module) -> float:
     """Sum of all parameters (float64), all-reduced over shards: equal across runs iff the weights are (almost surely)."""
-    import torch.distributed as dist
-
     total = torch.zeros((), dtype=torch.float64)
     for p in module.parameters():
         local = p.to_local() if hasattr(p, "to_local") else p

@@ -69,7 +69,7 @@ def preflight(cfg, log=print, resources=None, sleep=time.sleep, clock=time.monot
     """``plan_resources`` against the live cluster; with ``scaling.wait_for_resources_s`` > 0, retry
     until it fits or the time is up (a message every 30 s, never a silent wait)."""
     if resources is None:
-        import ray
+        import ray  # heavy: only a check against the live cluster needs Ray
 
         resources = ray.cluster_resources
     deadline = clock() + cfg.scaling.wait_for_resources_s

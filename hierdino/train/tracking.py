@@ -17,6 +17,8 @@ import os
 import tempfile
 import time
 
+from tensorboardX import SummaryWriter
+
 from hierdino import storage
 
 GROUPS = {
@@ -54,7 +56,6 @@ class RunLog:
             return
         if jsonl and self.remote and storage.exists(self.uri, options):  # a resumed run keeps its earlier records
             self.lines = storage.read_bytes(self.uri, options).decode().splitlines()
-        from tensorboardX import SummaryWriter
 
         self.tb_local = tempfile.mkdtemp(prefix="hierdino-tb-") if self.remote else self.tb_uri
         if not self.remote:
