@@ -12,12 +12,10 @@ import torch
 
 from hierdino.data import shards
 from hierdino.data.suite import resolve_dataset
+from hierdino.eval import OBJECTIVE
 from hierdino.eval.features import backbone_features, decode_images
 from hierdino.eval.metrics import pooled_bacc_interval
 from hierdino.eval.probes import fit_predict
-
-
-OBJECTIVE = "ext_val_bacc"  # what sweeps optimise: mean balanced accuracy over the external val splits
 
 
 class LiveEvaluator:

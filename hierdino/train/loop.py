@@ -27,7 +27,6 @@ from hierdino.data.augment import photometric
 from hierdino.data.ingest import stream_name
 from hierdino.data.masking import ibot_masks
 from hierdino.data.mix import MixedBatches, MixSchedule
-from hierdino.eval.live import LiveEvaluator
 from hierdino.hierarchy import load_hierarchy
 from hierdino.models.student_teacher import StepBatch, StudentTeacher, param_groups
 from hierdino.runtime import quiet_train_reports
@@ -286,7 +285,11 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank + 7919 * start)  # host: masks
     device_gen = None if device.type == "cpu" else torch.Generator(device=device).manual_seed(gen.initial_seed() + 1)
     batches = open_batches(loop_config, cfg, rank, per_worker, start)
-    live_eval = LiveEvaluator(cfg) if cfg.eval.every_steps else None
+    live_eval = None
+    if cfg.eval.every_steps:
+        from hierdino.eval.live import LiveEvaluator  # scikit-learn: only runs that evaluate while training need it
+
+        live_eval = LiveEvaluator(cfg)
     stop, last, eval_metrics = min(cfg.train.stop_at_step or cfg.train.steps, cfg.train.steps), {}, {}
     poller = StopPoller(loop_config.get("stop_flag"))
     metrics.begin()

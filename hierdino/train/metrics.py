@@ -13,7 +13,7 @@ import torch
 
 from hierdino.config import Config
 from hierdino.data.ingest import CorruptCounter
-from hierdino.eval.live import OBJECTIVE
+from hierdino.eval import OBJECTIVE
 from hierdino.losses.collapse import CollapseWatch
 from hierdino.storage import StorageOptions
 from hierdino.train.tracking import RunLog

@@ -11,7 +11,7 @@ import math
 
 from hierdino import storage
 from hierdino.config import load_config, override_text
-from hierdino.eval.live import OBJECTIVE
+from hierdino.eval import OBJECTIVE
 from hierdino.eval.plots import pyplot
 from hierdino.tune.space import Space, trial_overrides
 

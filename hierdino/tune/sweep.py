@@ -21,7 +21,7 @@ from pathlib import Path
 
 from hierdino import storage
 from hierdino.config import load_config, override_text
-from hierdino.eval.live import OBJECTIVE
+from hierdino.eval import OBJECTIVE
 from hierdino.storage import StorageOptions
 from hierdino.tune.report import write_outputs
 from hierdino.tune.space import Space, SpaceError, check_space, load_space, trial_overrides
