@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from hierdino.config.schema import Config, ConfigError
 from hierdino.hierarchy import load_hierarchy
-from hierdino.losses.hierarchical import level_weights_for
 
 
 def validate(cfg: Config) -> None:
@@ -14,6 +13,9 @@ def validate(cfg: Config) -> None:
     except Exception as e:
         raise ConfigError(f"hierarchy.name: {cfg.hierarchy.name!r}: {e}") from None
     sup = cfg.loss.supervised
+    # torch (via the losses package): Ray Data workers and `--help` load the config without it
+    from hierdino.losses.hierarchical import level_weights_for
+
     try:  # the rule for alpha / level_weights lives with the loss that uses them
         level_weights_for(h, sup.alpha, sup.level_weights, sup.normalize)
     except ValueError as e:

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -166,6 +165,8 @@ def read_table(uri: str, columns: list[str] | None = None, split: str | None = N
     tables = [pq.read_table(p, columns=columns, filesystem=fs) for p in shard_paths(uri, options)]
     table = pa.concat_tables(tables)
     if split is not None:
+        import pyarrow.compute as pc  # 50-100 ms to import: not for --help or the ingest workers
+
         if columns is not None and "split" not in columns:
             raise ShardError("read_table: include 'split' in columns to filter by split")
         table = table.filter(pc.equal(table["split"], split))

@@ -78,7 +78,7 @@ def build_trainer(cfg: Config, log=print, callbacks: list | None = None, preset:
     import ray.train  # heavy (seconds): Ray Train loads only where a trainer is built
     from ray.train.torch import TorchTrainer  # heavy: Ray Train, as above
 
-    from hierdino.train.loop import train_loop_per_worker  # heavy (Ray Train, timm, scikit-learn): the workers' loop
+    from hierdino.train.loop import train_loop_per_worker  # heavy (Ray Train, timm): the workers' loop
 
     quiet_ray_data()  # a Tune trial builds its datasets in its own process
     hierarchy = load_hierarchy(cfg.hierarchy.name)

@@ -5,7 +5,7 @@ searcher and scheduler, and starting or resuming the tuner; the search-space fil
 
 Each trial is a function trainable that starts its own ``TorchTrainer`` (Ray Train V2) with the
 trial's overrides; ``TuneReportCallback`` forwards the training reports, which carry the objective
-(``hierdino.eval.live.OBJECTIVE``) every ``eval.every_steps`` so ASHA can stop bad trials early.
+(``hierdino.eval.OBJECTIVE``) every ``eval.every_steps`` so ASHA can stop bad trials early.
 Notes for Ray 2.60: the trial drivers reserve no CPU (``tune.with_resources``) and
 ``max_concurrent_trials`` keeps trial drivers from queueing for the workers' resources; the
 dashboard stays on, since without it a trial stopped by ASHA can leave its Train resources
