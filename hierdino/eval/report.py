@@ -13,6 +13,7 @@ from hierdino.eval.metrics import EncodedPredictions, bootstrap, tree_feature_sp
 from hierdino.eval.plots import write_plots
 from hierdino.eval.probes import PROBES, fit_predict
 from hierdino.hierarchy import load_hierarchy
+from hierdino.storage import StorageOptions
 from hierdino.train.tracking import RunLog
 
 def evaluate(models: list[str], datasets: list[str], out: str, split: str = "test", probes: tuple = PROBES,
@@ -84,11 +85,12 @@ def evaluate_run_at_end(cfg, run_dir: str, log=print) -> dict:
     datasets = [resolve_dataset(d, cfg.data.synth_cache) for d in cfg.eval.datasets]
     out = storage.join(run_dir, "eval")
     log(f"[hierdino] evaluating {run_dir} on {', '.join(cfg.eval.datasets)} ({cfg.eval.split} split)")
+    options = StorageOptions.from_config(cfg)
     res = evaluate([run_dir], datasets, out, cfg.eval.split, bootstrap_n=cfg.eval.bootstrap,
-                   default_img_size=cfg.eval.image_size or cfg.data.image_size, log=log)
+                   default_img_size=cfg.eval.image_size or cfg.data.image_size, options=options, log=log)
     log(markdown_table(res))
     log(f"[hierdino] evaluation report: {storage.join(out, 'results.md')}")
-    tb = RunLog(run_dir, jsonl=False)  # the external scores beside the training curves in TensorBoard
+    tb = RunLog(run_dir, jsonl=False, options=options)  # the external scores beside the training curves in TensorBoard
     run = [r for r in res["rows"] if r["model"] not in ("pixels",) and not r["model"].startswith("random")]
     tb.write({f"final_{r['dataset']}_{r['probe']}_bacc": r["metrics"]["bacc"]["value"] for r in run}, step=cfg.train.steps)
     tb.close()
