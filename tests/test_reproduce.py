@@ -88,3 +88,122 @@ def test_time_budget_uses_the_steady_state_step_and_counts_the_start_up_per_run(
     assert step_s == pytest.approx((e40 - e30) / 10)
     assert overhead == pytest.approx(80.5 - 40 * step_s)
     assert steps == int((150 - overhead) / step_s) // 10 * 10 == 360
+
+
+# ---- design v2 (issue #16) ----
+
+from hierdino.eval import paired  # noqa: E402
+from hierdino.eval.metrics import bootstrap, paired_bacc_difference  # noqa: E402
+from hierdino.hierarchy import load_hierarchy  # noqa: E402
+
+
+def test_v2_variants_differ_only_in_the_supervised_loss_and_continue_from_one_base():
+    cfgs = {v: load_config(f"repro/v2/{v}") for v in paired.VARIANTS}
+    base = _without_supervised(cfgs["ssl"])
+    for v, cfg in cfgs.items():
+        assert _without_supervised(cfg) == base, v
+    sup = {v: (c.loss.supervised.kind, c.loss.supervised.weight, c.loss.supervised.alpha, c.loss.supervised.normalize)
+           for v, c in cfgs.items()}
+    assert sup == {"ssl": ("none", 0.5, 0.5, "path"), "flat": ("flat", 0.5, 0.5, "path"),
+                   "hxe-path": ("hxe", 0.5, 0.5, "path"), "hxe-tree": ("hxe", 0.5, 0.5, "tree"),
+                   "hxe-sweep": ("hxe", 0.5, None, "path")}
+    # the shared base model is the SSL variant trained from scratch
+    assert dataclasses.asdict(load_config("repro/v2/pretrain")) == dataclasses.asdict(cfgs["ssl"])
+    assert cfgs["flat"].model.init_weights is None and cfgs["flat"].train.seed == 0
+
+
+def test_v2_command_line_checks_the_variants_against_the_design(capsys):
+    with pytest.raises(SystemExit):
+        reproduce.main(["--design", "v2", "--variants", "hxe-alpha0.5", "--render"])
+    assert "not in design v2" in capsys.readouterr().err
+
+
+def _sk_bacc(t, p):
+    import warnings
+
+    from sklearn.metrics import balanced_accuracy_score  # an independent implementation of bAcc
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a resample may miss a class: sklearn warns, and scores it as we do
+        return balanced_accuracy_score(t, p)
+
+
+def test_paired_bootstrap_matches_a_hand_computation_with_the_same_draws():
+    y1 = ["a", "a", "a", "b", "b", "c", "c", "c"]
+    x1 = [["a", "a", "b", "b", "b", "c", "c", "a"], ["a", "a", "a", "b", "c", "c", "c", "c"]]
+    z1 = [["a", "b", "b", "b", "a", "c", "a", "a"], ["a", "a", "b", "b", "c", "c", "b", "c"]]
+    y2 = ["p", "q", "q", "p", "p", "q"]
+    x2 = [["p", "q", "q", "p", "q", "q"], ["p", "q", "p", "p", "p", "q"]]
+    z2 = [["q", "q", "q", "p", "q", "q"], ["p", "p", "p", "p", "p", "q"]]
+    r = paired_bacc_difference([(y1, x1, z1), (y2, x2, z2)], n=50, seed=7)
+
+    def stat(idx1, idx2):
+        per_seed = []
+        for s in range(2):
+            d1 = _sk_bacc(np.array(y1)[idx1], np.array(x1[s])[idx1]) - _sk_bacc(np.array(y1)[idx1], np.array(z1[s])[idx1])
+            d2 = _sk_bacc(np.array(y2)[idx2], np.array(x2[s])[idx2]) - _sk_bacc(np.array(y2)[idx2], np.array(z2[s])[idx2])
+            per_seed.append((d1 + d2) / 2)
+        return np.mean(per_seed), per_seed
+
+    point, per_seed = stat(np.arange(8), np.arange(6))
+    # by hand: seed 0 -> set 1: (2/3 + 1 + 2/3)/3 - (1/3 + 1/2 + 1/3)/3, set 2: 5/6 - 4/6; seed 1 likewise
+    assert point == pytest.approx(r["diff"]) and per_seed == pytest.approx(r["per_seed"])
+    assert per_seed[0] == pytest.approx(((7 / 3) / 3 - (7 / 6) / 3 + (5 / 6 - 4 / 6)) / 2)
+    rng = np.random.default_rng(7)
+    draws = []
+    for _ in range(50):
+        i1, i2 = rng.integers(0, 8, 8), rng.integers(0, 6, 6)  # the same images for both models and seeds
+        draws.append(stat(i1, i2)[0])
+    assert r["ci95"] == pytest.approx((np.quantile(draws, 0.025), np.quantile(draws, 0.975)))
+    assert r["se"] == pytest.approx(np.std(draws, ddof=1))
+
+
+def test_paired_interval_is_narrower_than_unpaired_when_errors_are_shared():
+    rng = np.random.default_rng(0)
+    h = load_hierarchy("wbc-h1")
+    classes = list(h.leaves[:4])
+    y = [str(c) for c in rng.choice(classes, 600)]
+    x = [c if rng.random() < 0.7 else str(rng.choice(classes)) for c in y]  # 70% + chance
+    z = [b if rng.random() < 0.95 else str(rng.choice(classes)) for b in x]  # X's errors, plus 5% more
+    r = paired_bacc_difference([(y, [x], [z])], n=300, seed=1)
+    wx, wz = (np.diff(bootstrap(y, p, h, 300, seed=1)["bacc"])[0] for p in (x, z))
+    unpaired = np.hypot(wx, wz)  # the width of a difference of two independent intervals
+    assert r["ci95"][1] - r["ci95"][0] < 0.5 * unpaired
+    assert r["ci95"][0] <= r["diff"] <= r["ci95"][1]
+
+
+def _predictions(rng, names, n=40):
+    y = list(rng.choice(["a", "b"], n))
+    return {"y_true": y} | {m: {"logreg": [v if rng.random() < 0.8 else ("b" if v == "a" else "a") for v in y]} for m in names}
+
+
+def test_v2_report_renders_base_variants_and_paired_contrasts_from_stored_results(tmp_path):
+    rng = np.random.default_rng(3)
+    runs = {v: [f"/r/{v}-s0", f"/r/{v}-s1"] for v in ("ssl", "flat", "hxe-path")}
+    names = [paired.run_name(u) for uris in runs.values() for u in uris]
+    preds = {ds: _predictions(rng, names) for ds in compare.EXTERNAL_SETS}
+    rows = [_row(m, ds, "logreg", 0.7 + 0.01 * i, 1.2, (0.6, 0.8)) for i, m in enumerate(names) for ds in compare.EXTERNAL_SETS]
+    rows += [_row(m, ds, "logreg", b, 1.0, (b - 0.05, b + 0.05)) for m, b in (("base", 0.8), ("random-vit_tiny_cpu", 0.6))
+             for ds in compare.EXTERNAL_SETS]
+    setup = {"scale": None, "arch": "vit_tiny_cpu", "image_size": 64, "steps": 120, "batch_size": 32, "seeds": [0, 1],
+             "device": "2 CPUs", "level_weights_source": "from the val-split sweep", "test_images": {"synth-ood": 1500},
+             "bootstrap": 100}
+    counts = {"_fine": 10, "_coarse": 7}
+    s = compare.summarise({"rows": rows}, runs, counts, [0.1, 0.2, 0.3, 0.4], 1.5, setup,
+                          variants={v: paired.VARIANTS[v] for v in runs})
+    s["design"], s["probes"] = "v2", ["logreg"]
+    s["base"] = paired.base_summary(rows, "base", "random-vit_tiny_cpu", ["logreg"], 240)
+    s["paired"] = paired.paired_contrasts(preds, runs, ["logreg"], n=100)
+    # only contrasts whose two variants ran: (c)-(b), (b)-(a), (c)-(a); each on 3 sets + pooled
+    assert {(r["x"], r["y"]) for r in s["paired"]} == {("hxe-path", "flat"), ("flat", "ssl"), ("hxe-path", "ssl")}
+    assert len(s["paired"]) == 3 * 4
+    (tmp_path / "results.json").write_text(__import__("json").dumps(s))
+    assert reproduce.main(["--design", "v2", "--render", "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "results.md").read_text()
+    assert "## The shared SSL base model (240 steps from scratch)" in md
+    assert "| base | mean | 80.0 |" in md and "| random | mean | 60.0 |" in md
+    assert "Trained minus random, mean over the three sets: logreg +20.0 points." in md
+    assert "| (c) HXE alpha=0.5, path | synth-ood | 74.5 ± 0.7 [60.0, 80.0] |" in md
+    pooled = next(r for r in s["paired"] if (r["x"], r["y"], r["dataset"]) == ("hxe-path", "flat", "pooled"))
+    assert "| (c) HXE alpha=0.5, path - (b) flat CE | logreg |" in md
+    assert f"{100 * pooled['mde']:.1f} |" in md and "Minimum detectable effect" in md

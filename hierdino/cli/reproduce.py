@@ -1,6 +1,7 @@
 """Reproduce the paper's comparison on the synthetic benchmark: SSL only vs flat CE vs hierarchical CE.
 
   python jobs/reproduce.py                       # 4 variants x 3 seeds, then evaluation on the test splits
+  python jobs/reproduce.py --design v2 --time-budget-min 120   # v2: shared SSL base, 5 variants x 3 seeds, paired
   python jobs/reproduce.py --seeds 0 --steps 40 --sweep-trials 2 --out runs/repro-smoke   # a quick check
   python jobs/reproduce.py --scale vits14-gpu --time-budget-min 7 --seeds 0 1 \
       --level-weights 0.25,0.3,0.28,0.16 --out runs/repro-vits14   # 224 px ViT-S/14 on one GPU
@@ -28,6 +29,8 @@ from hierdino import storage
 from hierdino.config import load_config, override_text, preset_overrides
 from hierdino.data.suite import EXTERNAL_SETS, ensure_synthetic_suite
 from hierdino.eval.compare import VARIANTS, labelled_counts, markdown, plots, summarise
+from hierdino.eval.paired import VARIANTS as V2_VARIANTS
+from hierdino.eval.paired import markdown as v2_markdown
 from hierdino.runtime import init_ray
 
 
@@ -54,8 +57,8 @@ def steps_for_budget(recs: list[dict], batch_size: int, wall_s: float, left_s: f
     return int((left_s / n_runs - overhead) / step_s) // 10 * 10, step_s, overhead
 
 
-def calibrate_steps(args, common: list[str], n_runs: int, log=print) -> int:
-    """Steps per variant that fit ``--time-budget-min``, from a timed 40-step run of variant (c).
+def calibrate_steps(args, common: list[str], n_runs: float, log=print, preset: str = "repro/hxe-alpha0.5") -> int:
+    """Steps per variant that fit ``--time-budget-min``, from a timed 40-step run of ``preset`` (variant (c)).
 
     Budget per run = (budget - time spent so far - evaluation reserve) / runs; a run costs its
     start-up (the calibration run's wall time beyond its steps) plus steps at the measured rate.
@@ -65,7 +68,7 @@ def calibrate_steps(args, common: list[str], n_runs: int, log=print) -> int:
     from hierdino.train.checkpoint import run_uri
     from hierdino.train.launch import train
 
-    cfg = load_config("repro/hxe-alpha0.5", common + ["train.steps=40", "checkpoint.every_steps=40", "train.log_every=10",
+    cfg = load_config(preset, common + ["train.steps=40", "checkpoint.every_steps=40", "train.log_every=10",
                                                       "run.name=calibration"])
     t0 = time.time()
     train(cfg, log=lambda *_: None)
@@ -74,7 +77,7 @@ def calibrate_steps(args, common: list[str], n_runs: int, log=print) -> int:
     left = args.time_budget_min * 60 - (time.time() - args.t0) - args.eval_reserve_s
     steps, step_s, overhead = steps_for_budget(recs, cfg.train.batch_size, wall, left, n_runs)
     log(f"[reproduce] calibration: {cfg.train.batch_size / step_s:.0f} img/s ({step_s:.3f} s/step), start-up "
-        f"{overhead:.0f}s per run, {left:.0f}s left for {n_runs} runs -> {steps} steps each")
+        f"{overhead:.0f}s per run, {left:.0f}s left for {n_runs:g} runs -> {steps} steps each")
     if steps < 50:
         raise SystemExit(f"reproduce.py: --time-budget-min {args.time_budget_min} leaves {steps} steps per run (< 50); "
                          f"raise the budget or use fewer --seeds")
@@ -92,7 +95,7 @@ def _common_overrides(args, suite: str, log=print) -> list[str]:
     return common
 
 
-def _level_weights_d(args, common: list[str], log=print) -> list[float]:
+def _level_weights_d(args, common: list[str], log=print, preset: str = "repro/hxe-sweep") -> list[float]:
     """Variant (d)'s level weights: ``--level-weights``, else the best of a sweep on the val splits (resumable)."""
     if args.level_weights:
         log(f"[reproduce] (d) level weights as given: {args.level_weights}")
@@ -105,7 +108,7 @@ def _level_weights_d(args, common: list[str], log=print) -> list[float]:
 
         log(f"[reproduce] sweep of the level weights on the val splits ({args.sweep_trials} trials)")
         steps = args.sweep_steps or args.steps // 2
-        run_sweep("repro/hxe-sweep", str(Path(__file__).resolve().parents[2] / "tune_spaces/level_weights.yaml"),
+        run_sweep(preset, str(Path(__file__).resolve().parents[2] / "tune_spaces/level_weights.yaml"),
                   args.sweep_trials, sweep_dir, "asha", 1,
                   common + [f"train.steps={steps}", f"checkpoint.every_steps={steps}", f"eval.every_steps={max(1, steps // 3)}"],
                   log=lambda *_: None)
@@ -114,28 +117,38 @@ def _level_weights_d(args, common: list[str], log=print) -> list[float]:
     return level_weights
 
 
-def run_variants(args, suite: str, log=print) -> tuple[dict[str, list[str]], list[float]]:
-    """Train every variant x seed not yet exported; returns the run URIs per variant and (d)'s level weights."""
+def train_once(preset: str, overrides: list[str], log=print) -> str:
+    """Train ``preset`` with ``overrides`` unless its run already has an export; returns the run URI."""
     # torch and Ray: imported only when training, so --help and --render stay fast
     from hierdino.train.checkpoint import run_uri
     from hierdino.train.launch import train
 
-    common = _common_overrides(args, suite, log)
-    level_weights = _level_weights_d(args, common, log)
+    cfg = load_config(preset, overrides)
+    uri = run_uri(cfg)
+    if not storage.exists(storage.join(uri, "export", "model.json")):
+        t0 = time.time()
+        train(cfg, log=lambda *_: None)
+        log(f"[reproduce] trained {cfg.run.name} in {time.time() - t0:.0f}s")
+    return uri
+
+
+def train_variants(args, common: list[str], level_weights, prefix: str = "repro", log=print) -> dict[str, list[str]]:
+    """Train every variant x seed of ``args`` (presets ``<prefix>/<variant>``); the run URIs per variant."""
     runs: dict[str, list[str]] = {}
     for variant in args.variants:
         for seed in args.seeds:
             over = common + [f"train.seed={seed}", f"run.name={variant}-s{seed}"]
             if variant == "hxe-sweep":
                 over.append(f"loss.supervised.level_weights={override_text(level_weights)}")
-            cfg = load_config(f"repro/{variant}", over)
-            uri = run_uri(cfg)
-            if not storage.exists(storage.join(uri, "export", "model.json")):
-                t0 = time.time()
-                train(cfg, log=lambda *_: None)
-                log(f"[reproduce] trained {variant} seed {seed} in {time.time() - t0:.0f}s")
-            runs.setdefault(variant, []).append(uri)
-    return runs, level_weights
+            runs.setdefault(variant, []).append(train_once(f"{prefix}/{variant}", over, log))
+    return runs
+
+
+def run_variants(args, suite: str, log=print) -> tuple[dict[str, list[str]], list[float]]:
+    """Train every variant x seed not yet exported; returns the run URIs per variant and (d)'s level weights."""
+    common = _common_overrides(args, suite, log)
+    level_weights = _level_weights_d(args, common, log)
+    return train_variants(args, common, level_weights, log=log), level_weights
 
 
 def describe_setup(args, cfg, device: str) -> dict:
@@ -157,10 +170,15 @@ def _device_name(cfg) -> str:
 def _parser() -> argparse.ArgumentParser:
     """The command line; its description is this module's docstring."""
     p = argparse.ArgumentParser(prog="reproduce.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/repro")
+    p.add_argument("--out", default=None, help="default: runs/repro (v1), runs/repro-v2 (v2)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
-                   help="a subset of the variants (smoke checks; the comparison needs all four)")
+    p.add_argument("--design", choices=("v1", "v2"), default="v1",
+                   help="v1: hierdino/configs/repro/ (from scratch); v2: hierdino/configs/repro/v2/ (continued from a "
+                        "shared SSL base model, >= 1,500 test images per set, paired bootstrap)")
+    p.add_argument("--variants", nargs="+", default=None,
+                   help="a subset of the design's variants (smoke checks; the comparison needs all of them)")
+    p.add_argument("--eval-size", choices=("small", "default"), default="default",
+                   help="v2: the suite size of the external sets scored (default: >= 1,500 test images each)")
     p.add_argument("--steps", type=int, default=None, help="override the pre-registered 300 steps (smoke checks only)")
     p.add_argument("--sweep-trials", type=int, default=4)
     p.add_argument("--sweep-steps", type=int, default=None)
@@ -168,7 +186,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", default=None, help="lay hierdino/configs/repro/scale-NAME.yaml over every variant")
     p.add_argument("--time-budget-min", type=float, default=None,
                    help="without --steps: pick the steps per variant that fit this many minutes (timed calibration run)")
-    p.add_argument("--eval-reserve-s", type=float, default=120, help="seconds of the budget kept for the evaluation")
+    p.add_argument("--eval-reserve-s", type=float, default=None,
+                   help="seconds of the budget kept for the evaluation (default: v1 120, v2 1500)")
     p.add_argument("--render", action="store_true", help="only rewrite OUT/results.md from OUT/results.json")
     p.add_argument("--level-weights", type=lambda t: [float(w) for w in t.split(",")], default=None,
                    help="variant (d) weights w1,...,wD chosen elsewhere (e.g. the CPU run's val sweep) instead of sweeping")
@@ -176,10 +195,20 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _write_markdown(out: str, summary: dict, probes: tuple[str, ...]) -> str:
-    """Write OUT/results.md and return its text."""
-    md = markdown(summary, probes)
+    """Write OUT/results.md (v1 or v2 layout, as the summary says) and return its text."""
+    md = v2_markdown(summary, probes) if summary.get("design") == "v2" else markdown(summary, probes)
     Path(out, "results.md").write_text(md)
     return md
+
+
+def write_results(args, summary: dict, probes: tuple[str, ...]) -> int:
+    """OUT/results.json, results.md and plots/ of a finished comparison; prints the table."""
+    Path(args.out, "results.json").write_text(json.dumps(summary, indent=2))
+    md = _write_markdown(args.out, summary, probes)
+    plots(summary, args.out, probes)
+    print(md)
+    print(f"[reproduce] wrote {args.out}/results.md, results.json and plots/ in {(time.time() - args.t0) / 60:.1f} min")
+    return 0
 
 
 def _render(args, probes: tuple[str, ...]) -> int:
@@ -187,7 +216,7 @@ def _render(args, probes: tuple[str, ...]) -> int:
     summary = json.loads(Path(args.out, "results.json").read_text())
     if "setup" not in summary:  # written before the setup was recorded: the design's defaults
         summary["setup"] = describe_setup(args, load_config("repro/base", scale_overrides(args.scale)), "not recorded")
-    print(_write_markdown(args.out, summary, probes))
+    print(_write_markdown(args.out, summary, tuple(summary.get("probes", probes))))
     return 0
 
 
@@ -206,22 +235,31 @@ def _reproduce(args, probes: tuple[str, ...]) -> int:
                        args.bootstrap, plots=False, log=lambda *_: None)
     setup = describe_setup(args, cfg, _device_name(cfg))
     summary = summarise(results, runs, labelled_counts(suite), level_weights, (time.time() - args.t0) / 3600, setup)
-    Path(args.out, "results.json").write_text(json.dumps(summary, indent=2))
-    md = _write_markdown(args.out, summary, probes)
-    plots(summary, args.out, probes)
-    print(md)
-    print(f"[reproduce] wrote {args.out}/results.md, results.json and plots/ in {(time.time() - args.t0) / 60:.1f} min")
-    return 0
+    return write_results(args, summary, probes)
 
 
 def main(argv=None) -> int:
     """Run the comparison (or, with ``--render``, only rewrite its table); returns the exit status."""
-    args = _parser().parse_args(argv)
-    args.out = str(Path(args.out).absolute())
+    parser = _parser()
+    args = parser.parse_args(argv)
+    designs = {"v1": VARIANTS, "v2": V2_VARIANTS}
+    args.variants = args.variants or list(designs[args.design])
+    unknown = [v for v in args.variants if v not in designs[args.design]]
+    if unknown:
+        parser.error(f"--variants {' '.join(unknown)}: not in design {args.design} ({', '.join(designs[args.design])})")
+    if args.eval_reserve_s is None:
+        args.eval_reserve_s = 120 if args.design == "v1" else 1500
+    args.out = str(Path(args.out or {"v1": "runs/repro", "v2": "runs/repro-v2"}[args.design]).absolute())
     args.t0 = time.time()
     from hierdino.eval.probes import PROBES  # scikit-learn: heavy, and --help does not need it
 
-    return _render(args, PROBES) if args.render else _reproduce(args, PROBES)
+    if args.render:
+        return _render(args, PROBES)
+    if args.design == "v2":
+        from hierdino.cli.reproduce_v2 import reproduce_v2  # imports this module: loaded on demand
+
+        return reproduce_v2(args, PROBES)
+    return _reproduce(args, PROBES)
 
 
 if __name__ == "__main__":

@@ -57,9 +57,10 @@ SUITE = (
     DatasetSpec("synth-fine", "wbc-h1", "A", None, "leaf", (1.0, 0, 0), {"small": 1600, "default": 12000}),
     DatasetSpec("synth-coarse", "wbc-h1", "B", None, "coarse", (1.0, 0, 0), {"small": 1200, "default": 9000}),
     DatasetSpec("synth-unlabeled", "wbc-h1", "C", None, "none", (1.0, 0, 0), {"small": 1200, "default": 9000}),
-    DatasetSpec("synth-ext-1", "wbc-h1", "ext-1", EXT1_CLASSES, "leaf", (0.5, 0.25, 0.25), {"small": 800, "default": 6000}),
-    DatasetSpec("synth-ext-2", "wbc-h1", "ext-2", EXT2_CLASSES, "leaf", (0.5, 0.25, 0.25), {"small": 800, "default": 6000}),
-    DatasetSpec("synth-ood", "synth-ood", "ood", None, "leaf", (0.5, 0.25, 0.25), {"small": 800, "default": 6000}),
+    # default size: >= 1,500 test images per external set (the power of the v2 reproduction, issue #16)
+    DatasetSpec("synth-ext-1", "wbc-h1", "ext-1", EXT1_CLASSES, "leaf", (0.5, 0.25, 0.25), {"small": 800, "default": 6100}),
+    DatasetSpec("synth-ext-2", "wbc-h1", "ext-2", EXT2_CLASSES, "leaf", (0.5, 0.25, 0.25), {"small": 800, "default": 6100}),
+    DatasetSpec("synth-ood", "synth-ood", "ood", None, "leaf", (0.5, 0.25, 0.25), {"small": 800, "default": 6100}),
 )
 SUITE_NAMES = tuple(s.name for s in SUITE)
 TRAIN_SETS = ("synth-fine", "synth-coarse", "synth-unlabeled")

@@ -67,17 +67,19 @@ def _add_seed_statistics(cell: dict) -> None:
     cell["bacc_ci95_mean"] = [float(np.mean([s["bacc_ci95"][i] for s in seeds])) for i in (0, 1)]
 
 
-def summarise(results: dict, runs: dict, counts: dict, level_weights, hours: float, setup: dict) -> dict:
+def summarise(results: dict, runs: dict, counts: dict, level_weights, hours: float, setup: dict,
+              variants: dict | None = None) -> dict:
     """Per variant x dataset x probe: mean over seeds, seed s.d., mean bootstrap interval.
 
-    ``results`` is an evaluation report (its ``rows``); ``runs`` maps each variant to its run URIs.
+    ``results`` is an evaluation report (its ``rows``); ``runs`` maps each variant to its run URIs;
+    ``variants`` (default: the v1 design's) maps variant names to their labels in tables and plots.
     """
     table = _per_seed_table(results["rows"], runs)
     for per_ds in table.values():
         for per_probe in per_ds.values():
             for cell in per_probe.values():
                 _add_seed_statistics(cell)
-    return {"variants": VARIANTS, "setup": setup, "table": table, "labelled_per_epoch": counts,
+    return {"variants": dict(variants or VARIANTS), "setup": setup, "table": table, "labelled_per_epoch": counts,
             "level_weights_d": level_weights, "hours": hours}
 
 
@@ -126,9 +128,10 @@ def contrast_lines(summary: dict, probes: Sequence[str]) -> list[str]:
     return lines
 
 
-def _table_head(setup: dict, probes: Sequence[str]) -> list[str]:
+def table_head(setup: dict, probes: Sequence[str], title: str = "# SSL only vs flat CE vs hierarchical CE on the "
+                "synthetic benchmark (test splits)") -> list[str]:
     """Title, setup line, legend and header of the results table."""
-    return ["# SSL only vs flat CE vs hierarchical CE on the synthetic benchmark (test splits)", "",
+    return [title, "",
             f"Setup: {setup['arch']} at {setup['image_size']} px, {setup['steps']} steps of batch {setup['batch_size']}, "
             f"seeds {setup['seeds']}, scale {setup['scale'] or 'none (pre-registered CPU design)'}, on {setup['device']}.", "",
             "Balanced accuracy (%) as mean over seeds ± seed s.d., with the mean bootstrap 95% interval of a "
@@ -147,7 +150,7 @@ def _result_row(label: str, ds: str, cells: dict, probes: Sequence[str]) -> str:
             f" | {100 * lr['lineage_bacc']['mean']:.1f} ± {100 * lr['lineage_bacc']['sd']:.1f} |")
 
 
-def _table_foot(summary: dict) -> list[str]:
+def table_foot(summary: dict) -> list[str]:
     """Supervision per epoch, the level weights of variant (d) and the wall time."""
     c = summary["labelled_per_epoch"]
     return ["", f"Supervision per epoch: flat CE uses the {c['_fine']} leaf-labelled images of synth-fine; HXE also "
@@ -157,16 +160,22 @@ def _table_foot(summary: dict) -> list[str]:
             f"Wall time: {summary['hours']:.2f} h."]
 
 
-def markdown(summary: dict, probes: Sequence[str]) -> str:
-    """The results table of ``summarise``'s output: one row per variant and external dataset, then contrasts."""
-    lines = _table_head(summary["setup"], probes)
-    for variant, label in VARIANTS.items():
+def variant_rows(summary: dict, probes: Sequence[str]) -> list[str]:
+    """One results-table row per variant (of ``summary["variants"]``) and external dataset."""
+    lines = []
+    for variant, label in summary["variants"].items():
         for ds in EXTERNAL_SETS:
             cells = _cell(summary, variant, ds)
             if cells:
                 lines.append(_result_row(label, ds, cells, probes))
+    return lines
+
+
+def markdown(summary: dict, probes: Sequence[str]) -> str:
+    """The results table of ``summarise``'s output: one row per variant and external dataset, then contrasts."""
+    lines = table_head(summary["setup"], probes) + variant_rows(summary, probes)
     lines += contrast_lines(summary, probes)
-    lines += _table_foot(summary)
+    lines += table_foot(summary)
     return "\n".join(lines) + "\n"
 
 
@@ -179,7 +188,7 @@ def _save(plt, fig, out: str, name: str) -> None:
 def _bacc_points(summary: dict, ds: str, probe: str, offset: float) -> tuple[list, list, list, list]:
     """x positions, mean bAcc (%) and the lower/upper error bar lengths of each variant that has the cell."""
     xs, ys, lo, hi = [], [], [], []
-    for j, v in enumerate(VARIANTS):
+    for j, v in enumerate(summary["variants"]):
         c = _cell(summary, v, ds, probe)
         if c:
             xs.append(j + offset)
@@ -196,7 +205,7 @@ def _bacc_plot(plt, summary: dict, out: str, probes: Sequence[str]) -> None:
         for i, p in enumerate(probes):
             xs, ys, lo, hi = _bacc_points(summary, ds, p, (i - 1) * 0.2)
             ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", capsize=3, label=p)
-        ax.set_xticks(range(len(VARIANTS)), list(VARIANTS), rotation=20, fontsize=8)
+        ax.set_xticks(range(len(summary["variants"])), list(summary["variants"]), rotation=20, fontsize=8)
         ax.set_title(ds, fontsize=9)
         ax.set_ylabel("balanced accuracy (%)")
     axes[0][0].legend(fontsize=7)
@@ -207,8 +216,8 @@ def _severity_plot(plt, summary: dict, out: str, probe: str) -> None:
     """plots/severity.png: box plots of the per-seed mistake severity of each variant under ``probe``."""
     fig, axes = plt.subplots(1, len(EXTERNAL_SETS), figsize=(5 * len(EXTERNAL_SETS), 3.2), squeeze=False)
     for ax, ds in zip(axes[0], EXTERNAL_SETS):
-        data = [[s["severity"] for s in (_cell(summary, v, ds, probe) or {}).get("per_seed", [])] for v in VARIANTS]
-        ax.boxplot(data, tick_labels=list(VARIANTS))
+        data = [[s["severity"] for s in (_cell(summary, v, ds, probe) or {}).get("per_seed", [])] for v in summary["variants"]]
+        ax.boxplot(data, tick_labels=list(summary["variants"]))
         ax.set_title(f"{ds}: mistake severity per seed", fontsize=9)
         ax.tick_params(axis="x", labelsize=7, rotation=20)
     _save(plt, fig, out, "severity.png")

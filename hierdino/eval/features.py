@@ -148,15 +148,9 @@ class DatasetFeatures:
         return self.features[sel], self.labels[sel]
 
 
-def dataset_features(model: ModelSpec, dataset_uri: str, cache_dir: str | None = None, patch_mean: bool = False,
-                     batch_size: int = 128, actors: int = 1, options=None, log=print) -> DatasetFeatures:
-    """Features of every row of a dataset; read from / written to the cache when ``cache_dir`` is given."""
-    manifest = shards.read_manifest(dataset_uri, options)
-    key = f"{model.key}-{_sha(manifest.to_json())}-{int(patch_mean)}"
-    cache = storage.join(cache_dir, f"{manifest.name}-{key}.npz") if cache_dir else None
-    if cache and storage.exists(cache):
-        z = np.load(io.BytesIO(storage.read_bytes(cache)), allow_pickle=True)
-        return DatasetFeatures(z["features"], z["labels"], z["splits"], z["image_ids"])
+def _extract_with_ray_data(model: ModelSpec, dataset_uri: str, patch_mean: bool, batch_size: int, actors: int,
+                           options) -> list[dict]:
+    """Feature batches from Ray Data batch inference: an actor pool (a GPU each when the cluster has one)."""
     import ray  # heavy: only features not already in the cache need Ray
     import ray.data  # likewise heavy, only without a cache hit
 
@@ -166,7 +160,39 @@ def dataset_features(model: ModelSpec, dataset_uri: str, cache_dir: str | None =
     ds = ds.map_batches(_Extractor, fn_constructor_kwargs={"model": model, "patch_mean": patch_mean, "batch_size": batch_size},
                         batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
                         num_gpus=gpus, num_cpus=0 if gpus else 1)
-    parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    return list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+
+
+def _extract_in_process(model: ModelSpec, dataset_uri: str, patch_mean: bool, batch_size: int, actors: int,
+                        options) -> list[dict]:
+    """Feature batches computed in this process, shard by shard (no Ray: no actor start-up per dataset)."""
+    import pyarrow.parquet as pq  # only this path reads the shards itself
+
+    fs, _ = storage.resolve(dataset_uri, options)
+    extractor = _Extractor(model, patch_mean, batch_size)
+    parts = []
+    for path in shards.shard_paths(dataset_uri, options):
+        with fs.open_input_file(path) as f:
+            for rb in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=["image", "label", "split", "image_id"]):
+                parts.append(extractor({c: rb.column(c).to_numpy(zero_copy_only=False) for c in rb.schema.names}))
+    return parts
+
+
+def dataset_features(model: ModelSpec, dataset_uri: str, cache_dir: str | None = None, patch_mean: bool = False,
+                     batch_size: int = 128, actors: int = 1, options=None, in_process: bool = False,
+                     log=print) -> DatasetFeatures:
+    """Features of every row of a dataset; read from / written to the cache when ``cache_dir`` is given.
+
+    ``in_process``: compute them here instead of with Ray Data, for many small evaluations on one
+    machine, where starting an actor pool per model and dataset costs more than the features."""
+    manifest = shards.read_manifest(dataset_uri, options)
+    key = f"{model.key}-{_sha(manifest.to_json())}-{int(patch_mean)}"
+    cache = storage.join(cache_dir, f"{manifest.name}-{key}.npz") if cache_dir else None
+    if cache and storage.exists(cache):
+        z = np.load(io.BytesIO(storage.read_bytes(cache)), allow_pickle=True)
+        return DatasetFeatures(z["features"], z["labels"], z["splits"], z["image_ids"])
+    extract = _extract_in_process if in_process else _extract_with_ray_data
+    parts = extract(model, dataset_uri, patch_mean, batch_size, actors, options)
     out = DatasetFeatures(np.concatenate([p["features"] for p in parts]).astype(np.float32),
                           np.concatenate([p["label"] for p in parts]).astype(object),
                           np.concatenate([p["split"] for p in parts]).astype(object),

@@ -18,14 +18,21 @@ from hierdino.train.tracking import RunLog
 
 def evaluate(models: list[str], datasets: list[str], out: str, split: str = "test", probes: tuple = PROBES,
              bootstrap_n: int = 1000, seed: int = 0, metric: str = "euclidean", patch_mean: bool = False,
-             default_img_size: int = 224, plots: bool = True, options=None, log=print) -> dict:
-    """Every model x dataset x probe: metrics with bootstrap intervals; writes results.json, results.md and PNGs."""
+             default_img_size: int = 224, plots: bool = True, options=None, keep_predictions: bool = False,
+             in_process: bool = False, log=print) -> dict:
+    """Every model x dataset x probe: metrics with bootstrap intervals; writes results.json, results.md and PNGs.
+
+    ``keep_predictions``: also ``results["predictions"][dataset] = {"y_true": [...], model: {probe: [...]}}``
+    on the scored split, written to predictions.json (what paired comparisons resample).
+    ``in_process``: features computed in this process, not with Ray Data (``dataset_features``).
+    """
     specs = [resolve_model(m, default_img_size) for m in models]
     names = [s.name for s in specs]
     if len(set(names)) != len(names):  # two runs with the same directory name
         specs = [type(s)(**{**s.__dict__, "name": f"{s.name}#{i}"}) for i, s in enumerate(specs)]
     results = {"split": split, "probes": list(probes), "bootstrap": bootstrap_n, "seed": seed, "metric": metric,
                "models": {s.name: s.spec for s in specs}, "datasets": {}, "rows": []}
+    predictions: dict = {}
     cache = storage.join(out, "features")
     per_plot = []
     for uri in datasets:
@@ -34,7 +41,7 @@ def evaluate(models: list[str], datasets: list[str], out: str, split: str = "tes
         results["datasets"][manifest.name] = {"uri": uri, "hierarchy": h.name, "counts": manifest.counts}
         for spec in specs:
             t0 = time.time()
-            feats = dataset_features(spec, uri, cache, patch_mean, options=options, log=log)
+            feats = dataset_features(spec, uri, cache, patch_mean, options=options, in_process=in_process, log=log)
             x_tr, y_tr = feats.split("train")
             x_ev, y_ev = feats.split(split)
             if len(x_tr) == 0 or len(x_ev) == 0:
@@ -48,11 +55,17 @@ def evaluate(models: list[str], datasets: list[str], out: str, split: str = "tes
                 results["rows"].append({"model": spec.name, "dataset": manifest.name, "probe": probe, "n": int(len(y_ev)),
                                         "metrics": {k: {"value": v, "ci95": list(ci[k])} for k, v in point.items()},
                                         "tree_feature_spearman": rho})
+                if keep_predictions:
+                    kept = predictions.setdefault(manifest.name, {"y_true": [str(y) for y in y_ev]})
+                    kept.setdefault(spec.name, {})[probe] = [str(y) for y in pred]
                 if probe == probes[-1]:
                     per_plot.append((spec.name, manifest.name, h, list(y_ev), list(pred), x_ev, probe))
             log(f"  {spec.name} x {manifest.name}: {time.time() - t0:.1f}s")
     storage.write_bytes(storage.join(out, "results.json"), json.dumps(results, indent=2).encode())
     storage.write_bytes(storage.join(out, "results.md"), markdown_table(results).encode())
+    if keep_predictions:
+        storage.write_bytes(storage.join(out, "predictions.json"), json.dumps(predictions).encode())
+        results["predictions"] = predictions
     if plots:
         results["plots"] = write_plots(per_plot, out)
     return results

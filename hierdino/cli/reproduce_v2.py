@@ -1,0 +1,107 @@
+"""``jobs/reproduce.py --design v2``: the pre-registered v2 comparison (hierdino/configs/repro/v2/base.yaml).
+
+Stages, each resumable (a run with an export is not trained again):
+  1. the small training suite, and the external sets at the evaluation size (``--eval-size``);
+  2. a timed calibration that fixes the steps of every run before any of them trains;
+  3. the shared SSL base model (``BASE_FACTOR`` x a variant's steps), from scratch;
+  4. variant (d)'s level weights (a sweep on the val splits, continuing from the base model);
+  5. every variant x seed, continuing from the base model's teacher backbone;
+  6. the probes on the external test splits, the paired contrasts, OUT/results.{json,md} and plots.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from hierdino import storage
+from hierdino.cli.reproduce import (_device_name, _level_weights_d, calibrate_steps, describe_setup,
+                                    scale_overrides, train_once, train_variants, write_results)
+from hierdino.config import load_config
+from hierdino.data import shards
+from hierdino.data.suite import EXTERNAL_SETS, build_suite, ensure_synthetic_suite, suite_ready
+from hierdino.eval import paired
+from hierdino.eval.compare import labelled_counts, summarise
+from hierdino.runtime import init_ray
+
+PREFIX = "repro/v2"
+BASE_FACTOR = 2  # the base model trains for twice a variant's steps
+
+
+def ensure_eval_suite(train_suite: str, size: str, image_size: int, log=print) -> str:
+    """The external sets at ``size`` next to the training suite (``<suite>-eval-<size>``); the small suite itself for 'small'."""
+    if size == "small":
+        return train_suite
+    out = f"{train_suite}-eval-{size}"
+    if not suite_ready(out, EXTERNAL_SETS):
+        log(f"[reproduce] building the external sets at the {size!r} size into {out}")
+        build_suite(out, size, image_size, seed=0, names=EXTERNAL_SETS, log=log)
+    return out
+
+
+def _steps(args, common: list[str], log=print) -> int:
+    """Steps per variant: ``--steps``, else those fixed by an earlier start of this run (OUT/plan.json),
+    else what fits the budget (timed calibration), else the design's 300. Written to OUT/plan.json
+    before anything trains, so that a resumed run keeps them."""
+    plan = Path(args.out, "plan.json")
+    if args.steps:
+        steps = args.steps
+    elif plan.exists():
+        steps = json.loads(plan.read_text())["steps"]
+        log(f"[reproduce] steps per variant fixed by the first start of this run: {steps} ({plan})")
+    elif args.time_budget_min:
+        # a sweep trial runs half the steps, plus its evaluations on the val splits and Tune's start-up
+        sweep_runs = 0 if args.level_weights else args.sweep_trials
+        n_runs = BASE_FACTOR + len(args.variants) * len(args.seeds) + sweep_runs
+        steps = calibrate_steps(args, common, n_runs, log, preset=f"{PREFIX}/hxe-path")
+    else:
+        steps = load_config(f"{PREFIX}/base", common).train.steps
+    plan.parent.mkdir(parents=True, exist_ok=True)
+    plan.write_text(json.dumps({"steps": steps, "base_steps": BASE_FACTOR * steps}))
+    return steps
+
+
+def _evaluate(args, base_uri: str, runs: dict, eval_suite: str, arch: str, image_size: int, probes) -> dict:
+    """Probes of the base model, a random backbone and every variant run on the external test splits."""
+    # torch and scikit-learn: imported only for a full run
+    from hierdino.eval.report import evaluate
+
+    models = [base_uri, f"random:{arch}@{image_size}"] + [u for uris in runs.values() for u in uris]
+    return evaluate(models, [f"{eval_suite}/{d}" for d in EXTERNAL_SETS], f"{args.out}/report", "test", probes,
+                    args.bootstrap, plots=False, keep_predictions=True, in_process=True, log=lambda *_: None)
+
+
+def _test_images(eval_suite: str) -> dict[str, int]:
+    """Labelled test images of each external set (the power of the comparison)."""
+    return {d: shards.read_manifest(f"{eval_suite}/{d}").num_labeled("test") for d in EXTERNAL_SETS}
+
+
+def reproduce_v2(args, probes, log=print) -> int:
+    """Run the v2 design end to end; writes OUT/results.json, results.md and plots/."""
+    cfg = load_config(f"{PREFIX}/base", scale_overrides(args.scale))
+    ensure_synthetic_suite(cfg, log)
+    suite = cfg.data.synth_cache
+    eval_suite = ensure_eval_suite(suite, args.eval_size, cfg.data.image_size, log)
+    init_ray()
+    common = scale_overrides(args.scale) + [f"data.synth_cache={suite}", f"run.storage={args.out}"]
+    args.steps = _steps(args, common, log)
+    base_steps = BASE_FACTOR * args.steps
+    base_uri = train_once(f"{PREFIX}/pretrain", common + [f"train.steps={base_steps}", f"checkpoint.every_steps={base_steps}",
+                                                          "run.name=base"], log)
+    common += [f"train.steps={args.steps}", f"checkpoint.every_steps={max(1, args.steps // 2)}",
+               f"model.init_weights={storage.join(base_uri, 'export', 'teacher_backbone.safetensors')}"]
+    level_weights = _level_weights_d(args, common, log, preset=f"{PREFIX}/hxe-sweep")
+    runs = train_variants(args, common, level_weights, prefix=PREFIX, log=log)
+    t_eval = time.time()
+    results = _evaluate(args, base_uri, runs, eval_suite, cfg.model.arch, cfg.data.image_size, probes)
+    log(f"[reproduce] evaluation in {time.time() - t_eval:.0f}s")
+    setup = describe_setup(args, cfg, _device_name(cfg)) | {"base_steps": base_steps, "test_images": _test_images(eval_suite),
+                                                            "bootstrap": args.bootstrap, "eval_suite": eval_suite}
+    summary = summarise(results, runs, labelled_counts(suite), level_weights, (time.time() - args.t0) / 3600, setup,
+                        variants={v: paired.VARIANTS[v] for v in args.variants})
+    summary["design"], summary["probes"] = "v2", list(probes)
+    summary["base"] = paired.base_summary(results["rows"], paired.run_name(base_uri), f"random-{cfg.model.arch}",
+                                          probes, base_steps)
+    summary["paired"] = paired.paired_contrasts(results["predictions"], runs, probes, n=args.bootstrap)
+    return write_results(args, summary, probes)
