@@ -93,7 +93,7 @@ def test_time_budget_uses_the_steady_state_step_and_counts_the_start_up_per_run(
 # ---- design v2 (issue #16) ----
 
 from hierdino.eval import paired  # noqa: E402
-from hierdino.eval.metrics import bootstrap, paired_bacc_difference  # noqa: E402
+from hierdino.eval.metrics import bootstrap, mistake_severity, paired_bacc_difference  # noqa: E402
 from hierdino.hierarchy import load_hierarchy  # noqa: E402
 
 
@@ -172,9 +172,12 @@ def test_paired_interval_is_narrower_than_unpaired_when_errors_are_shared():
     assert r["ci95"][0] <= r["diff"] <= r["ci95"][1]
 
 
+LEAVES = ("neutrophil_band", "neutrophil_segmented", "lymphocyte_typical")
+
+
 def _predictions(rng, names, n=40):
-    y = list(rng.choice(["a", "b"], n))
-    return {"y_true": y} | {m: {"logreg": [v if rng.random() < 0.8 else ("b" if v == "a" else "a") for v in y]} for m in names}
+    y = [str(v) for v in rng.choice(LEAVES, n)]
+    return {"y_true": y} | {m: {"logreg": [v if rng.random() < 0.8 else str(rng.choice(LEAVES)) for v in y]} for m in names}
 
 
 def test_v2_report_renders_base_variants_and_paired_contrasts_from_stored_results(tmp_path):
@@ -193,13 +196,21 @@ def test_v2_report_renders_base_variants_and_paired_contrasts_from_stored_result
                           variants={v: paired.VARIANTS[v] for v in runs})
     s["design"], s["probes"] = "v2", ["logreg"]
     s["base"] = paired.base_summary(rows, "base", "random-vit_tiny_cpu", ["logreg"], 240)
-    s["paired"] = paired.paired_contrasts(preds, runs, ["logreg"], n=100)
-    # only contrasts whose two variants ran: (c)-(b), (b)-(a), (c)-(a); each on 3 sets + pooled
+    trees = {ds: load_hierarchy("wbc-h1") for ds in compare.EXTERNAL_SETS}
+    s["paired"] = paired.paired_contrasts(preds, runs, ["logreg"], n=100, hierarchies=trees)
+    # only contrasts whose two variants ran: (c)-(b), (b)-(a), (c)-(a); bAcc and severity, each on 3 sets + pooled
     assert {(r["x"], r["y"]) for r in s["paired"]} == {("hxe-path", "flat"), ("flat", "ssl"), ("hxe-path", "ssl")}
-    assert len(s["paired"]) == 3 * 4
+    assert len(s["paired"]) == 3 * 2 * 4
+    # the severity rows' point values are mistake_severity's (an independent function) averaged over seeds
+    sev = next(r for r in s["paired"] if (r["x"], r["y"], r["metric"], r["dataset"]) == ("flat", "ssl", "severity", "synth-ood"))
+    p = preds["synth-ood"]
+    by_hand = [mistake_severity(p["y_true"], p[f"flat-s{i}"]["logreg"], trees["synth-ood"])[0]
+               - mistake_severity(p["y_true"], p[f"ssl-s{i}"]["logreg"], trees["synth-ood"])[0] for i in (0, 1)]
+    assert sev["per_seed"] == pytest.approx(by_hand) and sev["ci95"][0] <= sev["diff"] <= sev["ci95"][1]
     (tmp_path / "results.json").write_text(__import__("json").dumps(s))
     assert reproduce.main(["--design", "v2", "--render", "--out", str(tmp_path)]) == 0
     md = (tmp_path / "results.md").read_text()
+    assert all((tmp_path / "plots" / f).stat().st_size > 5000 for f in ("bacc.png", "severity.png"))
     assert "## The shared SSL base model (240 steps from scratch)" in md
     assert "| base | mean | 80.0 |" in md and "| random | mean | 60.0 |" in md
     assert "Trained minus random, mean over the three sets: logreg +20.0 points." in md
@@ -207,3 +218,5 @@ def test_v2_report_renders_base_variants_and_paired_contrasts_from_stored_result
     pooled = next(r for r in s["paired"] if (r["x"], r["y"], r["dataset"]) == ("hxe-path", "flat", "pooled"))
     assert "| (c) HXE alpha=0.5, path - (b) flat CE | logreg |" in md
     assert f"{100 * pooled['mde']:.1f} |" in md and "Minimum detectable effect" in md
+    assert "Mistake severity X - Y (logreg probe" in md
+    assert md.count("| (b) flat CE - (a) SSL only |") == 2 and "| (b) flat CE - (a) SSL only | logreg |" in md

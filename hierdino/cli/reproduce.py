@@ -188,7 +188,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="without --steps: pick the steps per variant that fit this many minutes (timed calibration run)")
     p.add_argument("--eval-reserve-s", type=float, default=None,
                    help="seconds of the budget kept for the evaluation (default: v1 120, v2 1500)")
-    p.add_argument("--render", action="store_true", help="only rewrite OUT/results.md from OUT/results.json")
+    p.add_argument("--render", action="store_true", help="only rewrite OUT/results.md and OUT/plots/ from OUT/results.json")
     p.add_argument("--level-weights", type=lambda t: [float(w) for w in t.split(",")], default=None,
                    help="variant (d) weights w1,...,wD chosen elsewhere (e.g. the CPU run's val sweep) instead of sweeping")
     return p
@@ -212,11 +212,13 @@ def write_results(args, summary: dict, probes: tuple[str, ...]) -> int:
 
 
 def _render(args, probes: tuple[str, ...]) -> int:
-    """``--render``: rewrite OUT/results.md from OUT/results.json."""
+    """``--render``: rewrite OUT/results.md and the plots from OUT/results.json."""
     summary = json.loads(Path(args.out, "results.json").read_text())
     if "setup" not in summary:  # written before the setup was recorded: the design's defaults
         summary["setup"] = describe_setup(args, load_config("repro/base", scale_overrides(args.scale)), "not recorded")
-    print(_write_markdown(args.out, summary, tuple(summary.get("probes", probes))))
+    probes = tuple(summary.get("probes", probes))
+    print(_write_markdown(args.out, summary, probes))
+    plots(summary, args.out, probes)
     return 0
 
 

@@ -23,6 +23,7 @@ from hierdino.data import shards
 from hierdino.data.suite import EXTERNAL_SETS, build_suite, ensure_synthetic_suite, suite_ready
 from hierdino.eval import paired
 from hierdino.eval.compare import labelled_counts, summarise
+from hierdino.hierarchy import load_hierarchy
 from hierdino.runtime import init_ray
 
 PREFIX = "repro/v2"
@@ -103,5 +104,6 @@ def reproduce_v2(args, probes, log=print) -> int:
     summary["design"], summary["probes"] = "v2", list(probes)
     summary["base"] = paired.base_summary(results["rows"], paired.run_name(base_uri), f"random-{cfg.model.arch}",
                                           probes, base_steps)
-    summary["paired"] = paired.paired_contrasts(results["predictions"], runs, probes, n=args.bootstrap)
+    trees = {d: load_hierarchy(results["datasets"][d]["hierarchy"]) for d in EXTERNAL_SETS}
+    summary["paired"] = paired.paired_contrasts(results["predictions"], runs, probes, n=args.bootstrap, hierarchies=trees)
     return write_results(args, summary, probes)

@@ -165,42 +165,70 @@ def pooled_bacc_interval(sets: list[tuple[list, list]], n: int = 1000, seed: int
     return point, float(np.quantile(means, alpha / 2)), float(np.quantile(means, 1 - alpha / 2))
 
 
+def paired_bootstrap(sizes: list[int], scores_x: list[list], scores_y: list[list], n: int = 1000, seed: int = 0,
+                     alpha: float = 0.05) -> dict:
+    """Paired bootstrap of a metric difference X - Y over scored images, several datasets and seeds.
+
+    ``sizes[d]``: images of dataset d; ``scores_x[d][s]`` (and ``scores_y``): a function of an index
+    array of dataset d's images -> the metric of X's (Y's) seed-s run on those images. Statistic:
+
+        D = mean over seeds s of  mean over datasets d of  score_x[d][s](I_d) - score_y[d][s](I_d)
+
+    with I_d all images for the point value; each resample draws I_d with replacement once per
+    dataset and scores both models and every seed on it (the pairing), datasets independently.
+    Returns the point value, the percentile ``1 - alpha`` interval, the bootstrap standard error
+    and the per-seed point differences.
+    """
+    def statistic(idx_per_set) -> np.ndarray:
+        return np.mean([[fx(idx) - fy(idx) for fx, fy in zip(xs, ys)]
+                        for xs, ys, idx in zip(scores_x, scores_y, idx_per_set)], axis=0)  # one value per seed
+
+    for xs, ys in zip(scores_x, scores_y):
+        if len(xs) != len(ys) or not xs:
+            raise ValueError(f"paired bootstrap needs the same seeds on both sides, got {len(xs)} and {len(ys)}")
+    per_seed = statistic([np.arange(m) for m in sizes])
+    rng = np.random.default_rng(seed)
+    draws = [float(statistic([rng.integers(0, m, m) for m in sizes]).mean()) for _ in range(n)]
+    return {"diff": float(per_seed.mean()), "ci95": (float(np.quantile(draws, alpha / 2)), float(np.quantile(draws, 1 - alpha / 2))),
+            "se": float(np.std(draws, ddof=1)), "per_seed": [float(v) for v in per_seed]}
+
+
 def paired_bacc_difference(sets: list[tuple[list, list[list], list[list]]], n: int = 1000, seed: int = 0,
                            alpha: float = 0.05) -> dict:
-    """Paired bootstrap of the balanced-accuracy difference X - Y over scored images.
+    """``paired_bootstrap`` of balanced accuracy. ``sets``: one ``(y_true, preds_x, preds_y)`` per dataset,
+    where ``preds_x[s]`` and ``preds_y[s]`` are the seed-``s`` runs' predictions for the same images.
 
-    ``sets``: one ``(y_true, preds_x, preds_y)`` per dataset, where ``preds_x[s]`` and ``preds_y[s]``
-    are the predictions of the seed-``s`` runs of X and Y for the same images. The statistic is
-
-        D = mean over datasets d of  mean over seeds s of  bAcc(y_d, x_ds) - bAcc(y_d, y_ds)
-
-    and each resample draws dataset d's images with replacement once, then scores both models and
-    every seed on the *same* indices (the pairing); datasets are resampled independently. When the
-    two models err on the same images, their bAcc move together across resamples and the paired
-    interval is narrower than two separate intervals would suggest. Returns the point value, the
-    percentile ``1 - alpha`` interval, the bootstrap standard error and the per-seed point differences.
+    When the two models err on the same images, their bAcc move together across resamples and the
+    paired interval is narrower than two separate intervals would suggest.
     """
-    encoded = []
+    sizes, scores_x, scores_y = [], [], []
     for y_true, preds_x, preds_y in sets:
-        if len(preds_x) != len(preds_y) or not preds_x:
-            raise ValueError(f"paired bootstrap needs the same seeds on both sides, got {len(preds_x)} and {len(preds_y)}")
         labels = sorted(set(y_true).union(*preds_x, *preds_y))
         code = {c: i for i, c in enumerate(labels)}
+        t = np.array([code[v] for v in y_true])
 
-        def enc(ys):
-            return np.array([code[v] for v in ys])
+        def scorer(pred, t=t, k=len(labels)):
+            p = np.array([code[v] for v in pred])
+            return lambda idx: _bacc(t[idx], p[idx], k)
 
-        encoded.append((enc(y_true), [enc(p) for p in preds_x], [enc(p) for p in preds_y], len(labels)))
+        sizes.append(len(t))
+        scores_x.append([scorer(p) for p in preds_x])
+        scores_y.append([scorer(p) for p in preds_y])
+    return paired_bootstrap(sizes, scores_x, scores_y, n, seed, alpha)
 
-    def statistic(idx_per_set) -> tuple[float, np.ndarray]:
-        per_seed = []
-        for (t, px, py, k), idx in zip(encoded, idx_per_set):
-            per_seed.append([_bacc(t[idx], a[idx], k) - _bacc(t[idx], b[idx], k) for a, b in zip(px, py)])
-        per_seed = np.mean(per_seed, axis=0)  # mean over datasets, one value per seed
-        return float(per_seed.mean()), per_seed
 
-    point, per_seed = statistic([np.arange(len(t)) for t, *_ in encoded])
-    rng = np.random.default_rng(seed)
-    draws = [statistic([rng.integers(0, len(t), len(t)) for t, *_ in encoded])[0] for _ in range(n)]
-    return {"diff": point, "ci95": (float(np.quantile(draws, alpha / 2)), float(np.quantile(draws, 1 - alpha / 2))),
-            "se": float(np.std(draws, ddof=1)), "per_seed": [float(v) for v in per_seed]}
+def paired_severity_difference(sets: list[tuple[list, list[list], list[list]]], trees: list[Hierarchy], n: int = 1000,
+                               seed: int = 0, alpha: float = 0.05) -> dict:
+    """``paired_bootstrap`` of mistake severity (mean tree distance from the true leaf to the LCA over the
+    errors; lower is milder). ``sets`` as in ``paired_bacc_difference``; ``trees[d]``: dataset d's hierarchy."""
+    def scorer(y_true, pred, h):
+        enc = EncodedPredictions(y_true, pred, h)
+        err = enc.t != enc.p
+
+        def score(idx):
+            e = err[idx]
+            return float(enc.severity[idx][e].mean()) if e.any() else 0.0
+        return score
+
+    return paired_bootstrap([len(s[0]) for s in sets], [[scorer(s[0], p, h) for p in s[1]] for s, h in zip(sets, trees)],
+                            [[scorer(s[0], p, h) for p in s[2]] for s, h in zip(sets, trees)], n, seed, alpha)

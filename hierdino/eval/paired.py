@@ -15,7 +15,7 @@ import numpy as np
 
 from hierdino.data.suite import EXTERNAL_SETS
 from hierdino.eval.compare import table_foot, table_head, variant_rows
-from hierdino.eval.metrics import paired_bacc_difference
+from hierdino.eval.metrics import paired_bacc_difference, paired_severity_difference
 
 VARIANTS = {"ssl": "(a) SSL only", "flat": "(b) flat CE", "hxe-path": "(c) HXE alpha=0.5, path",
             "hxe-tree": "(c') HXE alpha=0.5, tree", "hxe-sweep": "(d) HXE swept level weights"}
@@ -40,21 +40,27 @@ def _sets(predictions: dict, runs: dict, x: str, y: str, probe: str, datasets: S
 
 
 def paired_contrasts(predictions: dict, runs: dict, probes: Sequence[str], contrasts=CONTRASTS,
-                     n: int = 1000, seed: int = 0) -> list[dict]:
+                     n: int = 1000, seed: int = 0, hierarchies: dict | None = None) -> list[dict]:
     """Every contrast x probe x (each external dataset, then pooled): the paired bootstrap's result and its MDE.
 
     ``predictions``: ``evaluate(..., keep_predictions=True)["predictions"]``; ``runs``: variant -> run
-    URIs, seed-ordered alike for every variant. Contrasts whose variants did not both run are skipped.
+    URIs, seed-ordered alike for every variant. Rows of ``metric`` "bacc"; with ``hierarchies``
+    (dataset -> its tree) also "severity" rows for the last probe. Contrasts whose variants did not
+    both run are skipped.
     """
     rows = []
     for x, y in contrasts:
         if x not in runs or y not in runs:
             continue
-        for probe in probes:
+        for metric, probe in [("bacc", p) for p in probes] + ([("severity", probes[-1])] if hierarchies else []):
             for ds in (*EXTERNAL_SETS, POOLED):
                 datasets = EXTERNAL_SETS if ds == POOLED else (ds,)
-                r = paired_bacc_difference(_sets(predictions, runs, x, y, probe, datasets), n, seed)
-                rows.append({"x": x, "y": y, "probe": probe, "dataset": ds, **r, "mde": MDE_FACTOR * r["se"]})
+                if metric == "bacc":
+                    r = paired_bacc_difference(_sets(predictions, runs, x, y, probe, datasets), n, seed)
+                else:
+                    r = paired_severity_difference(_sets(predictions, runs, x, y, probe, datasets),
+                                                   [hierarchies[d] for d in datasets], n, seed)
+                rows.append({"x": x, "y": y, "metric": metric, "probe": probe, "dataset": ds, **r, "mde": MDE_FACTOR * r["se"]})
     return rows
 
 
@@ -73,7 +79,7 @@ def _contrast_cell(r: dict) -> str:
 
 def contrast_table(summary: dict, probes: Sequence[str]) -> list[str]:
     """Markdown: the paired differences per contrast and probe, one column per dataset and pooled."""
-    rows = summary.get("paired", [])
+    rows = [r for r in summary.get("paired", []) if r.get("metric", "bacc") == "bacc"]
     if not rows:
         return []
     cols = (*EXTERNAL_SETS, POOLED)
@@ -97,6 +103,29 @@ def contrast_table(summary: dict, probes: Sequence[str]) -> list[str]:
               f"over test images): {100 * min(mdes):.1f}-{100 * max(mdes):.1f} points pooled over the three sets, "
               f"{100 * min(per_ds):.1f}-{100 * max(per_ds):.1f} points on one set; a difference must also exceed "
               "its seed s.d. to be more than one training run's luck."]
+    return lines + severity_table(summary)
+
+
+def _severity_cell(r: dict) -> str:
+    """'-0.05 [-0.12, +0.02] 2/3': severity difference (tree edges), its paired interval, seeds where X is milder."""
+    text = f"{r['diff']:+.2f} [{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}] {sum(v < 0 for v in r['per_seed'])}/{len(r['per_seed'])}"
+    return f"**{text}**" if r["ci95"][0] > 0 or r["ci95"][1] < 0 else text
+
+
+def severity_table(summary: dict) -> list[str]:
+    """Markdown: paired differences in mistake severity (the paper's 'milder mistakes' claim)."""
+    rows = [r for r in summary.get("paired", []) if r.get("metric") == "severity"]
+    if not rows:
+        return []
+    cols = (*EXTERNAL_SETS, POOLED)
+    lines = ["", f"Mistake severity X - Y ({rows[0]['probe']} probe; tree edges from the true leaf to the LCA, mean over "
+             "errors): negative = X's mistakes are milder; paired bootstrap 95% interval; seeds where X is milder.", "",
+             "| X - Y | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    variants = summary["variants"]
+    for x, y in CONTRASTS:
+        cells = {r["dataset"]: r for r in rows if (r["x"], r["y"]) == (x, y)}
+        if cells:
+            lines.append(f"| {variants[x]} - {variants[y]} | " + " | ".join(_severity_cell(cells[c]) for c in cols) + " |")
     return lines
 
 
