@@ -41,15 +41,19 @@ def ensure_eval_suite(train_suite: str, size: str, image_size: int, log=print) -
     return out
 
 
-def _steps(args, common: list[str], log=print) -> int:
-    """Steps per variant: ``--steps``, else those fixed by an earlier start of this run (OUT/plan.json),
-    else what fits the budget (timed calibration), else the design's 300. Written to OUT/plan.json
-    before anything trains, so that a resumed run keeps them."""
+def _steps(args, common: list[str], log=print) -> tuple[int, int]:
+    """(steps per variant, steps of the base model), fixed before anything trains and kept in OUT/plan.json.
+
+    Variant steps: ``--steps``, else those of an earlier start of this run (plan.json), else what
+    fits the budget (timed calibration), else the design's 300. The base model's steps are fixed by
+    the first start (``BASE_FACTOR`` x its variant steps) and kept when ``--steps`` later changes the
+    variants' (no variant may have trained then: they must all run the same steps)."""
     plan = Path(args.out, "plan.json")
+    fixed = json.loads(plan.read_text()) if plan.exists() else {}
     if args.steps:
         steps = args.steps
-    elif plan.exists():
-        steps = json.loads(plan.read_text())["steps"]
+    elif fixed:
+        steps = fixed["steps"]
         log(f"[reproduce] steps per variant fixed by the first start of this run: {steps} ({plan})")
     elif args.time_budget_min:
         # a sweep trial runs half the steps, plus its evaluations on the val splits and Tune's start-up
@@ -58,9 +62,11 @@ def _steps(args, common: list[str], log=print) -> int:
         steps = calibrate_steps(args, common, n_runs, log, preset=f"{PREFIX}/hxe-path")
     else:
         steps = load_config(f"{PREFIX}/base", common).train.steps
+    base_steps = fixed.get("base_steps", BASE_FACTOR * steps)
+    history = fixed.get("history", []) + ([{"steps": fixed["steps"], "replaced_by": steps}] if fixed and fixed["steps"] != steps else [])
     plan.parent.mkdir(parents=True, exist_ok=True)
-    plan.write_text(json.dumps({"steps": steps, "base_steps": BASE_FACTOR * steps}))
-    return steps
+    plan.write_text(json.dumps({"steps": steps, "base_steps": base_steps, "history": history}))
+    return steps, base_steps
 
 
 def _evaluate(args, base_uri: str, runs: dict, eval_suite: str, arch: str, image_size: int, probes) -> dict:
@@ -86,8 +92,7 @@ def reproduce_v2(args, probes, log=print) -> int:
     eval_suite = ensure_eval_suite(suite, args.eval_size, cfg.data.image_size, log)
     init_ray()
     common = scale_overrides(args.scale) + [f"data.synth_cache={suite}", f"run.storage={args.out}"]
-    args.steps = _steps(args, common, log)
-    base_steps = BASE_FACTOR * args.steps
+    args.steps, base_steps = _steps(args, common, log)
     base_uri = train_once(f"{PREFIX}/pretrain", common + [f"train.steps={base_steps}", f"checkpoint.every_steps={base_steps}",
                                                           "run.name=base"], log)
     common += [f"train.steps={args.steps}", f"checkpoint.every_steps={max(1, args.steps // 2)}",
