@@ -163,8 +163,7 @@ def _extract_with_ray_data(model: ModelSpec, dataset_uri: str, patch_mean: bool,
     return list(ds.iter_batches(batch_size=None, batch_format="numpy"))
 
 
-def _extract_in_process(model: ModelSpec, dataset_uri: str, patch_mean: bool, batch_size: int, actors: int,
-                        options) -> list[dict]:
+def _extract_in_process(model: ModelSpec, dataset_uri: str, patch_mean: bool, batch_size: int, options) -> list[dict]:
     """Feature batches computed in this process, shard by shard (no Ray: no actor start-up per dataset)."""
     import pyarrow.parquet as pq  # only this path reads the shards itself
 
@@ -191,8 +190,10 @@ def dataset_features(model: ModelSpec, dataset_uri: str, cache_dir: str | None =
     if cache and storage.exists(cache):
         z = np.load(io.BytesIO(storage.read_bytes(cache)), allow_pickle=True)
         return DatasetFeatures(z["features"], z["labels"], z["splits"], z["image_ids"])
-    extract = _extract_in_process if in_process else _extract_with_ray_data
-    parts = extract(model, dataset_uri, patch_mean, batch_size, actors, options)
+    if in_process:
+        parts = _extract_in_process(model, dataset_uri, patch_mean, batch_size, options)
+    else:
+        parts = _extract_with_ray_data(model, dataset_uri, patch_mean, batch_size, actors, options)
     out = DatasetFeatures(np.concatenate([p["features"] for p in parts]).astype(np.float32),
                           np.concatenate([p["label"] for p in parts]).astype(object),
                           np.concatenate([p["split"] for p in parts]).astype(object),
