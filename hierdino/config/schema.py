@@ -45,6 +45,11 @@ class DataConfig:
     s3_endpoint: Optional[str] = _f(None, doc="S3 endpoint URL (default: AWS or $AWS_ENDPOINT_URL)")
     s3_region: Optional[str] = _f(None)
     num_cpus_per_map: float = _f(1.0, gt=0.0, doc="CPUs reserved by each Ray Data decode/crop task")
+    jpeg_draft: bool = _f(True, doc="decode a JPEG at 1/2, 1/4 or 1/8 of its size when every crop of it downsamples "
+                                    "that much (DCT scaling); false: always full size")
+    decode: Literal["cpu", "device"] = _f("cpu", doc="where images are decoded and cropped: 'cpu' (Ray Data tasks) or "
+                                                      "'device' (the training worker: nvJPEG on a GPU; the tasks only "
+                                                      "plan the crops and ship the encoded bytes)")
 
 
 @dataclass

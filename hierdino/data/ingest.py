@@ -15,7 +15,9 @@ of the step (the schedule is deterministic), which is what resuming needs.
 
 Each output row holds ``global`` (uint8 ``[2, S, S, 3]``), ``local`` (uint8 ``[N, s, s, 3]``)
 when N > 0, ``sup`` (uint8 ``[S, S, 3]``) when the supervised view is on, ``label`` (node index, -1
-when unlabelled) and ``ok`` (False for an undecodable image, whose arrays are zeros).
+when unlabelled) and ``ok`` (False for an undecodable image, whose arrays are zeros). With
+``data.decode: device`` the crops are only planned here: rows carry ``jpeg``, ``boxes`` and
+``flags`` instead, and the worker decodes and cuts them (``hierdino.data.device_decode``).
 
 Epochs are explicit per dataset, each with its own file order and crop seed, so a seed fixes every
 crop; a resumed run starts each dataset after the rows its steps consumed (``resume_position``).
@@ -31,7 +33,7 @@ import pyarrow.parquet as pq
 
 from hierdino import storage
 from hierdino.data import shards
-from hierdino.data.crops import decode, random_resized_crop, row_rng, supervised_view
+from hierdino.data.crops import open_image, plan_views, render_views, row_rng
 from hierdino.data.mix import MixSchedule, mix_proportions
 from hierdino.data.suite import TRAIN_SETS
 from hierdino.storage import StorageOptions
@@ -51,45 +53,66 @@ class CropSpec:
     local_scale: tuple = (0.05, 0.32)
     supervised: bool = True
     seed: int = 0
+    jpeg_draft: bool = True
+    decode: str = "cpu"
 
     @classmethod
     def from_config(cls, cfg) -> "CropSpec":
         d = cfg.data
         sup = cfg.loss.supervised.kind != "none" and d.supervised_view == "separate"
         return cls(d.image_size, tuple(d.global_crops_scale), d.local_crops_number, d.local_crops_size,
-                   tuple(d.local_crops_scale), sup, d.shuffle_seed + cfg.train.seed)
+                   tuple(d.local_crops_scale), sup, d.shuffle_seed + cfg.train.seed, d.jpeg_draft,
+                   d.decode)
 
 
 def multicrop(batch: dict, crops: CropSpec, label_index: dict, epoch: int, splits: tuple = ("train",)) -> dict:
-    """The CPU half of augmentation for one batch of shard rows (``map_batches`` UDF)."""
+    """The CPU half of augmentation for one batch of shard rows (``map_batches`` UDF): rendered crops,
+    or with ``crops.decode == "device"`` the planned views and the encoded bytes."""
     keep = [i for i, s in enumerate(batch["split"]) if s in splits]
     n = len(keep)
     S, s = crops.image_size, crops.local_size
-    out = {
-        "global": np.zeros((n, 2, S, S, 3), np.uint8),
-        "label": np.full(n, -1, np.int64),
-        "ok": np.zeros(n, bool),
-    }
-    if crops.local_number:
-        out["local"] = np.zeros((n, crops.local_number, s, s, 3), np.uint8)
-    if crops.supervised:
-        out["sup"] = np.zeros((n, S, S, 3), np.uint8)
+    out = {"label": np.array([-1 if batch["label"][i] is None else label_index[batch["label"][i]] for i in keep], np.int64),
+           "ok": np.zeros(n, bool)}
+    views = 2 + crops.local_number + int(crops.supervised)
+    if crops.decode == "device":
+        out.update(jpeg=np.empty(n, object), boxes=np.zeros((n, views, 4), np.float32), flags=np.zeros((n, views, 3), bool))
+    else:
+        out["global"] = np.zeros((n, 2, S, S, 3), np.uint8)
+        if crops.local_number:
+            out["local"] = np.zeros((n, crops.local_number, s, s, 3), np.uint8)
+        if crops.supervised:
+            out["sup"] = np.zeros((n, S, S, 3), np.uint8)
     for j, i in enumerate(keep):
-        label = batch["label"][i]
-        out["label"][j] = -1 if label is None else label_index[label]
         rng = row_rng(crops.seed, str(batch["image_id"][i]), epoch)
+        plan = dict(global_size=S, global_scale=crops.global_scale, local_number=crops.local_number, local_size=s,
+                    local_scale=crops.local_scale, supervised=crops.supervised and out["label"][j] >= 0)
         try:
-            im = decode(batch["image"][i])
+            if crops.decode == "device":
+                _plan_row(out, j, batch["image"][i], rng, plan)
+            else:
+                _crop_row(out, j, batch["image"][i], rng, crops.jpeg_draft, plan)
         except Exception:  # corrupt bytes: counted by the consumer through ok=False
             continue
-        for g in range(2):
-            out["global"][j, g] = random_resized_crop(im, S, crops.global_scale, rng)
-        for k in range(crops.local_number):
-            out["local"][j, k] = random_resized_crop(im, s, crops.local_scale, rng)
-        if crops.supervised and out["label"][j] >= 0:
-            out["sup"][j] = supervised_view(im, S, rng)
         out["ok"][j] = True
     return out
+
+
+def _crop_row(out: dict, j: int, data: bytes, rng, draft: bool, plan: dict) -> None:
+    views = render_views(data, rng, draft, **plan)
+    out["global"][j] = views[:2]
+    if plan["local_number"]:
+        out["local"][j] = views[2:2 + plan["local_number"]]
+    if plan["supervised"]:
+        out["sup"][j] = views[-1]
+
+
+def _plan_row(out: dict, j: int, data: bytes, rng, plan: dict) -> None:
+    """Header only: the views as boxes and flags for ``device_decode``. An unlabelled row's
+    supervised slot stays a zero box (never cut)."""
+    views = plan_views(*open_image(data).size, rng, **plan)
+    out["boxes"][j, :len(views)] = [v.box for v in views]
+    out["flags"][j, :len(views)] = [(v.hflip, v.vflip, v.rot90) for v in views]
+    out["jpeg"][j] = data
 
 
 def default_train_uris(cfg) -> list[str]:

@@ -285,6 +285,11 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank + 7919 * start)  # host: masks
     device_gen = None if device.type == "cpu" else torch.Generator(device=device).manual_seed(gen.initial_seed() + 1)
     batches = open_batches(loop_config, cfg, rank, per_worker, start)
+    decode = None
+    if cfg.data.decode == "device":
+        from hierdino.data.device_decode import device_decoder  # torchvision: only device-decoding runs need it
+
+        decode = device_decoder(cfg, device)
     live_eval = None
     if cfg.eval.every_steps:
         from hierdino.eval.live import LiveEvaluator  # scikit-learn: only runs that evaluate while training need it
@@ -297,7 +302,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         after = poller.stop_after(step)  # a graceful stop asked of the driver: this step is then the last one
         if after is not None:
             stop = min(stop, max(after, step + 1))
-        batch = make_step_batch(metrics.next_batch(batches, step, per_worker), cfg, gen, device, grid, device_gen)
+        batch = make_step_batch(metrics.next_batch(batches, step, per_worker, decode), cfg, gen, device, grid, device_gen)
         logging = (step + 1) % cfg.train.log_every == 0 or step + 1 == stop
         saving = ckpt.should_save(step + 1, stop)
         last = step_fn(batch, step, monitor=logging, sync=logging or saving) or last

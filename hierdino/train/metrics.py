@@ -52,14 +52,17 @@ class TrainMetrics:
         if self.rank == 0:
             print(text, flush=True)
 
-    def next_batch(self, batches, step: int, per_worker: int) -> dict[str, torch.Tensor]:
-        """The next host batch as tensors; the wait is counted, and the first one announced."""
+    def next_batch(self, batches, step: int, per_worker: int, decode=None) -> dict[str, torch.Tensor]:
+        """The next batch as tensors (host tensors, or what ``decode`` makes of them: the device decoder
+        of ``data.decode: device``, whose time counts as waiting for data); the first one is announced."""
         tw = time.perf_counter()
         try:
-            raw = {k: torch.from_numpy(v) for k, v in next(batches).items()}
+            raw = {k: v if v.dtype == object else torch.from_numpy(v) for k, v in next(batches).items()}
         except StopIteration:
             raise RuntimeError(f"the training data ran out at step {step}: a stream yielded fewer rows than the "
                                f"mix schedule needs (per-worker batch {per_worker})") from None
+        if decode is not None:
+            raw = decode(raw)
         self.wait += time.perf_counter() - tw
         if self.first_batch_s is None:  # from worker start: model build, checkpoint load and the ingest's start-up
             self.first_batch_s = time.perf_counter() - self.worker_start

@@ -1,0 +1,115 @@
+"""Decode and crop on the training device (``data.decode: device``): the Ray Data tasks only parse
+each image's header and plan its views (``hierdino.data.crops.plan_views``, the same boxes and flips
+the CPU path draws from the same seed) and ship the encoded bytes; the worker decodes the batch with
+nvJPEG on a GPU (``torchvision.io.decode_jpeg``; other formats and CPU devices decode with
+torchvision on the host) and cuts every view of one output size in one ``roi_align`` call.
+
+Resampling differs from the CPU path in kind, not in geometry: ``roi_align`` averages
+``ceil(box / size)`` bilinear samples per output pixel per side (an area filter when shrinking,
+bilinear when enlarging), where PIL uses an antialiased bicubic. The crop statistics of both paths
+are compared in ``tests/test_data_plane.py``.
+
+Rows come as ``jpeg`` (encoded bytes), ``boxes`` (float ``[n, V, 4]`` source pixels) and
+``flags`` (bool ``[n, V, 3]``: left-right flip, top-bottom flip, rot90), with V = 2 global views, the
+local views, then the supervised view when the run has one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+from torchvision.ops import roi_align
+
+_JPEG = b"\xff\xd8"
+
+
+def decode_batch(blobs, device: torch.device) -> tuple[list[torch.Tensor | None], np.ndarray]:
+    """RGB uint8 ``[3, H, W]`` per image on ``device`` (None where undecodable or ``None``) and the ok mask.
+
+    JPEGs on a CUDA device decode in one batched nvJPEG call; when that call fails (a corrupt file
+    among them) they decode one by one, so one bad image costs only itself.
+    """
+    tensors = [None if b is None else torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    jpeg = [i for i, b in enumerate(blobs) if b is not None and bytes(b[:2]) == _JPEG] if device.type == "cuda" else []
+    if jpeg:
+        try:
+            for i, im in zip(jpeg, decode_jpeg([tensors[i] for i in jpeg], mode=ImageReadMode.RGB, device=device)):
+                out[i] = im
+        except RuntimeError:
+            for i in jpeg:
+                try:
+                    out[i] = decode_jpeg(tensors[i], mode=ImageReadMode.RGB, device=device)
+                except RuntimeError:
+                    pass
+    for i, t in enumerate(tensors):
+        if t is not None and out[i] is None and i not in jpeg:
+            try:
+                out[i] = decode_image(t, mode=ImageReadMode.RGB).to(device, non_blocking=True)
+            except RuntimeError:
+                pass
+    return out, np.array([im is not None for im in out], bool)
+
+
+def _stack_padded(images: list[torch.Tensor]) -> torch.Tensor:
+    """float ``[B, 3, Hmax, Wmax]``, each image padded by repeating its edge (so the bilinear samples
+    at a box edge read the image's own border, not zeros)."""
+    hmax, wmax = max(im.shape[1] for im in images), max(im.shape[2] for im in images)
+    return torch.stack([F.pad(im[None].float(), (0, wmax - im.shape[2], 0, hmax - im.shape[1]), mode="replicate")[0]
+                        if im.shape[1:] != (hmax, wmax) else im.float() for im in images])
+
+
+def _apply_flags(x: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+    """Per-view left-right flip, top-bottom flip, then rot90 (counter-clockwise), as ``crops.render``."""
+    x = torch.where(flags[:, 0].view(-1, 1, 1, 1), x.flip(-1), x)
+    x = torch.where(flags[:, 1].view(-1, 1, 1, 1), x.flip(-2), x)
+    return torch.where(flags[:, 2].view(-1, 1, 1, 1), torch.rot90(x, 1, (-2, -1)), x)
+
+
+def cut_views(images: torch.Tensor, boxes: torch.Tensor, flags: torch.Tensor, rows: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 ``[K, size, size, 3]``: view k cut from image ``rows[k]`` of the padded float batch."""
+    rois = torch.cat([rows[:, None].to(images.dtype), boxes.to(images.dtype)], dim=1)
+    out = roi_align(images, rois.to(images.device), output_size=size, sampling_ratio=-1, aligned=True)
+    out = _apply_flags(out, flags.to(images.device))
+    return out.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def decode_views(raw: dict, global_size: int, local_number: int, local_size: int, device: torch.device) -> dict:
+    """The ingest's ``jpeg/boxes/flags`` rows -> the CPU path's ``global``/``local``/``sup`` uint8
+    tensors on ``device`` (zeros where a row has no view, as the CPU path: undecodable rows, and the
+    supervised view of unlabelled rows), with an ``ok`` mask that also drops what the device could
+    not decode."""
+    given = raw["ok"].numpy()
+    images, decoded = decode_batch([b if k else None for b, k in zip(raw["jpeg"], given)], device)
+    ok = given & decoded
+    out = {k: v for k, v in raw.items() if k not in ("jpeg", "boxes", "flags")}
+    out["ok"] = torch.from_numpy(ok)
+    keep = np.flatnonzero(ok)
+    batch = _stack_padded([images[i] for i in keep]) if len(keep) else None
+    where = np.full(len(ok), -1)
+    where[keep] = np.arange(len(keep))  # row -> its image in the padded batch
+
+    def group(first: int, count: int, size: int, rows: np.ndarray) -> torch.Tensor:
+        full = torch.zeros((len(ok), count, size, size, 3), dtype=torch.uint8, device=device)
+        if len(rows):
+            views = cut_views(batch, raw["boxes"][rows, first:first + count].reshape(-1, 4),
+                              raw["flags"][rows, first:first + count].reshape(-1, 3),
+                              torch.from_numpy(where[rows]).repeat_interleave(count), size)
+            full[torch.from_numpy(rows).to(device)] = views.view(len(rows), count, size, size, 3)
+        return full
+
+    out["global"] = group(0, 2, global_size, keep)
+    if local_number:
+        out["local"] = group(2, local_number, local_size, keep)
+    if raw["boxes"].shape[1] > 2 + local_number:
+        labelled = keep[raw["label"].numpy()[keep] >= 0]
+        out["sup"] = group(2 + local_number, 1, global_size, labelled)[:, 0]
+    return out
+
+
+def device_decoder(cfg, device: torch.device):
+    """``raw -> raw`` for the training loop: decode and cut the views of a ``data.decode: device`` batch."""
+    d = cfg.data
+    return lambda raw: decode_views(raw, d.image_size, d.local_crops_number, d.local_crops_size, device)
