@@ -65,6 +65,20 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float | None 
     return y.reshape(b, c, h, w)
 
 
+def _where_rows(mask: torch.Tensor, fn, x: torch.Tensor) -> torch.Tensor:
+    """``fn(x[i], i)`` for the rows ``i`` where ``mask[B]`` holds, ``x`` elsewhere. On a CPU only those
+    rows are computed (reading the mask is free there); on a GPU every row is computed and selected
+    on the device, with no host read."""
+    if x.device.type == "cpu":
+        rows = mask.nonzero().squeeze(1)
+        if len(rows) == len(x):
+            return fn(x, slice(None))
+        if len(rows):
+            x[rows] = fn(x[rows], rows)
+        return x
+    return torch.where(mask.view(-1, 1, 1, 1), fn(x, slice(None)), x)
+
+
 def photometric(images: torch.Tensor, gen: torch.Generator, blur_p: float, solarize_p: float = 0.0,
                 jitter_p: float = 0.8, gray_p: float = 0.2, jitter: tuple = (0.4, 0.4, 0.2, 0.1),
                 normalize: bool = True) -> torch.Tensor:
@@ -76,27 +90,27 @@ def photometric(images: torch.Tensor, gen: torch.Generator, blur_p: float, solar
     x = images.permute(0, 3, 1, 2).float().div_(255.0)
     n, dev = x.shape[0], x.device
     bri, con, sat, hue = jitter
-    j = _bernoulli(gen, n, jitter_p, dev).view(-1, 1, 1, 1)
+    j = _bernoulli(gen, n, jitter_p, dev)
     b = _uniform(gen, n, 1 - bri, 1 + bri, dev).view(-1, 1, 1, 1)
     cf = _uniform(gen, n, 1 - con, 1 + con, dev).view(-1, 1, 1, 1)
     s = _uniform(gen, n, 1 - sat, 1 + sat, dev).view(-1, 1, 1, 1)
     hshift = _uniform(gen, n, -hue, hue, dev) * 2 * math.pi
-    y = (x * b).clamp_(0, 1)  # in place on fresh tensors: fewer passes over the images
-    mean = _gray(y).mean(dim=(2, 3), keepdim=True)
-    y = (y - mean).mul_(cf).add_(mean).clamp_(0, 1)
-    g = _gray(y)
-    y = (y - g).mul_(s).add_(g).clamp_(0, 1)
-    y = _hue_rotate(y, hshift).clamp_(0, 1)
-    x = torch.where(j, y, x)  # one pass (a blend j * y + (1 - j) * x would take three)
-    gray = _bernoulli(gen, n, gray_p, dev).view(-1, 1, 1, 1)
-    x = torch.where(gray, _gray(x).expand_as(x), x)
+
+    def jitter_rows(t, i):
+        y = (t * b[i]).clamp_(0, 1)  # in place on fresh tensors: fewer passes over the images
+        mean = _gray(y).mean(dim=(2, 3), keepdim=True)
+        y = (y - mean).mul_(cf[i]).add_(mean).clamp_(0, 1)
+        g = _gray(y)
+        y = (y - g).mul_(s[i]).add_(g).clamp_(0, 1)
+        return _hue_rotate(y, hshift[i]).clamp_(0, 1)
+
+    x = _where_rows(j, jitter_rows, x)
+    x = _where_rows(_bernoulli(gen, n, gray_p, dev), lambda t, i: _gray(t).expand_as(t), x)
     if blur_p > 0:
         do_blur = _bernoulli(gen, n, blur_p, dev)
         scale = x.shape[-1] / 224
-        sigma = _uniform(gen, n, 0.1, 2.0, dev) * scale  # DINOv2's 0.1-2 px at 224 px
-        if dev.type != "cpu" or bool(do_blur.any()):  # skipping needs a host read: only where it is free
-            blurred = gaussian_blur(x, sigma.clamp_min(1e-3), max_sigma=2.0 * scale)
-            x = torch.where(do_blur.view(-1, 1, 1, 1), blurred, x)
+        sigma = (_uniform(gen, n, 0.1, 2.0, dev) * scale).clamp_min(1e-3)  # DINOv2's 0.1-2 px at 224 px
+        x = _where_rows(do_blur, lambda t, i: gaussian_blur(t, sigma[i], max_sigma=2.0 * scale), x)
     if solarize_p > 0:
         sol = _bernoulli(gen, n, solarize_p, dev).view(-1, 1, 1, 1)
         x = torch.where(sol & (x >= 0.5), 1 - x, x)
