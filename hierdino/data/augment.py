@@ -71,10 +71,11 @@ def _where_rows(mask: torch.Tensor, fn, x: torch.Tensor) -> torch.Tensor:
     on the device, with no host read."""
     if x.device.type == "cpu":
         rows = mask.nonzero().squeeze(1)
+        if len(rows) == 0:
+            return x
         if len(rows) == len(x):
             return fn(x, slice(None))
-        if len(rows):
-            x[rows] = fn(x[rows], rows)
+        x[rows] = fn(x[rows], rows)
         return x
     return torch.where(mask.view(-1, 1, 1, 1), fn(x, slice(None)), x)
 
