@@ -2,6 +2,7 @@ import io
 import os
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -38,6 +39,11 @@ def _round_trip(uri, options=None):
     m = shards.write_dataset(_records(), uri, "toy", "toy", target_file_mb=0.0001, row_group_rows=3, options=options)
     assert m.num_images == 10 and len(m.shards) == 4  # 3+3+3+1 rows, one row group per file at this tiny target
     assert m.counts == {"train": {"neutrophil": 5}, "val": {"<unlabeled>": 5}}
+    assert m.row_groups == [1, 1, 1, 1]
+    one = shards.write_dataset(_records(), uri + "-one", "toy", "toy", row_group_rows=3, options=options)
+    fs, root = storage.resolve(uri + "-one", options)
+    with fs.open_input_file(f"{root}/{one.shards[0]}") as f:  # the manifest's count is the file's own
+        assert one.row_groups == [4] == [pq.ParquetFile(f).num_row_groups]
     m2 = shards.read_manifest(uri, options)
     assert m2 == m
     table = shards.read_table(uri, options=options)

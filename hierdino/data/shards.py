@@ -62,6 +62,7 @@ class Manifest:
     counts: dict[str, dict[str, int]]  # split -> label (or "<unlabeled>") -> count
     label_map: dict = field(default_factory=dict)
     shards: list[str] = field(default_factory=list)
+    row_groups: list[int] = field(default_factory=list)  # per shard (written since 2026-11-27; empty: unknown)
     hierarchy: str | None = None
     schema_version: int = SCHEMA_VERSION
     extra: dict = field(default_factory=dict)
@@ -109,6 +110,7 @@ def write_dataset(records: Iterable[Record], uri: str, name: str, source: str, l
         os.makedirs(root, exist_ok=True)
     counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     shards: list[str] = []
+    row_groups: list[int] = []
     target = int(target_file_mb * 2 ** 20)
     batch: list[Record] = []
     writer, writer_bytes, n = None, 0, 0
@@ -120,11 +122,13 @@ def write_dataset(records: Iterable[Record], uri: str, name: str, source: str, l
         table = pa.Table.from_pylist([r.__dict__ for r in batch], schema=SCHEMA)
         if writer is None:
             shards.append(f"shard-{len(shards):05d}.parquet")
+            row_groups.append(0)
             stream = fs.open_output_stream(f"{root}/{shards[-1]}")
             writer = pq.ParquetWriter(stream, SCHEMA, compression="none")
             writer._hierdino_stream = stream  # closed with the writer
             writer_bytes = 0
-        writer.write_table(table, row_group_size=row_group_rows)
+        writer.write_table(table, row_group_size=row_group_rows)  # one row group: len(batch) <= row_group_rows
+        row_groups[-1] += 1
         writer_bytes += table.nbytes
         batch.clear()
         if writer_bytes >= target:
@@ -153,7 +157,8 @@ def write_dataset(records: Iterable[Record], uri: str, name: str, source: str, l
         raise ShardError(f"no images to write for dataset {name!r}")
     manifest = Manifest(name=name, source=source, num_images=n,
                         counts={s: dict(sorted(c.items())) for s, c in counts.items()},
-                        label_map=label_map or {}, shards=shards, hierarchy=hierarchy, extra=extra or {})
+                        label_map=label_map or {}, shards=shards, row_groups=row_groups, hierarchy=hierarchy,
+                        extra=extra or {})
     storage.write_bytes(storage.join(uri, "manifest.json"), manifest.to_json().encode(), options)
     return manifest
 
