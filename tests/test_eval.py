@@ -100,7 +100,9 @@ def test_end_to_end_evaluation_with_plots_and_cache(ray_cluster, synth_suite, ti
 
     datasets = [resolve_dataset(n, synth_suite) for n in ("synth-ext-1", "synth-ood")]
     logs = []
-    res = evaluate([str(tiny_export), "pixels"], datasets, str(tmp_path), "val", bootstrap_n=200, log=logs.append)
+    # features in this process (the v2 reproduction's path); Ray Data's are checked against them below
+    res = evaluate([str(tiny_export), "pixels"], datasets, str(tmp_path), "val", bootstrap_n=200, in_process=True,
+                   log=logs.append)
     assert len(res["rows"]) == 2 * 2 * 3
     data = json.loads((tmp_path / "results.json").read_text())
     row = data["rows"][0]
@@ -115,17 +117,17 @@ def test_end_to_end_evaluation_with_plots_and_cache(ray_cluster, synth_suite, ti
     res2 = evaluate([str(tiny_export), "pixels"], datasets, str(tmp_path), "val", bootstrap_n=200, plots=False, log=logs2.append)
     assert not any("features:" in line for line in logs2)  # every feature came from the cache
     assert res2["rows"] == res["rows"]
-    # features computed in this process (the v2 reproduction's path) equal Ray Data's, image by image
+    # Ray Data's features (the cluster path) equal those computed in this process, image by image
     from hierdino.eval.features import dataset_features, resolve_model
 
     spec = resolve_model(str(tiny_export), 64)
-    cached = dataset_features(spec, datasets[0], str(tmp_path / "features"), log=logs2.append)
-    local = dataset_features(spec, datasets[0], None, in_process=True, log=logs2.append)
-    assert not any("features:" in line for line in logs2[:-1])  # the first call read the Ray Data features
-    a, b = np.argsort(cached.image_ids), np.argsort(local.image_ids)
-    assert list(cached.image_ids[a]) == list(local.image_ids[b]) and len(a) == len(set(local.image_ids))
-    np.testing.assert_allclose(local.features[b], cached.features[a], rtol=1e-4, atol=1e-5)
-    assert list(local.labels[b]) == list(cached.labels[a]) and list(local.splits[b]) == list(cached.splits[a])
+    cached = dataset_features(spec, datasets[0], str(tmp_path / "features"), in_process=True, log=logs2.append)
+    assert not any("features:" in line for line in logs2)  # read from the cache the first evaluation wrote
+    ray_data = dataset_features(spec, datasets[0], None, log=logs2.append)
+    a, b = np.argsort(ray_data.image_ids), np.argsort(cached.image_ids)
+    assert list(ray_data.image_ids[a]) == list(cached.image_ids[b]) and len(a) == len(set(cached.image_ids))
+    np.testing.assert_allclose(cached.features[b], ray_data.features[a], rtol=1e-4, atol=1e-5)
+    assert list(cached.labels[b]) == list(ray_data.labels[a]) and list(cached.splits[b]) == list(ray_data.splits[a])
 
 
 def test_bad_model_spec_is_clear(tmp_path):

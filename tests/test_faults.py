@@ -127,7 +127,7 @@ def _wait_for(p, text, lines, timeout=300):
 
 
 def test_object_store_outage_during_a_run(s3_server, synth_suite, tmp_path):
-    """One run on S3 storage (run.storage_retry_s=20): SeaweedFS stopped for 8 s after step 5, then
+    """One run on S3 storage (run.storage_retry_s=10): SeaweedFS stopped for 5 s after step 5, then
     restarted: the run goes on, every step logged and checkpointed. Stopped again for good after step
     14: the run stops with an error naming the URI and the operation, without the secret, and its
     last checkpoint (12) is complete and loads."""
@@ -138,11 +138,11 @@ def test_object_store_outage_during_a_run(s3_server, synth_suite, tmp_path):
     opts = storage.StorageOptions(**s3_server.storage_options())
     lines: list[str] = []
     p = _pretrain(tmp_path, synth_suite, "run.storage=s3://outage/runs", "run.name=flaky", "checkpoint.every_steps=4",
-                  "train.steps=40", "run.storage_retry_s=20", "scaling.max_failures=0", env=env, local=True)
+                  "train.steps=40", "run.storage_retry_s=10", "scaling.max_failures=0", env=env, local=True)
     try:
         _wait_for(p, "step 5/40 | loss", lines)
         s3_server.outage()
-        time.sleep(8)
+        time.sleep(5)  # the checkpoint of step 8 (or 12) meets it: steps take ~0.3 s
         s3_server.back()
         _wait_for(p, "step 14/40 | loss", lines)
         s3_server.outage()
@@ -152,10 +152,10 @@ def test_object_store_outage_during_a_run(s3_server, synth_suite, tmp_path):
             p.kill()
         s3_server.back()
     out = "".join(lines) + rest
-    assert "retrying for up to 20 s" in out, out[-4000:]  # the first outage was met, and waited out
+    assert "retrying for up to 10 s" in out, out[-4000:]  # the first outage was met, and waited out
     assert p.returncode != 0, out[-4000:]
     # the first storage call of the next checkpoint names itself: the stale-marker check or a write
-    assert re.search(r"cannot (write|delete|look up) s3://outage/runs/flaky/", out) and "retry window 20 s" in out, out[-4000:]
+    assert re.search(r"cannot (write|delete|look up) s3://outage/runs/flaky/", out) and "retry window 10 s" in out, out[-4000:]
     assert s3_server.secret_key not in out
     found = latest_complete("s3://outage/runs/flaky", opts)
     assert found.step == 12 and verify(found.uri, opts) is None
