@@ -130,6 +130,13 @@ def test_end_to_end_evaluation_with_plots_and_cache(ray_cluster, synth_suite, ti
     assert list(cached.labels[b]) == list(ray_data.labels[a]) and list(cached.splits[b]) == list(ray_data.splits[a])
 
 
+def test_eval_features_auto_stays_in_process_on_a_one_node_cpu_cluster(ray_cluster):
+    from hierdino.eval.features import features_in_process
+
+    assert not ray_cluster.cluster_resources().get("GPU") and len(ray_cluster.nodes()) == 1
+    assert features_in_process("auto") and features_in_process("local") and not features_in_process("ray")
+
+
 def test_bad_model_spec_is_clear(tmp_path):
     from hierdino.eval.features import resolve_model
 

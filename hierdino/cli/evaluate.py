@@ -20,7 +20,7 @@ from pathlib import Path
 from hierdino.cli import user_errors
 from hierdino.eval.probes import PROBES
 from hierdino.data.suite import EXTERNAL_SETS, resolve_dataset
-from hierdino.eval.features import resolve_model
+from hierdino.eval.features import features_in_process, resolve_model
 from hierdino.eval.report import evaluate, markdown_table
 from hierdino.runtime import init_ray
 
@@ -40,6 +40,9 @@ def main(argv=None) -> int:
     p.add_argument("--patch-mean", action="store_true", help="concatenate the mean patch token to CLS")
     p.add_argument("--baselines", action="store_true", help="also a random backbone of the first model's arch and raw pixels")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--features", choices=("auto", "ray", "local"), default="auto",
+                   help="where features are computed: a Ray Data actor pool, this process, or auto (this process on "
+                        "a one-node cluster without GPUs)")
     args = p.parse_args(argv)
     if args.bootstrap < 1000:
         print(f"note: --bootstrap {args.bootstrap} is below the 1000 resamples the reports assume", file=sys.stderr)
@@ -53,7 +56,7 @@ def main(argv=None) -> int:
     datasets = [resolve_dataset(d, suite) for d in args.datasets]
     init_ray()
     res = evaluate(models, datasets, args.out, args.split, tuple(args.probes), args.bootstrap, args.seed, args.metric,
-                   args.patch_mean, plots=not args.no_plots)
+                   args.patch_mean, plots=not args.no_plots, in_process=features_in_process(args.features))
     print(markdown_table(res))
     print(f"wrote {args.out}/results.json, {args.out}/results.md and {len(res.get('plots', []))} plots")
     return 0

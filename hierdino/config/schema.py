@@ -170,6 +170,10 @@ class EvalConfig:
     batch_size: int = _f(128, min=1)
     bootstrap: int = _f(1000, min=10)
     at_end: bool = _f(True)
+    features: Literal["auto", "ray", "local"] = _f("auto", doc="where the end-of-run evaluation computes features: "
+                                                   "'ray' (a Ray Data actor pool, on the cluster's GPUs), 'local' "
+                                                   "(the driver process), 'auto' (local on a one-node cluster "
+                                                   "without GPUs, else ray)")
 
 
 @dataclass

@@ -177,6 +177,17 @@ def _extract_in_process(model: ModelSpec, dataset_uri: str, patch_mean: bool, ba
     return parts
 
 
+def features_in_process(where: str) -> bool:
+    """``eval.features``: ``local`` computes features in the driver process, ``ray`` with a Ray Data
+    actor pool, ``auto`` in the driver on a one-node cluster without GPUs (a laptop, CI: the pool's
+    start-up, ~10 s per model and dataset, costs more than the features) and with Ray Data elsewhere."""
+    if where != "auto":
+        return where == "local"
+    import ray  # heavy: the cluster is up whenever an evaluation runs
+
+    return not ray.cluster_resources().get("GPU", 0) and sum(n["Alive"] for n in ray.nodes()) == 1
+
+
 def dataset_features(model: ModelSpec, dataset_uri: str, cache_dir: str | None = None, patch_mean: bool = False,
                      batch_size: int = 128, actors: int = 1, options=None, in_process: bool = False,
                      log=print) -> DatasetFeatures:

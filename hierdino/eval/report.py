@@ -8,7 +8,7 @@ import time
 from hierdino import storage
 from hierdino.data import shards
 from hierdino.data.suite import resolve_dataset
-from hierdino.eval.features import dataset_features, resolve_model
+from hierdino.eval.features import dataset_features, features_in_process, resolve_model
 from hierdino.eval.metrics import EncodedPredictions, bootstrap, tree_feature_spearman
 from hierdino.eval.plots import write_plots
 from hierdino.eval.probes import PROBES, fit_predict
@@ -100,7 +100,8 @@ def evaluate_run_at_end(cfg, run_dir: str, log=print) -> dict:
     log(f"[hierdino] evaluating {run_dir} on {', '.join(cfg.eval.datasets)} ({cfg.eval.split} split)")
     options = StorageOptions.from_config(cfg)
     res = evaluate([run_dir], datasets, out, cfg.eval.split, bootstrap_n=cfg.eval.bootstrap,
-                   default_img_size=cfg.eval.image_size or cfg.data.image_size, options=options, log=log)
+                   default_img_size=cfg.eval.image_size or cfg.data.image_size, options=options,
+                   in_process=features_in_process(cfg.eval.features), log=log)
     log(markdown_table(res))
     log(f"[hierdino] evaluation report: {storage.join(out, 'results.md')}")
     tb = RunLog(run_dir, jsonl=False, options=options)  # the external scores beside the training curves in TensorBoard

@@ -23,7 +23,7 @@ from hierdino.train.checkpoint import Found, latest_complete, run_uri
 RESUMABLE = (
     "train.steps", "train.stop_at_step", "train.log_every", "train.compile", "train.skip_nonfinite_steps",
     "train.stop_on_collapse", "data.synth_cache", "data.num_cpus_per_map", "data.s3_endpoint", "data.s3_region",
-    "data.max_corrupt_fraction", "model.init_weights", "model.init_strict", "model.init_tower",
+    "data.max_corrupt_fraction", "data.decode", "data.jpeg_draft", "model.init_weights", "model.init_strict", "model.init_tower",
     "scaling.", "checkpoint.", "eval.", "run.",
 )
 
