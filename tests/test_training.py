@@ -31,14 +31,14 @@ def test_embedded_default_stopped_by_sigterm_then_resumed_to_the_end(ray_cluster
     the step in flight and exits 0; the same command resumes there and finishes with the evaluation."""
     env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
     cmd = [sys.executable, str(REPO / "jobs/pretrain.py"), "--set", f"data.synth_cache={synth_suite}",
-           "--set", f"run.storage={tmp_path}", "--set", "train.steps=30", "--set", "train.batch_size=16",
+           "--set", f"run.storage={tmp_path}", "--set", "train.steps=15", "--set", "train.batch_size=16",
            "--set", "scaling.cpus_per_worker=0.5", "--set", "checkpoint.every_steps=100", "--set", "train.log_every=3",
            "--set", "eval.bootstrap=200", "--set", "eval.datasets=[synth-ext-1]"]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
     first = []
     for line in p.stdout:  # wait until training is under way
         first.append(line)
-        if "step 3/30 | loss" in line:
+        if "step 3/15 | loss" in line:
             p.send_signal(signal.SIGTERM)
             break
     rest, _ = p.communicate(timeout=300)
@@ -49,7 +49,7 @@ def test_embedded_default_stopped_by_sigterm_then_resumed_to_the_end(ray_cluster
     stopped = re.search(r"stopped by SIGTERM after step (\d+); checkpoint (\S+)\. Run the same command again", text)
     assert stopped, text[-3000:]
     step = int(stopped.group(1))
-    assert 3 <= step < 30 and stopped.group(2).endswith(f"checkpoint_{step:07d}")
+    assert 3 <= step < 15 and stopped.group(2).endswith(f"checkpoint_{step:07d}")
     from hierdino.train.checkpoint import latest_complete
 
     assert latest_complete(str(tmp_path / "tiny-cpu")).step == step  # committed, checked by reading
@@ -58,12 +58,12 @@ def test_embedded_default_stopped_by_sigterm_then_resumed_to_the_end(ray_cluster
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = r.stdout
-    assert f"resuming after step {step}" in out and f"step {step}/30 | loss" not in out  # no step repeated
-    logged_steps = [s for s in range(step + 1, 31) if s % 3 == 0 or s == 30]
-    assert [out.count(f"step {s}/30 | loss") for s in logged_steps] == [1] * len(logged_steps), out[-3000:]
+    assert f"resuming after step {step}" in out and f"step {step}/15 | loss" not in out  # no step repeated
+    logged_steps = [s for s in range(step + 1, 16) if s % 3 == 0 or s == 15]
+    assert [out.count(f"step {s}/15 | loss") for s in logged_steps] == [1] * len(logged_steps), out[-3000:]
     assert "Execution plan of Dataset" not in out + r.stderr and "No pretrained configuration" not in out + r.stderr
     assert "[hierdino] model     vit_tiny_cpu at 64 px: backbone" in out
-    assert "changed: data.synth_cache:" in out and "train.steps: 500 -> 30" in out
+    assert "changed: data.synth_cache:" in out and "train.steps: 500 -> 15" in out
     tail = out.strip().splitlines()[-2:]
     assert tail[0] == f"[hierdino] run         {tmp_path}/tiny-cpu"
     assert tail[1].endswith("export/teacher_backbone.safetensors")
