@@ -87,6 +87,10 @@ def main(argv=None) -> int:
     print(f"[hierdino] finished    step {final.get('step')} in {(time.time() - t0) / 60:.1f} min; "
           f"{final.get('images_per_s', 0):.1f} images/s in the training loop")
     print(f"[hierdino] checkpoint  {final.get('checkpoint')}")
+    nodes = final.get("worker_nodes") or []
+    print(f"[hierdino] workers     {len(nodes)} on {len(set(nodes))} node(s); student parameter checksum "
+          f"{final.get('start_checksum', float('nan')):.17g} at step {final.get('start_step', 0)}, "
+          f"{final.get('final_checksum', float('nan')):.17g} at step {final.get('step')}")
     print(f"[hierdino] metrics     {final['run_dir']}/metrics.jsonl; tensorboard --logdir {final['run_dir']}/tb")
     print(f"[hierdino] run         {final['run_dir']}")
     print(f"[hierdino] export      {final.get('export') or 'none (the run stopped before train.steps)'}")
