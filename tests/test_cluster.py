@@ -97,13 +97,19 @@ def _ray_start(args: list, env: dict, ray_tmp: str) -> subprocess.Popen:
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)  # the node drains, then stops its processes
+def _stop(*procs: subprocess.Popen) -> None:
+    """SIGTERM to each `ray start --block` (not its process group: signalled together, its processes
+    die under the monitor, which then hangs for minutes). A head stops in ~3 s; a joined node drains
+    for ~30 s, so after 10 s its process group is killed (a test cluster holds nothing to save)."""
+    running = [p for p in procs if p is not None and p.poll() is None]
+    for p in running:
+        os.kill(p.pid, signal.SIGTERM)
+    deadline = time.time() + 10
+    for p in running:
         try:
-            proc.wait(timeout=60)
+            p.wait(timeout=max(1.0, deadline - time.time()))
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.killpg(p.pid, signal.SIGKILL)
 
 
 def test_documented_cluster_runs_a_two_node_fsdp_job_on_s3_that_resumes(s3_server, synth_suite, tmp_path):
@@ -163,9 +169,7 @@ def test_documented_cluster_runs_a_two_node_fsdp_job_on_s3_that_resumes(s3_serve
         first = submit("--set", "train.stop_at_step=1")
         second_out = submit()
     finally:
-        for node in (second, head):
-            if node is not None:
-                _stop(node)
+        _stop(second, head)
     # the job ran the uploaded working_dir's package (put on its PYTHONPATH by Ray), not this
     # checkout's installed one: a cluster does not need hierdino installed
     code = next(line for line in first.splitlines() if "[hierdino] code" in line)
