@@ -1,7 +1,7 @@
 """Ray Data ingest: Parquet shards -> decoded multi-crop uint8 batches for the training workers.
 
-One streaming pipeline per training dataset: a plan of (epoch, file, row group) items, files in a
-seeded order per epoch -> one ``map_batches`` that reads each item's row group and crops on CPU ->
+One streaming pipeline per training dataset: a plan of (epoch, file) items, files in a seeded order
+per epoch -> one ``map_batches`` that reads each file row group by row group and crops on CPU ->
 cut to the rows the run needs. Each worker
 iterates its split of every stream through a local shuffle buffer (row-level shuffling) and
 ``hierdino.data.mix.MixedBatches`` cuts batches that hold every dataset in its proportion.
@@ -184,15 +184,15 @@ def resume_position(consumed: int, size: int, n_files: int) -> tuple[int, int]:
 
 def read_and_crop(plan: dict, uri: str, crops: CropSpec, label_index: dict, options: StorageOptions | None = None,
                   batch_size: int = 32):
-    """``map_batches`` generator UDF: for each planned ``(epoch, path, group)`` read that row group of
-    the file (``group`` -1: all of them, in order) and yield its train rows cropped with that epoch's
-    seed (batches of ``batch_size``)."""
+    """``map_batches`` generator UDF: for each planned ``(epoch, path, first_group, end_group)`` read
+    those row groups of the file (``end_group`` -1: to the last) and yield their train rows cropped
+    with that epoch's seed (batches of ``batch_size``)."""
     columns = ["image", "image_id", "label", "split"]
     fs, _ = storage.resolve(uri, options)
-    for epoch, path, group in zip(plan["epoch"], plan["path"], plan["group"]):
+    for epoch, path, first, end in zip(plan["epoch"], plan["path"], plan["first_group"], plan["end_group"]):
         with fs.open_input_file(str(path)) as f:
             pf = pq.ParquetFile(f)
-            for g in range(pf.num_row_groups) if group < 0 else [int(group)]:
+            for g in range(int(first), pf.num_row_groups if end < 0 else int(end)):
                 table = pf.read_row_group(g, columns=columns)
                 for start in range(0, table.num_rows, batch_size):
                     rows = table.slice(start, batch_size).to_pydict()
@@ -205,12 +205,13 @@ def dataset_stream(uri: str, k: int, data: TrainData, crops: CropSpec, rows: int
                    options: StorageOptions | None = None, num_cpus: float = 1.0, batch_size: int = 32):
     """``rows`` decoded multi-crop rows of dataset ``k``, starting after ``consumed`` of its rows.
 
-    A plan of ``(epoch, file, row group)`` items, each epoch's files in a seeded order and each
-    file's row groups in order, feeds one ordered ``map_batches`` (a task per item) that crops with
-    the epoch's seed; the stream is cut at ``rows``. A task per row group, not per file: a task's
-    rows reach the worker when it ends (one block), so the first batch waits for one row group to
-    be cropped, not a whole file (at 224 px with 8 local crops, ~2 s for 256 rows against ~15 s for
-    a 2,000-image file on one core). Manifests without row-group counts get a task per file. Streaming throughout: tasks start as the consumer needs rows
+    A plan of ``(epoch, file)`` items, each epoch's files in a seeded order, feeds one ordered
+    ``map_batches`` (a task per item) that crops each file row group by row group with the epoch's
+    seed; the stream is cut at ``rows``. The first item is split in two, its first row group and
+    the rest of its file: a task's rows reach the worker when it ends (one block), so the first batch
+    waits for one row group to be cropped, not a whole file (at 224 px with 8 local crops, ~2 s for
+    256 rows against ~15 s for a 2,000-image file on one core). Later tasks stay whole files: a task
+    per row group cost the 64 px embedded default 15% of its throughput in task overhead. Streaming throughout: tasks start as the consumer needs rows
     (Ray Data's backpressure bounds memory), nothing waits for an epoch, and the first rows come from
     the first file without the later epochs competing for the CPUs (one operator, not a union of one
     pipeline per epoch). Row-level shuffling across files happens in the worker's local buffer.
@@ -218,16 +219,17 @@ def dataset_stream(uri: str, k: int, data: TrainData, crops: CropSpec, rows: int
     import ray.data  # heavy: only the driver builds datasets; the crop workers load this module too
 
     paths = shards.shard_paths(uri, options)
-    groups = data.manifests[uri].row_groups or [-1] * len(paths)  # -1: not listed (older manifests): whole files
+    groups = data.manifests[uri].row_groups or [0] * len(paths)  # 0: not listed (older manifests)
     size = data.sizes[k]
     epoch, skip = resume_position(consumed, size, len(paths))
     plan, have = [], 0.0
     while have < rows + size:  # one epoch of margin: files are only about equal in size
         order = epoch_file_order(len(paths), crops.seed, k, epoch)[skip:]
-        plan += [{"epoch": epoch, "path": paths[i], "group": g} for i in order
-                 for g in (range(groups[i]) if groups[i] > 0 else [-1])]
+        plan += [{"epoch": epoch, "path": paths[i], "first_group": 0, "end_group": -1} for i in order]
         have += size * len(order) / len(paths)
         epoch, skip = epoch + 1, 0
+    if groups[paths.index(plan[0]["path"])] != 1:  # the first task: one row group, the rest of its file next
+        plan[:1] = [dict(plan[0], end_group=1), dict(plan[0], first_group=1)]
     ds = ray.data.from_items(plan, override_num_blocks=len(plan))
     # Crop tasks take a fractional CPU share: with a whole CPU each, a 2-CPU node holding one
     # training worker and a Tune trial driver could never schedule one.
