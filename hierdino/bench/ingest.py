@@ -78,7 +78,7 @@ class _PILDataset(torch.utils.data.Dataset):
         return out
 
 
-def bench_dataloader(blobs, size, local_n, local_size, batch=64, workers=2) -> float:
+def bench_dataloader(blobs, size, local_n, local_size, batch=64, workers=2) -> tuple[float, float]:
     ds = _PILDataset(blobs, size, local_n, local_size)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers, shuffle=True, drop_last=False)
     t0, n, first = time.perf_counter(), 0, None
@@ -89,7 +89,8 @@ def bench_dataloader(blobs, size, local_n, local_size, batch=64, workers=2) -> f
 
 
 def bench_ray(uri, n_images, size, local_n, local_size, options=None, batch=64, photometric_on_cpu=True,
-              decode="cpu") -> float:
+              decode="cpu") -> tuple[float, float]:
+    """(samples/s, seconds to the first batch)."""
     data = describe_train_data([uri], load_hierarchy("wbc-h1"), None, options)
     crops = CropSpec(size, (0.32, 1.0), local_n, local_size, (0.05, 0.32), False, 0, decode=decode)
     ds = dataset_stream(uri, 0, data, crops, data.sizes[0], options=options, num_cpus=1.0, batch_size=batch)

@@ -44,8 +44,9 @@ def decode_batch(blobs, device: torch.device) -> tuple[list[torch.Tensor | None]
                     out[i] = decode_jpeg(tensors[i], mode=ImageReadMode.RGB, device=device)
                 except RuntimeError:
                     pass
-    for i, t in enumerate(tensors):
-        if t is not None and out[i] is None and i not in jpeg:
+    for i in sorted(set(range(len(tensors))) - set(jpeg)):  # other formats, and every image on a CPU device
+        t = tensors[i]
+        if t is not None:
             try:
                 out[i] = decode_image(t, mode=ImageReadMode.RGB).to(device, non_blocking=True)
             except RuntimeError:

@@ -73,8 +73,8 @@ def multicrop(batch: dict, crops: CropSpec, label_index: dict, epoch: int, split
     S, s = crops.image_size, crops.local_size
     out = {"label": np.array([-1 if batch["label"][i] is None else label_index[batch["label"][i]] for i in keep], np.int64),
            "ok": np.zeros(n, bool)}
-    views = 2 + crops.local_number + int(crops.supervised)
     if crops.decode == "device":
+        views = 2 + crops.local_number + int(crops.supervised)
         out.update(jpeg=np.empty(n, object), boxes=np.zeros((n, views, 4), np.float32), flags=np.zeros((n, views, 3), bool))
     else:
         out["global"] = np.zeros((n, 2, S, S, 3), np.uint8)
@@ -211,7 +211,8 @@ def dataset_stream(uri: str, k: int, data: TrainData, crops: CropSpec, rows: int
     the rest of its file: a task's rows reach the worker when it ends (one block), so the first batch
     waits for one row group to be cropped, not a whole file (at 224 px with 8 local crops, ~2 s for
     256 rows against ~15 s for a 2,000-image file on one core). Later tasks stay whole files: a task
-    per row group cost the 64 px embedded default 15% of its throughput in task overhead. Streaming throughout: tasks start as the consumer needs rows
+    per row group cost the 64 px embedded default 15% of its throughput in task overhead.
+    Streaming throughout: tasks start as the consumer needs rows
     (Ray Data's backpressure bounds memory), nothing waits for an epoch, and the first rows come from
     the first file without the later epochs competing for the CPUs (one operator, not a union of one
     pipeline per epoch). Row-level shuffling across files happens in the worker's local buffer.
