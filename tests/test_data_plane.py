@@ -276,9 +276,10 @@ def test_jpeg_draft_decoding_keeps_the_crops_geometry_and_statistics():
         assert sb[2] == pytest.approx(sa[2], rel=0.1)
 
 
-def test_device_decode_matches_the_cpu_crops_in_distribution():
-    """``data.decode: device`` (torchvision decode + roi_align, here on the CPU device) against the
-    PIL path on the same rows: same rows kept, same boxes and flips, close pixels and statistics."""
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_device_decode_matches_the_cpu_crops_in_distribution(device):
+    """``data.decode: device`` (torchvision decode + roi_align; nvJPEG on a GPU) against the PIL path
+    on the same rows: same rows kept, same boxes and flips, close pixels and statistics."""
     from hierdino.data.device_decode import decode_views
     from hierdino.data.synth import encode
 
@@ -294,7 +295,7 @@ def test_device_decode_matches_the_cpu_crops_in_distribution():
     planned = multicrop(batch, dataclasses.replace(spec, decode="device"), idx, epoch=2)
     assert "global" not in planned and planned["boxes"].shape == (12, 6, 4)
     raw = {k: v if v.dtype == object else torch.from_numpy(v) for k, v in planned.items()}
-    dev = decode_views(raw, 64, 3, 32, torch.device("cpu"))
+    dev = {k: v.cpu() for k, v in decode_views(raw, 64, 3, 32, torch.device(device)).items()}
     assert dev["ok"].tolist() == [i != 7 for i in range(12)] == cpu["ok"].tolist()
     assert dev["label"].tolist() == cpu["label"].tolist()
     for key, shape in (("global", (12, 2, 64, 64, 3)), ("local", (12, 3, 32, 32, 3)), ("sup", (12, 64, 64, 3))):
