@@ -50,7 +50,7 @@ def host_syncs(cfg, batch: int, device: torch.device) -> list[str]:
         finally:
             torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
-    return [f"{w.filename}:{w.lineno}: {str(w.message)[:160]}" for w in caught if "synchroniz" in str(w.message)]
+    return [f"{w.filename}:{w.lineno}: {str(w.message)[:160]}" for w in caught if "called a synchronizing" in str(w.message)]
 
 
 def decode_rates(images: int, source: int, device: torch.device) -> tuple[float, float]:

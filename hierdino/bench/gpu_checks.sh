@@ -3,6 +3,7 @@
 # and all under BUDGET_S seconds; full logs in $OUT (default /tmp/gpu-checks), a summary at the end.
 #
 #   BUDGET_S=420 bash hierdino/bench/gpu_checks.sh
+#   ONLY="device run224" RUN_ARGS=--no-dashboard bash hierdino/bench/gpu_checks.sh   # some checks; a minimal Ray
 #
 # 1. bench.device: host syncs in a step between log steps; nvJPEG decode rate vs the CPU path per core
 # 2. the crop-statistics test of data.decode=device, on the GPU (nvJPEG) as well as the CPU
@@ -23,6 +24,7 @@ SUMMARY=$OUT/summary.txt
 check() {  # check NAME SECONDS CMD... : run CMD with at most SECONDS (and what is left of the budget)
     local name=$1 limit=$2
     shift 2
+    [[ -n "${ONLY:-}" && " $ONLY " != *" $name "* ]] && return
     local left=$(( END - $(date +%s) ))
     (( left < limit )) && limit=$left
     if (( limit < 20 )); then
@@ -37,7 +39,7 @@ check() {  # check NAME SECONDS CMD... : run CMD with at most SECONDS (and what 
 
 nvidia-smi -L | tee -a "$SUMMARY"
 RUN=(jobs/pretrain.py --config vits14 --set train.steps=40 --set eval.at_end=false
-     --set data.synth_cache=/tmp/synth224 --set checkpoint.every_steps=1000)
+     --set data.synth_cache=/tmp/synth224 --set checkpoint.every_steps=1000 ${RUN_ARGS:-})
 
 check device 100 $PY -m hierdino.bench.device --config vits14 --batch 32
 check decode-test 90 $PY -m pytest -q -p no:cacheprovider tests/test_data_plane.py -k device_decode

@@ -45,7 +45,7 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, iterations
     gmax = _all_reduce(local_max.clone(), dist.ReduceOp.MAX if _dist() else None)
     q = torch.exp(logits - gmax).clamp_min(1e-30).t()  # [K, B]; the floor keeps far-off prototypes finite
     k = q.shape[0]
-    b_global = _all_reduce(torch.tensor(float(q.shape[1]), device=q.device))
+    b_global = _all_reduce(q.new_full((), float(q.shape[1])))  # a fill on the device: no host copy
     q /= _all_reduce(q.sum())
     for _ in range(iterations):
         q /= _all_reduce(q.sum(dim=1, keepdim=True))
