@@ -166,6 +166,20 @@ def test_non_finite_step_is_not_applied_then_stops_the_run_past_the_allowance(ca
         step(batch, 8)
 
 
+def test_a_non_finite_gradient_under_finite_losses_is_named_in_the_error():
+    """Finite loss terms, an infinite gradient (as memory overwritten under the backward would give):
+    the step is not applied and the error names the gradient norm, not only the finite losses."""
+    from hierdino.train.loop import NonFiniteLossError
+
+    cfg = load_config("tiny-cpu", ["model.arch=vit_micro_cpu"])
+    m = StudentTeacher(cfg, load_hierarchy("wbc-h1"))
+    step = TrainStep(m, cfg)
+    batch = make_step_batch(_synthetic_raw(8), cfg, torch.Generator().manual_seed(0), torch.device("cpu"), 8)
+    m.student["backbone"].blocks[0].mlp.fc1.weight.register_hook(lambda g: g * float("inf"))
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 1 .*dino=[0-9.]+, .*grad_norm_backbone=(inf|nan)"):
+        step(batch, 0)
+
+
 def test_batches_without_labels_or_masks_still_run_every_forward():
     """FSDP2 forwards are collectives: a rank with no labelled image must run the same modules."""
     cfg = load_config("tiny-cpu", ["model.arch=vit_micro_cpu", "data.mask_sample_prob=0.0", "data.local_crops_number=2",

@@ -16,6 +16,8 @@ local views, then the supervised view when the run has one.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -35,15 +37,16 @@ def decode_batch(blobs, device: torch.device) -> tuple[list[torch.Tensor | None]
     out: list[torch.Tensor | None] = [None] * len(tensors)
     jpeg = [i for i, b in enumerate(blobs) if b is not None and bytes(b[:2]) == _JPEG] if device.type == "cuda" else []
     if jpeg:
-        try:
-            for i, im in zip(jpeg, decode_jpeg([tensors[i] for i in jpeg], mode=ImageReadMode.RGB, device=device)):
-                out[i] = im
-        except RuntimeError:
-            for i in jpeg:
-                try:
-                    out[i] = decode_jpeg(tensors[i], mode=ImageReadMode.RGB, device=device)
-                except RuntimeError:
-                    pass
+        with _nvjpeg_stream(device, out):
+            try:
+                for i, im in zip(jpeg, decode_jpeg([tensors[i] for i in jpeg], mode=ImageReadMode.RGB, device=device)):
+                    out[i] = im
+            except RuntimeError:
+                for i in jpeg:
+                    try:
+                        out[i] = decode_jpeg(tensors[i], mode=ImageReadMode.RGB, device=device)
+                    except RuntimeError:
+                        pass
     for i in sorted(set(range(len(tensors))) - set(jpeg)):  # other formats, and every image on a CPU device
         t = tensors[i]
         if t is not None:
@@ -52,6 +55,31 @@ def decode_batch(blobs, device: torch.device) -> tuple[list[torch.Tensor | None]
             except RuntimeError:
                 pass
     return out, np.array([im is not None for im in out], bool)
+
+
+_SIDE_STREAMS: dict = {}
+
+
+@contextlib.contextmanager
+def _nvjpeg_stream(device: torch.device, out: list):
+    """Allocate nvJPEG's outputs where no queued kernel can still be using the memory.
+
+    torchvision's nvJPEG decoder writes on a stream of its own, ordered after nothing, into outputs
+    allocated on the *current* stream. On the training stream the caching allocator hands out
+    blocks that a step still queued on the device (the host runs ahead: no sync between log steps)
+    reads or writes, so the decoder would overwrite live activations or gradients (seen on an H200
+    as non-finite gradients within 5 steps). Here the outputs come from a stream used only for
+    decoding, the training stream waits for it, and each output is recorded on the training stream,
+    so its block returns to the decode pool only once the kernels queued before its release ran.
+    """
+    main = torch.cuda.current_stream(device)
+    side = _SIDE_STREAMS.setdefault(device, torch.cuda.Stream(device))
+    with torch.cuda.stream(side):
+        yield
+    main.wait_stream(side)
+    for im in out:
+        if im is not None and im.is_cuda:
+            im.record_stream(main)
 
 
 def _stack_padded(images: list[torch.Tensor]) -> torch.Tensor:

@@ -124,7 +124,8 @@ class TrainStep:
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult),
                                            lr=self.schedules.lr, betas=tuple(cfg.optim.betas), fused=True)
         self._window: torch.Tensor | None = None   # sum of [loss, terms...] over the applied steps since the last sync
-        self._bad: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (step, 0-d bad flag, values) per step since the last sync
+        # (step, 0-d bad flag, checked values, their names) per step since the last sync
+        self._bad: list[tuple[int, torch.Tensor, torch.Tensor, list[str]]] = []
         self.skipped = 0  # non-finite steps skipped so far (this process)
         self._nan_at = int(os.environ.get("HIERDINO_TEST_NAN_AT_STEP", -1))  # test-only fault injection
 
@@ -147,13 +148,14 @@ class TrainStep:
         self._drop_frozen_grads(step, s["freeze_last_layer"])
         with record_function("clip_optimizer"):
             norms = self._clip()
-            bad = ~torch.isfinite(torch.cat([values] + [n.reshape(1).float() for n in norms.values()])).all()
+            checked = torch.cat([values] + [n.reshape(1).float() for n in norms.values()])  # losses, gradient norms
+            bad = ~torch.isfinite(checked).all()
             self.optimizer.found_inf = bad.float()  # the fused AdamW skips the whole update when set (same on every rank)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         with record_function("ema"):
             self.model.update_teacher(s["momentum"])  # a skipped step leaves the student as it was
-        self._bad.append((step + 1, bad, values))  # named as the progress line does: the (step + 1)-th step
+        self._bad.append((step + 1, bad, checked, ["loss", *terms, *norms]))  # (step + 1): as the progress line counts
         kept = torch.where(bad, torch.zeros_like(values), values)
         self._window = kept if self._window is None else self._window + kept
         if not sync:
@@ -185,15 +187,15 @@ class TrainStep:
 
     def _read_window(self, step: int, names: list[str], norms: dict[str, torch.Tensor]) -> dict[str, float]:
         """The one host read: means of the applied steps since the last read, skipped steps counted."""
-        flags = torch.stack([b for _, b, _ in self._bad]).tolist()
-        bad_steps = [(st, v) for (st, _, v), f in zip(self._bad, flags) if f]
+        flags = torch.stack([b for _, b, _, _ in self._bad]).tolist()
+        bad_steps = [(st, v, n) for (st, _, v, n), f in zip(self._bad, flags) if f]
         applied = len(flags) - len(bad_steps)
         window = (self._window / max(applied, 1)).tolist()
         self._window, self._bad = None, []
         limit = self.cfg.train.skip_nonfinite_steps
-        for st, v in bad_steps:
+        for st, v, checked_names in bad_steps:
             self.skipped += 1
-            listed = ", ".join(f"{k}={x:.4g}" for k, x in zip(names, v.tolist()))
+            listed = ", ".join(f"{k}={x:.4g}" for k, x in zip(checked_names, v.tolist()))
             if self.skipped > limit:
                 raise NonFiniteLossError(
                     f"non-finite loss at step {st} (found at step {step + 1}; the step was not applied): {listed}; "
