@@ -1,6 +1,7 @@
 import math
 
 import pytest
+import numpy as np
 import torch
 
 from hierdino.losses.dino import TeacherCentering, cross_entropy_soft, dino_loss, sinkhorn_knopp
@@ -20,6 +21,22 @@ def test_sinkhorn_knopp_marginals():
     assert (q3.sum(0).std() < torch.softmax(logits / 0.5, 1).sum(0).std())  # closer to uniform than softmax
     extreme = sinkhorn_knopp(logits * 1000, 0.04)
     assert torch.isfinite(extreme).all() and torch.allclose(extreme.sum(1), torch.ones(64), atol=1e-4)
+
+
+def test_sinkhorn_knopp_equals_alternate_normalisation_of_the_full_matrix():
+    """Against the textbook form in float64 NumPy: Q = exp(logits / T), then per round prototypes
+    (columns of [B, K]) scaled to mass 1/K and samples (rows) to 1/B, finally rows to sum 1."""
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0, 0.5, (40, 24))  # exp((l - max) / T) stays above the 1e-30 floor
+    for temp, rounds in ((0.07, 3), (0.5, 1), (0.2, 10)):
+        q = np.exp((logits - logits.max()) / temp)
+        q /= q.sum()
+        for _ in range(rounds):
+            q /= q.sum(0, keepdims=True) * q.shape[1]
+            q /= q.sum(1, keepdims=True) * q.shape[0]
+        expected = q * q.shape[0]
+        got = sinkhorn_knopp(torch.tensor(logits, dtype=torch.float32), temp, iterations=rounds).double().numpy()
+        assert np.allclose(got, expected, rtol=1e-4, atol=1e-7), (temp, rounds, np.abs(got - expected).max())
 
 
 def test_ema_centering_math():

@@ -36,24 +36,27 @@ def _all_reduce(x: torch.Tensor, op=None) -> torch.Tensor:
 def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, iterations: int = 3) -> torch.Tensor:
     """Teacher targets ``[B, K]`` whose prototype marginals are uniform over the global batch.
 
-    ``Q = exp(logits / T)``, then ``iterations`` rounds of: rows (prototypes) scaled to sum 1/K,
-    columns (samples) scaled to sum 1/B_global; finally scaled so each sample's row sums to 1.
-    Prototype sums and the sample count are all-reduced across ranks.
+    With ``Q = exp(logits / T)`` (``[B, K]``), the targets are ``P = B * diag(v) Q diag(u)``, where
+    ``iterations`` rounds of
+        u <- (1/K) / (v^T Q)        (each prototype's mass over the global batch becomes 1/K)
+        v <- (1/B) / (Q u)          (each sample's mass becomes 1/B)
+    start from ``v = 1``; the final factor B makes each sample's row sum to 1. This is the usual
+    alternate row/column normalisation of ``Q``, carried as the two scaling vectors: each round
+    reads ``Q`` twice (two matrix-vector products) instead of rewriting it, which is what costs on
+    a GPU with 65,536 prototypes and thousands of masked patches. Prototype sums, the maximum
+    logit and the sample count are all-reduced across ranks.
     """
-    logits = teacher_logits.float() / teacher_temp
+    logits = teacher_logits.float()
     local_max = logits.max() if logits.numel() else logits.new_tensor(float("-inf"))  # empty: no masked patch here
     gmax = _all_reduce(local_max.clone(), dist.ReduceOp.MAX if _dist() else None)
-    q = torch.exp(logits - gmax).clamp_min(1e-30).t()  # [K, B]; the floor keeps far-off prototypes finite
-    k = q.shape[0]
-    b_global = _all_reduce(q.new_full((), float(q.shape[1])))  # a fill on the device: no host copy
-    q /= _all_reduce(q.sum())
+    q = logits.sub(gmax).div_(teacher_temp).exp_().clamp_min_(1e-30)  # [B, K]; the floor keeps far-off prototypes finite
+    b, k = q.shape
+    b_global = _all_reduce(q.new_full((), float(b)))  # a fill on the device: no host copy
+    v = q.new_ones(b)
     for _ in range(iterations):
-        q /= _all_reduce(q.sum(dim=1, keepdim=True))
-        q /= k
-        q /= q.sum(dim=0, keepdim=True)
-        q /= b_global
-    q *= b_global
-    return q.t()
+        u = _all_reduce(v @ q).mul_(k).reciprocal_()
+        v = (q @ u).mul_(b_global).reciprocal_()
+    return q.mul_(u).mul_((v * b_global)[:, None])
 
 
 class TeacherCentering(nn.Module):

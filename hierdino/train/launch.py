@@ -115,7 +115,10 @@ def build_trainer(cfg: Config, log=print, callbacks: list | None = None, preset:
                            "streams": list(datasets), "stop_flag": stop_flag},
         scaling_config=scaling, run_config=run_config, datasets=datasets,
         # Ordered streams: with the seeded file order and the step-indexed mix, a seed fixes the batches.
-        dataset_config=ray.train.DataConfig(execution_options=ordered_ingest_options()),
+        # One worker iterates its streams itself: no streaming split, so no SplitCoordinator actor per
+        # dataset (each a process of its own, seconds of start-up before the first batch on a small node).
+        dataset_config=ray.train.DataConfig(datasets_to_split="all" if workers > 1 else [],
+                                            execution_options=ordered_ingest_options()),
     )
 
 
