@@ -46,6 +46,8 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, iterations
     a GPU with 65,536 prototypes and thousands of masked patches. Prototype sums, the maximum
     logit and the sample count are all-reduced across ranks.
     """
+    if iterations < 1:
+        raise ValueError(f"sinkhorn_knopp: iterations must be >= 1, got {iterations}")
     logits = teacher_logits.float()
     local_max = logits.max() if logits.numel() else logits.new_tensor(float("-inf"))  # empty: no masked patch here
     gmax = _all_reduce(local_max.clone(), dist.ReduceOp.MAX if _dist() else None)
