@@ -20,27 +20,17 @@ import numpy as np
 import torch
 
 from hierdino.bench.ingest import _images
-from hierdino.bench.step import _raw_batch
+from hierdino.bench.step import full_step
 from hierdino.config import load_config
-from hierdino.hierarchy import load_hierarchy
 from hierdino.train.parallel import param_dtype_for, use_tensor_cores
 
 
 def host_syncs(cfg, batch: int, device: torch.device) -> list[str]:
     """The messages of every host sync one step between log steps makes (empty: none)."""
-    from hierdino.models.student_teacher import StudentTeacher  # heavy (timm)
-    from hierdino.train.loop import TrainStep, make_step_batch  # heavy (Ray Train, timm)
-
-    torch.manual_seed(0)
-    model = StudentTeacher(cfg, load_hierarchy(cfg.hierarchy.name)).to(device)
-    model.backbone_autocast = param_dtype_for(cfg.train.precision, device) != torch.float32
-    step = TrainStep(model, cfg)
-    raw = _raw_batch(cfg, batch)
-    gen, dgen = torch.Generator().manual_seed(0), torch.Generator(device=device).manual_seed(1)
-    grid = cfg.data.image_size // model.patch_size
+    step, next_batch = full_step(cfg, batch, device, param_dtype_for(cfg.train.precision, device))
     for i in range(2):  # warm: lazily created state (optimizer, centers, the first log step's reads)
-        step(make_step_batch(raw, cfg, gen, device, grid, dgen), 1000 + i, sync=True)
-    b = make_step_batch(raw, cfg, gen, device, grid, dgen)
+        step(next_batch(), 1000 + i, sync=True)
+    b = next_batch()
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -65,7 +65,9 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int | None = None, 
     return 2 * n ** 3 * reps / (time.perf_counter() - t0)
 
 
-def time_full_step(cfg, batch: int, steps: int, device: torch.device, dtype: torch.dtype):
+def full_step(cfg, batch: int, device: torch.device, dtype: torch.dtype):
+    """The trainer's step on one synthetic batch: ``(step_fn, next_batch)``, where
+    ``step_fn(next_batch(), step, sync=...)`` runs one full training step."""
     from hierdino.models.student_teacher import StudentTeacher  # heavy (timm): not for --help or a config error
     from hierdino.train.loop import TrainStep, compile_blocks, make_step_batch  # heavy (Ray Train, timm), likewise
 
@@ -74,14 +76,18 @@ def time_full_step(cfg, batch: int, steps: int, device: torch.device, dtype: tor
     model.backbone_autocast = dtype != torch.float32  # as the trainer: backbones in bf16, heads/losses fp32
     if cfg.train.compile:
         compile_blocks(model)
-    step_fn = TrainStep(model, cfg)
     raw = _raw_batch(cfg, batch)
     gen = torch.Generator().manual_seed(0)
     dgen = None if device.type == "cpu" else torch.Generator(device=device).manual_seed(1)
     grid = cfg.data.image_size // model.patch_size
+    return TrainStep(model, cfg), lambda: make_step_batch(raw, cfg, gen, device, grid, dgen)
+
+
+def time_full_step(cfg, batch: int, steps: int, device: torch.device, dtype: torch.dtype):
+    step_fn, next_batch = full_step(cfg, batch, device, dtype)
 
     def one(i: int, sync: bool = False):
-        step_fn(make_step_batch(raw, cfg, gen, device, grid, dgen), 1000 + i, sync=sync)
+        step_fn(next_batch(), 1000 + i, sync=sync)
 
     one(0, sync=True)  # warm-up
     with FlopCounterMode(display=False) as fc:
@@ -118,9 +124,13 @@ def profile_parts(one, steps: int, device: torch.device) -> dict[str, float]:
         host = [ev for ev in prof.events() if ev.device_type == DeviceType.CPU and not ev.is_async]
         main = {ev.thread for ev in host if ev.name in PARTS}
         for ev in host:
-            name = ev.name if ev.name in PARTS else "backward" if ev.cpu_parent is None and ev.thread not in main else None
-            if name:
-                out[name] = out.get(name, 0.0) + ev.device_time_total / 1000 / steps
+            if ev.name in PARTS:
+                name = ev.name
+            elif ev.cpu_parent is None and ev.thread not in main:
+                name = "backward"
+            else:
+                continue
+            out[name] = out.get(name, 0.0) + ev.device_time_total / 1000 / steps
     else:
         for ev in prof.key_averages():
             if ev.key in PARTS:

@@ -67,7 +67,7 @@ TRAIN_SETS = ("synth-fine", "synth-coarse", "synth-unlabeled")
 # Fewest images of a class in each split of an external set (training sets: 1).
 MIN_PER_CLASS = {"train": 20, "val": 10, "test": 10}
 # Written into every manifest; a cached suite of another version is rebuilt (2: plan() changed;
-# 3: same images, manifests that list each shard's row groups for the ingest's per-group tasks).
+# 3: same images, manifests that list each shard's row groups for the ingest's first task).
 SUITE_VERSION = 3
 EXTERNAL_SETS = ("synth-ext-1", "synth-ext-2", "synth-ood")
 
