@@ -6,12 +6,14 @@ the overhead of 2 Ray Train workers (FSDP2), all in one run.
 - bare step: the student backbone alone on the same global crops, a linear head and
   cross-entropy, AdamW; single process;
 - MFU: FLOPs of one full step (``torch.utils.flop_counter``) per second, against the measured
-  peak of a large matmul on the same device in the same dtype;
+  peak of a large matmul on the same device in the same dtype; the same for the bare step, and the
+  FLOP ratio of the two (the full/bare time ratio a step as efficient as the bare one would have);
 - Ray overhead: step time with 2 workers (FSDP2, each with half the batch) over the
   single-process full step (CPU only; on one GPU the multi-worker part is skipped).
 
 - breakdown: the time of each named part of the full step (augmentation, teacher, student
-  forwards, heads + losses, backward, clipping + optimizer, EMA) from ``torch.profiler``.
+  forwards, heads + losses, backward, clipping + optimizer, EMA) from ``torch.profiler``; on a GPU
+  also its busy time (kernels and copies) against the unprofiled step time.
 
   python -m hierdino.bench.step [--config tiny-cpu] [--steps 10] [--batch 32] [--no-ray]
   python -m hierdino.bench.step --config vits14 --batch 64     # on a GPU, bf16
@@ -65,17 +67,28 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int | None = None, 
     return 2 * n ** 3 * reps / (time.perf_counter() - t0)
 
 
-def full_step(cfg, batch: int, device: torch.device, dtype: torch.dtype):
+def full_step(cfg, batch: int, device: torch.device, dtype: torch.dtype, fsdp: bool = False):
     """The trainer's step on one synthetic batch: ``(step_fn, next_batch)``, where
-    ``step_fn(next_batch(), step, sync=...)`` runs one full training step."""
+    ``step_fn(next_batch(), step, sync=...)`` runs one full training step.
+
+    As the trainer on one worker: bf16 autocast of the backbone forwards (heads and losses fp32);
+    with ``fsdp``, as on several: FSDP2 (here over one rank) with ``dtype`` parameters everywhere.
+    """
+    import torch.distributed as dist
+
     from hierdino.models.student_teacher import StudentTeacher  # heavy (timm): not for --help or a config error
     from hierdino.train.loop import TrainStep, compile_blocks, make_step_batch  # heavy (Ray Train, timm), likewise
 
     torch.manual_seed(0)
     model = StudentTeacher(cfg, load_hierarchy(cfg.hierarchy.name)).to(device)
-    model.backbone_autocast = dtype != torch.float32  # as the trainer: backbones in bf16, heads/losses fp32
     if cfg.train.compile:
         compile_blocks(model)
+    if fsdp:
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+        apply_fsdp(model, init_device_mesh(device.type, (1,)), dtype, torch.float32)
+    else:
+        model.backbone_autocast = dtype != torch.float32
     raw = _raw_batch(cfg, batch)
     gen = torch.Generator().manual_seed(0)
     dgen = None if device.type == "cpu" else torch.Generator(device=device).manual_seed(1)
@@ -83,8 +96,8 @@ def full_step(cfg, batch: int, device: torch.device, dtype: torch.dtype):
     return TrainStep(model, cfg), lambda: make_step_batch(raw, cfg, gen, device, grid, dgen)
 
 
-def time_full_step(cfg, batch: int, steps: int, device: torch.device, dtype: torch.dtype):
-    step_fn, next_batch = full_step(cfg, batch, device, dtype)
+def time_full_step(cfg, batch: int, steps: int, device: torch.device, dtype: torch.dtype, fsdp: bool = False):
+    step_fn, next_batch = full_step(cfg, batch, device, dtype, fsdp)
 
     def one(i: int, sync: bool = False):
         step_fn(next_batch(), 1000 + i, sync=sync)
@@ -131,11 +144,14 @@ def profile_parts(one, steps: int, device: torch.device) -> dict[str, float]:
             else:
                 continue
             out[name] = out.get(name, 0.0) + ev.device_time_total / 1000 / steps
+        # Kernels and copies themselves: well under the unprofiled step time, the GPU waits for the host.
+        busy = sum(ev.time_range.elapsed_us() for ev in prof.events() if ev.device_type == DeviceType.CUDA)
+        out["gpu_busy"] = busy / 1000 / steps
     else:
         for ev in prof.key_averages():
             if ev.key in PARTS:
                 out[ev.key] = out.get(ev.key, 0.0) + ev.cpu_time_total / 1000 / steps
-    out["other"] = max(wall - sum(out.values()), 0.0)
+    out["other"] = max(wall - sum(v for k, v in out.items() if k != "gpu_busy"), 0.0)
     out["wall"] = wall
     attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     ops = sorted((ev for ev in prof.key_averages() if ev.key not in PARTS), key=lambda ev: -getattr(ev, attr, 0))
@@ -143,7 +159,7 @@ def profile_parts(one, steps: int, device: torch.device) -> dict[str, float]:
     return out
 
 
-def time_bare_step(cfg, batch: int, steps: int, device: torch.device, dtype: torch.dtype) -> float:
+def time_bare_step(cfg, batch: int, steps: int, device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
     from hierdino.models.backbone import build_backbone  # heavy (timm): not for --help or a config error
 
     torch.manual_seed(0)
@@ -163,12 +179,14 @@ def time_bare_step(cfg, batch: int, steps: int, device: torch.device, dtype: tor
         opt.zero_grad(set_to_none=True)
 
     one()
+    with FlopCounterMode(display=False) as fc:
+        one()
     _sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         one()
     _sync(device)
-    return (time.perf_counter() - t0) / steps
+    return (time.perf_counter() - t0) / steps, fc.get_total_flops()
 
 
 def _ray_worker(config: dict) -> dict:
@@ -217,6 +235,8 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=None, help="images per step (default: train.batch_size)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--no-ray", action="store_true")
+    p.add_argument("--fsdp", action="store_true", help="the full step under FSDP2 over one rank (parameters in the "
+                   "training dtype, as a multi-worker run) instead of bf16 autocast of the backbones")
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     batch = args.batch or cfg.train.batch_size
@@ -226,15 +246,25 @@ def main(argv=None) -> None:
     if device.type == "cpu":
         torch.set_num_threads(1)  # compare per core with the 1-CPU Ray workers
     peak = matmul_peak(device, dtype)
-    full_s, flops, parts = time_full_step(cfg, batch, args.steps, device, dtype)
-    bare_s = time_bare_step(cfg, batch, args.steps, device, dtype)
-    print(f"{args.config} ({cfg.model.arch}, {cfg.data.image_size} px, batch {batch}, {device}, {dtype})")
+    full_s, flops, parts = time_full_step(cfg, batch, args.steps, device, dtype, args.fsdp)
+    bare_s, bare_flops = time_bare_step(cfg, batch, args.steps, device, dtype)
+    print(f"{args.config} ({cfg.model.arch}, {cfg.data.image_size} px, batch {batch}, {device}, {dtype}"
+          f"{', full step under FSDP2 on one rank' if args.fsdp else ''})")
     print(f"  bare step (backbone fwd/bwd + AdamW)     {1000 * bare_s:9.1f} ms")
     print(f"  full step (teacher, student, 4 losses, EMA) {1000 * full_s:6.1f} ms   ratio full/bare {full_s / bare_s:5.2f}x")
     print(f"  full step FLOPs {flops / 1e9:.1f} GFLOP -> {flops / full_s / 1e12:.3f} TFLOP/s; matmul peak "
           f"{peak / 1e12:.3f} TFLOP/s; MFU {100 * flops / full_s / peak:.1f}%")
+    # The full step also runs the student on the local crops and the supervised view, the teacher and
+    # the heads: at the bare step's FLOP rate its time would be the FLOP ratio times the bare step's.
+    print(f"  bare step FLOPs {bare_flops / 1e9:.1f} GFLOP -> {bare_flops / bare_s / 1e12:.3f} TFLOP/s, MFU "
+          f"{100 * bare_flops / bare_s / peak:.1f}%; FLOPs full/bare {flops / bare_flops:.2f}x (the time ratio at equal "
+          f"FLOP rates), measured {full_s / bare_s:.2f}x")
     breakdown = parts()
     wall, top = breakdown.pop("wall"), breakdown.pop("top")
+    if "gpu_busy" in breakdown:
+        busy = breakdown.pop("gpu_busy")
+        print(f"  GPU busy (kernels and copies, profiled) {busy:.1f} ms per step = {100 * busy / (1000 * full_s):.0f}% "
+              f"of the unprofiled step: the rest the GPU waits for the host")
     print(f"  full step by part (torch.profiler, {'device' if device.type == 'cuda' else 'CPU'} time, ms per step; "
           f"profiled wall {wall:.1f} ms, shares of it):")
     for name, ms in breakdown.items():

@@ -48,11 +48,20 @@ def make_step_batch(raw: dict, cfg: Config, gen: torch.Generator, device: torch.
 
     Everything whose size depends on the data (the valid rows, the labelled rows, the masked
     patches) is selected on the host, where it is free; the device work has fixed shapes and never
-    reads values back. Masks come from ``gen`` (host), photometric parameters from ``device_gen``
+    reads values back. On a GPU the host tensors are staged in pinned memory first: a copy from
+    pageable memory blocks the host until the GPU has drained the work queued before it, so the
+    host could not queue the next step while the GPU runs this one. Masks come from ``gen`` (host), photometric parameters from ``device_gen``
     (default ``gen``; give a generator on ``device`` for GPU runs).
     """
     with record_function("augment"):
         return _make_step_batch(raw, cfg, gen, device, grid, device_gen or gen)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor -> ``device`` without blocking the host: through pinned memory on a GPU."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 def _make_step_batch(raw, cfg, gen, device, grid, dgen) -> StepBatch:
@@ -62,25 +71,25 @@ def _make_step_batch(raw, cfg, gen, device, grid, dgen) -> StepBatch:
     def rows(t: torch.Tensor) -> torch.Tensor:
         return t if all_ok else t[ok]
 
-    g = rows(raw["global"]).to(device, non_blocking=True)
+    g = to_device(rows(raw["global"]), device)
     b = g.shape[0]
     crops = [photometric(g[:, 0], dgen, blur_p=1.0), photometric(g[:, 1], dgen, blur_p=0.1, solarize_p=0.2)]
     local = None
     if "local" in raw and cfg.data.local_crops_number > 0:
-        loc = rows(raw["local"]).to(device, non_blocking=True)
+        loc = to_device(rows(raw["local"]), device)
         loc = loc.transpose(0, 1).reshape(-1, *loc.shape[2:])  # crop-major
         local = photometric(loc, dgen, blur_p=0.5)
     host_labels = rows(raw["label"])
-    labels = host_labels.to(device, non_blocking=True)
+    labels = to_device(host_labels, device)
     sup_images = sup_labels = None
     if "sup" in raw:
         has = host_labels >= 0
-        sup_labels = host_labels[has].to(device, non_blocking=True)
+        sup_labels = to_device(host_labels[has], device)
         sup = rows(raw["sup"])
-        sup_images = photometric((sup if bool(has.all()) else sup[has]).to(device, non_blocking=True), dgen, blur_p=0.5)
+        sup_images = photometric(to_device(sup if bool(has.all()) else sup[has], device), dgen, blur_p=0.5)
     masks = ibot_masks(2 * b, grid, cfg.data.mask_sample_prob, tuple(cfg.data.mask_ratio), gen)
-    mask_index = masks.flatten().nonzero().squeeze(1).to(device, non_blocking=True)
-    return StepBatch(torch.cat(crops), local, masks.to(device, non_blocking=True), labels, sup_images, sup_labels,
+    mask_index = to_device(masks.flatten().nonzero().squeeze(1), device)
+    return StepBatch(torch.cat(crops), local, to_device(masks, device), labels, sup_images, sup_labels,
                      mask_index)
 
 
