@@ -145,7 +145,8 @@ def profile_parts(one, steps: int, device: torch.device) -> dict[str, float]:
                 continue
             out[name] = out.get(name, 0.0) + ev.device_time_total / 1000 / steps
         # Kernels and copies themselves: well under the unprofiled step time, the GPU waits for the host.
-        busy = sum(ev.time_range.elapsed_us() for ev in prof.events() if ev.device_type == DeviceType.CUDA)
+        busy = sum(ev.time_range.elapsed_us() for ev in prof.events()
+                   if ev.device_type == DeviceType.CUDA and ev.name not in PARTS)  # not the regions' device-side spans
         out["gpu_busy"] = busy / 1000 / steps
     else:
         for ev in prof.key_averages():

@@ -28,18 +28,23 @@ def apply_fsdp(model, mesh, param_dtype: torch.dtype = torch.float32, reduce_dty
     """``fully_shard`` every transformer block, then each root (backbone, heads), for student and teacher alike.
 
     The student and teacher are sharded identically, so their local shards line up for the EMA.
+    On one rank resharding saves no memory: the student then keeps its gathered (``param_dtype``)
+    parameters from its first forward of a step (global, local and supervised crops) to the end of
+    its backward, instead of gathering them again for every forward and backward.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # heavy (about 1 s): only sharding needs FSDP
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    one_rank = mesh.size() == 1
     for tower in (model.student, model.teacher):
         # The teacher only runs forward: its roots must reshard too, or their parameters stay
-        # unsharded after the forward and no longer line up with the student's shards.
-        reshard = True if tower is model.teacher else None
+        # unsharded after the forward and no longer line up with the student's shards. (The
+        # student's reshard after its backward whatever this setting.)
+        teacher = tower is model.teacher
         for block in tower["backbone"].blocks:
-            fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
+            fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=teacher or not one_rank)
         for root in tower.values():  # backbone (embeddings, final norm) and each head
-            fully_shard(root, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+            fully_shard(root, mesh=mesh, mp_policy=mp, reshard_after_forward=True if teacher else False if one_rank else None)
     if model.sup_head is not None:
         fully_shard(model.sup_head, mesh=mesh, mp_policy=mp)
 
