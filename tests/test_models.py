@@ -325,3 +325,38 @@ def test_a_step_between_log_steps_reads_nothing_back_from_the_device(extra):
     with _HostReads() as reads:  # the check itself sees reads: a log step makes them
         out = step(batch, 2, monitor=True, sync=True)
     assert reads.calls and math.isfinite(out["dino"])
+
+
+def test_fsdp2_over_one_rank_trains_as_the_plain_model():
+    """FSDP2 over one rank (the student keeping its gathered parameters through the step, the teacher
+    resharding after each forward) gives the unsharded model's losses and EMA teacher step for step;
+    ``param_checksum`` all-reduces the shards on their device."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from hierdino.train.parallel import apply_fsdp, local_param_fraction, param_checksum
+
+    cfg = load_config("tiny-cpu", ["model.arch=vit_micro_cpu", "optim.warmup_steps=0", "optim.freeze_last_layer_steps=0"])
+    raw = _synthetic_raw(8)
+
+    def run(fsdp: bool):
+        torch.manual_seed(0)
+        m = StudentTeacher(cfg, load_hierarchy("wbc-h1"))
+        if fsdp:
+            apply_fsdp(m, init_device_mesh("cpu", (1,)))
+        step, gen = TrainStep(m, cfg), torch.Generator().manual_seed(0)
+        losses = [step(make_step_batch(raw, cfg, gen, torch.device("cpu"), 8), i)["loss"] for i in range(3)]
+        return m, losses, param_checksum(m.teacher)
+
+    plain, plain_losses, plain_sum = run(False)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        sharded, losses, checksum = run(True)
+        assert any(hasattr(p, "to_local") for p in sharded.student.parameters())  # really sharded
+        assert local_param_fraction(sharded.student) == 1.0
+    finally:
+        dist.destroy_process_group()
+    assert losses == pytest.approx(plain_losses, rel=1e-5)
+    assert plain_losses[2] < plain_losses[0]  # it trained: the teachers below moved the same way
+    assert checksum == pytest.approx(plain_sum, rel=1e-9)
+    assert checksum != pytest.approx(param_checksum(StudentTeacher(cfg, load_hierarchy("wbc-h1")).teacher), rel=1e-9)

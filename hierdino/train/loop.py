@@ -223,9 +223,7 @@ class TrainStep:
 
 def build_model(cfg: Config, device: torch.device, world: int, say) -> StudentTeacher:
     """Student and teacher on ``device``: pretrained weights, compiled blocks, FSDP2 over ``world``
-    ranks. On one GPU too: FSDP2's mixed precision runs the whole model on bf16 copies of the fp32
-    parameters (``hierdino.bench.step --fsdp``; the same step under autocast was 8% slower on
-    ViT-L/14). One CPU worker runs plain fp32."""
+    ranks (or bf16 autocast of the backbone forwards on one)."""
     torch.manual_seed(cfg.train.seed)  # identical initialisation on every rank
     model = StudentTeacher(cfg, load_hierarchy(cfg.hierarchy.name))
     if cfg.model.init_weights:
@@ -235,8 +233,10 @@ def build_model(cfg: Config, device: torch.device, world: int, say) -> StudentTe
     if cfg.train.compile:
         compile_blocks(model)
     dtype = param_dtype_for(cfg.train.precision, device)
-    if world > 1 or dtype != torch.float32:
+    if world > 1:
         apply_fsdp(model, init_device_mesh(device.type, (world,)), dtype, torch.float32)
+    elif dtype == torch.bfloat16:
+        model.backbone_autocast = True
     return model
 
 

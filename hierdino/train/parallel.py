@@ -59,11 +59,17 @@ def local_param_fraction(module: nn.Module) -> float:
 
 
 def param_checksum(module: nn.Module) -> float:
-    """Sum of all parameters (float64), all-reduced over shards: equal across runs iff the weights are (almost surely)."""
-    total = torch.zeros((), dtype=torch.float64)
-    for p in module.parameters():
-        local = p.to_local() if hasattr(p, "to_local") else p
-        total += local.detach().double().sum().cpu() + (local.detach().double() ** 2).sum().cpu() * 1e-3
+    """Sum of all parameters (float64), all-reduced over shards: equal across runs iff the weights are (almost surely).
+
+    Summed and all-reduced on the parameters' device: NCCL, the GPU backend, has no CPU tensors.
+    """
+    locals_ = [p.to_local() if hasattr(p, "to_local") else p for p in module.parameters()]
+    if not locals_:
+        return 0.0
+    total = torch.zeros((), dtype=torch.float64, device=locals_[0].device)
+    for local in locals_:
+        x = local.detach().double()
+        total += x.sum() + (x ** 2).sum() * 1e-3
     if dist.is_initialized() and any(hasattr(p, "to_local") for p in module.parameters()):
         dist.all_reduce(total)
     return float(total)
