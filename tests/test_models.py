@@ -1,4 +1,5 @@
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -193,9 +194,32 @@ def test_batches_without_labels_or_masks_still_run_every_forward():
     batch = make_step_batch(raw, cfg, torch.Generator().manual_seed(0), torch.device("cpu"), 8)
     assert batch.sup_images.shape[0] == 0 and not batch.masks.any()
     loss, terms, _ = m.losses(batch, 0.04)
-    assert calls.count("backbone") == 3 and calls.count("ibot") == 1  # global, local, supervised stand-in
+    assert calls.count("backbone") == 2 and calls.count("ibot") == 1  # global (+ supervised views), local
     assert terms["sup"].item() == 0.0 and terms["ibot"].item() == 0.0 and terms["sup"].requires_grad
     loss.backward()
+    raw = _synthetic_raw(4)  # with labelled images: the same forwards
+    calls.clear()
+    m.losses(make_step_batch(raw, cfg, torch.Generator().manual_seed(0), torch.device("cpu"), 8), 0.04)
+    assert calls.count("backbone") == 2
+
+
+def test_supervised_views_share_the_global_forward_without_leaking_into_it():
+    """The supervised views ride in the global crops' forward as unmasked rows: the supervised term
+    equals the head on a forward of those views alone, and the DINO / iBOT terms equal those of the
+    global crops alone (the backbone treats every image on its own; no drop path here)."""
+    cfg = load_config("tiny-cpu", ["model.arch=vit_micro_cpu", "data.supervised_view=separate", "data.mask_sample_prob=0.5"])
+    torch.manual_seed(0)
+    m = StudentTeacher(cfg, load_hierarchy("wbc-h1"))
+    batch = make_step_batch(_synthetic_raw(6), cfg, torch.Generator().manual_seed(0), torch.device("cpu"), 8)
+    assert batch.sup_images.shape[0] == 4 and batch.masks.any()
+    _, terms, _ = m.losses(batch, 0.04)
+    alone = m.sup_loss(m.sup_head(m.student["backbone"](batch.sup_images)[0]), batch.sup_labels)
+    assert terms["sup"].item() == pytest.approx(alone.item(), rel=1e-5)
+    torch.manual_seed(0)  # a fresh copy: the call above moved the teacher centres
+    fresh = StudentTeacher(cfg, load_hierarchy("wbc-h1"))
+    _, without, _ = fresh.losses(replace(batch, sup_images=batch.sup_images[:0], sup_labels=batch.sup_labels[:0]), 0.04)
+    assert without["dino"].item() == pytest.approx(terms["dino"].item(), rel=1e-5)
+    assert without["ibot"].item() == pytest.approx(terms["ibot"].item(), rel=1e-5)
 
 
 def test_drop_path_uniform_gives_every_block_the_rate():

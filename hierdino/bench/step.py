@@ -17,6 +17,7 @@ the overhead of 2 Ray Train workers (FSDP2), all in one run.
 
   python -m hierdino.bench.step [--config tiny-cpu] [--steps 10] [--batch 32] [--no-ray]
   python -m hierdino.bench.step --config vits14 --batch 64     # on a GPU, bf16
+  python -m hierdino.bench.step --config vitl14 --batch 64 --fsdp   # the full step as each GPU of a multi-GPU run
 """
 
 from __future__ import annotations

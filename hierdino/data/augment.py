@@ -51,9 +51,10 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float | None 
     The kernel radius is ``r = ceil(3 * max_sigma)``; give ``max_sigma`` (the sampling range's upper
     bound) to avoid reading ``sigma.max()`` back from the device. Each direction is one batched
     matrix product, ``y = M_H x M_W^T``, where ``M_n[b]`` (``n x n``) holds sample b's normalised
-    kernel on its band with the reflected taps folded in at the borders. A product reads the image
-    once whatever the kernel size, with one launch per direction for the whole batch (a grouped
-    convolution with one group per sample and channel was the slowest part of a GPU step).
+    kernel on its band with the reflected taps folded in at the borders: one launch per direction
+    for the whole batch, whatever the kernel size. (It replaced a grouped convolution with one group
+    per sample and channel; on one CPU core it takes 0.75-0.85x that one's time at 32-96 px and 1.5x
+    at 224 px.)
     """
     b, c, h, w = x.shape
     radius = max(1, int(math.ceil(3 * (float(sigma.max()) if max_sigma is None else max_sigma))))

@@ -122,16 +122,23 @@ class StudentTeacher(nn.Module):
         # Every rank runs the same forwards (FSDP2 forwards are collectives), even with no masked
         # patch or no labelled image locally; empty inputs then contribute a zero with a live graph.
         with record_function("student_forward"):
-            s_cls, s_patch = self._encode(self.student, batch.global_crops, masks)
-            s_cls = s_cls.float()
+            # The supervised views have the global crops' size: one forward for both (unmasked rows
+            # appended), so the student runs the same forwards whatever the batch's labels.
+            n_crops = batch.global_crops.shape[0]
+            separate_sup = self.sup_head is not None and batch.sup_images is not None
+            images, student_masks = batch.global_crops, masks
+            if separate_sup and batch.sup_images.shape[0] > 0:
+                images = torch.cat([images, batch.sup_images])
+                student_masks = torch.cat([masks, masks.new_zeros(batch.sup_images.shape[0], masks.shape[1])])
+            cls, patch = self._encode(self.student, images, student_masks)
+            s_cls, s_patch = cls[:n_crops].float(), patch[:n_crops]
             l_cls = sup_cls = None
             if batch.local_crops is not None and lc.dino_local:
                 l_cls = self._encode(self.student, batch.local_crops)[0].float()
-            if self.sup_head is not None and batch.sup_images is not None:
-                images, sup_labels = batch.sup_images, batch.sup_labels
-                if images.shape[0] == 0:  # one ignored stand-in keeps the forward/backward collectives aligned
-                    images, sup_labels = batch.global_crops[:1], batch.labels.new_full((1,), -1)
-                sup_cls = self._encode(self.student, images)[0].float()
+            if separate_sup:
+                sup_cls, sup_labels = cls[n_crops:].float(), batch.sup_labels
+                if sup_cls.shape[0] == 0:  # no labelled image here: one ignored stand-in keeps a zero loss with a graph
+                    sup_cls, sup_labels = s_cls[:1], batch.labels.new_full((1,), -1)
         with record_function("heads_losses"):
             terms: dict[str, torch.Tensor] = {}
             s_logits = list(self.student["dino_head"](s_cls).chunk(n_global))
@@ -158,10 +165,10 @@ class StudentTeacher(nn.Module):
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
         """``teacher <- m * teacher + (1 - m) * student`` on local shards (FSDP2 DTensors included)."""
-        t_params, s_params = [], []
+        t_params, s_params = [], []  # no detach: under no_grad nothing is recorded (a detach is one op per tensor)
         for t, s in zip(self.teacher.parameters(), self.student.parameters()):
             t_params.append(t.to_local() if hasattr(t, "to_local") else t)
-            s_params.append(s.to_local().detach() if hasattr(s, "to_local") else s.detach())
+            s_params.append(s.to_local() if hasattr(s, "to_local") else s)
         torch._foreach_mul_(t_params, momentum)
         torch._foreach_add_(t_params, s_params, alpha=1 - momentum)
 

@@ -50,8 +50,9 @@ def make_step_batch(raw: dict, cfg: Config, gen: torch.Generator, device: torch.
     patches) is selected on the host, where it is free; the device work has fixed shapes and never
     reads values back. On a GPU the host tensors are staged in pinned memory first: a copy from
     pageable memory blocks the host until the GPU has drained the work queued before it, so the
-    host could not queue the next step while the GPU runs this one. Masks come from ``gen`` (host), photometric parameters from ``device_gen``
-    (default ``gen``; give a generator on ``device`` for GPU runs).
+    host could not queue the next step while the GPU runs this one. Masks come from ``gen`` (host),
+    photometric parameters from ``device_gen`` (default ``gen``; give a generator on ``device`` for
+    GPU runs).
     """
     with record_function("augment"):
         return _make_step_batch(raw, cfg, gen, device, grid, device_gen or gen)

@@ -39,12 +39,14 @@ def apply_fsdp(model, mesh, param_dtype: torch.dtype = torch.float32, reduce_dty
     for tower in (model.student, model.teacher):
         # The teacher only runs forward: its roots must reshard too, or their parameters stay
         # unsharded after the forward and no longer line up with the student's shards. (The
-        # student's reshard after its backward whatever this setting.)
+        # student's parameters are resharded after its backward whatever this setting.)
         teacher = tower is model.teacher
+        block_reshard = teacher or not one_rank
+        root_reshard = True if teacher else (False if one_rank else None)  # None: FSDP2's default for roots
         for block in tower["backbone"].blocks:
-            fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=teacher or not one_rank)
+            fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=block_reshard)
         for root in tower.values():  # backbone (embeddings, final norm) and each head
-            fully_shard(root, mesh=mesh, mp_policy=mp, reshard_after_forward=True if teacher else False if one_rank else None)
+            fully_shard(root, mesh=mesh, mp_policy=mp, reshard_after_forward=root_reshard)
     if model.sup_head is not None:
         fully_shard(model.sup_head, mesh=mesh, mp_policy=mp)
 
