@@ -309,3 +309,28 @@ def test_device_decode_matches_the_cpu_crops_in_distribution(device):
         sc, sd = _stats(cpu[key][ok]), _stats(d[ok])
         assert np.abs(sc[0] - sd[0]).max() < 1.5 and np.allclose(sc[1], sd[1], rtol=0.05)
         assert sd[2] == pytest.approx(sc[2], rel=0.1)  # bilinear vs bicubic: ~5% softer
+
+
+def test_per_row_blur_and_solarize_probabilities_and_the_views_layout():
+    """Per-row probabilities act row by row: with p = 1 a row is blurred (solarized) exactly as by a
+    call with p = 1 for all rows and the same seed, with p = 0 it is left as it was; and
+    ``augment_views`` returns crop-major global crops, local crops and supervised views."""
+    from hierdino.data.augment import augment_views
+
+    x = torch.randint(0, 256, (6, 112, 112, 3), dtype=torch.uint8)  # sigma up to 1 px at this size
+    plain = dict(jitter_p=0, gray_p=0, normalize=False)
+    blur_p = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0])
+    sol_p = torch.tensor([0.0, 1.0, 0.0, 0.0, 1.0, 0.0])
+    y = photometric(x, torch.Generator().manual_seed(3), blur_p=blur_p, solarize_p=sol_p, **plain)
+    blurred = photometric(x, torch.Generator().manual_seed(3), blur_p=1.0, **plain)
+    f = x.permute(0, 3, 1, 2).float() / 255
+    solarized = torch.where(f >= 0.5, 1 - f, f)
+    for i in range(6):
+        want = blurred[i] if blur_p[i] else solarized[i] if sol_p[i] else f[i]
+        assert torch.allclose(y[i], want, atol=1e-6), i
+    assert all(not torch.allclose(blurred[i], f[i], atol=1e-3) for i in (0, 2, 5))  # the blur did something
+    g = torch.randint(0, 256, (3, 2, 16, 16, 3), dtype=torch.uint8)
+    loc = torch.randint(0, 256, (3, 4, 8, 8, 3), dtype=torch.uint8)
+    glob, local, sup = augment_views(g, loc, g[:2, 0], torch.Generator().manual_seed(0))
+    assert glob.shape == (6, 3, 16, 16) and local.shape == (12, 3, 8, 8) and sup.shape == (2, 3, 16, 16)
+    assert augment_views(g, None, None, torch.Generator())[1:] == (None, None)

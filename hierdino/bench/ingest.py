@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 from hierdino.data import shards
-from hierdino.data.augment import photometric
+from hierdino.data.augment import augment_views
 from hierdino.data.ingest import CropSpec, dataset_stream, describe_train_data
 from hierdino.data.shards import Record
 from hierdino.data.suite import SUITE, _render_chunk, plan
@@ -104,11 +104,7 @@ def bench_ray(uri, n_images, size, local_n, local_size, options=None, batch=64, 
     for b in ds.iter_torch_batches(batch_size=batch):
         first = first or time.perf_counter() - t0
         if photometric_on_cpu:
-            photometric(b["global"][:, 0], gen, blur_p=1.0)
-            photometric(b["global"][:, 1], gen, blur_p=0.1, solarize_p=0.2)
-            if local_n:
-                loc = b["local"]
-                photometric(loc.transpose(0, 1).reshape(-1, *loc.shape[2:]), gen, blur_p=0.5)
+            augment_views(b["global"], b["local"] if local_n else None, None, gen)
         n += b["global"].shape[0]
     return n / (time.perf_counter() - t0), first
 

@@ -13,7 +13,9 @@ the overhead of 2 Ray Train workers (FSDP2), all in one run.
 
 - breakdown: the time of each named part of the full step (augmentation, teacher, student
   forwards, heads + losses, backward, clipping + optimizer, EMA) from ``torch.profiler``; on a GPU
-  also its busy time (kernels and copies) against the unprofiled step time.
+  also its busy time (kernels and copies) against the unprofiled step time, and on any device the
+  ATen operations one step dispatches (the host's work: a GPU step waits for the host when that
+  work outlasts the kernels).
 
   python -m hierdino.bench.step [--config tiny-cpu] [--steps 10] [--batch 32] [--no-ray]
   python -m hierdino.bench.step --config vits14 --batch 64     # on a GPU, bf16
@@ -29,6 +31,7 @@ import torch
 from torch.distributed.device_mesh import init_device_mesh
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from hierdino.config import config_from_dict, load_config
@@ -106,12 +109,27 @@ def time_full_step(cfg, batch: int, steps: int, device: torch.device, dtype: tor
     one(0, sync=True)  # warm-up
     with FlopCounterMode(display=False) as fc:
         one(0, sync=True)
+    with OpCount() as ops:
+        one(0)  # a step between log steps, augmentation included
     _sync(device)
     t0 = time.perf_counter()
     for i in range(steps):
         one(i, sync=i == steps - 1)  # as in training: one host read per log step
     _sync(device)
-    return (time.perf_counter() - t0) / steps, fc.get_total_flops(), lambda: profile_parts(one, steps, device)
+    return (time.perf_counter() - t0) / steps, fc.get_total_flops(), ops.count, lambda: profile_parts(one, steps, device)
+
+
+class OpCount(TorchDispatchMode):
+    """Counts the ATen operations dispatched (each one a kernel launch or more on a GPU): the host's
+    share of a step, the same on any device."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
 
 
 PARTS = ("augment", "teacher", "student_forward", "heads_losses", "backward", "clip_optimizer", "ema")
@@ -248,7 +266,7 @@ def main(argv=None) -> None:
     if device.type == "cpu":
         torch.set_num_threads(1)  # compare per core with the 1-CPU Ray workers
     peak = matmul_peak(device, dtype)
-    full_s, flops, parts = time_full_step(cfg, batch, args.steps, device, dtype, args.fsdp)
+    full_s, flops, n_ops, parts = time_full_step(cfg, batch, args.steps, device, dtype, args.fsdp)
     bare_s, bare_flops = time_bare_step(cfg, batch, args.steps, device, dtype)
     print(f"{args.config} ({cfg.model.arch}, {cfg.data.image_size} px, batch {batch}, {device}, {dtype}"
           f"{', full step under FSDP2 on one rank' if args.fsdp else ''})")
@@ -261,6 +279,7 @@ def main(argv=None) -> None:
     print(f"  bare step FLOPs {bare_flops / 1e9:.1f} GFLOP -> {bare_flops / bare_s / 1e12:.3f} TFLOP/s, MFU "
           f"{100 * bare_flops / bare_s / peak:.1f}%; FLOPs full/bare {flops / bare_flops:.2f}x (the time ratio at equal "
           f"FLOP rates), measured {full_s / bare_s:.2f}x")
+    print(f"  ATen operations dispatched by one full step between log steps: {n_ops}")
     breakdown = parts()
     wall, top = breakdown.pop("wall"), breakdown.pop("top")
     if "gpu_busy" in breakdown:

@@ -1,8 +1,9 @@
 """The device half of augmentation (the training worker, batched torch ops with per-sample random
 parameters): colour jitter, grayscale, Gaussian blur, solarize, normalisation. The CPU half
-(decoding, crops, flips) is ``hierdino.data.crops``. Parameters follow DINOv2: global crop 1 always blurred, global crop 2 blurred with p=0.1 and
-solarized with p=0.2, local crops blurred with p=0.5; colour jitter (0.4, 0.4, 0.2, 0.1) with
-p=0.8 and grayscale with p=0.2 everywhere.
+(decoding, crops, flips) is ``hierdino.data.crops``. Parameters follow DINOv2: global crop 1 always
+blurred, global crop 2 blurred with p=0.1 and solarized with p=0.2, local crops (and the supervised
+view) blurred with p=0.5; colour jitter (0.4, 0.4, 0.2, 0.1) with p=0.8 and grayscale with p=0.2
+everywhere (``augment_views``).
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ def _uniform(gen: torch.Generator, n: int, lo: float, hi: float, device) -> torc
     return torch.rand(n, generator=gen, device=gen.device).to(device) * (hi - lo) + lo
 
 
-def _bernoulli(gen: torch.Generator, n: int, p: float, device) -> torch.Tensor:
-    return (torch.rand(n, generator=gen, device=gen.device) < p).to(device)
+def _bernoulli(gen: torch.Generator, n: int, p: float | torch.Tensor, device) -> torch.Tensor:
+    """``n`` draws with probability ``p`` (a number, or one per row)."""
+    u = torch.rand(n, generator=gen, device=gen.device)
+    return (u < (p.to(u.device) if torch.is_tensor(p) else p)).to(device)
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
@@ -91,11 +94,37 @@ def _where_rows(mask: torch.Tensor, fn, x: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.view(-1, 1, 1, 1), fn(x, slice(None)), x)
 
 
-def photometric(images: torch.Tensor, gen: torch.Generator, blur_p: float, solarize_p: float = 0.0,
-                jitter_p: float = 0.8, gray_p: float = 0.2, jitter: tuple = (0.4, 0.4, 0.2, 0.1),
-                normalize: bool = True) -> torch.Tensor:
+def augment_views(global_crops: torch.Tensor, local_crops: torch.Tensor | None, sup: torch.Tensor | None,
+                  gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """DINOv2's photometric recipe for one batch's views (uint8, on the training device):
+    ``global_crops[B, 2, S, S, 3]``, ``local_crops[B, N, s, s, 3]`` and the supervised views
+    ``sup[L, S, S, 3]`` -> float ``[2B, 3, S, S]`` (crop-major: crop 1 of every image, then crop 2),
+    ``[N*B, 3, s, s]`` (crop-major) and ``[L, 3, S, S]``.
+
+    The views of size S go through one ``photometric`` call with per-row probabilities (global crop
+    1 always blurred; crop 2 blurred with p=0.1 and solarized with p=0.2; the supervised view
+    blurred with p=0.5), the local crops (blurred with p=0.5) through a second.
+    """
+    b, dev = global_crops.shape[0], global_crops.device
+    views = [global_crops[:, 0], global_crops[:, 1]] + ([sup] if sup is not None else [])
+    counts = [len(v) for v in views]
+
+    def per_row(ps):  # filled on the device: no host copy
+        return torch.cat([torch.full((n,), p, device=dev) for n, p in zip(counts, ps)])
+
+    out = photometric(torch.cat(views), gen, blur_p=per_row([1.0, 0.1, 0.5]), solarize_p=per_row([0.0, 0.2, 0.0]))
+    local = None
+    if local_crops is not None:
+        local = photometric(local_crops.transpose(0, 1).reshape(-1, *local_crops.shape[2:]), gen, blur_p=0.5)
+    return out[:2 * b], local, (out[2 * b:] if sup is not None else None)
+
+
+def photometric(images: torch.Tensor, gen: torch.Generator, blur_p: float | torch.Tensor,
+                solarize_p: float | torch.Tensor = 0.0, jitter_p: float = 0.8, gray_p: float = 0.2,
+                jitter: tuple = (0.4, 0.4, 0.2, 0.1), normalize: bool = True) -> torch.Tensor:
     """uint8 ``[B, H, W, 3]`` -> augmented, normalised float ``[B, 3, H, W]`` on the same device.
 
+    ``blur_p`` and ``solarize_p`` are one probability for every row or a ``[B]`` tensor of them.
     Random parameters come from ``gen``, drawn on its device: a seed fixes them for a device type.
     No value is read back to the host unless the images are on the CPU.
     """
@@ -118,12 +147,12 @@ def photometric(images: torch.Tensor, gen: torch.Generator, blur_p: float, solar
 
     x = _where_rows(j, jitter_rows, x)
     x = _where_rows(_bernoulli(gen, n, gray_p, dev), lambda t, i: _gray(t).expand_as(t), x)
-    if blur_p > 0:
+    if torch.is_tensor(blur_p) or blur_p > 0:
         do_blur = _bernoulli(gen, n, blur_p, dev)
         scale = x.shape[-1] / 224
         sigma = (_uniform(gen, n, 0.1, 2.0, dev) * scale).clamp_min(1e-3)  # DINOv2's 0.1-2 px at 224 px
         x = _where_rows(do_blur, lambda t, i: gaussian_blur(t, sigma[i], max_sigma=2.0 * scale), x)
-    if solarize_p > 0:
+    if torch.is_tensor(solarize_p) or solarize_p > 0:
         sol = _bernoulli(gen, n, solarize_p, dev).view(-1, 1, 1, 1)
         x = torch.where(sol & (x >= 0.5), 1 - x, x)
     if normalize:

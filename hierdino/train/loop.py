@@ -23,7 +23,7 @@ from torch.profiler import record_function
 
 from hierdino import storage
 from hierdino.config import Config, config_from_dict
-from hierdino.data.augment import photometric
+from hierdino.data.augment import augment_views
 from hierdino.data.ingest import stream_name
 from hierdino.data.masking import ibot_masks
 from hierdino.data.mix import MixedBatches, MixSchedule
@@ -74,24 +74,19 @@ def _make_step_batch(raw, cfg, gen, device, grid, dgen) -> StepBatch:
 
     g = to_device(rows(raw["global"]), device)
     b = g.shape[0]
-    crops = [photometric(g[:, 0], dgen, blur_p=1.0), photometric(g[:, 1], dgen, blur_p=0.1, solarize_p=0.2)]
-    local = None
-    if "local" in raw and cfg.data.local_crops_number > 0:
-        loc = to_device(rows(raw["local"]), device)
-        loc = loc.transpose(0, 1).reshape(-1, *loc.shape[2:])  # crop-major
-        local = photometric(loc, dgen, blur_p=0.5)
+    loc = to_device(rows(raw["local"]), device) if "local" in raw and cfg.data.local_crops_number > 0 else None
     host_labels = rows(raw["label"])
     labels = to_device(host_labels, device)
-    sup_images = sup_labels = None
+    sup = sup_labels = None
     if "sup" in raw:
         has = host_labels >= 0
         sup_labels = to_device(host_labels[has], device)
         sup = rows(raw["sup"])
-        sup_images = photometric(to_device(sup if bool(has.all()) else sup[has], device), dgen, blur_p=0.5)
+        sup = to_device(sup if bool(has.all()) else sup[has], device)
+    crops, local, sup_images = augment_views(g, loc, sup, dgen)
     masks = ibot_masks(2 * b, grid, cfg.data.mask_sample_prob, tuple(cfg.data.mask_ratio), gen)
     mask_index = to_device(masks.flatten().nonzero().squeeze(1), device)
-    return StepBatch(torch.cat(crops), local, to_device(masks, device), labels, sup_images, sup_labels,
-                     mask_index)
+    return StepBatch(crops, local, to_device(masks, device), labels, sup_images, sup_labels, mask_index)
 
 
 def compile_blocks(model: StudentTeacher) -> None:
