@@ -80,21 +80,37 @@ def test_launcher_configs_pass_ray_validation(path):
     assert check_launcher(bad)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports (all held open together while picked, so none is handed out twice)."""
+    socks = []
+    try:
+        for _ in range(n):
+            socks.append(socket.socket())
+            socks[-1].bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _ray_start(args: list, env: dict, ray_tmp: str) -> subprocess.Popen:
     """`ray start ... --block` with every port its own (beside the session's test cluster the default
-    agent ports are taken, and two nodes on one machine must not share them)."""
-    ports = [f"--{name}={_free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                     "metrics-export-port", "runtime-env-agent-port",
-                                                     "node-manager-port", "object-manager-port")]
-    return subprocess.Popen([RAY_CLI, "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-                             f"--temp-dir={ray_tmp}", *ports, *args],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    agent ports are taken, and two nodes on one machine must not share them); its output goes to
+    ``<ray_tmp>/ray-start.log`` (``_log_tail``)."""
+    names = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+             "runtime-env-agent-port", "node-manager-port", "object-manager-port")
+    ports = [f"--{name}={port}" for name, port in zip(names, _free_ports(len(names)))]
+    with open(os.path.join(ray_tmp, "ray-start.log"), "ab") as log:
+        return subprocess.Popen([RAY_CLI, "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+                                 f"--temp-dir={ray_tmp}", *ports, *args],
+                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _log_tail(proc: subprocess.Popen, chars: int = 1500) -> str:
+    """The end of a `_ray_start` node's output."""
+    ray_tmp = next(a.split("=", 1)[1] for a in proc.args if a.startswith("--temp-dir="))
+    with open(os.path.join(ray_tmp, "ray-start.log"), errors="replace") as f:
+        return f.read()[-chars:]
 
 
 def _stop(*procs: subprocess.Popen) -> None:
@@ -127,26 +143,34 @@ def test_documented_cluster_runs_a_two_node_fsdp_job_on_s3_that_resumes(s3_serve
     node_env = dict({k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}, **creds)
     env = dict({k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, RAY_AUTH_MODE="token")
     ray_tmp = tempfile.mkdtemp(prefix="rh-", dir="/tmp")  # Ray's socket paths must stay short
-    port, dash = _free_port(), _free_port()
+    port, dash, client = _free_ports(3)
     head = _ray_start(["--head", f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-                       f"--ray-client-server-port={_free_port()}"], node_env, ray_tmp)
+                       f"--ray-client-server-port={client}"], node_env, ray_tmp)
     second = None
     try:
         address = f"http://127.0.0.1:{dash}"
         deadline = time.time() + 120
         while subprocess.run([RAY_CLI, "job", "list", "--address", address], env=env, capture_output=True).returncode != 0:
-            assert time.time() < deadline and head.poll() is None, "the Ray head did not come up"
+            assert time.time() < deadline and head.poll() is None, "the Ray head did not come up: " + _log_tail(head)
             time.sleep(1)
         # its own temp dir: two nodes unpacking the job's working_dir into one directory pull it from
         # under each other's workers
-        second = _ray_start([f"--address=127.0.0.1:{port}"], dict(node_env, RAY_AUTH_MODE="token"),
-                            tempfile.mkdtemp(prefix="rn-", dir="/tmp"))
+        def start_second() -> subprocess.Popen:
+            return _ray_start([f"--address=127.0.0.1:{port}"], dict(node_env, RAY_AUTH_MODE="token"),
+                              tempfile.mkdtemp(prefix="rn-", dir="/tmp"))
+
+        second, first_try = start_second(), ""
         while True:  # SPREAD is a preference: submit once both nodes are in
             r = subprocess.run([RAY_CLI, "list", "nodes", "--address", address, "--format", "yaml"],
                                env=env, capture_output=True, text=True)
             if r.returncode == 0 and r.stdout.count("state: ALIVE") == 2:
                 break
-            assert time.time() < deadline and second.poll() is None, "the second node did not join: " + r.stderr[-2000:]
+            if second.poll() is not None and not first_try:  # it exited at start (a port taken since it
+                first_try = _log_tail(second)                # was picked, by the session's Ray): once more
+                second = start_second()
+                continue
+            assert time.time() < deadline and second.poll() is None, (
+                f"the second node did not join: {_log_tail(second)}\n{r.stderr[-1000:]}\nfirst try: {first_try}")
             time.sleep(1)
         base = ["--config", "tiny-cpu", "--set", f"data.synth_cache={synth_suite}", "--set", "run.storage=s3://twonode/runs",
                 "--set", "run.name=two-node", "--set", f"data.s3_endpoint={s3_server.endpoint}",
