@@ -34,13 +34,14 @@ def block_mask(grid: int, num_masked: int, rng: np.random.Generator, min_patches
         top = int(rng.integers(0, grid - h + 1))
         lft = int(rng.integers(0, grid - w + 1))
         region = mask[top:top + h, lft:lft + w]
-        new = np.argwhere(~region)
-        if len(new) > left:  # trim so the count is exact
-            keep = new[rng.permutation(len(new))[:left]]
+        fresh = region.size - int(np.count_nonzero(region))  # patches this rectangle adds
+        if fresh > left:  # trim so the count is exact
+            new = np.argwhere(~region)
+            keep = new[rng.permutation(fresh)[:left]]
             region[keep[:, 0], keep[:, 1]] = True
         else:
             region[:] = True
-        count += min(len(new), left)
+        count += min(fresh, left)
     flat = mask.reshape(-1)
     short = num_masked - count
     if short > 0:  # rare: fill the rest at random
