@@ -100,16 +100,18 @@ def _ray_start(args: list, env: dict, ray_tmp: str) -> subprocess.Popen:
     names = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
              "runtime-env-agent-port", "node-manager-port", "object-manager-port")
     ports = [f"--{name}={port}" for name, port in zip(names, _free_ports(len(names)))]
-    with open(os.path.join(ray_tmp, "ray-start.log"), "ab") as log:
-        return subprocess.Popen([RAY_CLI, "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+    log_path = os.path.join(ray_tmp, "ray-start.log")
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([RAY_CLI, "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=2",
                                  f"--temp-dir={ray_tmp}", *ports, *args],
                                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc.log_path = log_path
+    return proc
 
 
 def _log_tail(proc: subprocess.Popen, chars: int = 1500) -> str:
     """The end of a `_ray_start` node's output."""
-    ray_tmp = next(a.split("=", 1)[1] for a in proc.args if a.startswith("--temp-dir="))
-    with open(os.path.join(ray_tmp, "ray-start.log"), errors="replace") as f:
+    with open(proc.log_path, errors="replace") as f:
         return f.read()[-chars:]
 
 

@@ -22,6 +22,7 @@ import torch
 from hierdino.bench.ingest import _images
 from hierdino.bench.step import full_step
 from hierdino.config import load_config
+from hierdino.train.metrics import as_tensors
 from hierdino.train.parallel import param_dtype_for, use_tensor_cores
 
 
@@ -56,7 +57,7 @@ def decode_rates(images: int, source: int, device: torch.device) -> tuple[float,
     idx = {"monocyte": 0}
     spec = CropSpec(224, (0.32, 1.0), 8, 96, (0.05, 0.32), True, seed=0, decode="device")
     planned = multicrop(batch, spec, idx, epoch=0)
-    raw = {k: v if v.dtype == object else torch.from_numpy(v) for k, v in planned.items()}
+    raw = as_tensors(planned)
     decode_views(raw, 224, 8, 96, device)  # warm: nvJPEG handles, kernels
     torch.cuda.synchronize()
     t0 = time.perf_counter()

@@ -163,15 +163,15 @@ def profile_parts(one, steps: int, device: torch.device) -> dict[str, float]:
             else:
                 continue
             out[name] = out.get(name, 0.0) + ev.device_time_total / 1000 / steps
-        # Kernels and copies themselves: well under the unprofiled step time, the GPU waits for the host.
-        busy = sum(ev.time_range.elapsed_us() for ev in prof.events()
-                   if ev.device_type == DeviceType.CUDA and ev.name not in PARTS)  # not the regions' device-side spans
-        out["gpu_busy"] = busy / 1000 / steps
     else:
         for ev in prof.key_averages():
             if ev.key in PARTS:
                 out[ev.key] = out.get(ev.key, 0.0) + ev.cpu_time_total / 1000 / steps
-    out["other"] = max(wall - sum(v for k, v in out.items() if k != "gpu_busy"), 0.0)
+    out["other"] = max(wall - sum(out.values()), 0.0)
+    if device.type == "cuda":  # kernels and copies themselves (not the regions' device-side spans)
+        kernels = (ev for ev in prof.events() if ev.device_type == DeviceType.CUDA and ev.name not in PARTS)
+        busy = sum(ev.time_range.elapsed_us() for ev in kernels)
+        out["gpu_busy"] = busy / 1000 / steps
     out["wall"] = wall
     attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     ops = sorted((ev for ev in prof.key_averages() if ev.key not in PARTS), key=lambda ev: -getattr(ev, attr, 0))

@@ -65,8 +65,9 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float | None 
     t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
     k = torch.exp(-0.5 * (t[None] / sigma[:, None].to(x.dtype)) ** 2)
     k = k / k.sum(1, keepdim=True)  # [B, 2r + 1]
-    along_w = x @ _band_matrix(k, w, radius).transpose(1, 2)[:, None]
-    return _band_matrix(k, h, radius)[:, None] @ along_w
+    m_w = _band_matrix(k, w, radius)
+    m_h = m_w if h == w else _band_matrix(k, h, radius)
+    return m_h[:, None] @ (x @ m_w.transpose(1, 2)[:, None])
 
 
 def _band_matrix(k: torch.Tensor, n: int, radius: int) -> torch.Tensor:

@@ -21,6 +21,11 @@ from hierdino.train.tracking import RunLog
 LINE_TERMS = ("dino", "ibot", "koleo", "sup", OBJECTIVE)  # loss terms (and the live score) on the progress line
 
 
+def as_tensors(batch: dict) -> dict:
+    """A NumPy batch from the ingest -> host tensors (object columns, such as encoded images, kept as they are)."""
+    return {k: v if v.dtype == object else torch.from_numpy(v) for k, v in batch.items()}
+
+
 def collapse_line(rec: dict) -> str:
     """The collapse monitor on the progress line: target entropies / ln K, distinct argmaxes, CLS spread, labelled share."""
     return (f"H/lnK dino {rec['dino_entropy']:.2f} ibot {rec['ibot_entropy']:.2f} | protos {int(rec['distinct_protos'])} | "
@@ -57,7 +62,7 @@ class TrainMetrics:
         of ``data.decode: device``, whose time counts as waiting for data); the first one is announced."""
         tw = time.perf_counter()
         try:
-            raw = {k: v if v.dtype == object else torch.from_numpy(v) for k, v in next(batches).items()}
+            raw = as_tensors(next(batches))
         except StopIteration:
             raise RuntimeError(f"the training data ran out at step {step}: a stream yielded fewer rows than the "
                                f"mix schedule needs (per-worker batch {per_worker})") from None

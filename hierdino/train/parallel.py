@@ -65,13 +65,12 @@ def param_checksum(module: nn.Module) -> float:
 
     Summed and all-reduced on the parameters' device: NCCL, the GPU backend, has no CPU tensors.
     """
-    locals_ = [p.to_local() if hasattr(p, "to_local") else p for p in module.parameters()]
-    if not locals_:
-        return 0.0
-    total = torch.zeros((), dtype=torch.float64, device=locals_[0].device)
-    for local in locals_:
-        x = local.detach().double()
+    params = list(module.parameters())
+    sharded = any(hasattr(p, "to_local") for p in params)
+    total = torch.zeros((), dtype=torch.float64, device=params[0].device if params else None)
+    for p in params:
+        x = (p.to_local() if hasattr(p, "to_local") else p).detach().double()
         total += x.sum() + (x ** 2).sum() * 1e-3
-    if dist.is_initialized() and any(hasattr(p, "to_local") for p in module.parameters()):
+    if dist.is_initialized() and sharded:
         dist.all_reduce(total)
     return float(total)
