@@ -260,27 +260,41 @@ def test_each_student_submodule_is_clipped_on_its_own():
     assert all(out[f"grad_norm_{k}"] > 0.01 for k in seen)  # each was above the bound before clipping
 
 
-def test_bf16_backbone_keeps_heads_and_losses_in_fp32():
+def test_bf16_autocast_runs_backbone_and_heads_in_bf16_and_the_losses_in_fp32(monkeypatch):
+    """One-worker bf16 (#13): backbone and DINO / iBOT head matmuls in bf16, their logits cast to fp32
+    before targets and losses; the losses stay within bf16 rounding of the same model in fp32."""
     cfg = load_config("tiny-cpu", ["model.arch=vit_micro_cpu"])
     torch.manual_seed(0)
     m = StudentTeacher(cfg, load_hierarchy("wbc-h1"))
-    m.backbone_autocast = True
-    dtypes = {}
+    batch = make_step_batch(_synthetic_raw(8), cfg, torch.Generator().manual_seed(0), torch.device("cpu"), 8)
+    ref_loss, ref_terms, _ = m.losses(batch, 0.04)  # fp32 throughout
+    m.autocast = True
+    dtypes, into_losses = {}, []
 
     def record(name):
         def hook(mod, inputs, out):
             dtypes.setdefault(name, (out[0] if isinstance(out, tuple) else out).dtype)
         return hook
 
-    m.student["backbone"].vit.blocks[0].attn.qkv.register_forward_hook(record("backbone"))  # a matmul: bf16
+    m.student["backbone"].vit.blocks[0].attn.qkv.register_forward_hook(record("backbone"))
+    m.student["dino_head"].mlp[0].register_forward_hook(record("dino_mlp"))
     m.student["dino_head"].register_forward_hook(record("dino_head"))
+    m.teacher["ibot_head"].register_forward_hook(record("teacher_ibot_head"))
     m.sup_head.register_forward_hook(record("sup_head"))
-    batch = make_step_batch(_synthetic_raw(8), cfg, torch.Generator().manual_seed(0), torch.device("cpu"), 8)
+    import hierdino.models.student_teacher as st
+    orig = st.ibot_patch_loss
+    monkeypatch.setattr(st, "ibot_patch_loss", lambda s, t, *a: into_losses.append((s.dtype, t.dtype)) or orig(s, t, *a))
     loss, terms, _ = m.losses(batch, 0.04)
-    assert dtypes == {"backbone": torch.bfloat16, "dino_head": torch.float32, "sup_head": torch.float32}
+    assert dtypes == {"backbone": torch.bfloat16, "dino_mlp": torch.bfloat16, "dino_head": torch.bfloat16,
+                      "teacher_ibot_head": torch.bfloat16, "sup_head": torch.float32}
+    assert into_losses == [(torch.float32, torch.float32)]  # student logits and teacher targets
     assert loss.dtype == torch.float32 and all(t.dtype == torch.float32 for t in terms.values())
+    for k in ("dino", "ibot", "sup"):
+        assert terms[k].item() == pytest.approx(ref_terms[k].item(), rel=0.02), k
+        assert terms[k].item() != ref_terms[k].item(), k  # bf16 did run
     loss.backward()  # outside autocast
     assert m.student["backbone"].vit.blocks[0].attn.qkv.weight.grad.dtype == torch.float32
+    assert m.student["dino_head"].last_layer.weight.grad.dtype == torch.float32
 
 
 def test_freeze_backbone_steps_holds_the_backbone_while_the_heads_learn():

@@ -75,7 +75,8 @@ def full_step(cfg, batch: int, device: torch.device, dtype: torch.dtype, fsdp: b
     """The trainer's step on one synthetic batch: ``(step_fn, next_batch)``, where
     ``step_fn(next_batch(), step, sync=...)`` runs one full training step.
 
-    As the trainer on one worker: bf16 autocast of the backbone forwards (heads and losses fp32);
+    As the trainer on one worker: bf16 autocast of the backbone and head forwards (logits, targets and
+    losses fp32);
     with ``fsdp``, as on several: FSDP2 (here over one rank) with ``dtype`` parameters everywhere.
     """
     import torch.distributed as dist
@@ -92,7 +93,7 @@ def full_step(cfg, batch: int, device: torch.device, dtype: torch.dtype, fsdp: b
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
         apply_fsdp(model, init_device_mesh(device.type, (1,)), dtype, torch.float32)
     else:
-        model.backbone_autocast = dtype != torch.float32
+        model.autocast = dtype != torch.float32
     raw = _raw_batch(cfg, batch)
     gen = torch.Generator().manual_seed(0)
     dgen = None if device.type == "cpu" else torch.Generator(device=device).manual_seed(1)
@@ -256,7 +257,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--no-ray", action="store_true")
     p.add_argument("--fsdp", action="store_true", help="the full step under FSDP2 over one rank (parameters in the "
-                   "training dtype, as a multi-worker run) instead of bf16 autocast of the backbones")
+                   "training dtype, as a multi-worker run) instead of bf16 autocast of the backbones and heads")
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     batch = args.batch or cfg.train.batch_size

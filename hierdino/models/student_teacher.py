@@ -91,22 +91,31 @@ class StudentTeacher(nn.Module):
         self.dino_center = TeacherCentering(cfg.model.dino_head.prototypes, cfg.loss.centering, cfg.loss.center_momentum)
         self.ibot_center = TeacherCentering(ibot_k, cfg.loss.centering, cfg.loss.center_momentum)
         self.patch_size = backbone.patch_size
-        self.backbone_autocast = False  # set by the trainer for bf16 without FSDP (FSDP2 casts parameters itself)
+        self.autocast = False  # bf16 autocast of backbones and DINO/iBOT heads: set by the trainer for bf16 on one
+        # worker (FSDP2 casts the parameters themselves on several)
 
     def ibot_head(self, tower: nn.ModuleDict) -> nn.Module:
         return tower["ibot_head"] if "ibot_head" in tower else tower["dino_head"]
 
     def _encode(self, tower: nn.ModuleDict, images: torch.Tensor, masks: torch.Tensor | None = None):
-        """Backbone forward, under bf16 autocast when ``backbone_autocast`` is set (single-process bf16)."""
-        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.backbone_autocast):
+        """Backbone forward, under bf16 autocast when ``autocast`` is set (single-process bf16)."""
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             return tower["backbone"](images, masks)
+
+    def _logits(self, head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """A DINO / iBOT head's prototype logits, in fp32 for the targets and losses: its matmuls run in
+        bf16 under ``autocast`` (one worker) or on bf16 parameters (FSDP2), in fp32 otherwise."""
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            return head(x).float()
 
     def losses(self, batch: StepBatch, teacher_temp: float,
                monitor: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, float]]:
         """Weighted total, each term, and (with ``monitor``) the collapse statistics of this batch.
 
-        Heads, targets and losses run in fp32 whatever the backbone's precision (DINOv2 does the same:
-        softmaxes over 65k prototypes lose too much in bf16).
+        In bf16 training the backbones and the DINO / iBOT heads compute in bf16, and the heads'
+        logits are cast to fp32 before any softmax: targets, Sinkhorn-Knopp and losses run in fp32
+        (softmaxes over 65k prototypes lose too much in bf16). The supervised head (a few thousand
+        multiply-adds per image) stays in fp32 on one worker.
         """
         lc = self.cfg.loss
         masks = batch.masks
@@ -115,9 +124,9 @@ class StudentTeacher(nn.Module):
         # Named regions (torch.profiler): hierdino.bench.step prints the time of each.
         with record_function("teacher"), torch.no_grad():  # targets for the global crops and their masked patches
             t_cls, t_patch = self._encode(self.teacher, batch.global_crops)
-            t_logits = self.teacher["dino_head"](t_cls.float())
+            t_logits = self._logits(self.teacher["dino_head"], t_cls)
             t_targets = self.dino_center.targets(t_logits, teacher_temp)
-            t_patch_logits = self.ibot_head(self.teacher)(t_patch.flatten(0, 1).index_select(0, mask_index).float())
+            t_patch_logits = self._logits(self.ibot_head(self.teacher), t_patch.flatten(0, 1).index_select(0, mask_index))
             t_patch_targets = self.ibot_center.targets(t_patch_logits, teacher_temp)
         # Every rank runs the same forwards (FSDP2 forwards are collectives), even with no masked
         # patch or no labelled image locally; empty inputs then contribute a zero with a live graph.
@@ -141,11 +150,11 @@ class StudentTeacher(nn.Module):
                     sup_cls, sup_labels = s_cls[:1], batch.labels.new_full((1,), -1)
         with record_function("heads_losses"):
             terms: dict[str, torch.Tensor] = {}
-            s_logits = list(self.student["dino_head"](s_cls).chunk(n_global))
+            s_logits = list(self._logits(self.student["dino_head"], s_cls).chunk(n_global))
             if l_cls is not None:
-                s_logits += list(self.student["dino_head"](l_cls).chunk(self.cfg.data.local_crops_number))
+                s_logits += list(self._logits(self.student["dino_head"], l_cls).chunk(self.cfg.data.local_crops_number))
             terms["dino"] = dino_loss(s_logits, list(t_targets.chunk(n_global)), lc.student_temp)
-            s_patch_logits = self.ibot_head(self.student)(s_patch.flatten(0, 1).index_select(0, mask_index).float())
+            s_patch_logits = self._logits(self.ibot_head(self.student), s_patch.flatten(0, 1).index_select(0, mask_index))
             terms["ibot"] = ibot_patch_loss(s_patch_logits, t_patch_targets, masks, lc.student_temp, crop_of_patch)
             # DINOv2 sums KoLeo over the global crops (not a mean).
             terms["koleo"] = sum(koleo_loss(c) for c in s_cls.chunk(n_global)) if lc.koleo_weight > 0 else s_cls.sum() * 0.0

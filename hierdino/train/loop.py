@@ -149,7 +149,7 @@ class TrainStep:
             dist.all_reduce(values)
             values /= dist.get_world_size()
         with record_function("backward"):
-            loss.backward()  # outside autocast: only the backbone forwards run in bf16
+            loss.backward()  # outside autocast: only the backbone and head forwards run in bf16
         self._drop_frozen_grads(step, s["freeze_last_layer"])
         with record_function("clip_optimizer"):
             norms = self._clip()
@@ -219,7 +219,7 @@ class TrainStep:
 
 def build_model(cfg: Config, device: torch.device, world: int, say) -> StudentTeacher:
     """Student and teacher on ``device``: pretrained weights, compiled blocks, FSDP2 over ``world``
-    ranks (or bf16 autocast of the backbone forwards on one)."""
+    ranks (or bf16 autocast of the backbone and head forwards on one)."""
     torch.manual_seed(cfg.train.seed)  # identical initialisation on every rank
     model = StudentTeacher(cfg, load_hierarchy(cfg.hierarchy.name))
     if cfg.model.init_weights:
@@ -232,7 +232,7 @@ def build_model(cfg: Config, device: torch.device, world: int, say) -> StudentTe
     if world > 1:
         apply_fsdp(model, init_device_mesh(device.type, (world,)), dtype, torch.float32)
     elif dtype == torch.bfloat16:
-        model.backbone_autocast = True
+        model.autocast = True
     return model
 
 
