@@ -235,6 +235,81 @@ def test_drop_path_uniform_gives_every_block_the_rate():
     assert linear.blocks[-1].drop_path1.drop_prob == pytest.approx(0.3)
 
 
+def test_subset_residual_adds_the_scaled_branch_to_a_random_subset_and_is_unbiased():
+    """DINOv2's batch-subset stochastic depth, against a per-row reference: exactly floor((1-p)B) rows
+    get x + branch(x) * B/k, the rest pass unchanged, the branch sees only those rows, and over many
+    draws each row's mean update is the branch's output (per-sample drop path's expectation)."""
+    from hierdino.models.backbone import subset_residual
+
+    torch.manual_seed(0)
+    b, p = 10, 0.3
+    x = torch.randn(b, 3, 4)
+    weight = torch.randn(4, 4)
+    seen = []
+
+    def branch(y):
+        seen.append(y.shape[0])
+        return y @ weight
+
+    out = subset_residual(x, branch, p)
+    changed = [i for i in range(b) if not torch.equal(out[i], x[i])]
+    assert len(changed) == seen[0] == 7  # floor(0.7 * 10)
+    for i in range(b):
+        expected = x[i] + x[i] @ weight * (b / 7) if i in changed else x[i]
+        assert torch.allclose(out[i], expected, atol=1e-5), i
+    draws = torch.stack([subset_residual(x, branch, p) for _ in range(3000)])
+    update = draws.mean(0) - x
+    sd = (draws - x).std(0) / math.sqrt(3000)  # standard error of each mean
+    assert ((update - x @ weight).abs() <= 5 * sd + 1e-5).all()
+    assert subset_residual(x[:1], branch, 0.9).shape == (1, 3, 4) and seen[-1] == 1  # at least one row runs
+
+
+def test_blocks_above_a_drop_rate_of_0_1_run_their_branches_on_the_kept_samples_only():
+    """The student's blocks (drop rate 0.3) do (1 - p) of the eval forward's FLOPs while training;
+    in eval mode, at rate 0 (the teacher) and at 0.1 they compute exactly timm's block."""
+    from timm.models.vision_transformer import Block
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from hierdino.models.backbone import SubsetDepthBlock, build_backbone
+
+    torch.manual_seed(0)
+    bb = build_backbone("vit_tiny_cpu", 64, 0.3, 1e-5, drop_path_uniform=True)
+    assert all(type(blk) is SubsetDepthBlock for blk in bb.blocks)
+    x = torch.randn(20, 3, 64, 64)
+
+    def flops(train: bool) -> int:
+        bb.train(train)
+        with FlopCounterMode(display=False) as fc:
+            bb(x)
+        return fc.get_total_flops()
+
+    evaluated, trained = flops(False), flops(True)
+    patch_embed = 2 * 20 * 64 * 3 * 8 * 8 * 96  # the only FLOPs outside the blocks (conv stem)
+    assert (trained - patch_embed) == pytest.approx(0.7 * (evaluated - patch_embed), rel=1e-6)  # 14 of 20 rows
+    cls, _ = bb(x)
+    cls.sum().backward()
+    assert bb.blocks[0].mlp.fc1.weight.grad.abs().sum() > 0
+    t = torch.randn(6, 65, 96)
+    for rate, train in ((0.3, False), (0.0, True), (0.1, True)):
+        blk = bb.blocks[0]
+        blk.drop_path1.drop_prob = blk.drop_path2.drop_prob = rate
+        blk.train(train)
+        plain = Block(96, 3, qkv_bias=True, init_values=1e-5)
+        plain.load_state_dict(blk.state_dict())  # the same keys: checkpoints load either way
+        plain.train(train)
+        torch.manual_seed(1)
+        got = blk(t)
+        torch.manual_seed(1)
+        assert torch.equal(got, plain(t) if rate < 0.1 or not train else _timm_drop_path(plain, t, rate)), (rate, train)
+
+
+def _timm_drop_path(block, t, rate):
+    from timm.layers import DropPath
+
+    block.drop_path1, block.drop_path2 = DropPath(rate), DropPath(rate)
+    return block(t)
+
+
 def test_each_student_submodule_is_clipped_on_its_own():
     """DINOv2 clips backbone and each head separately: after the step every group's norm was <= clip."""
     cfg = load_config("tiny-cpu", ["model.arch=vit_micro_cpu", "optim.clip_grad=0.01", "optim.freeze_last_layer_steps=0"])

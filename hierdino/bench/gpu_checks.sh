@@ -6,14 +6,14 @@
 #   ONLY="device run224" RUN_ARGS=--no-dashboard bash hierdino/bench/gpu_checks.sh   # some checks; a minimal Ray
 #
 # 1. bench.step --config vits14 --batch 64: full/bare, FLOP ratio, MFU, ATen ops, per-part breakdown, GPU busy time
-# 2. the same under FSDP2 on one rank (bf16 parameters, as each GPU of a multi-GPU run) instead of autocast
-# 3. bench.step --config vitl14 --batch 64: MFU
-# 4. the same under FSDP2 on one rank
-# 5. a 224 px Ray Train run (vits14, synthetic suite at 224 px, 20 steps): time to first batch
-# 6. the same 224 px run with data.decode=device
-# 7. bench.device: host syncs in a step between log steps; nvJPEG decode rate vs the CPU path per core
-# 8. the crop-statistics test of data.decode=device, on the GPU (nvJPEG) as well as the CPU
-# 9. bench.step --config vits14 with train.compile=true
+# 2. the same with train.compile=true (compiled blocks: fewer kernel launches for a host-bound step)
+# 3. the same under FSDP2 on one rank (bf16 parameters, as each GPU of a multi-GPU run) instead of autocast
+# 4. bench.step --config vitl14 --batch 64: MFU
+# 5. the same under FSDP2 on one rank
+# 6. a 224 px Ray Train run (vits14, synthetic suite at 224 px, 20 steps): time to first batch
+# 7. the same 224 px run with data.decode=device
+# 8. bench.device: host syncs in a step between log steps; nvJPEG decode rate vs the CPU path per core
+# 9. the crop-statistics test of data.decode=device, on the GPU (nvJPEG) as well as the CPU
 # The checks run in this order; ONLY picks some of them, it does not reorder them.
 set -u
 OUT=${OUT:-/tmp/gpu-checks}
@@ -46,6 +46,7 @@ RUN=(jobs/pretrain.py --config vits14 --set train.steps=20 --set eval.at_end=fal
 
 STEP=($PY -m hierdino.bench.step --batch 64 --steps 10 --no-ray)
 check step-vits14 120 "${STEP[@]}" --config vits14
+check step-vits14-compile 180 "${STEP[@]}" --config vits14 --set train.compile=true
 check step-vits14-fsdp 120 "${STEP[@]}" --config vits14 --fsdp
 check step-vitl14 150 "${STEP[@]}" --config vitl14
 check step-vitl14-fsdp 150 "${STEP[@]}" --config vitl14 --fsdp
@@ -53,12 +54,11 @@ check run224 120 $PY "${RUN[@]}" --set run.storage=/tmp/runs-cpu
 check run224-device 120 $PY "${RUN[@]}" --set run.storage=/tmp/runs-dev --set data.decode=device
 check device 100 $PY -m hierdino.bench.device --config vits14 --batch 32
 check decode-test 60 $PY -m pytest -q -p no:cacheprovider tests/test_data_plane.py -k device_decode
-check step-vits14-compile 180 "${STEP[@]}" --config vits14 --set train.compile=true
 
 {
     echo "=== device";  grep -E "^device|host syncs|^    |decode \+" "$OUT/device.log"
     echo "=== decode-test"; tail -n 3 "$OUT/decode-test.log"
-    for s in step-vits14 step-vits14-fsdp step-vitl14 step-vitl14-fsdp step-vits14-compile; do
+    for s in step-vits14 step-vits14-compile step-vits14-fsdp step-vitl14 step-vitl14-fsdp; do
         [ -f "$OUT/$s.log" ] && { echo "=== $s"; grep -vE "^\s+[0-9.]+ ms  " "$OUT/$s.log" | tail -n 18; }
     done
     for r in run224 run224-device; do

@@ -17,7 +17,7 @@ import timm
 import torch
 from timm.layers import DropPath, SwiGLUPacked
 from timm.models import build_model_with_cfg, register_model
-from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
 from hierdino.models.weights import Checkpoint, WeightsError, parse, read_object, to_timm
@@ -52,6 +52,53 @@ def _register_tiny_archs() -> None:
 
 
 _register_tiny_archs()
+
+
+SUBSET_DEPTH_ABOVE = 0.1  # drop-path rates above this run each residual branch on a subset of the batch (DINOv2)
+
+
+def subset_residual(x: torch.Tensor, branch, drop_prob: float) -> torch.Tensor:
+    """``x`` plus a residual ``branch`` under stochastic depth, the branch computed on kept samples only.
+
+    A random subset of ``k = max(floor((1 - p) * B), 1)`` of the ``B`` samples runs the branch; its
+    output is added to those rows scaled by ``B / k``, and the other rows pass unchanged. Each row's
+    expected update is the branch's output, as with per-sample drop path (kept with probability
+    1 - p, scaled by 1 / (1 - p)), but dropped rows cost nothing: the branch runs on k rows instead
+    of B, (1 - p) of the compute (DINOv2's batch-subset stochastic depth). The subset is drawn on
+    the device (``randperm``): no host sync.
+    """
+    b = x.shape[0]
+    keep = max(int(b * (1 - drop_prob)), 1)
+    rows = torch.randperm(b, device=x.device)[:keep]
+    out = branch(x.index_select(0, rows))
+    return x.index_add(0, rows, out.to(x.dtype), alpha=b / keep)
+
+
+def _drop_prob(module: nn.Module) -> float:
+    return float(getattr(module, "drop_prob", 0.0))
+
+
+class SubsetDepthBlock(Block):
+    """timm's ViT block, except that while training, a residual branch whose drop-path rate is above
+    ``SUBSET_DEPTH_ABOVE`` runs on a subset of the batch (``subset_residual``), as DINOv2 does above
+    that rate. At lower rates, in eval mode, with a rate of 0 (the teacher) or with an attention
+    mask it is timm's block unchanged. Same parameters and state-dict keys as ``Block``:
+    ``build_backbone`` gives this class to blocks that are plain ``Block``s.
+    """
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        p1, p2 = _drop_prob(self.drop_path1), _drop_prob(self.drop_path2)
+        if not self.training or attn_mask is not None or max(p1, p2) <= SUBSET_DEPTH_ABOVE:
+            return super().forward(x, attn_mask, is_causal)
+
+        def attn(y):
+            return self.ls1(self.attn(self.norm1(y), is_causal=is_causal))
+
+        def mlp(y):
+            return self.ls2(self.mlp(self.norm2(y)))
+
+        x = subset_residual(x, attn, p1) if p1 > SUBSET_DEPTH_ABOVE else x + self.drop_path1(attn(x))
+        return subset_residual(x, mlp, p2) if p2 > SUBSET_DEPTH_ABOVE else x + self.drop_path2(mlp(x))
 
 
 class Backbone(nn.Module):
@@ -107,6 +154,7 @@ def build_backbone(arch: str, img_size: int, drop_path_rate: float = 0.0, layers
 
     Stochastic depth: timm raises the drop-path rate linearly from 0 (first block) to
     ``drop_path_rate`` (last); ``drop_path_uniform`` gives every block ``drop_path_rate`` (DINOv2).
+    Above a rate of 0.1 a block's branches run on the kept samples only (``SubsetDepthBlock``).
     """
     if arch not in timm.list_models():
         close = difflib.get_close_matches(arch, timm.list_models("vit_*"), n=4)
@@ -118,6 +166,9 @@ def build_backbone(arch: str, img_size: int, drop_path_rate: float = 0.0, layers
     if drop_path_uniform and drop_path_rate > 0:
         for blk in vit.blocks:
             blk.drop_path1, blk.drop_path2 = DropPath(drop_path_rate), DropPath(drop_path_rate)
+    for blk in vit.blocks:
+        if type(blk) is Block:  # the same module with DINOv2's batch-subset stochastic depth
+            blk.__class__ = SubsetDepthBlock
     return Backbone(vit, arch)
 
 
