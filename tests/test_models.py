@@ -7,6 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hierdino.config import load_config
+from hierdino.data.augment import augment_views
 from hierdino.data.synth import DOMAINS, leaf_spec, render_cell
 from hierdino.hierarchy import load_hierarchy
 from hierdino.models.backbone import build_backbone, load_pretrained
@@ -397,8 +398,10 @@ def test_freeze_backbone_steps_holds_the_backbone_while_the_heads_learn():
 
 class _HostReads(TorchDispatchMode):
     """Records the ops that make a GPU wait for the host: reading a value back (``.item()``,
-    ``bool(t)``, ``.tolist()``) or computing a data-dependent shape (``nonzero``, boolean-mask
-    indexing). torch.optim's own reads of its host-side step counters are not ours and are skipped."""
+    ``bool(t)``, ``.tolist()``), computing a data-dependent shape (``nonzero``, boolean-mask
+    indexing), or building a tensor from Python or NumPy data (``lift_fresh``: on a GPU a blocking
+    copy from pageable memory, queued behind every kernel before it). torch.optim's own reads of its
+    host-side step counters are not ours and are skipped."""
 
     def __init__(self):
         super().__init__()
@@ -407,7 +410,7 @@ class _HostReads(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         aten = torch.ops.aten
         syncing = func in (aten._local_scalar_dense.default, aten.is_nonzero.default, aten.nonzero.default,
-                           aten.masked_select.default, aten.equal.default)
+                           aten.masked_select.default, aten.equal.default, aten.lift_fresh.default)
         if func is aten.index.Tensor:
             syncing = any(t is not None and t.dtype == torch.bool for t in args[1])
         if syncing:
@@ -435,9 +438,62 @@ def test_a_step_between_log_steps_reads_nothing_back_from_the_device(extra):
     with _HostReads() as reads:
         assert step(batch, 1, sync=False) is None
     assert reads.calls == []
+    # The device half of a batch builds no tensor from host data (its CPU path selects rows with
+    # ``nonzero``, free there; on a GPU it selects on the device).
+    views = (raw["global"], raw["local"] if cfg.data.local_crops_number else None, raw["sup"])
+    with _HostReads() as reads:
+        augment_views(*views, gen)
+    assert [c for c in reads.calls if "lift_fresh" in c[0]] == []
     with _HostReads() as reads:  # the check itself sees reads: a log step makes them
         out = step(batch, 2, monitor=True, sync=True)
     assert reads.calls and math.isfinite(out["dino"])
+
+
+def test_select_rows_picks_the_masked_rows_on_the_host_and_on_another_device():
+    from hierdino.data.transfer import select_rows
+
+    t, mask = torch.arange(12).view(6, 2), torch.tensor([True, False, True, True, False, False])
+    assert torch.equal(select_rows(t, mask), t[[0, 2, 3]])
+    on_device = select_rows(torch.empty(6, 2, device="meta"), mask)  # the index_select path (no values on meta)
+    assert on_device.device.type == "meta" and on_device.shape == (3, 2)
+
+
+def test_fsdp2_in_bf16_keeps_batchnorm_and_the_supervised_head_in_fp32():
+    """FSDP2 with bf16 parameters (each GPU of a multi-GPU run), here over one gloo rank: heads with
+    BatchNorm run (bf16 weights against fp32 running statistics would fail), the DINO head's linear
+    layers compute in bf16, and the supervised head and every loss term in fp32, as on one worker."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from hierdino.train.parallel import apply_fsdp
+
+    cfg = load_config("tiny-cpu", ["model.arch=vit_micro_cpu", "optim.warmup_steps=0", "optim.freeze_last_layer_steps=0"])
+    assert cfg.model.dino_head.batchnorm
+    torch.manual_seed(0)
+    m = StudentTeacher(cfg, load_hierarchy("wbc-h1"))
+    dtypes = {}
+
+    def record(name):
+        def hook(mod, inputs, out):
+            dtypes[name] = (inputs[0].dtype, out.dtype)
+        return hook
+
+    m.student["dino_head"].mlp[0].register_forward_hook(record("dino_linear"))
+    m.student["dino_head"].mlp[1].register_forward_hook(record("dino_batchnorm"))
+    m.student["dino_head"].mlp[3].register_forward_hook(record("dino_linear_after_batchnorm"))
+    m.sup_head.register_forward_hook(record("sup_head"))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        apply_fsdp(m, init_device_mesh("cpu", (1,)), torch.bfloat16, torch.float32)
+        step, gen = TrainStep(m, cfg), torch.Generator().manual_seed(0)
+        outs = [step(make_step_batch(_synthetic_raw(8), cfg, gen, torch.device("cpu"), 8), i) for i in range(2)]
+    finally:
+        dist.destroy_process_group()
+    assert dtypes["dino_linear"] == dtypes["dino_linear_after_batchnorm"] == (torch.bfloat16, torch.bfloat16)
+    assert dtypes["dino_batchnorm"][0] == torch.float32 and dtypes["sup_head"] == (torch.float32, torch.float32)
+    assert all(math.isfinite(o[k]) for o in outs for k in ("dino", "ibot", "sup"))
+    running = m.student["dino_head"].mlp[1].running_mean
+    assert running.dtype == torch.float32 and running.abs().sum() > 0  # the statistics moved
 
 
 def test_fsdp2_over_one_rank_trains_as_the_plain_model():

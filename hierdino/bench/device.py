@@ -1,6 +1,7 @@
 """Benchmark and checks that need a GPU (issue #13), in one short run:
 
-- host syncs: one full training step between log steps (``sync=False``) under
+- host syncs: one full training step between log steps (``sync=False``), its batch's host-to-device
+  copies and augmentation included, under
   ``torch.cuda.set_sync_debug_mode("warn")``, which reports every call that makes the GPU wait for
   the host (``.item()``, ``nonzero``, synchronising copies): the step should make none;
 - device decode: images/s of ``data.decode: device`` (nvJPEG decode of a batch, then every view cut
@@ -31,13 +32,12 @@ def host_syncs(cfg, batch: int, device: torch.device) -> list[str]:
     step, next_batch = full_step(cfg, batch, device, param_dtype_for(cfg.train.precision, device))
     for i in range(2):  # warm: lazily created state (optimizer, centers, the first log step's reads)
         step(next_batch(), 1000 + i, sync=True)
-    b = next_batch()
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
-        try:
-            step(b, 1002, sync=False)
+        try:  # the batch too: its pinned copies and the device augmentation are part of every step
+            step(next_batch(), 1002, sync=False)
         finally:
             torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()

@@ -36,11 +36,21 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
 # RGB -> YIQ and its inverse, as constants (no matrix inverse on the device: it would sync).
 _TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
 _FROM_YIQ = tuple(map(tuple, torch.linalg.inv(torch.tensor(_TO_YIQ, dtype=torch.float64)).tolist()))
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
+def _constant(values: tuple, like: torch.Tensor) -> torch.Tensor:
+    """``values`` as a tensor on ``like``'s device and dtype, made once per device and dtype: a tensor
+    built from Python numbers on a GPU is a blocking host copy, which would stall every step."""
+    key = (values, like.device, like.dtype)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.tensor(values, dtype=like.dtype, device=like.device)
+    return _CONSTANTS[key]
 
 
 def _hue_rotate(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
     """Rotate hue by ``angle`` radians per sample in YIQ space."""
-    to_yiq, from_yiq = x.new_tensor(_TO_YIQ), x.new_tensor(_FROM_YIQ)
+    to_yiq, from_yiq = _constant(_TO_YIQ, x), _constant(_FROM_YIQ, x)
     c, s = torch.cos(angle), torch.sin(angle)
     one, zero = torch.ones_like(c), torch.zeros_like(c)
     rot = torch.stack([one, zero, zero, zero, c, -s, zero, s, c], dim=1).view(-1, 3, 3)
@@ -163,8 +173,8 @@ def photometric(images: torch.Tensor, gen: torch.Generator, blur_p: float | torc
 
 def normalize_images(x: torch.Tensor) -> torch.Tensor:
     """Float ``[B, 3, H, W]`` in [0, 1] -> ImageNet-normalised."""
-    mean = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean = _constant(IMAGENET_MEAN, x).view(1, 3, 1, 1)
+    std = _constant(IMAGENET_STD, x).view(1, 3, 1, 1)
     return (x - mean) / std
 
 

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.ops import roi_align
 
+from hierdino.data.transfer import to_device
+
 _JPEG = b"\xff\xd8"
 
 
@@ -31,7 +33,8 @@ def decode_batch(blobs, device: torch.device) -> tuple[list[torch.Tensor | None]
     """RGB uint8 ``[3, H, W]`` per image on ``device`` (None where undecodable or ``None``) and the ok mask.
 
     JPEGs on a CUDA device decode in one batched nvJPEG call; when that call fails (a corrupt file
-    among them) they decode one by one, so one bad image costs only itself.
+    among them) they decode one by one, so one bad image costs only itself, and what nvJPEG refuses
+    is decoded on the host as the CPU path would.
     """
     tensors = [None if b is None else torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
     out: list[torch.Tensor | None] = [None] * len(tensors)
@@ -46,12 +49,11 @@ def decode_batch(blobs, device: torch.device) -> tuple[list[torch.Tensor | None]
                     try:
                         out[i] = decode_jpeg(tensors[i], mode=ImageReadMode.RGB, device=device)
                     except RuntimeError:
-                        pass
-    for i in sorted(set(range(len(tensors))) - set(jpeg)):  # other formats, and every image on a CPU device
-        t = tensors[i]
-        if t is not None:
+                        pass  # corrupt, or a JPEG nvJPEG does not take (CMYK, YCCK): the host tries below
+    for i, t in enumerate(tensors):  # other formats, what nvJPEG refused, and every image on a CPU device
+        if t is not None and out[i] is None:
             try:
-                out[i] = decode_image(t, mode=ImageReadMode.RGB).to(device, non_blocking=True)
+                out[i] = to_device(decode_image(t, mode=ImageReadMode.RGB), device)
             except RuntimeError:
                 pass
     return out, np.array([im is not None for im in out], bool)
@@ -100,8 +102,8 @@ def _apply_flags(x: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
 def cut_views(images: torch.Tensor, boxes: torch.Tensor, flags: torch.Tensor, rows: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 ``[K, size, size, 3]``: view k cut from image ``rows[k]`` of the padded float batch."""
     rois = torch.cat([rows[:, None].to(images.dtype), boxes.to(images.dtype)], dim=1)
-    out = roi_align(images, rois.to(images.device), output_size=size, sampling_ratio=-1, aligned=True)
-    out = _apply_flags(out, flags.to(images.device))
+    out = roi_align(images, to_device(rois, images.device), output_size=size, sampling_ratio=-1, aligned=True)
+    out = _apply_flags(out, to_device(flags, images.device))
     return out.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
 
@@ -126,7 +128,7 @@ def decode_views(raw: dict, global_size: int, local_number: int, local_size: int
             views = cut_views(batch, raw["boxes"][rows, first:first + count].reshape(-1, 4),
                               raw["flags"][rows, first:first + count].reshape(-1, 3),
                               torch.from_numpy(where[rows]).repeat_interleave(count), size)
-            full[torch.from_numpy(rows).to(device)] = views.view(len(rows), count, size, size, 3)
+            full[to_device(torch.from_numpy(rows), device)] = views.view(len(rows), count, size, size, 3)
         return full
 
     out["global"] = group(0, 2, global_size, keep)

@@ -49,7 +49,7 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, iterations
     if iterations < 1:
         raise ValueError(f"sinkhorn_knopp: iterations must be >= 1, got {iterations}")
     logits = teacher_logits.float()
-    local_max = logits.max() if logits.numel() else logits.new_tensor(float("-inf"))  # empty: no masked patch here
+    local_max = logits.max() if logits.numel() else logits.new_full((), float("-inf"))  # empty: no masked patch here
     gmax = _all_reduce(local_max.clone(), dist.ReduceOp.MAX if _dist() else None)
     q = logits.sub(gmax).div_(teacher_temp).exp_().clamp_min_(1e-30)  # [B, K]; the floor keeps far-off prototypes finite
     b, k = q.shape
@@ -88,7 +88,7 @@ class TeacherCentering(nn.Module):
         if self.mode != "ema":
             return
         total = _all_reduce(teacher_logits.float().sum(dim=0, keepdim=True))
-        count = _all_reduce(torch.tensor(float(teacher_logits.shape[0]), device=teacher_logits.device))
+        count = _all_reduce(teacher_logits.new_full((), float(teacher_logits.shape[0])))  # a fill: no host copy
         moved = self.center * self.momentum + total / count.clamp_min(1.0) * (1 - self.momentum)
         # No host read (no stall on GPUs); a batch with non-finite logits (a step that will be
         # skipped) leaves the centre as it was.

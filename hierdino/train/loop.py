@@ -27,6 +27,7 @@ from hierdino.data.augment import augment_views
 from hierdino.data.ingest import stream_name
 from hierdino.data.masking import ibot_masks
 from hierdino.data.mix import MixedBatches, MixSchedule
+from hierdino.data.transfer import select_rows, to_device
 from hierdino.hierarchy import load_hierarchy
 from hierdino.models.student_teacher import StepBatch, StudentTeacher, param_groups
 from hierdino.runtime import quiet_train_reports
@@ -58,19 +59,12 @@ def make_step_batch(raw: dict, cfg: Config, gen: torch.Generator, device: torch.
         return _make_step_batch(raw, cfg, gen, device, grid, device_gen or gen)
 
 
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host tensor -> ``device`` without blocking the host: through pinned memory on a GPU."""
-    if device.type == "cuda" and t.device.type == "cpu":
-        t = t.pin_memory()
-    return t.to(device, non_blocking=True)
-
-
 def _make_step_batch(raw, cfg, gen, device, grid, dgen) -> StepBatch:
     ok = raw["ok"].bool()
     all_ok = bool(ok.all())  # host tensors: free to read; the usual case needs no row copy
 
-    def rows(t: torch.Tensor) -> torch.Tensor:
-        return t if all_ok else t[ok]
+    def rows(t: torch.Tensor) -> torch.Tensor:  # on the host, or already on the device (data.decode: device)
+        return t if all_ok else select_rows(t, ok)
 
     g = to_device(rows(raw["global"]), device)
     b = g.shape[0]
@@ -82,7 +76,7 @@ def _make_step_batch(raw, cfg, gen, device, grid, dgen) -> StepBatch:
         has = host_labels >= 0
         sup_labels = to_device(host_labels[has], device)
         sup = rows(raw["sup"])
-        sup = to_device(sup if bool(has.all()) else sup[has], device)
+        sup = to_device(sup if bool(has.all()) else select_rows(sup, has), device)
     crops, local, sup_images = augment_views(g, loc, sup, dgen)
     masks = ibot_masks(2 * b, grid, cfg.data.mask_sample_prob, tuple(cfg.data.mask_ratio), gen)
     mask_index = to_device(masks.flatten().nonzero().squeeze(1), device)

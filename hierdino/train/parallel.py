@@ -35,6 +35,11 @@ def apply_fsdp(model, mesh, param_dtype: torch.dtype = torch.float32, reduce_dty
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # heavy (about 1 s): only sharding needs FSDP
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    # BatchNorm (heads with ``batchnorm``) and the supervised head compute in fp32 whatever
+    # ``param_dtype``: bf16 BatchNorm weights against its fp32 running statistics fail, and the
+    # supervised logits feed their loss in fp32 as on one worker. Inputs are cast up, and BatchNorm's
+    # output back down for the bf16 layer after it.
+    fp32 = dict(param_dtype=torch.float32, reduce_dtype=reduce_dtype, cast_forward_inputs=True)
     one_rank = mesh.size() == 1
     for tower in (model.student, model.teacher):
         # The teacher only runs forward: its roots must reshard too, or their parameters stay
@@ -45,10 +50,13 @@ def apply_fsdp(model, mesh, param_dtype: torch.dtype = torch.float32, reduce_dty
         root_reshard = True if teacher else (False if one_rank else None)  # None: FSDP2's default for roots
         for block in tower["backbone"].blocks:
             fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=block_reshard)
+        for norm in (m for m in tower.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
+            fully_shard(norm, mesh=mesh, mp_policy=MixedPrecisionPolicy(output_dtype=param_dtype, **fp32),
+                        reshard_after_forward=root_reshard)
         for root in tower.values():  # backbone (embeddings, final norm) and each head
             fully_shard(root, mesh=mesh, mp_policy=mp, reshard_after_forward=root_reshard)
     if model.sup_head is not None:
-        fully_shard(model.sup_head, mesh=mesh, mp_policy=mp)
+        fully_shard(model.sup_head, mesh=mesh, mp_policy=MixedPrecisionPolicy(**fp32))
 
 
 def local_param_fraction(module: nn.Module) -> float:
