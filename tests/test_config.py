@@ -46,9 +46,13 @@ def test_overrides_convert_types():
     ("data.mask_ratio=[0.6,0.2]", "data.mask_ratio"),
     ("train.batch_size=33", "not divisible"),
     ("hierarchy.name=wbc-h7", "hierarchy.name"),
+    ("scaling.gpus_per_worker=0.5", "scaling.gpus_per_worker=0.5 with scaling.num_workers=2: the workers of one run would share a GPU"),
 ])
 def test_errors_name_key_and_value(override, message):
     extra = ["loss.supervised.alpha=null"] if "level_weights" in override else []
+    if "gpus_per_worker" in override:
+        extra = ["scaling.use_gpu=true", "scaling.num_workers=2"]
+        load_config("tiny-cpu", ["scaling.use_gpu=true", override])  # one worker may take a fraction of a GPU
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
         load_config("tiny-cpu", [override] + extra + (["scaling.num_workers=2"] if "batch_size" in override else []))
 

@@ -449,6 +449,53 @@ def test_a_step_between_log_steps_reads_nothing_back_from_the_device(extra):
     assert reads.calls and math.isfinite(out["dino"])
 
 
+_VOTES_FROM = [(1, 4), (None, 4), (None, None)]  # per scenario, the step from which each rank is asked to stop
+
+
+def _stop_vote_rank(rank: int, init: str, out: str) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        cfg = load_config("tiny-cpu", ["model.arch=vit_micro_cpu", "optim.warmup_steps=0"])
+        reads = []
+        for votes_from in _VOTES_FROM:
+            torch.manual_seed(0)
+            step = TrainStep(StudentTeacher(cfg, load_hierarchy("wbc-h1")), cfg)
+            gen, raw, mine = torch.Generator().manual_seed(rank), _synthetic_raw(4, seed=rank), []
+            for i in range(6):
+                sync = (i + 1) % 3 == 0
+                rec = step(make_step_batch(raw, cfg, gen, torch.device("cpu"), 8), i, sync=sync,
+                           stop_vote=votes_from[rank] is not None and i >= votes_from[rank])
+                if sync:
+                    mine.append(rec["stop_votes"])
+            reads.append(mine)
+        with open(f"{out}/{rank}.json", "w") as f:
+            json.dump(reads, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_asked_to_stop_at_different_steps_read_the_same_votes(tmp_path):
+    """A graceful stop reaches each rank at its own step; the votes ride in the loss all-reduce, so at
+    each read (every 3rd step here) both ranks see the same count and stop after the same step."""
+    import json
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_stop_vote_rank, args=(f"tcp://127.0.0.1:{port}", str(tmp_path)), nprocs=2)
+    reads = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
+    assert reads[0] == reads[1], reads
+    # Reads after steps 3 and 6 (indices 2 and 5), in votes per rank: rank 0 asked from index 1 gives
+    # 2 votes by the first read, then 3 more with rank 1's 2 (from index 4): 1.0, 2.5. Only rank 1
+    # asked from index 4: 0.0 at the first read, 1.0 at the second. Nobody asked: 0.0, 0.0.
+    assert reads[0] == [pytest.approx([1.0, 2.5]), pytest.approx([0.0, 1.0]), [0.0, 0.0]], reads
+
+
 def test_select_rows_picks_the_masked_rows_on_the_host_and_on_another_device():
     from hierdino.data.transfer import select_rows
 

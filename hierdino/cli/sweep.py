@@ -35,7 +35,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-trial", type=float, default=None,
                    help="CPUs of each trial's training workers together (sets scaling.cpus_per_worker)")
     p.add_argument("--gpus-per-trial", type=float, default=None,
-                   help="GPUs of each trial, fractions allowed (0.25: four trials share a GPU; sets scaling.gpus_per_worker)")
+                   help="GPUs of each trial, fractions allowed with one worker per trial (0.25: four trials share a GPU); sets scaling.gpus_per_worker")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--search", choices=["random", "optuna"], default="random",
                    help="random sampling, or Optuna's TPE (pip install 'hierdino[optuna]')")

@@ -32,6 +32,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"train.batch_size={cfg.train.batch_size} is not divisible by scaling.num_workers={cfg.scaling.num_workers}"
         )
+    s = cfg.scaling
+    if s.use_gpu and s.num_workers > 1 and s.gpus_per_worker < 1:
+        raise ConfigError(
+            f"scaling.gpus_per_worker={s.gpus_per_worker:g} with scaling.num_workers={s.num_workers}: the workers of one "
+            "run would share a GPU, which NCCL refuses (two ranks on one device); give each worker a whole GPU "
+            "(sweeps: --gpus-per-trial of at least scaling.num_workers), or run one worker")
     if cfg.data.local_crops_size > cfg.data.image_size:
         raise ConfigError(f"data.local_crops_size={cfg.data.local_crops_size} exceeds data.image_size={cfg.data.image_size}")
     if cfg.train.stop_at_step is not None and cfg.train.stop_at_step > cfg.train.steps:

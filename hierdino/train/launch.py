@@ -132,7 +132,7 @@ def train(cfg: Config, log=print, preset: str | None = None, graceful: bool = Tr
         result = build_trainer(cfg, log, preset=preset).fit()
         stopped_by = None
     else:
-        with GracefulStop(cfg.scaling.num_workers, log) as stop:
+        with GracefulStop(log) as stop:
             result = build_trainer(cfg, log, preset=preset, stop_flag=stop.flag).fit()
         stopped_by = stop.signal
     if result.error:

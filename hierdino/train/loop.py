@@ -123,13 +123,20 @@ class TrainStep:
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult),
                                            lr=self.schedules.lr, betas=tuple(cfg.optim.betas), fused=True)
         self._window: torch.Tensor | None = None   # sum of [loss, terms...] over the applied steps since the last sync
+        self._votes: torch.Tensor | None = None    # ranks' stop votes (all-reduced) summed since the last sync
         # (step, 0-d bad flag, checked values, their names) per step since the last sync
         self._bad: list[tuple[int, torch.Tensor, torch.Tensor, list[str]]] = []
         self.skipped = 0  # non-finite steps skipped so far (this process)
         self._nan_at = int(os.environ.get("HIERDINO_TEST_NAN_AT_STEP", -1))  # test-only fault injection
 
-    def __call__(self, batch: StepBatch, step: int, monitor: bool = False, sync: bool = True) -> dict[str, float] | None:
-        """One step; returns the host record when ``sync`` (else None)."""
+    def __call__(self, batch: StepBatch, step: int, monitor: bool = False, sync: bool = True,
+                 stop_vote: bool = False) -> dict[str, float] | None:
+        """One step; returns the host record when ``sync`` (else None).
+
+        ``stop_vote``: this rank has been asked to stop (``hierdino.train.stop``). Across ranks the
+        votes ride in the step's all-reduce of the loss terms; at the next read every rank sees the
+        same ``stop_votes`` (> 0: some rank voted since the last read), so all stop after the same step.
+        """
         s = self.schedules.at(step)
         for g in self.optimizer.param_groups:
             g["lr"] = s["lr"] * g["lr_mult"]
@@ -140,8 +147,11 @@ class TrainStep:
             terms["dino"] = terms["dino"] * float("nan")
         values = torch.stack([loss.detach()] + [t.detach().float() for t in terms.values()])
         if dist.is_initialized():
+            values = torch.cat([values, values.new_full((1,), float(stop_vote))])  # a fill: no host copy
             dist.all_reduce(values)
             values /= dist.get_world_size()
+            values, votes = values[:-1], values[-1]
+            self._votes = votes if self._votes is None else self._votes + votes
         with record_function("backward"):
             loss.backward()  # outside autocast: only the backbone and head forwards run in bf16
         self._drop_frozen_grads(step, s["freeze_last_layer"])
@@ -203,6 +213,8 @@ class TrainStep:
             print(f"[hierdino] WARNING: step {st} skipped, non-finite: {listed} "
                   f"({self.skipped} of train.skip_nonfinite_steps={limit})", flush=True)
         out = dict(zip(names, window))
+        if self._votes is not None:
+            out["stop_votes"], self._votes = float(self._votes), None
         if norms:
             out.update(zip(norms, torch.stack(list(norms.values())).float().tolist()))
         return out
@@ -300,14 +312,21 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     poller = StopPoller(loop_config.get("stop_flag"))
     metrics.begin()
     while step < stop:
-        after = poller.stop_after(step)  # a graceful stop asked of the driver: this step is then the last one
-        if after is not None:
-            stop = min(stop, max(after, step + 1))
+        # A graceful stop asked of the driver. One worker stops after this step. Several stop after
+        # the same step, which each rank's own poll cannot give (ranks learn of the request at different
+        # steps): each votes in the step's all-reduce, and all stop after the next step that reads the
+        # votes back (a log or checkpoint step).
+        asked = poller.stop_after(step) is not None
+        if asked and world == 1:
+            stop = min(stop, step + 1)
         batch = make_step_batch(metrics.next_batch(batches, step, per_worker, decode), cfg, gen, device, grid, device_gen)
         logging = (step + 1) % cfg.train.log_every == 0 or step + 1 == stop
         saving = ckpt.should_save(step + 1, stop)
-        last = step_fn(batch, step, monitor=logging, sync=logging or saving) or last
+        record = step_fn(batch, step, monitor=logging, sync=logging or saving, stop_vote=asked)
+        last = record or last
         step += 1
+        if record is not None and record.pop("stop_votes", 0.0) > 0 and step < stop:
+            stop, saving = step, True  # the same step on every rank: they read the same votes
         ckpt.advance(cfg.train.batch_size)
         evaluating = live_eval is not None and step % cfg.eval.every_steps == 0
         if live_eval is not None and (evaluating or step == stop or (saving and not eval_metrics)):

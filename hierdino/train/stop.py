@@ -2,11 +2,13 @@
 
 The driver owns a small actor (``StopFlag``); its signal handler asks the actor to stop. Every
 training worker polls the actor without blocking (``StopPoller``: one outstanding call, checked with
-``ray.wait(timeout=0)`` at each step) and, once a stop is requested, learns the step to stop after:
-the first step a worker asks about after the request, plus a margin for the other ranks' polls in
-flight, so that every rank stops after the same step (their steps are in lockstep: FSDP collectives).
-The loop then treats that step as the last one: it syncs, checkpoints and returns; the driver says
-how to resume. Kubernetes sends SIGTERM to an evicted pod, then SIGKILL after its grace period.
+``ray.wait(timeout=0)`` at each step) and so learns of the request, each rank at its own step. One
+worker stops after the step it learns it at. Several must stop after the same step (FSDP collectives
+pair up step by step), so each rank votes in the step's all-reduce of its loss terms
+(``hierdino.train.loop.TrainStep``) and all stop after the next log or checkpoint step, where every
+rank reads the same votes back. The loop then checkpoints that step and returns; the driver says how
+to resume. Kubernetes sends SIGTERM to an evicted pod, then SIGKILL after its grace period: with
+several workers the stop waits for up to ``train.log_every`` steps.
 """
 
 from __future__ import annotations
@@ -18,16 +20,16 @@ import ray
 
 @ray.remote(num_cpus=0)
 class StopFlag:
-    def __init__(self, margin: int):
-        self.requested, self.stop_after, self.margin = False, None, margin
+    def __init__(self):
+        self.requested, self.stop_after = False, None
 
     def request(self) -> None:
         self.requested = True
 
     def poll(self, step: int) -> int | None:
-        """The step to stop after, or None while no stop is requested."""
+        """The step of the first poll after the request, or None while no stop is requested."""
         if self.requested and self.stop_after is None:
-            self.stop_after = step + self.margin
+            self.stop_after = step
         return self.stop_after
 
 
@@ -55,8 +57,8 @@ class GracefulStop:
     """Driver side: ``with GracefulStop(workers) as stop:`` installs SIGTERM/SIGINT handlers that
     request a stop once (a second signal aborts as before); ``stop.flag`` goes to the workers."""
 
-    def __init__(self, workers: int, log=print):
-        self.flag = StopFlag.remote(margin=0 if workers == 1 else 2)
+    def __init__(self, log=print):
+        self.flag = StopFlag.remote()
         self.log, self.signal, self.previous = log, None, {}
 
     def _handler(self, signum, frame):
