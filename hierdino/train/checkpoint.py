@@ -215,14 +215,20 @@ def _fault_hook(var: str, step: int) -> None:
 
 
 def _rng_state() -> dict:
-    """RNG states as tensors and plain values, so ``torch.load(weights_only=True)`` reads them back."""
+    """RNG states as tensors and plain values, so ``torch.load(weights_only=True)`` reads them back;
+    on a GPU also the current device's generator (drop-path draws)."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-            "python": random.getstate()}
+    state = {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+             "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def _set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available():  # a CPU checkpoint resumed on a GPU keeps the seeded state
+        torch.cuda.set_rng_state(s["cuda"])
     name, keys, pos, has_gauss, cached = s["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate(tuple(s["python"][:1]) + (tuple(s["python"][1]),) + tuple(s["python"][2:]))

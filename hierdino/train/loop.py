@@ -286,6 +286,9 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     use_tensor_cores(device)
     metrics = TrainMetrics(cfg, run_uri, rank, worker_start, options)
     model = build_model(cfg, device, world, metrics.say)
+    # Identical initialisation on every rank above; from here each rank draws its own stochastic
+    # depth (CPU and device generators; a resume restores both from the checkpoint).
+    torch.manual_seed(cfg.train.seed * 1000 + rank)
     step_fn = TrainStep(model, cfg)
     ckpt = CheckpointManager(model, step_fn.optimizer, rank, world, run_uri, cfg.checkpoint.keep, options,
                              every_steps=cfg.checkpoint.every_steps)
