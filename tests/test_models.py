@@ -263,6 +263,7 @@ def test_subset_residual_adds_the_scaled_branch_to_a_random_subset_and_is_unbias
     sd = (draws - x).std(0) / math.sqrt(3000)  # standard error of each mean
     assert ((update - x @ weight).abs() <= 5 * sd + 1e-5).all()
     assert subset_residual(x[:1], branch, 0.9).shape == (1, 3, 4) and seen[-1] == 1  # at least one row runs
+    assert torch.equal(subset_residual(x, branch, 1.0), x)  # rate 1: always dropped, as per-sample drop path
 
 
 def test_blocks_above_a_drop_rate_of_0_1_run_their_branches_on_the_kept_samples_only():

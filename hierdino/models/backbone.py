@@ -67,6 +67,8 @@ def subset_residual(x: torch.Tensor, branch, drop_prob: float) -> torch.Tensor:
     of B, (1 - p) of the compute (DINOv2's batch-subset stochastic depth). The subset is drawn on
     the device (``randperm``): no host sync.
     """
+    if drop_prob >= 1:  # always dropped, as per-sample drop path at rate 1
+        return x
     b = x.shape[0]
     keep = max(int(b * (1 - drop_prob)), 1)
     rows = torch.randperm(b, device=x.device)[:keep]
@@ -82,17 +84,20 @@ class SubsetDepthBlock(Block):
     """timm's ViT block, except that while training, a residual branch whose drop-path rate is above
     ``SUBSET_DEPTH_ABOVE`` runs on a subset of the batch (``subset_residual``), as DINOv2 does above
     that rate. At lower rates, in eval mode, with a rate of 0 (the teacher) or with an attention
-    mask it is timm's block unchanged. Same parameters and state-dict keys as ``Block``:
+    mask it is timm's block unchanged (whatever timm 1.0.x's signature of ``Block.forward``). Same parameters and state-dict keys as ``Block``:
     ``build_backbone`` gives this class to blocks that are plain ``Block``s.
     """
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        # timm's own arguments (an attention mask, causality: none in these backbones) go to timm's
+        # block, whose signature changed across timm 1.0.x.
         p1, p2 = _drop_prob(self.drop_path1), _drop_prob(self.drop_path2)
-        if not self.training or attn_mask is not None or max(p1, p2) <= SUBSET_DEPTH_ABOVE:
-            return super().forward(x, attn_mask, is_causal)
+        if not self.training or args or any(v is not None and v is not False for v in kwargs.values()) \
+                or max(p1, p2) <= SUBSET_DEPTH_ABOVE:
+            return super().forward(x, *args, **kwargs)
 
         def attn(y):
-            return self.ls1(self.attn(self.norm1(y), is_causal=is_causal))
+            return self.ls1(self.attn(self.norm1(y)))
 
         def mlp(y):
             return self.ls2(self.mlp(self.norm2(y)))

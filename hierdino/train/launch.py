@@ -138,4 +138,7 @@ def train(cfg: Config, log=print, preset: str | None = None, graceful: bool = Tr
     if result.error:
         raise result.error
     ckpt = latest_complete(run_uri(cfg), StorageOptions.from_config(cfg)).uri
-    return dict(result.return_value or {}, run_dir=run_uri(cfg), checkpoint=ckpt, stopped_by=stopped_by)
+    final = result.return_value or {}
+    if final.get("step", 0) >= cfg.train.steps:  # the signal came too late to cut the run short: it finished
+        stopped_by = None
+    return dict(final, run_dir=run_uri(cfg), checkpoint=ckpt, stopped_by=stopped_by)

@@ -288,7 +288,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     model = build_model(cfg, device, world, metrics.say)
     # Identical initialisation on every rank above; from here each rank draws its own stochastic
     # depth (CPU and device generators; a resume restores both from the checkpoint).
-    torch.manual_seed(cfg.train.seed * 1000 + rank)
+    torch.manual_seed(cfg.train.seed * 1000 + rank + 2 ** 40)  # apart from the mask and augmentation seeds below
     step_fn = TrainStep(model, cfg)
     ckpt = CheckpointManager(model, step_fn.optimizer, rank, world, run_uri, cfg.checkpoint.keep, options,
                              every_steps=cfg.checkpoint.every_steps)

@@ -54,7 +54,7 @@ class StopPoller:
 
 
 class GracefulStop:
-    """Driver side: ``with GracefulStop(workers) as stop:`` installs SIGTERM/SIGINT handlers that
+    """Driver side: ``with GracefulStop() as stop:`` installs SIGTERM/SIGINT handlers that
     request a stop once (a second signal aborts as before); ``stop.flag`` goes to the workers."""
 
     def __init__(self, log=print):
