@@ -325,11 +325,12 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         batch = make_step_batch(metrics.next_batch(batches, step, per_worker, decode), cfg, gen, device, grid, device_gen)
         logging = (step + 1) % cfg.train.log_every == 0 or step + 1 == stop
         saving = ckpt.should_save(step + 1, stop)
-        record = step_fn(batch, step, monitor=logging, sync=logging or saving, stop_vote=asked)
+        # Every read carries the collapse monitor, so a stop decided at a checkpoint step can log it.
+        record = step_fn(batch, step, monitor=logging or saving, sync=logging or saving, stop_vote=asked)
         last = record or last
         step += 1
         if record is not None and record.pop("stop_votes", 0.0) > 0 and step < stop:
-            stop, saving = step, True  # the same step on every rank: they read the same votes
+            stop, logging, saving = step, True, True  # the same step on every rank: they read the same votes
         ckpt.advance(cfg.train.batch_size)
         evaluating = live_eval is not None and step % cfg.eval.every_steps == 0
         if live_eval is not None and (evaluating or step == stop or (saving and not eval_metrics)):
