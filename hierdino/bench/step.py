@@ -76,8 +76,7 @@ def full_step(cfg, batch: int, device: torch.device, dtype: torch.dtype, fsdp: b
     ``step_fn(next_batch(), step, sync=...)`` runs one full training step.
 
     As the trainer on one worker: bf16 autocast of the backbone and head forwards (logits, targets and
-    losses fp32);
-    with ``fsdp``, as on several: FSDP2 (here over one rank) with ``dtype`` parameters everywhere.
+    losses fp32); with ``fsdp``, as on several: FSDP2 (here over one rank) with ``dtype`` parameters.
     """
     import torch.distributed as dist
 

@@ -19,9 +19,11 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def select_rows(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The rows of ``t`` (on any device) where the host bool ``mask`` holds. Indexing a device tensor
-    with a host mask would copy the mask's indices over synchronously; here they go through
-    ``to_device``."""
+    """The rows of ``t`` (on any device) where the host bool ``mask`` holds (``t`` itself, no copy,
+    when it holds everywhere). Indexing a device tensor with a host mask would copy the mask's
+    indices over synchronously; here they go through ``to_device``."""
+    if bool(mask.all()):  # a host read: free
+        return t
     if t.device.type == "cpu":
         return t[mask]
     return t.index_select(0, to_device(mask.nonzero().squeeze(1), t.device))

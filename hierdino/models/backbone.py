@@ -83,18 +83,16 @@ def _drop_prob(module: nn.Module) -> float:
 class SubsetDepthBlock(Block):
     """timm's ViT block, except that while training, a residual branch whose drop-path rate is above
     ``SUBSET_DEPTH_ABOVE`` runs on a subset of the batch (``subset_residual``), as DINOv2 does above
-    that rate. At lower rates, in eval mode, with a rate of 0 (the teacher) or with an attention
-    mask it is timm's block unchanged (whatever timm 1.0.x's signature of ``Block.forward``). Same parameters and state-dict keys as ``Block``:
+    that rate; at lower rates it computes what timm's block does. In eval mode or with timm's own
+    arguments (an attention mask: none in these backbones) it is timm's block, whatever timm 1.0.x's
+    signature of ``Block.forward``. Same parameters and state-dict keys as ``Block``:
     ``build_backbone`` gives this class to blocks that are plain ``Block``s.
     """
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        # timm's own arguments (an attention mask, causality: none in these backbones) go to timm's
-        # block, whose signature changed across timm 1.0.x.
-        p1, p2 = _drop_prob(self.drop_path1), _drop_prob(self.drop_path2)
-        if not self.training or args or any(v is not None and v is not False for v in kwargs.values()) \
-                or max(p1, p2) <= SUBSET_DEPTH_ABOVE:
+        if not self.training or args or any(v is not None and v is not False for v in kwargs.values()):
             return super().forward(x, *args, **kwargs)
+        p1, p2 = _drop_prob(self.drop_path1), _drop_prob(self.drop_path2)
 
         def attn(y):
             return self.ls1(self.attn(self.norm1(y)))

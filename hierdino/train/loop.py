@@ -60,11 +60,10 @@ def make_step_batch(raw: dict, cfg: Config, gen: torch.Generator, device: torch.
 
 
 def _make_step_batch(raw, cfg, gen, device, grid, dgen) -> StepBatch:
-    ok = raw["ok"].bool()
-    all_ok = bool(ok.all())  # host tensors: free to read; the usual case needs no row copy
+    ok = raw["ok"].bool()  # host masks (ok, has) select rows of host or device tensors (data.decode: device)
 
-    def rows(t: torch.Tensor) -> torch.Tensor:  # on the host, or already on the device (data.decode: device)
-        return t if all_ok else select_rows(t, ok)
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        return select_rows(t, ok)
 
     g = to_device(rows(raw["global"]), device)
     b = g.shape[0]
@@ -75,8 +74,7 @@ def _make_step_batch(raw, cfg, gen, device, grid, dgen) -> StepBatch:
     if "sup" in raw:
         has = host_labels >= 0
         sup_labels = to_device(host_labels[has], device)
-        sup = rows(raw["sup"])
-        sup = to_device(sup if bool(has.all()) else select_rows(sup, has), device)
+        sup = to_device(select_rows(rows(raw["sup"]), has), device)
     crops, local, sup_images = augment_views(g, loc, sup, dgen)
     masks = ibot_masks(2 * b, grid, cfg.data.mask_sample_prob, tuple(cfg.data.mask_ratio), gen)
     mask_index = to_device(masks.flatten().nonzero().squeeze(1), device)
@@ -319,7 +317,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         # the same step, which each rank's own poll cannot give (ranks learn of the request at different
         # steps): each votes in the step's all-reduce, and all stop after the next step that reads the
         # votes back (a log or checkpoint step).
-        asked = poller.stop_after(step) is not None
+        asked = poller.asked()
         if asked and world == 1:
             stop = min(stop, step + 1)
         batch = make_step_batch(metrics.next_batch(batches, step, per_worker, decode), cfg, gen, device, grid, device_gen)

@@ -21,36 +21,34 @@ import ray
 @ray.remote(num_cpus=0)
 class StopFlag:
     def __init__(self):
-        self.requested, self.stop_after = False, None
+        self.requested = False
 
     def request(self) -> None:
         self.requested = True
 
-    def poll(self, step: int) -> int | None:
-        """The step of the first poll after the request, or None while no stop is requested."""
-        if self.requested and self.stop_after is None:
-            self.stop_after = step
-        return self.stop_after
+    def poll(self) -> bool:
+        """Whether a stop has been requested."""
+        return self.requested
 
 
 class StopPoller:
-    """A worker's view of the ``StopFlag``: ``stop_after(step)`` never blocks."""
+    """A worker's view of the ``StopFlag``: ``asked()`` never blocks, and stays true once true."""
 
     def __init__(self, flag):
-        self.flag, self.pending, self.known = flag, None, None
+        self.flag, self.pending, self.known = flag, None, False
 
-    def stop_after(self, step: int) -> int | None:
-        if self.flag is None or self.known is not None:
+    def asked(self) -> bool:
+        if self.flag is None or self.known:
             return self.known
         if self.pending is not None:
             ready, _ = ray.wait([self.pending], timeout=0)
             if not ready:
-                return None
+                return False
             self.known, self.pending = ray.get(self.pending), None
-            if self.known is not None:
-                return self.known
-        self.pending = self.flag.poll.remote(step)
-        return None
+            if self.known:
+                return True
+        self.pending = self.flag.poll.remote()
+        return False
 
 
 class GracefulStop:
