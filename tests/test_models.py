@@ -358,9 +358,8 @@ def test_bf16_autocast_runs_backbone_and_heads_in_bf16_and_the_losses_in_fp32(mo
     m.student["dino_head"].register_forward_hook(record("dino_head"))
     m.teacher["ibot_head"].register_forward_hook(record("teacher_ibot_head"))
     m.sup_head.register_forward_hook(record("sup_head"))
-    import hierdino.models.student_teacher as st
-    orig = st.ibot_patch_loss
-    monkeypatch.setattr(st, "ibot_patch_loss", lambda s, t, *a: into_losses.append((s.dtype, t.dtype)) or orig(s, t, *a))
+    orig = m.ibot_loss
+    monkeypatch.setattr(m, "ibot_loss", lambda s, t, *a: into_losses.append((s.dtype, t.dtype)) or orig(s, t, *a))
     loss, terms, _ = m.losses(batch, 0.04)
     assert dtypes == {"backbone": torch.bfloat16, "dino_mlp": torch.bfloat16, "dino_head": torch.bfloat16,
                       "teacher_ibot_head": torch.bfloat16, "sup_head": torch.float32}
@@ -577,3 +576,60 @@ def test_fsdp2_over_one_rank_trains_as_the_plain_model():
     assert plain_losses[2] < plain_losses[0]  # it trained: the teachers below moved the same way
     assert checksum == pytest.approx(plain_sum, rel=1e-9)
     assert checksum != pytest.approx(param_checksum(StudentTeacher(cfg, load_hierarchy("wbc-h1")).teacher), rel=1e-9)
+
+
+def test_train_compile_computes_the_eager_step_and_compiles_once_for_the_run():
+    """``train.compile``: compiled blocks, targets and losses give the eager losses and gradients, and
+    after the first steps nothing compiles again, although the masked-patch count, the labelled count
+    (the student's batch) and the teacher temperature change every step."""
+    import torch._dynamo
+
+    from hierdino.train.loop import compile_model
+
+    cfg = load_config("tiny-cpu", ["model.arch=vit_micro_cpu", "optim.warmup_steps=0", "optim.freeze_last_layer_steps=0",
+                                   "loss.centering=sinkhorn", "data.supervised_view=separate", "data.local_crops_number=2",
+                                   "loss.warmup_teacher_temp=0.02", "loss.warmup_teacher_temp_steps=100",
+                                   "loss.koleo_weight=0.1"])
+    base = _synthetic_raw(8)
+    raws = []
+    for unlabelled in (1, 3, 0, 5, 2, 4):  # a different number of labelled images each step
+        raw = dict(base, label=base["label"].clone())
+        raw["label"][:unlabelled] = -1
+        raws.append(raw)
+    torch._dynamo.reset()
+    models = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        models[compiled] = m = StudentTeacher(cfg, load_hierarchy("wbc-h1"))
+        if compiled:
+            compile_model(m)
+    # The same weights and batch: the same loss terms and gradients.
+    batch = make_step_batch(raws[0], cfg, torch.Generator().manual_seed(0), torch.device("cpu"), 8)
+    grads = {}
+    for compiled, m in models.items():
+        torch.manual_seed(1)  # the same drop-path draws
+        loss, terms, _ = m.losses(batch, 0.025)
+        loss.backward()
+        grads[compiled] = terms, torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
+        m.zero_grad(set_to_none=True)
+    for k, v in grads[False][0].items():
+        assert grads[True][0][k].item() == pytest.approx(v.item(), rel=1e-5), k
+    g_compiled, g_eager = grads[True][1], grads[False][1]
+    assert (g_compiled - g_eager).norm() < 1e-4 * g_eager.norm()  # (elementwise, BatchNorm'd biases' are noise)
+    # Training steps with shapes and temperature changing every step.
+    runs = {}
+    for compiled, m in models.items():
+        step, gen, records = TrainStep(m, cfg), torch.Generator().manual_seed(0), []
+        for i, raw in enumerate(raws):
+            if compiled and i == 3:  # from here on, running anything that would compile again raises
+                torch.compiler.set_stance("fail_on_recompile")
+            try:
+                records.append(step(make_step_batch(raw, cfg, gen, torch.device("cpu"), 8), 20 * i))
+            finally:
+                torch.compiler.set_stance("default")
+        runs[compiled] = records
+    assert len({r["teacher_temp"] for r in runs[False]}) == len(raws)  # the temperature did change every step
+    for e, c in zip(runs[False], runs[True]):
+        for k in ("dino", "ibot", "koleo", "sup"):  # rounding drifts apart over the steps, slowly
+            assert c[k] == pytest.approx(e[k], rel=5e-3), k
+    torch._dynamo.reset()

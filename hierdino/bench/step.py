@@ -81,12 +81,12 @@ def full_step(cfg, batch: int, device: torch.device, dtype: torch.dtype, fsdp: b
     import torch.distributed as dist
 
     from hierdino.models.student_teacher import StudentTeacher  # heavy (timm): not for --help or a config error
-    from hierdino.train.loop import TrainStep, compile_blocks, make_step_batch  # heavy (Ray Train, timm), likewise
+    from hierdino.train.loop import TrainStep, compile_model, make_step_batch  # heavy (Ray Train, timm), likewise
 
     torch.manual_seed(0)
     model = StudentTeacher(cfg, load_hierarchy(cfg.hierarchy.name)).to(device)
     if cfg.train.compile:
-        compile_blocks(model)
+        compile_model(model)
     if fsdp:
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)

@@ -134,8 +134,9 @@ class TrainConfig:
     stop_at_step: Optional[int] = _f(None, min=1, doc="stop early (schedules still span `steps`); for tests and resume")
     skip_nonfinite_steps: int = _f(0, min=0, doc="steps with a non-finite loss or gradient that may be skipped "
                                    "(a warning each) before the run stops with an error naming the step")
-    compile: bool = _f(False, doc="torch.compile each transformer block of student and teacher (GPU runs; "
-                                  "the first steps are slower while it compiles)")
+    compile: bool = _f(False, doc="torch.compile each transformer block of student and teacher, "
+                                  "the teacher targets and the DINO/iBOT losses (GPU runs; the first steps are "
+                                  "slower while it compiles)")
     freeze_backbone_steps: int = _f(0, min=0, doc="the backbone stays fixed for the first N steps while the "
                                     "heads warm up (for pretrained weights without DINO/iBOT heads)")
     stop_on_collapse: bool = _f(False, doc="stop with an error when the DINO targets stay near uniform after warm-up")

@@ -33,7 +33,7 @@ def _all_reduce(x: torch.Tensor, op=None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, iterations: int = 3) -> torch.Tensor:
+def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float | torch.Tensor, iterations: int = 3) -> torch.Tensor:
     """Teacher targets ``[B, K]`` whose prototype marginals are uniform over the global batch.
 
     With ``Q = exp(logits / T)`` (``[B, K]``), the targets are ``P = B * diag(v) Q diag(u)``, where
@@ -78,7 +78,7 @@ class TeacherCentering(nn.Module):
         self.register_buffer("center", torch.zeros(1, dim))
 
     @torch.no_grad()
-    def targets(self, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+    def targets(self, teacher_logits: torch.Tensor, teacher_temp: float | torch.Tensor) -> torch.Tensor:
         if self.mode == "sinkhorn":
             return sinkhorn_knopp(teacher_logits, teacher_temp, self.iterations)
         return torch.softmax((teacher_logits.float() - self.center) / teacher_temp, dim=-1)

@@ -91,8 +91,21 @@ class StudentTeacher(nn.Module):
         self.dino_center = TeacherCentering(cfg.model.dino_head.prototypes, cfg.loss.centering, cfg.loss.center_momentum)
         self.ibot_center = TeacherCentering(ibot_k, cfg.loss.centering, cfg.loss.center_momentum)
         self.patch_size = backbone.patch_size
+        # The maths over [rows, prototypes] tensors: teacher targets (centring or Sinkhorn-Knopp) and the
+        # student's cross-entropies. Memory-bound on a GPU (each eager op one pass over 65,536
+        # prototypes per row); ``compile_losses`` swaps in compiled versions that fuse them.
+        self.dino_targets, self.ibot_targets = self.dino_center.targets, self.ibot_center.targets
+        self.dino_loss, self.ibot_loss = dino_loss, ibot_patch_loss
         self.autocast = False  # bf16 autocast of backbones and DINO/iBOT heads: set by the trainer for bf16 on one
         # worker (FSDP2 casts the parameters themselves on several)
+
+    def compile_losses(self) -> None:
+        """``torch.compile`` the teacher targets and the DINO / iBOT losses (forward and backward): each
+        becomes a few fused kernels instead of one pass over its [rows, prototypes] tensor per
+        operation. Shapes that change every step (masked patches, labelled rows) and the teacher
+        temperature are dynamic: one compilation serves the whole run."""
+        for name in ("dino_targets", "ibot_targets", "dino_loss", "ibot_loss"):
+            setattr(self, name, torch.compile(getattr(self, name), dynamic=True))
 
     def ibot_head(self, tower: nn.ModuleDict) -> nn.Module:
         return tower["ibot_head"] if "ibot_head" in tower else tower["dino_head"]
@@ -121,13 +134,16 @@ class StudentTeacher(nn.Module):
         masks = batch.masks
         n_global = 2
         mask_index, crop_of_patch = batch.masked()
+        # The temperature as a device scalar (a fill, no host copy): compiled targets take it as an input
+        # instead of compiling again for each value of its warm-up schedule.
+        teacher_temp = batch.global_crops.new_full((), teacher_temp, dtype=torch.float32)
         # Named regions (torch.profiler): hierdino.bench.step prints the time of each.
         with record_function("teacher"), torch.no_grad():  # targets for the global crops and their masked patches
             t_cls, t_patch = self._encode(self.teacher, batch.global_crops)
             t_logits = self._logits(self.teacher["dino_head"], t_cls)
-            t_targets = self.dino_center.targets(t_logits, teacher_temp)
+            t_targets = self.dino_targets(t_logits, teacher_temp)
             t_patch_logits = self._logits(self.ibot_head(self.teacher), t_patch.flatten(0, 1).index_select(0, mask_index))
-            t_patch_targets = self.ibot_center.targets(t_patch_logits, teacher_temp)
+            t_patch_targets = self.ibot_targets(t_patch_logits, teacher_temp)
         # Every rank runs the same forwards (FSDP2 forwards are collectives), even with no masked
         # patch or no labelled image locally; empty inputs then contribute a zero with a live graph.
         with record_function("student_forward"):
@@ -153,9 +169,9 @@ class StudentTeacher(nn.Module):
             s_logits = list(self._logits(self.student["dino_head"], s_cls).chunk(n_global))
             if l_cls is not None:
                 s_logits += list(self._logits(self.student["dino_head"], l_cls).chunk(self.cfg.data.local_crops_number))
-            terms["dino"] = dino_loss(s_logits, list(t_targets.chunk(n_global)), lc.student_temp)
+            terms["dino"] = self.dino_loss(s_logits, list(t_targets.chunk(n_global)), lc.student_temp)
             s_patch_logits = self._logits(self.ibot_head(self.student), s_patch.flatten(0, 1).index_select(0, mask_index))
-            terms["ibot"] = ibot_patch_loss(s_patch_logits, t_patch_targets, masks, lc.student_temp, crop_of_patch)
+            terms["ibot"] = self.ibot_loss(s_patch_logits, t_patch_targets, masks, lc.student_temp, crop_of_patch)
             # DINOv2 sums KoLeo over the global crops (not a mean).
             terms["koleo"] = sum(koleo_loss(c) for c in s_cls.chunk(n_global)) if lc.koleo_weight > 0 else s_cls.sum() * 0.0
             if sup_cls is not None:

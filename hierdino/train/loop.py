@@ -81,12 +81,14 @@ def _make_step_batch(raw, cfg, gen, device, grid, dgen) -> StepBatch:
     return StepBatch(crops, local, to_device(masks, device), labels, sup_images, sup_labels, mask_index)
 
 
-def compile_blocks(model: StudentTeacher) -> None:
-    """``torch.compile`` each transformer block of both towers in place, before FSDP wraps them (as
-    torchtitan does): one small graph compiled once and reused by every block of the same shape."""
+def compile_model(model: StudentTeacher) -> None:
+    """``train.compile``: ``torch.compile`` each transformer block of both towers in place, before FSDP
+    wraps them (as torchtitan does: one small graph compiled once and reused by every block of the
+    same shape), and the teacher targets and DINO / iBOT losses (``StudentTeacher.compile_losses``)."""
     for tower in (model.student, model.teacher):
         for block in tower["backbone"].blocks:
             block.compile()
+    model.compile_losses()
 
 
 def supervised_summary(model: StudentTeacher) -> str:
@@ -231,7 +233,7 @@ def build_model(cfg: Config, device: torch.device, world: int, say) -> StudentTe
             say(f"[hierdino] {line}")
     model.to(device)
     if cfg.train.compile:
-        compile_blocks(model)
+        compile_model(model)
     dtype = param_dtype_for(cfg.train.precision, device)
     if world > 1:
         apply_fsdp(model, init_device_mesh(device.type, (world,)), dtype, torch.float32)
