@@ -32,6 +32,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from hierdino.config import config_from_dict, load_config
@@ -55,6 +56,20 @@ def _raw_batch(cfg, batch: int, seed: int = 0) -> dict:
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def copy_bandwidth(device: torch.device, mib: int = 1024, reps: int = 10) -> float:
+    """Bytes per second read and written by a large tensor copy on ``device`` (1 GiB; the memory-bound
+    operations' ceiling)."""
+    a = torch.empty(mib * 2 ** 18, device=device)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        b.copy_(a)
+    _sync(device)
+    return 2 * a.numel() * a.element_size() * reps / (time.perf_counter() - t0)
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int | None = None, reps: int = 10) -> float:
@@ -111,12 +126,15 @@ def time_full_step(cfg, batch: int, steps: int, device: torch.device, dtype: tor
         one(0, sync=True)
     with OpCount() as ops:
         one(0)  # a step between log steps, augmentation included
+    with Traffic(cfg.model.ibot_head.prototypes if cfg.model.ibot_separate_head else cfg.model.dino_head.prototypes) as traffic:
+        one(0)
     _sync(device)
     t0 = time.perf_counter()
     for i in range(steps):
         one(i, sync=i == steps - 1)  # as in training: one host read per log step
     _sync(device)
-    return (time.perf_counter() - t0) / steps, fc.get_total_flops(), ops.count, lambda: profile_parts(one, steps, device)
+    return ((time.perf_counter() - t0) / steps, fc.get_total_flops(), ops.count, traffic,
+            lambda: profile_parts(one, steps, device))
 
 
 class OpCount(TorchDispatchMode):
@@ -130,6 +148,38 @@ class OpCount(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.count += 1
         return func(*args, **(kwargs or {}))
+
+
+class Traffic(TorchDispatchMode):
+    """Bytes that the memory-bound ATen operations of a step read and write: every operation except
+    matrix products and attention (compute-bound) and views (no data moved), counting each tensor
+    argument and result once (a tensor changed in place twice). On a GPU such an operation takes at
+    least its bytes over the memory bandwidth: the floor the eager step pays for its passes over big
+    tensors. ``on_last_dim`` also totals the traffic of operations on tensors whose last dimension is
+    that size (the prototype logits)."""
+
+    COMPUTE = {"mm", "addmm", "bmm", "baddbmm", "linear", "convolution", "_scaled_dot_product_flash_attention",
+               "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+               "_scaled_dot_product_flash_attention_for_cpu", "_efficient_attention_backward",
+               "_scaled_dot_product_flash_attention_backward", "_scaled_dot_product_efficient_attention_backward",
+               "_scaled_dot_product_cudnn_attention_backward", "_scaled_dot_product_flash_attention_for_cpu_backward",
+               "convolution_backward"}
+
+    def __init__(self, on_last_dim: int):
+        super().__init__()
+        self.on_last_dim, self.bytes, self.bytes_on_last_dim = on_last_dim, 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        alias = func._schema.returns[0].alias_info if func._schema.returns else None
+        if (alias is None or alias.is_write) and func._schema.name.split("::")[-1] not in self.COMPUTE:
+            tensors = {id(t): t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)}
+            size = {i: min(t.numel() * t.element_size(), t.untyped_storage().nbytes()) for i, t in tensors.items()}
+            moved = sum(size.values()) + (size[id(out)] if alias is not None and id(out) in size else 0)  # in place: read + write
+            self.bytes += moved
+            if any(t.ndim and t.shape[-1] == self.on_last_dim for t in tensors.values()):
+                self.bytes_on_last_dim += moved
+        return out
 
 
 PARTS = ("augment", "teacher", "student_forward", "heads_losses", "backward", "clip_optimizer", "ema")
@@ -179,7 +229,7 @@ def profile_parts(one, steps: int, device: torch.device) -> dict[str, float]:
     return out
 
 
-def time_bare_step(cfg, batch: int, steps: int, device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
+def time_bare_step(cfg, batch: int, steps: int, device: torch.device, dtype: torch.dtype) -> tuple[float, float, int]:
     from hierdino.models.backbone import build_backbone  # heavy (timm): not for --help or a config error
 
     torch.manual_seed(0)
@@ -201,12 +251,14 @@ def time_bare_step(cfg, batch: int, steps: int, device: torch.device, dtype: tor
     one()
     with FlopCounterMode(display=False) as fc:
         one()
+    with Traffic(0) as traffic:
+        one()
     _sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         one()
     _sync(device)
-    return (time.perf_counter() - t0) / steps, fc.get_total_flops()
+    return (time.perf_counter() - t0) / steps, fc.get_total_flops(), traffic.bytes
 
 
 def _ray_worker(config: dict) -> dict:
@@ -265,9 +317,9 @@ def main(argv=None) -> None:
     use_tensor_cores(device)  # as the trainer
     if device.type == "cpu":
         torch.set_num_threads(1)  # compare per core with the 1-CPU Ray workers
-    peak = matmul_peak(device, dtype)
-    full_s, flops, n_ops, parts = time_full_step(cfg, batch, args.steps, device, dtype, args.fsdp)
-    bare_s, bare_flops = time_bare_step(cfg, batch, args.steps, device, dtype)
+    peak, bandwidth = matmul_peak(device, dtype), copy_bandwidth(device)
+    full_s, flops, n_ops, traffic, parts = time_full_step(cfg, batch, args.steps, device, dtype, args.fsdp)
+    bare_s, bare_flops, bare_bytes = time_bare_step(cfg, batch, args.steps, device, dtype)
     print(f"{args.config} ({cfg.model.arch}, {cfg.data.image_size} px, batch {batch}, {device}, {dtype}"
           f"{', full step under FSDP2 on one rank' if args.fsdp else ''})")
     print(f"  bare step (backbone fwd/bwd + AdamW)     {1000 * bare_s:9.1f} ms")
@@ -279,7 +331,14 @@ def main(argv=None) -> None:
     print(f"  bare step FLOPs {bare_flops / 1e9:.1f} GFLOP -> {bare_flops / bare_s / 1e12:.3f} TFLOP/s, MFU "
           f"{100 * bare_flops / bare_s / peak:.1f}%; FLOPs full/bare {flops / bare_flops:.2f}x (the time ratio at equal "
           f"FLOP rates), measured {full_s / bare_s:.2f}x")
-    print(f"  ATen operations dispatched by one full step between log steps: {n_ops}")
+    print(f"  ATen operations dispatched by one full step between log steps: {n_ops}"
+          f"{' (eager: counted under a dispatch mode)' if cfg.train.compile else ''}")
+    print(f"  memory-bound operations' traffic per full step: {traffic.bytes / 1e9:.2f} GB, of which "
+          f"{traffic.bytes_on_last_dim / 1e9:.2f} GB over [rows, {traffic.on_last_dim}] prototype tensors"
+          f"{' (of the eager step: under a dispatch mode compiled code runs eagerly)' if cfg.train.compile else ''}; at the "
+          f"measured copy bandwidth of {bandwidth / 1e9:.0f} GB/s at least {1000 * traffic.bytes / bandwidth:.1f} ms "
+          f"({1000 * traffic.bytes_on_last_dim / bandwidth:.1f} ms over the prototypes); the bare step's "
+          f"{bare_bytes / 1e9:.2f} GB: traffic full/bare {traffic.bytes / max(bare_bytes, 1):.2f}x")
     breakdown = parts()
     wall, top = breakdown.pop("wall"), breakdown.pop("top")
     if "gpu_busy" in breakdown:
