@@ -152,7 +152,7 @@ class OpCount(TorchDispatchMode):
 
 class Traffic(TorchDispatchMode):
     """Bytes that the memory-bound ATen operations of a step read and write: every operation except
-    matrix products and attention (compute-bound) and views (no data moved), counting each tensor
+    matrix-matrix products and attention (compute-bound) and views (no data moved), counting each tensor
     argument and result once (a tensor changed in place twice). On a GPU such an operation takes at
     least its bytes over the memory bandwidth: the floor the eager step pays for its passes over big
     tensors. ``on_last_dim`` also totals the traffic of operations on tensors whose last dimension is
@@ -172,8 +172,12 @@ class Traffic(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         alias = func._schema.returns[0].alias_info if func._schema.returns else None
-        if (alias is None or alias.is_write) and func._schema.name.split("::")[-1] not in self.COMPUTE:
-            tensors = {id(t): t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)}
+        name = func._schema.name.split("::")[-1]
+        gemv = name in ("mm", "addmm", "bmm", "baddbmm") and 1 in out.shape[-2:]  # matrix-vector: memory-bound
+        if (alias is None or alias.is_write) and (name not in self.COMPUTE or gemv):
+            # new_ones, zeros_like, ...: their tensor argument only gives dtype and device
+            factory = name.startswith("new_") or name.endswith("_like")
+            tensors = {id(t): t for t in tree_leaves(out if factory else (args, kwargs, out)) if isinstance(t, torch.Tensor)}
             size = {i: min(t.numel() * t.element_size(), t.untyped_storage().nbytes()) for i, t in tensors.items()}
             moved = sum(size.values()) + (size[id(out)] if alias is not None and id(out) in size else 0)  # in place: read + write
             self.bytes += moved
