@@ -124,30 +124,14 @@ def time_full_step(cfg, batch: int, steps: int, device: torch.device, dtype: tor
     one(0, sync=True)  # warm-up
     with FlopCounterMode(display=False) as fc:
         one(0, sync=True)
-    with OpCount() as ops:
-        one(0)  # a step between log steps, augmentation included
     with Traffic(cfg.model.ibot_head.prototypes if cfg.model.ibot_separate_head else cfg.model.dino_head.prototypes) as traffic:
-        one(0)
+        one(0)  # a step between log steps, augmentation included
     _sync(device)
     t0 = time.perf_counter()
     for i in range(steps):
         one(i, sync=i == steps - 1)  # as in training: one host read per log step
     _sync(device)
-    return ((time.perf_counter() - t0) / steps, fc.get_total_flops(), ops.count, traffic,
-            lambda: profile_parts(one, steps, device))
-
-
-class OpCount(TorchDispatchMode):
-    """Counts the ATen operations dispatched (each one a kernel launch or more on a GPU): the host's
-    share of a step, the same on any device."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
+    return (time.perf_counter() - t0) / steps, fc.get_total_flops(), traffic, lambda: profile_parts(one, steps, device)
 
 
 class Traffic(TorchDispatchMode):
@@ -156,7 +140,8 @@ class Traffic(TorchDispatchMode):
     argument and result once (a tensor changed in place twice). On a GPU such an operation takes at
     least its bytes over the memory bandwidth: the floor the eager step pays for its passes over big
     tensors. ``on_last_dim`` also totals the traffic of operations on tensors whose last dimension is
-    that size (the prototype logits)."""
+    that size (the prototype logits). ``ops`` counts every ATen operation dispatched (each one a kernel
+    launch or more on a GPU): the host's share of a step, the same on any device."""
 
     COMPUTE = {"mm", "addmm", "bmm", "baddbmm", "linear", "convolution", "_scaled_dot_product_flash_attention",
                "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
@@ -167,9 +152,10 @@ class Traffic(TorchDispatchMode):
 
     def __init__(self, on_last_dim: int):
         super().__init__()
-        self.on_last_dim, self.bytes, self.bytes_on_last_dim = on_last_dim, 0, 0
+        self.on_last_dim, self.bytes, self.bytes_on_last_dim, self.ops = on_last_dim, 0, 0, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
         out = func(*args, **(kwargs or {}))
         alias = func._schema.returns[0].alias_info if func._schema.returns else None
         name = func._schema.name.split("::")[-1]
@@ -322,7 +308,7 @@ def main(argv=None) -> None:
     if device.type == "cpu":
         torch.set_num_threads(1)  # compare per core with the 1-CPU Ray workers
     peak, bandwidth = matmul_peak(device, dtype), copy_bandwidth(device)
-    full_s, flops, n_ops, traffic, parts = time_full_step(cfg, batch, args.steps, device, dtype, args.fsdp)
+    full_s, flops, traffic, parts = time_full_step(cfg, batch, args.steps, device, dtype, args.fsdp)
     bare_s, bare_flops, bare_bytes = time_bare_step(cfg, batch, args.steps, device, dtype)
     print(f"{args.config} ({cfg.model.arch}, {cfg.data.image_size} px, batch {batch}, {device}, {dtype}"
           f"{', full step under FSDP2 on one rank' if args.fsdp else ''})")
@@ -335,7 +321,7 @@ def main(argv=None) -> None:
     print(f"  bare step FLOPs {bare_flops / 1e9:.1f} GFLOP -> {bare_flops / bare_s / 1e12:.3f} TFLOP/s, MFU "
           f"{100 * bare_flops / bare_s / peak:.1f}%; FLOPs full/bare {flops / bare_flops:.2f}x (the time ratio at equal "
           f"FLOP rates), measured {full_s / bare_s:.2f}x")
-    print(f"  ATen operations dispatched by one full step between log steps: {n_ops}"
+    print(f"  ATen operations dispatched by one full step between log steps: {traffic.ops}"
           f"{' (eager: counted under a dispatch mode)' if cfg.train.compile else ''}")
     print(f"  memory-bound operations' traffic per full step: {traffic.bytes / 1e9:.2f} GB, of which "
           f"{traffic.bytes_on_last_dim / 1e9:.2f} GB over [rows, {traffic.on_last_dim}] prototype tensors"
