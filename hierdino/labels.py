@@ -73,8 +73,18 @@ def load_label_maps(path: str | Path | None = None) -> dict[str, LabelMap]:
             raise LabelMapError(f"{file}: source {source!r} must map raw labels to node names, got {entries!r}")
         entries = dict(entries)
         unlabeled = entries.pop("unlabeled", None) or []
-        mapping = {str(k): str(v) for k, v in entries.items()}
-        maps[str(source)] = LabelMap(str(source), mapping, frozenset(str(u) for u in unlabeled), file)
+        if isinstance(unlabeled, str):  # "unlabeled: ART": one raw label, not its letters
+            unlabeled = [unlabeled]
+        if not isinstance(unlabeled, list) or not all(isinstance(u, str) for u in unlabeled):
+            raise LabelMapError(f"{file}: source {source!r}: 'unlabeled' must be a list of raw labels (quoted "
+                                f"strings), got {unlabeled!r}")
+        # YAML reads 01 as 1 and yes/no/on/off as booleans: a raw label that is not a string would then
+        # never match the folder or CSV value it was written for.
+        odd = [f"{k!r}: {v!r}" for k, v in entries.items() if not isinstance(k, str) or not isinstance(v, str)]
+        if odd:
+            raise LabelMapError(f"{file}: source {source!r}: raw labels and node names must be strings, but YAML "
+                                f"read {', '.join(odd)}; quote them (e.g. \"01\": lymphocyte, \"yes\": ...)")
+        maps[str(source)] = LabelMap(str(source), dict(entries), frozenset(unlabeled), file)
     return maps
 
 

@@ -155,7 +155,10 @@ def join(uri: str, *parts: str) -> str:
 
 def _explain(err: Exception, uri: str, action: str) -> StorageError:
     text = str(err)
-    if "ACCESS_DENIED" in text or "InvalidAccessKeyId" in text or "SignatureDoesNotMatch" in text or "403" in text:
+    if isinstance(err, FileNotFoundError) and not uri.startswith("s3://"):
+        why = "no such file or directory"
+    elif ("ACCESS_DENIED" in text or "AccessDenied" in text or "InvalidAccessKeyId" in text
+          or "SignatureDoesNotMatch" in text or "HTTP status 403" in text or "HTTP response code 403" in text):
         why = "access denied: check the S3 credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or config)"
     elif "NO_SUCH_BUCKET" in text or "NoSuchBucket" in text:
         why = f"the bucket {uri[5:].split('/')[0]!r} does not exist"

@@ -255,6 +255,17 @@ def test_draft_reduction_by_hand():
     assert draft_reduction([View((0, 0, 100, 100), 64)]) == 1  # 1.6 < 2: full size
 
 
+def test_a_crop_box_that_finds_no_random_box_falls_back_as_torchvision_does():
+    from hierdino.data.crops import crop_box
+
+    rng = np.random.default_rng(0)
+    # 3:1 and 1:3 images with the area share near 1: no box of ratio 3/4..4/3 fits in 10 tries, so the
+    # largest centred box of the nearest allowed ratio (4/3 wide: round(100 * 4/3) = 133, (300 - 133) // 2 = 83)
+    assert crop_box(300, 100, (0.95, 1.0), rng) == (83, 0, 216, 100)
+    assert crop_box(100, 300, (0.95, 1.0), rng) == (0, 83, 100, 216)
+    assert crop_box(100, 100, (1.0, 1.0), rng, ratio=(2.0, 3.0)) == (0, 25, 100, 75)  # too tall for 2:1: 100 x 50, centred
+
+
 def test_jpeg_draft_decoding_keeps_the_crops_geometry_and_statistics():
     """Same images, same seeds: the views decoded at 1/2-1/8 size (DCT scaling) against full decodes."""
     from hierdino.data.crops import draft_reduction, open_image, plan_views, render_views, row_rng

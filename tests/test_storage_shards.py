@@ -142,3 +142,87 @@ def test_make_shards_cli_synth_into_s3_and_unknown_label_fails(s3_server, tmp_pa
     r = subprocess.run([sys.executable, str(REPO / "jobs/make_shards.py"), "folder", "--root", str(tmp_path / "imgs"),
                         "--source", "matek_aml_2019", "--out", str(tmp_path / "out")], capture_output=True, text=True)
     assert r.returncode == 2 and "'WHAT' (1)" in r.stderr and not (tmp_path / "out").exists()
+
+
+def test_folder_adapter_reads_split_folders_patient_folders_and_symlinks_and_lists_what_it_skips(tmp_path, capsys):
+    lm = get_label_map("matek_aml_2019")
+    root = tmp_path / "matek"
+    _class_folder(root / "train", {"NGS": 2})
+    _class_folder(root / "test", {"NGS": 1, "MYB/patient_7": 2})  # images one folder deeper: still MYB
+    _class_folder(tmp_path / "elsewhere", {"MON": 3})
+    (root / "train" / "MON").symlink_to(tmp_path / "elsewhere" / "MON", target_is_directory=True)
+    Image.fromarray(np.zeros((6, 6, 3), np.uint8)).save(root / "train" / "NGS" / "x.webp")
+    (root / "train" / "NGS" / "notes.txt").write_text("not an image")
+    (root / "train" / "NGS" / "._0.png").write_bytes(b"macOS metadata")
+    Image.fromarray(np.zeros((6, 6, 3), np.uint8)).save(root / "train" / "stray.png")
+    items = shards.folder_items(root, lm)
+    by_split = {}
+    for path, raw, node, split in items:
+        by_split.setdefault(split, []).append((raw, node))
+    assert sorted(by_split["train"]) == [("MON", "monocyte")] * 3 + [("NGS", "neutrophil_segmented")] * 3
+    assert sorted(by_split["test"]) == [("MYB", "myelocyte")] * 2 + [("NGS", "neutrophil_segmented")]
+    out = capsys.readouterr().out
+    assert "1 .txt files" in out and "1 hidden" in out and "1 images directly in" in out
+    with pytest.raises(ShardError, match="drop --split test"):
+        shards.folder_items(root, lm, split="test")
+    _class_folder(tmp_path / "mixed", {"train/NGS": 1, "MYB": 1})
+    with pytest.raises(ShardError, match=r"mixes split folders \['train'\] with other folders \['MYB'\]"):
+        shards.folder_items(tmp_path / "mixed", lm)
+    m = shards.write_items(items, str(tmp_path / "out"), "m", lm)
+    assert m.counts["test"] == {"myelocyte": 2, "neutrophil_segmented": 1} and m.num_images == 9
+
+
+def test_sixteen_bit_tiff_and_bmp_images_keep_their_grey_levels_on_every_path(tmp_path):
+    import torch
+
+    from hierdino.data import crops, device_decode
+
+    grey16 = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 64 + 7)  # 7 .. 65479
+    expected = (grey16 >> 8).astype(np.uint8)  # the top byte, by hand
+    Image.fromarray(grey16).save(tmp_path / "g.png")
+    Image.fromarray(grey16).save(tmp_path / "g.tif")
+    rgb = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "c.bmp")
+    for name, want in (("g.png", np.repeat(expected[..., None], 3, 2)), ("g.tif", np.repeat(expected[..., None], 3, 2)),
+                       ("c.bmp", rgb)):
+        data = (tmp_path / name).read_bytes()
+        assert np.array_equal(np.asarray(crops.decode(data)), want), name  # the CPU decode
+        stored = shards._check_image(tmp_path / name)  # what make_shards writes
+        assert stored[:4] == b"\x89PNG" and np.array_equal(np.asarray(crops.decode(stored)), want), name
+        images, ok = device_decode.decode_batch([data], torch.device("cpu"))  # data.decode: device's host fallback
+        assert ok.all() and np.array_equal(images[0].permute(1, 2, 0).numpy(), want), name
+
+
+def test_csv_rows_that_are_short_long_or_pathless_are_named_and_an_excel_bom_is_read(tmp_path):
+    lm = get_label_map("bone_marrow_2021")
+    _class_folder(tmp_path, {"imgs": 2})
+    (tmp_path / "excel.csv").write_bytes("\ufeffpath,label\n imgs/0.png ,PLM\nimgs/1.png,\n".encode())
+    items = shards.csv_items(tmp_path / "excel.csv", lm)
+    assert [(p.name, raw, node) for p, raw, node, _ in items] == [("0.png", "PLM", "plasma_cell"), ("1.png", None, None)]
+    for body, match in (("imgs/0.png\n", r"short.csv:2: too few fields"),
+                        ("imgs/0.png,PLM,train,extra\n", r"short.csv:2: 1 more field"),
+                        (",PLM\n", r"short.csv:2: empty path")):
+        (tmp_path / "short.csv").write_text("path,label" + (",split" if "train" in body else "") + "\n" + body)
+        with pytest.raises(ShardError, match=match):
+            shards.csv_items(tmp_path / "short.csv", lm)
+
+
+def test_a_bad_manifest_is_named_with_what_is_wrong(tmp_path):
+    shards.write_dataset(_records(4), str(tmp_path / "ds"), "ds", "toy")
+    path = tmp_path / "ds" / "manifest.json"
+    good = path.read_text()
+    for text, match in (("{not json", r"manifest.json is not valid JSON"),
+                        (good.replace('"counts"', '"kounts"'), r"missing key\(s\) \['counts'\]; unknown key\(s\) \['kounts'\]"),
+                        ("[1, 2]", r"expected a JSON object")):
+        path.write_text(text)
+        with pytest.raises(ShardError, match=match):
+            shards.read_manifest(str(tmp_path / "ds"))
+
+
+def test_label_map_keys_that_yaml_turns_into_numbers_or_booleans_are_refused(tmp_path):
+    (tmp_path / "maps.yaml").write_text("lab:\n  01: lymphocyte\n  no: monocyte\n  unlabeled: ART\n")
+    with pytest.raises(LabelMapError, match=r"YAML read 1: 'lymphocyte', False: 'monocyte'; quote them"):
+        get_label_map("lab", path=tmp_path / "maps.yaml")
+    (tmp_path / "maps.yaml").write_text("lab:\n  '01': lymphocyte\n  unlabeled: ART\n")
+    lm = get_label_map("lab", path=tmp_path / "maps.yaml")
+    assert lm.map(["01", "ART"]) == ["lymphocyte", None] and lm.unlabeled == frozenset({"ART"})

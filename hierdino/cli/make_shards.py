@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         a = sub.add_parser(name, help="an image folder (one sub-folder per class)" if name == "folder" else "a CSV path,label[,split]")
         if name == "folder":
             a.add_argument("--root", required=True)
-            a.add_argument("--split", default="train", choices=shards.SPLITS)
+            a.add_argument("--split", default=None, choices=shards.SPLITS,
+                           help="the split of every image (default train); not for a root of train/val/test folders")
         else:
             a.add_argument("--csv", required=True)
         a.add_argument("--source", required=True, help="label map name, e.g. matek_aml_2019")
@@ -66,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     name = args.name or args.out.rstrip("/").rsplit("/", 1)[-1]
     m = shards.write_items(items, args.out, name, lm, args.skip_bad, h.name, args.target_file_mb, opts)
     print(f"wrote {m.num_images} images of {name} ({len(m.shards)} shard(s)) to {args.out} in {time.time() - t0:.1f}s")
+    for split, per in m.counts.items():
+        print(f"  {split}: " + ", ".join(f"{lab} {n}" for lab, n in per.items()))
     return 0
 
 

@@ -43,7 +43,7 @@ class View(NamedTuple):
 
 def crop_box(w: int, h: int, scale: tuple, rng: np.random.Generator, ratio: tuple = (3 / 4, 4 / 3)) -> tuple:
     """torchvision's RandomResizedCrop box: area share in ``scale``, log-uniform aspect ratio in
-    ``ratio``, 10 tries, then the whole image."""
+    ``ratio``, 10 tries, then the largest centred box whose aspect ratio lies in ``ratio``."""
     area = w * h
     log_r = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
@@ -53,7 +53,13 @@ def crop_box(w: int, h: int, scale: tuple, rng: np.random.Generator, ratio: tupl
         if 0 < cw <= w and 0 < ch <= h:
             x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
             return (x, y, x + cw, y + ch)
-    return (0, 0, w, h)
+    cw, ch = w, h  # the fallback: the whole image, narrowed to the nearest allowed aspect ratio
+    if w / h < ratio[0]:
+        ch = int(round(w / ratio[0]))
+    elif w / h > ratio[1]:
+        cw = int(round(h * ratio[1]))
+    x, y = (w - cw) // 2, (h - ch) // 2
+    return (x, y, x + cw, y + ch)
 
 
 def plan_views(w: int, h: int, rng: np.random.Generator, global_size: int, global_scale: tuple, local_number: int,
@@ -84,13 +90,27 @@ def open_image(data: bytes) -> Image.Image:
     return Image.open(io.BytesIO(data))
 
 
+HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_8bit(im: Image.Image) -> Image.Image:
+    """``im`` with 8 bits per channel: 16-bit grey (PNG, TIFF; PIL modes ``I;16*`` and ``I``) keeps its
+    top byte (``v >> 8``, as torchvision's ``to_dtype(..., scale=True)``), where PIL's own conversion
+    would clip every value above 255 to white. Floating-point images have no agreed range: refused."""
+    if im.mode in HIGH_DEPTH_MODES:
+        return Image.fromarray((np.clip(np.asarray(im, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8), "L")
+    if im.mode == "F":
+        raise ValueError("a 32-bit floating-point image (PIL mode F): convert it to 8 or 16 bits per channel first")
+    return im
+
+
 def load_rgb(im: Image.Image, reduce: int = 1) -> tuple[Image.Image, float]:
     """Decode an opened image to RGB, a JPEG at 1/``reduce`` of its size (DCT scaling; other formats
     at full size). Returns the image and the factor source coordinates are divided by."""
     w, h = im.size
     drafted = im.draft("RGB", (max(1, w // reduce), max(1, h // reduce)))
     factor = 1.0 if drafted is None else w / drafted[1][2]
-    return im.convert("RGB"), factor
+    return to_8bit(im).convert("RGB"), factor
 
 
 def decode(data: bytes) -> Image.Image:

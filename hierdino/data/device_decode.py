@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.ops import roi_align
 
+from hierdino.data import crops
 from hierdino.data.transfer import to_device
 
 _JPEG = b"\xff\xd8"
@@ -52,11 +53,23 @@ def decode_batch(blobs, device: torch.device) -> tuple[list[torch.Tensor | None]
                         pass  # corrupt, or a JPEG nvJPEG does not take (CMYK, YCCK): the host tries below
     for i, t in enumerate(tensors):  # other formats, what nvJPEG refused, and every image on a CPU device
         if t is not None and out[i] is None:
-            try:
-                out[i] = to_device(decode_image(t, mode=ImageReadMode.RGB), device)
-            except RuntimeError:
-                pass
+            out[i] = _decode_host(t, blobs[i], device)
     return out, np.array([im is not None for im in out], bool)
+
+
+def _decode_host(t: torch.Tensor, blob, device: torch.device) -> torch.Tensor | None:
+    """One image decoded on the host: torchvision for what it reads (16-bit PNG keeps its top byte,
+    as ``crops.to_8bit``), PIL for the rest (TIFF, BMP: the CPU path's decoder); None if neither can."""
+    try:
+        im = decode_image(t, mode=ImageReadMode.RGB)
+        if im.dtype != torch.uint8:  # 16-bit PNG
+            im = (im.to(torch.int32) >> (8 * im.element_size() - 8)).to(torch.uint8)
+    except RuntimeError:
+        try:
+            im = torch.from_numpy(np.array(crops.decode(bytes(blob)))).permute(2, 0, 1)
+        except Exception:  # PIL raises many types for broken files
+            return None
+    return to_device(im, device)
 
 
 _SIDE_STREAMS: dict = {}

@@ -15,7 +15,7 @@ import csv
 import io
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from hierdino import storage
+from hierdino.data.crops import HIGH_DEPTH_MODES, to_8bit
 from hierdino.storage import StorageOptions
 from hierdino.labels import LabelMap
 
@@ -37,7 +38,7 @@ SCHEMA = pa.schema([
     ("split", pa.string()),
 ])
 SPLITS = ("train", "val", "test")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".tif", ".tiff", ".bmp", ".webp", ".gif")
 
 
 class ShardError(ValueError):
@@ -83,11 +84,25 @@ UNLABELED = "<unlabeled>"
 
 def read_manifest(uri: str, options: StorageOptions | None = None) -> Manifest:
     """The manifest of the dataset at ``uri`` (a directory holding ``manifest.json``)."""
-    text = storage.read_bytes(storage.join(uri, "manifest.json"), options)
-    data = json.loads(text)
+    where = storage.join(uri, "manifest.json")
+    text = storage.read_bytes(where, options)
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise ShardError(f"{where} is not valid JSON ({e}); rewrite the dataset with jobs/make_shards.py") from None
+    if not isinstance(data, dict):
+        raise ShardError(f"{where}: expected a JSON object, got {type(data).__name__}")
     version = data.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise ShardError(f"{uri}/manifest.json has schema_version {version!r}; this hierdino reads {SCHEMA_VERSION}")
+        raise ShardError(f"{where} has schema_version {version!r}; this hierdino reads {SCHEMA_VERSION}")
+    known = set(Manifest.__dataclass_fields__)
+    required = {n for n, f in Manifest.__dataclass_fields__.items()
+                if f.default is MISSING and f.default_factory is MISSING}
+    missing, unknown = sorted(required - set(data)), sorted(set(data) - known)
+    if missing or unknown:
+        raise ShardError(f"{where}: " + "; ".join(
+            ([f"missing key(s) {missing}"] if missing else [])
+            + ([f"unknown key(s) {unknown} (free-form entries belong under 'extra')"] if unknown else [])))
     return Manifest(**data)
 
 
@@ -108,6 +123,8 @@ def write_dataset(records: Iterable[Record], uri: str, name: str, source: str, l
     fs, root = storage.resolve(uri, options)
     if isinstance(fs, storage.pafs.LocalFileSystem):
         os.makedirs(root, exist_ok=True)
+    # A manifest left by an earlier write would vouch for the shards rewritten below if this one were cut short.
+    storage.delete_file(storage.join(uri, "manifest.json"), options)
     counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     shards: list[str] = []
     row_groups: list[int] = []
@@ -181,54 +198,116 @@ def read_table(uri: str, columns: list[str] | None = None, split: str | None = N
 # -- adapters: image folders and CSVs ------------------------------------------------------------
 
 def _check_image(path: Path) -> bytes:
-    """Bytes of an image that PIL can decode; re-encoded as PNG when not PNG/JPEG already."""
+    """Bytes of an image that PIL can decode: PNG/JPEG kept as they are, other formats (TIFF, BMP,
+    WebP, GIF) and 16-bit images re-encoded as 8-bit PNG (``crops.to_8bit``)."""
     data = path.read_bytes()
     with Image.open(io.BytesIO(data)) as im:
         im.load()
-        if im.format in ("PNG", "JPEG"):
+        if im.format in ("PNG", "JPEG") and im.mode not in HIGH_DEPTH_MODES + ("F",):
             return data
+        im8 = to_8bit(im)
         buf = io.BytesIO()
-        im.convert("RGB").save(buf, format="PNG")
+        (im8 if im8.mode in ("L", "RGB") else im8.convert("RGB")).save(buf, format="PNG")
         return buf.getvalue()
 
 
-def _load_images(items: list[tuple[Path, str | None, str | None, str]], source: str, skip_bad: bool) -> Iterator[Record]:
+def _load_images(items: list[tuple[Path, str | None, str | None, str]], source: str, skip_bad: bool,
+                 uri: str = "") -> Iterator[Record]:
+    """Records of the readable images, streamed (one image in memory at a time).
+
+    Unreadable images are collected; at the end they fail the dataset (after its shards, before its
+    manifest, so the incomplete dataset is refused by readers) or, with ``skip_bad``, are listed.
+    """
     bad: list[str] = []
-    good: list[Record] = []
     for path, raw, label, split in items:
         try:
             data = _check_image(path)
         except Exception as e:  # PIL raises many types for broken files
             bad.append(f"{path} ({type(e).__name__}: {e})")
             continue
-        good.append(Record(data, str(path), source, raw, label, split))
+        yield Record(data, str(path), source, raw, label, split)
     if bad and not skip_bad:
-        raise ShardError(f"{len(bad)} unreadable image(s); fix them or pass --skip-bad to skip them:\n  " + "\n  ".join(bad))
+        raise ShardError(f"{len(bad)} unreadable image(s), so {uri or 'the dataset'} has no manifest and will not "
+                         "be read; fix them or pass --skip-bad to skip them:\n  " + "\n  ".join(bad))
     if bad:
         print(f"skipped {len(bad)} unreadable image(s):\n  " + "\n  ".join(bad))
-    return iter(good)
 
 
-def folder_items(root: str | Path, label_map: LabelMap, split: str = "train") -> list[tuple]:
-    """(path, raw label, node, split) for an image folder with one sub-folder per class.
+SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
-    Raw labels are mapped before any image is read, so unknown labels fail first.
+
+def _walk_files(top: Path) -> tuple[list[Path], list[Path]]:
+    """Files under ``top`` (symlinked folders followed, each real folder once), and the skipped
+    hidden ones (``.DS_Store``, macOS ``._*`` and ``__MACOSX``)."""
+    files, hidden, seen = [], [], set()
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a symlink cycle or a folder linked twice
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        keep = [d for d in dirnames if not d.startswith(".") and d != "__MACOSX"]
+        hidden += [Path(dirpath, d) for d in dirnames if d not in keep]
+        dirnames[:] = sorted(keep)
+        for f in sorted(filenames):
+            (hidden if f.startswith(".") else files).append(Path(dirpath, f))
+    return files, hidden
+
+
+def folder_items(root: str | Path, label_map: LabelMap, split: str | None = None) -> list[tuple]:
+    """(path, raw label, node, split) for an image folder, as torchvision's ImageFolder reads one:
+    ``root/<class>/.../<image>``, the class being the folder right under ``root`` (images may sit
+    in deeper folders, e.g. one per patient; symlinked folders are followed). A root whose folders
+    are all split names (``train``, ``val``/``valid``/``validation``, ``test``) is read as
+    ``root/<split>/<class>/...``, each image in its folder's split; ``split`` names the split of a
+    root without split folders (default train) and must not be given for one with them.
+
+    Raw labels are mapped before any image is read, so unknown labels fail first. Files that are
+    not images, and images outside a class folder, are counted and listed, never dropped silently.
     """
     root = Path(root)
     if not root.is_dir():
-        raise ShardError(f"image folder {root} does not exist")
-    entries = [(p, p.parent.name) for p in sorted(root.rglob("*"))
-               if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and p.parent != root]
+        raise ShardError(f"image folder {root} does not exist" if not str(root).startswith("s3:")
+                         else f"image folder {root}: make_shards reads image folders from local disk, not S3; "
+                              "copy them locally first (e.g. aws s3 sync)")
+    tops = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name != "__MACOSX")
+    split_tops = [t for t in tops if t.lower() in SPLIT_FOLDERS]
+    if split_tops and len(split_tops) == len(tops):
+        if split is not None:
+            raise ShardError(f"{root} holds split folders {split_tops}, so each image takes its folder's split; "
+                             f"drop --split {split}")
+        class_roots = [(root / t, SPLIT_FOLDERS[t.lower()]) for t in split_tops]
+    elif split_tops:
+        raise ShardError(f"{root} mixes split folders {split_tops} with other folders "
+                         f"{[t for t in tops if t not in split_tops]}: use root/<class>/... or root/<split>/<class>/...")
+    else:
+        class_roots = [(root, split or "train")]
+    entries, skipped, hidden = [], collections.Counter(), []
+    for base, split_of in class_roots:
+        files, hid = _walk_files(base)
+        hidden += hid
+        for p in files:
+            rel = p.relative_to(base).parts
+            if p.suffix.lower() not in IMAGE_SUFFIXES:
+                skipped[f"{p.suffix.lower() or 'no suffix'} files"] += 1
+            elif len(rel) < 2:
+                skipped[f"images directly in {base} (not in a class folder)"] += 1
+            else:
+                entries.append((p, rel[0], split_of))
+    if skipped or hidden:
+        what = [f"{n} {k}" for k, n in sorted(skipped.items())] + ([f"{len(hidden)} hidden"] if hidden else [])
+        print(f"make_shards: skipped {', '.join(what)} under {root} (images: {', '.join(IMAGE_SUFFIXES)})")
     if not entries:
         raise ShardError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in class sub-folders of {root}")
-    nodes = label_map.map([raw for _, raw in entries])
-    return [(p, raw, node, split) for (p, raw), node in zip(entries, nodes)]
+    nodes = label_map.map([raw for _, raw, _ in entries])
+    return [(p, raw, node, s) for (p, raw, s), node in zip(entries, nodes)]
 
 
 def csv_items(csv_path: str | Path, label_map: LabelMap, default_split: str = "train") -> list[tuple]:
-    """(path, raw label, node, split) from a CSV with columns ``path,label[,split]`` (paths relative to the CSV)."""
+    """(path, raw label, node, split) from a CSV with columns ``path,label[,split]`` (paths relative to
+    the CSV; an empty label is an unlabelled image). A UTF-8 byte-order mark (Excel) is accepted."""
     csv_path = Path(csv_path)
-    with open(csv_path, newline="") as f:
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         missing = {"path", "label"} - set(reader.fieldnames or [])
         if missing:
@@ -236,11 +315,19 @@ def csv_items(csv_path: str | Path, label_map: LabelMap, default_split: str = "t
         rows = list(reader)
     items = []
     for i, row in enumerate(rows, start=2):
+        if None in row:  # DictReader's key for fields beyond the header
+            raise ShardError(f"{csv_path}:{i}: {len(row[None])} more field(s) than the header has: {row[None]!r}")
+        if row["label"] is None:  # a short row: the label field is missing, not empty
+            raise ShardError(f"{csv_path}:{i}: too few fields (expected path,label[,split]); "
+                             "write an empty label as path, (a trailing comma) for an unlabelled image")
+        path = (row["path"] or "").strip()
+        if not path:
+            raise ShardError(f"{csv_path}:{i}: empty path")
         split = (row.get("split") or default_split).strip()
         if split not in SPLITS:
             raise ShardError(f"{csv_path}:{i}: split {split!r} is not one of {SPLITS}")
-        raw = (row["label"] or "").strip() or None
-        items.append((csv_path.parent / row["path"], raw, split))
+        raw = row["label"].strip() or None
+        items.append((csv_path.parent / path, raw, split))
     nodes = label_map.map([raw for _, raw, _ in items])
     return [(p, raw, node, split) for (p, raw, split), node in zip(items, nodes)]
 
@@ -248,7 +335,7 @@ def csv_items(csv_path: str | Path, label_map: LabelMap, default_split: str = "t
 def write_items(items: list[tuple], uri: str, name: str, label_map: LabelMap, skip_bad: bool = False,
                 hierarchy: str | None = None, target_file_mb: float = 128.0,
                 options: StorageOptions | None = None) -> Manifest:
-    records = _load_images(items, label_map.source, skip_bad)
+    records = _load_images(items, label_map.source, skip_bad, uri)
     lm = {"source": label_map.source, "file": label_map.file, "mapping": label_map.mapping,
           "unlabeled": sorted(label_map.unlabeled)}
     return write_dataset(records, uri, name, label_map.source, lm, hierarchy, target_file_mb, options=options)

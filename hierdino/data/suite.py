@@ -149,8 +149,6 @@ def build_suite(out: str, size: str = "small", image_size: int = 64, seed: int =
                 continue
             t0 = time.time()
             rows = plan(spec, size, seed)
-            # a stale manifest would vouch for the shards rewritten below if the build were cut short
-            storage.delete_file(storage.join(out, spec.name, "manifest.json"), options)
             m = shards.write_dataset(
                 _records(spec, rows, image_size, pool), storage.join(out, spec.name), spec.name, spec.name,
                 label_map={"source": spec.name, "mapping": "identity (node names)"}, hierarchy=spec.hierarchy,
