@@ -74,3 +74,17 @@ def test_bad_yaml_file_and_unknown_preset(tmp_path):
 def test_none_is_a_value_where_a_choice_says_so():
     assert load_config("tiny-cpu", ["loss.supervised.kind=none"]).loss.supervised.kind == "none"
     assert load_config("tiny-cpu", ["model.init_weights=none"]).model.init_weights is None
+
+
+def test_inherit_reads_a_relative_parent_beside_its_file_and_an_empty_section_changes_nothing(tmp_path, monkeypatch):
+    sub = tmp_path / "cfgs" / "sub"
+    sub.mkdir(parents=True)
+    (sub / "base.yaml").write_text("inherit: tiny-cpu\ntrain:\n  steps: 77\n")
+    (sub / "child.yaml").write_text("inherit: base.yaml\nrun:\n  name: my-exp\ntrain:\n  # steps: 100\n")
+    monkeypatch.chdir(tmp_path)  # not the folder of the files
+    cfg = load_config("cfgs/sub/child.yaml")
+    tiny = load_config("tiny-cpu")
+    assert (cfg.run.name, cfg.train.steps, cfg.train.batch_size) == ("my-exp", 77, tiny.train.batch_size)
+    (sub / "base.yaml").write_text("inherit: child.yaml\n")
+    with pytest.raises(ConfigError, match="'inherit' cycle"):
+        load_config("cfgs/sub/child.yaml")

@@ -142,3 +142,31 @@ def test_bad_model_spec_is_clear(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="no .*model.json"):
         resolve_model(str(tmp_path))
+
+
+def test_external_sets_the_probes_cannot_use_and_undecodable_images_are_named(tmp_path, monkeypatch):
+    import io as _io
+
+    from PIL import Image
+
+    from hierdino.data.shards import Record, write_dataset
+    from hierdino.eval import EvalDataError, check_probe_sets
+    from hierdino.eval.features import decode_images, resolve_model
+
+    buf = _io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buf, format="PNG")
+    png = buf.getvalue()
+    # what `make_shards folder` writes by default: one split, here with one class
+    write_dataset([Record(png, f"i{k}", "s", "a", "neutrophil", "train") for k in range(3)], str(tmp_path / "one"), "one", "s")
+    write_dataset([Record(png, f"j{k}", "s", "a", lab, split) for k, (lab, split) in
+                   enumerate([("neutrophil", "train"), ("monocyte", "train"), ("monocyte", "val")])], str(tmp_path / "ok"), "ok", "s")
+    check_probe_sets([str(tmp_path / "ok")], "val")
+    with pytest.raises(EvalDataError, match=r"(?s)one: 1 labelled class\(es\) in its 'train' split.*one: no labelled 'val' rows"):
+        check_probe_sets([str(tmp_path / "one"), str(tmp_path / "ok")], "val")
+    assert decode_images([png, png], 4).shape == (2, 4, 4, 3)
+    with pytest.raises(EvalDataError, match=r"1 of 2 evaluation image\(s\) could not be decoded.*cell-7"):
+        decode_images([png, b"not an image"], 4, ["cell-1", "cell-7"])
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "lr=0.1").mkdir(parents=True)  # a run directory whose name has '=': not <arch>=<weights>
+    with pytest.raises(FileNotFoundError, match=r"no runs/lr=0.1/export/model.json"):
+        resolve_model("runs/lr=0.1")

@@ -37,6 +37,34 @@ def test_bad_space_files_give_clear_errors(tmp_path, params, message):
         check_space("tiny-cpu", [], load_space(f))
 
 
+@pytest.mark.parametrize("params,overrides,message", [
+    # a float sampled between the bounds for an integer key: both bounds alone are fine
+    ({"train.batch_size": {"dist": "uniform", "low": 16, "high": 64}}, [], r"batch_size: expected an integer, got '33.85"),
+    # an odd batch from randint with two workers: the bounds 16 and 18 alone are fine
+    ({"train.batch_size": {"dist": "randint", "low": 16, "high": 18}}, ["scaling.num_workers=2", "scaling.cpus_per_worker=0.5"],
+     r"train.batch_size=17 is not divisible by scaling.num_workers=2"),
+    ({"loss.supervised.alpha": {"dist": "uniform", "low": 0.1, "high": 0.9},
+      "loss.supervised.level_weights": {"dist": "level_weights", "low": 0, "high": 1}}, [], "exclude each other"),
+])
+def test_spaces_are_checked_on_values_their_trials_draw_not_only_on_bounds(tmp_path, params, overrides, message):
+    f = tmp_path / "space.yaml"
+    f.write_text(yaml.safe_dump({"name": "s", "params": params}))
+    with pytest.raises(SpaceError, match=message):
+        check_space("tiny-cpu", overrides, load_space(f))
+
+
+def test_sweep_validate_only_refuses_what_would_fail_after_ray_starts(tmp_path, capsys):
+    from hierdino.cli.sweep import main
+
+    space = _space(tmp_path, "train.seed", {"dist": "choice", "values": [1, 2]})
+    for args, message in ((["--trials", "0"], "--trials must be >= 1"),
+                          (["--set", "eval.every_steps=1000"], "eval.every_steps=1000 is more than train.steps=500"),
+                          (["--seeds-per-trial", "2"], "needs --scheduler none")):
+        assert main(["--space", str(space), "--validate-only", *args]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["--space", str(space), "--validate-only"]) == 0
+
+
 def test_two_trial_sweep_writes_outputs_and_asha_stops_the_bad_trial(ray_cluster, synth_suite, tmp_path):
     # Trial 2 evaluates on 8 px images (one patch): its external bAcc at the first rung is far
     # below trial 1's, so ASHA (reduction factor 2) must stop it there.
@@ -54,7 +82,8 @@ def test_two_trial_sweep_writes_outputs_and_asha_stops_the_bad_trial(ray_cluster
     for name in ("results.csv", "results.md", "objective.png", "best_config.yaml"):
         assert (out / name).stat().st_size > 100
     best = load_config(str(out / "best_config.yaml"))
-    assert best.eval.image_size == 64 and best.train.steps == 4 and best.eval.split == "val"
+    assert best.eval.image_size == 64 and best.train.steps == 4 and best.eval.every_steps == 2  # the user's settings
+    assert best.eval.at_end  # not the sweep's own eval.at_end=false: a full run from best_config.yaml evaluates
 
 
 def _synthetic(values: dict):

@@ -25,6 +25,13 @@ from hierdino.eval.report import evaluate, markdown_table
 from hierdino.runtime import init_ray
 
 
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
 @user_errors(ValueError, FileNotFoundError, OSError)
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,7 +41,7 @@ def main(argv=None) -> int:
     p.add_argument("--split", choices=["val", "test"], default="test")
     p.add_argument("--out", required=True)
     p.add_argument("--probes", nargs="+", choices=PROBES, default=list(PROBES))
-    p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--bootstrap", type=_positive, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--metric", choices=["euclidean", "cosine"], default="euclidean", help="k-NN distance")
     p.add_argument("--patch-mean", action="store_true", help="concatenate the mean patch token to CLS")

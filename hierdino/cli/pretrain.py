@@ -63,17 +63,22 @@ def main(argv=None) -> int:
         print(f"config OK: {args.config} ({len(args.overrides)} override(s)); run {cfg.run.storage}/{cfg.run.name}: {where}")
         return 0
     from hierdino.models.weights import WeightsError  # imports torch: only a run that trains needs it
+    from hierdino.data.ingest import IngestError
+    from hierdino.data.shards import ShardError
+    from hierdino.eval import EvalDataError
+    from hierdino.storage import StorageError
     from hierdino.train import launch  # heavy (Ray, torch.distributed): only a run that trains needs it
 
     t0 = time.time()
     init_ray(args.local_cpus, dashboard=args.dashboard, verbose=args.verbose)
     try:
         launch.preflight(cfg, log=lambda *_: None)  # before building data: a run that cannot fit stops in seconds
-        if not cfg.data.train:
-            ensure_synthetic_suite(cfg)
+        ensure_synthetic_suite(cfg)
         final = launch.train(cfg, preset=args.config)
-    except (WeightsError, ResourcesError, ResumeError) as e:
-        kind = {WeightsError: "weights", ResourcesError: "resources", ResumeError: "resume"}[type(e)]
+    except (WeightsError, ResourcesError, ResumeError, EvalDataError, StorageError, IngestError, ShardError) as e:
+        kinds = {WeightsError: "weights", ResourcesError: "resources", ResumeError: "resume", EvalDataError: "eval data",
+                 StorageError: "storage", IngestError: "data", ShardError: "data"}
+        kind = next(k for cls, k in kinds.items() if isinstance(e, cls))
         print(f"{kind} error: {e}", file=sys.stderr)
         return 2
     if final.get("stopped_by"):

@@ -16,11 +16,13 @@ import argparse
 import sys
 
 from hierdino.config import ConfigError, load_config
-from hierdino.data.suite import ensure_synthetic_suite
+from hierdino.data.suite import ensure_synthetic_suite, resolve_dataset
+from hierdino.eval import EvalDataError, check_probe_sets
+from hierdino.storage import StorageOptions
 from hierdino.runtime import init_ray
 from hierdino.train.preflight import ResourcesError, plan_resources, trials_at_once
 from hierdino.tune.space import SpaceError, check_space, load_space
-from hierdino.tune.sweep import default_out, run_sweep
+from hierdino.tune.sweep import default_out, run_sweep, searcher, sweep_overrides
 
 
 def parser() -> argparse.ArgumentParser:
@@ -57,7 +59,11 @@ def load_checked(args):
         args.overrides += ["scaling.use_gpu=true", f"scaling.gpus_per_worker={args.gpus_per_trial / workers:g}"]
     cfg = load_config(args.config, args.overrides)
     space = load_space(args.space)
+    if args.trials < 1:
+        raise SpaceError(f"--trials must be >= 1, got {args.trials}")
     check_space(args.config, args.overrides, space)
+    sweep_overrides(args.config, args.overrides, args.scheduler, args.seeds_per_trial)  # its checks, before Ray
+    searcher(args.search, space)
     return cfg, space
 
 
@@ -84,9 +90,14 @@ def main(argv=None) -> int:
         print(f"config and space OK: {args.config}, {args.space}")
         return 0
     out = args.out or default_out(cfg, space)
-    if not cfg.data.train:
-        ensure_synthetic_suite(cfg)
-        args.overrides.append(f"data.synth_cache={cfg.data.synth_cache}")
+    ensure_synthetic_suite(cfg)
+    args.overrides.append(f"data.synth_cache={cfg.data.synth_cache}")
+    try:  # every trial scores the external sets' val splits: sets without one fail here, not in each trial
+        check_probe_sets([resolve_dataset(d, cfg.data.synth_cache) for d in cfg.eval.datasets], "val",
+                         StorageOptions.from_config(cfg))
+    except EvalDataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     init_ray()  # with the dashboard: without it a trial stopped by ASHA can keep its resources (ray #54305)
     try:
         concurrent = trials_to_run(cfg, args.max_concurrent)

@@ -113,6 +113,8 @@ def _read_source(preset_or_path: str | Path) -> tuple[dict, str]:
 def _merge(base: dict, top: dict) -> dict:
     out = dict(base)
     for k, v in top.items():
+        if v is None and isinstance(out.get(k), dict):
+            continue  # an empty section (``train:`` with its keys commented out) changes nothing it inherits
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
@@ -120,9 +122,13 @@ def _merge(base: dict, top: dict) -> dict:
 def _resolve(preset_or_path: str | Path, seen: tuple = ()) -> tuple[dict, str]:
     """Read a preset or file, following an optional ``inherit: <preset or path>`` key."""
     data, source = _read_source(preset_or_path)
+    path = source if not source.startswith("preset ") else None
     parent = data.pop("inherit", None)
     if parent is not None:
-        if str(parent) in seen:
+        if path is not None and not Path(str(parent)).is_absolute():
+            beside = Path(path).parent / str(parent)  # a relative parent is read beside the file naming it
+            parent = str(beside) if beside.is_file() else parent
+        if str(parent) in seen + (str(preset_or_path),):
             raise ConfigError(f"{source}: 'inherit' cycle through {parent!r}")
         base, _ = _resolve(parent, seen + (str(preset_or_path),))
         data = _merge(base, data)

@@ -183,9 +183,13 @@ def resolve_dataset(name_or_uri: str, suite_dir: str) -> str:
 
 
 def ensure_synthetic_suite(cfg, log=print) -> None:
-    """Build the small synthetic suite into ``data.synth_cache`` when the default data is missing."""
+    """Build the small synthetic suite into ``data.synth_cache`` when the run needs it and it is
+    missing: for the default training data (no ``data.train``), or for external sets named by
+    their suite names (``eval.datasets``, the default) when the run evaluates."""
     cache = str(Path(cfg.data.synth_cache).expanduser())
-    if not suite_ready(cache, SUITE_NAMES):
+    evaluates = cfg.eval.at_end or cfg.eval.every_steps > 0
+    needed = SUITE_NAMES if not cfg.data.train else tuple(n for n in cfg.eval.datasets if n in SUITE_NAMES and evaluates)
+    if needed and not suite_ready(cache, needed):
         log(f"[hierdino] building the small synthetic suite ({cfg.data.image_size} px) into {cache}")
         build_suite(cache, "small", cfg.data.image_size, seed=0, log=log)
     cfg.data.synth_cache = cache

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,7 @@ from hierdino import storage
 from hierdino.data import shards
 from hierdino.data.augment import to_model_input
 from hierdino.data.crops import decode
+from hierdino.eval import EvalDataError
 
 PIXEL_SIZE = 16
 
@@ -55,7 +57,7 @@ def resolve_model(spec: str, default_img_size: int = 224) -> ModelSpec:
         arch, _, size = spec[len("random:"):].partition("@")
         img = int(size) if size else default_img_size
         return ModelSpec(spec, f"random-{arch}", "backbone", arch, img, None, _sha(f"random:{arch}:{img}"))
-    if "=" in spec and not spec.startswith(("s3://", "/", ".")):
+    if "=" in spec and not spec.startswith(("s3://", "/", ".")) and not os.path.exists(spec):  # runs/lr=0.1 is a path
         arch, weights = spec.split("=", 1)
         return ModelSpec(spec, arch, "backbone", arch, default_img_size, weights, _sha(storage.read_bytes(weights)))
     uri = spec.rstrip("/")
@@ -107,14 +109,20 @@ def pixel_features(images: np.ndarray) -> np.ndarray:
     return F.interpolate(x, size=(PIXEL_SIZE, PIXEL_SIZE), mode="area").flatten(1).numpy()
 
 
-def decode_images(blobs, size: int) -> np.ndarray:
-    """Encoded images -> uint8 ``[N, size, size, 3]`` (bicubic resize); undecodable images become zeros."""
+def decode_images(blobs, size: int, ids=None) -> np.ndarray:
+    """Encoded images -> uint8 ``[N, size, size, 3]`` (bicubic resize). An image that does not decode
+    raises (``EvalDataError`` naming it by ``ids`` when given): scored as a blank image under its
+    label, it would bias the evaluation without a word."""
     out = np.zeros((len(blobs), size, size, 3), np.uint8)
+    bad = []
     for i, b in enumerate(blobs):
         try:
             out[i] = np.asarray(decode(b).resize((size, size), Image.BICUBIC))
-        except Exception:
-            pass
+        except Exception as e:  # PIL raises many types for broken files
+            bad.append(f"{ids[i] if ids is not None else f'image {i}'} ({type(e).__name__}: {e})")
+    if bad:
+        raise EvalDataError(f"{len(bad)} of {len(blobs)} evaluation image(s) could not be decoded; remove or "
+                            "re-encode them (jobs/make_shards.py checks every image): " + "; ".join(bad[:5]))
     return out
 
 
@@ -128,7 +136,7 @@ class _Extractor:
 
     def __call__(self, batch: dict) -> dict:
         size = self.model.img_size or 64
-        images = decode_images(batch["image"], size)
+        images = decode_images(batch["image"], size, batch["image_id"])
         if self.backbone is None:
             feats = pixel_features(images)
         else:

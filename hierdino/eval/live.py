@@ -27,11 +27,12 @@ class LiveEvaluator:
         self.sets = []
         for name in cfg.eval.datasets:
             uri = resolve_dataset(name, cfg.data.synth_cache)
-            table = shards.read_table(uri, columns=["image", "label", "split"], options=options)
+            table = shards.read_table(uri, columns=["image", "image_id", "label", "split"], options=options)
             labels = np.array(table["label"].to_pylist(), dtype=object)
             splits = np.array(table["split"].to_pylist(), dtype=object)
             keep = (labels != None) & np.isin(splits, ["train", self.split])  # noqa: E711 - elementwise
-            images = decode_images([b for b, k in zip(table["image"].to_pylist(), keep) if k], self.size)
+            images = decode_images([b for b, k in zip(table["image"].to_pylist(), keep) if k], self.size,
+                                   [i for i, k in zip(table["image_id"].to_pylist(), keep) if k])
             self.sets.append((name, images, labels[keep], splits[keep]))
 
     @torch.no_grad()

@@ -12,6 +12,8 @@ import hierdino
 from hierdino import storage
 from hierdino.config import Config, config_diff, load_config
 from hierdino.data.ingest import CropSpec, build_train_datasets, default_train_uris, describe_train_data
+from hierdino.data.suite import resolve_dataset
+from hierdino.eval import check_probe_sets
 from hierdino.hierarchy import load_hierarchy
 from hierdino.runtime import quiet_ray_data
 from hierdino.storage import StorageOptions
@@ -85,6 +87,8 @@ def build_trainer(cfg: Config, log=print, callbacks: list | None = None, preset:
     opts = StorageOptions.from_config(cfg)
     uris = cfg.data.train or default_train_uris(cfg)
     data = describe_train_data(uris, hierarchy, cfg.data.weights, opts)
+    if cfg.eval.at_end or cfg.eval.every_steps > 0:  # external sets the probes cannot use fail now, not at the end
+        check_probe_sets([resolve_dataset(d, cfg.data.synth_cache) for d in cfg.eval.datasets], cfg.eval.split, opts)
     storage.set_retry_window(cfg.run.storage_retry_s)
     start = plan_start(cfg, run_uri, opts, log)  # may refuse a changed config (ResumeError) or rename the run
     uri, start_step = start.uri, start.found.step

@@ -129,8 +129,11 @@ def check_space(base: str, base_overrides: list[str], space: Space) -> int:
     """Every parameter must be a config key that accepts its values; returns the hierarchy depth."""
     cfg = load_config(base, base_overrides)
     levels = load_hierarchy_depth(cfg.hierarchy.name)
+    if "loss.supervised.alpha" in space.params and any(p["dist"] == "level_weights" for p in space.params.values()):
+        raise SpaceError(f"{space.source}: params loss.supervised.alpha and level_weights exclude each other "
+                         "(sampled level weights replace alpha's); sweep one of them")
     for key, p in space.params.items():
-        probes = p["values"] if "values" in p else ([p["low"], p["high"]] if p["dist"] != "level_weights" else [])
+        probes = _probe_values(p)
         if p["dist"] == "level_weights":
             sample = {f"{key}@{i}": 1.0 for i in range(1, levels + 1)}
             probes_over = [{k: override_text(v) for k, v in trial_overrides(sample, space.fixed).items()}]
@@ -142,6 +145,22 @@ def check_space(base: str, base_overrides: list[str], space: Space) -> int:
             except ConfigError as e:
                 raise SpaceError(f"{space.source}: params.{key}: {e}") from None
     return levels
+
+
+def _probe_values(p: dict) -> list:
+    """Values a parameter's trials can take, to try against the config: every listed value; a
+    range's bounds and, for ``uniform``/``loguniform``, a value between them that is not a whole
+    number (an integer key refuses it); every integer of a ``randint`` range (a few hundred at most,
+    so divisibility rules are met by all of them)."""
+    d = p["dist"]
+    if d in ("choice", "grid"):
+        return list(p["values"])
+    if d == "level_weights":
+        return []
+    lo, hi = p["low"], p["high"]
+    if d == "randint":
+        return list(range(int(lo), int(hi) + 1)) if hi - lo <= 256 else [lo, hi, (lo + hi) // 2, (lo + hi) // 2 + 1]
+    return [lo, hi, lo + (hi - lo) * 0.3719]
 
 
 def load_hierarchy_depth(name: str) -> int:

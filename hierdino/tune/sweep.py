@@ -145,6 +145,10 @@ def sweep_overrides(base: str, base_overrides: list[str] | None, scheduler: str,
                              "they train, and a seed mean exists only once every seed of a trial has run")
         every = load_config(base, base_overrides).eval.every_steps
         base_overrides.append(f"train.log_every={every}")  # every evaluation step is a logged step
+    cfg = load_config(base, base_overrides)
+    if scheduler == "asha" and cfg.eval.every_steps > cfg.train.steps:
+        raise SpaceError(f"eval.every_steps={cfg.eval.every_steps} is more than train.steps={cfg.train.steps}: ASHA's "
+                         "first rung (an evaluation) would never come; lower eval.every_steps")
     return base_overrides
 
 
@@ -171,6 +175,7 @@ def run_sweep(base: str, space_path: str, trials: int, out: str, scheduler: str 
     from ray import tune  # Ray is heavy: imported only where a sweep runs
 
     space = load_space(space_path)
+    user_overrides = list(base_overrides or [])  # what best_config.yaml keeps: not the sweep's own evaluation settings
     base_overrides = sweep_overrides(base, base_overrides, scheduler, seeds_per_trial)
     cfg = load_config(base, base_overrides)
     levels = check_space(base, base_overrides, space)
@@ -187,4 +192,4 @@ def run_sweep(base: str, space_path: str, trials: int, out: str, scheduler: str 
     tune_config = tune.TuneConfig(metric=OBJECTIVE, mode="max", num_samples=trials, scheduler=sched,
                                   search_alg=searcher(search, space), max_concurrent_trials=max_concurrent)
     grid = _tuner(trainable, param_space, space, out_path, tune_config, log).fit()
-    return write_outputs(grid, base, base_overrides, space, out_path, cfg.train.steps, log)
+    return write_outputs(grid, base, user_overrides, space, out_path, cfg.train.steps, log)
