@@ -239,3 +239,33 @@ def test_exports_and_timm_safetensors_load_exactly(tmp_path, capsys):
     assert check(["check", str(tmp_path / "teacher_backbone.safetensors")]) == 0
     out = capsys.readouterr().out
     assert "vit_tiny_cpu at 64 px" in out and "fixed-input feature norms" in out
+
+
+def test_trained_head_gains_flat_tower_prefixes_and_unreadable_files(tmp_path):
+    from hierdino.models.weights import read_object
+
+    sd, head = hub_state(grid=8), _dinov2_head(64)
+    head["last_layer.weight_g"] = torch.linspace(0.5, 1.5, 64)[:, None]  # DINOv2 trains its gains
+    torch.save(_training_checkpoint(sd, None, {"dino_head": head}, "teacher"), tmp_path / "dinobloom.pth")
+    model = StudentTeacher(_cfg(), load_hierarchy("wbc-h1"))
+    lines = model.load_pretrained(str(tmp_path / "dinobloom.pth"))  # strict (the default): the backbone is exact
+    assert any("WARNING" in line and "gains (weight_g 0.5 to 1.5) dropped" in line for line in lines)
+    assert torch.equal(model.teacher["dino_head"].last_layer.weight, head["last_layer.weight_v"])  # the directions
+    # a flat dict with both towers' prefixes (DINOv2's ckpt["model"] saved on its own): each tower loads
+    flat = _training_checkpoint(sd, None, {}, "model")["model"]
+    torch.save(flat, tmp_path / "flat.pth")
+    for tower, shift in (("teacher", 0.0), ("student", 0.5)):
+        bb = build_backbone("vit_micro_cpu", 64)
+        load_pretrained(bb, str(tmp_path / "flat.pth"), tower=tower)
+        assert torch.equal(bb.vit.blocks[0].attn.qkv.weight, sd["blocks.0.attn.qkv.weight"] + shift)
+    # the format comes from the bytes: safetensors under a .pth name loads; empty and truncated files are named
+    import safetensors.torch
+
+    (tmp_path / "named.pth").write_bytes(safetensors.torch.save({"cls_token": torch.ones(1, 1, 4)}))
+    assert torch.equal(read_object(str(tmp_path / "named.pth"))["cls_token"], torch.ones(1, 1, 4))
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(WeightsError, match=r"empty.pth: the file is empty"):
+        read_object(str(tmp_path / "empty.pth"))
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "named.pth").read_bytes()[:40])
+    with pytest.raises(WeightsError, match=r"cut.safetensors: not a safetensors file nor"):
+        read_object(str(tmp_path / "cut.safetensors"))

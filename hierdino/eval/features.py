@@ -43,14 +43,16 @@ class ModelSpec:
     img_size: int | None = None
     weights: str | None = None
     key: str = ""
+    options: storage.StorageOptions | None = None  # where weights on S3 are read (endpoint, region)
 
 
 def _sha(data: bytes | str) -> str:
     return hashlib.sha1(data if isinstance(data, bytes) else data.encode()).hexdigest()[:16]
 
 
-def resolve_model(spec: str, default_img_size: int = 224) -> ModelSpec:
-    """Parse a model spec (see module docstring) without building the model."""
+def resolve_model(spec: str, default_img_size: int = 224, options: storage.StorageOptions | None = None) -> ModelSpec:
+    """Parse a model spec (see module docstring) without building the model. Its cache key covers
+    the weights' bytes, the arch and the input size."""
     if spec == "pixels":
         return ModelSpec(spec, "pixels", "pixels", key="pixels")
     if spec.startswith("random:"):
@@ -59,23 +61,24 @@ def resolve_model(spec: str, default_img_size: int = 224) -> ModelSpec:
         return ModelSpec(spec, f"random-{arch}", "backbone", arch, img, None, _sha(f"random:{arch}:{img}"))
     if "=" in spec and not spec.startswith(("s3://", "/", ".")) and not os.path.exists(spec):  # runs/lr=0.1 is a path
         arch, weights = spec.split("=", 1)
-        return ModelSpec(spec, arch, "backbone", arch, default_img_size, weights, _sha(storage.read_bytes(weights)))
+        key = _sha(f"{arch}:{default_img_size}:{_sha(storage.read_bytes(weights, options))}")
+        return ModelSpec(spec, arch, "backbone", arch, default_img_size, weights, key, options)
     uri = spec.rstrip("/")
     if uri.endswith(".safetensors"):
         weights, info_uri = uri, storage.join(uri.rsplit("/", 1)[0], "model.json")
     else:
         weights, info_uri = storage.join(uri, "export", "teacher_backbone.safetensors"), storage.join(uri, "export", "model.json")
-    if not storage.exists(info_uri):
+    if not storage.exists(info_uri, options):
         raise FileNotFoundError(f"model {spec!r}: no {info_uri}; give a run directory with an export, an exported "
                                 ".safetensors, '<timm arch>=<weights>', 'random:<arch>' or 'pixels'")
-    info = json.loads(storage.read_bytes(info_uri))
+    info = json.loads(storage.read_bytes(info_uri, options))
     parts = uri.split("/")
     if not uri.endswith(".safetensors"):
         name = parts[-1]
     else:
         name = parts[-3] if len(parts) >= 3 and parts[-2] == "export" else parts[-1].removesuffix(".safetensors")
-    return ModelSpec(spec, name, "backbone", info["arch"], int(info["img_size"]), weights,
-                     _sha(storage.read_bytes(weights)))
+    key = _sha(f"{info['arch']}:{info['img_size']}:{_sha(storage.read_bytes(weights, options))}")
+    return ModelSpec(spec, name, "backbone", info["arch"], int(info["img_size"]), weights, key, options)
 
 
 def load_backbone(m: ModelSpec):
@@ -85,7 +88,7 @@ def load_backbone(m: ModelSpec):
     torch.manual_seed(0)  # the random baseline is reproducible
     bb = build_backbone(m.arch, m.img_size, 0.0)
     if m.weights is not None:
-        load_pretrained(bb, m.weights, strict=True)  # a partial load raises WeightsError naming the tensors
+        load_pretrained(bb, m.weights, strict=True, options=m.options)  # a partial load raises WeightsError naming the tensors
     return bb.eval()
 
 

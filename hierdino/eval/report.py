@@ -26,7 +26,7 @@ def evaluate(models: list[str], datasets: list[str], out: str, split: str = "tes
     on the scored split, written to predictions.json (what paired comparisons resample).
     ``in_process``: features computed in this process, not with Ray Data (``dataset_features``).
     """
-    specs = [resolve_model(m, default_img_size) for m in models]
+    specs = [resolve_model(m, default_img_size, options) for m in models]
     names = [s.name for s in specs]
     if len(set(names)) != len(names):  # two runs with the same directory name
         specs = [type(s)(**{**s.__dict__, "name": f"{s.name}#{i}"}) for i, s in enumerate(specs)]

@@ -20,7 +20,7 @@ from timm.models import build_model_with_cfg, register_model
 from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
-from hierdino.models.weights import Checkpoint, WeightsError, parse, read_object, to_timm
+from hierdino.models.weights import Checkpoint, WeightsError, head_state, parse, read_object, to_timm
 
 TINY_ARCHS = {
     # name: timm VisionTransformer arguments - small enough for 2-CPU laptops and CI. The _reg4 and
@@ -201,14 +201,15 @@ class LoadReport:
         return text
 
 
-def load_pretrained(backbone: Backbone, source: str | Checkpoint, strict: bool = True, tower: str = "teacher") -> LoadReport:
+def load_pretrained(backbone: Backbone, source: str | Checkpoint, strict: bool = True, tower: str = "teacher",
+                    options=None) -> LoadReport:
     """Load a checkpoint of any form (``hierdino.models.weights``) into ``backbone``.
 
     ``strict``: a backbone tensor the checkpoint does not provide, or a checkpoint backbone tensor
     this backbone has no place for, raises ``WeightsError`` listing them (``mask_token`` aside: timm
     checkpoints and exports have none, and it starts at zeros as in DINOv2). Shapes must match.
     """
-    ckpt = source if isinstance(source, Checkpoint) else parse(read_object(source), source, tower)
+    ckpt = source if isinstance(source, Checkpoint) else parse(read_object(source, options), source, tower)
     own_regs = getattr(backbone.vit, "num_reg_tokens", 0)
     if ckpt.registers != own_regs:
         raise WeightsError(f"{ckpt.source}: the checkpoint has {ckpt.registers} register tokens (reg_token), "
@@ -259,6 +260,9 @@ def check(argv: list[str] | None = None) -> int:
     if ckpt.heads:
         print("[hierdino] heads: " + ", ".join(f"{h} ({len(t)} tensors, {head_prototypes(t)} prototypes)"
                                                for h, t in ckpt.heads.items()))
+        for h, t in ckpt.heads.items():
+            for note in head_state(t, args.weights, h)[1]:
+                print(f"[hierdino] WARNING {note}")
     else:
         print("[hierdino] heads: none (random DINO/iBOT heads; consider train.freeze_backbone_steps)")
     x = torch.linspace(-1, 1, 3 * img * img).reshape(1, 3, img, img)  # a fixed input, the same on every machine

@@ -208,14 +208,14 @@ class StudentTeacher(nn.Module):
         heads = [self.student["dino_head"]] + ([self.student["ibot_head"]] if "ibot_head" in self.student else [])
         return [h.last_layer for h in heads]
 
-    def load_pretrained(self, uri: str, strict: bool = True, tower: str = "teacher") -> list[str]:
+    def load_pretrained(self, uri: str, strict: bool = True, tower: str = "teacher", options=None) -> list[str]:
         """Start student and teacher from a checkpoint of any form (``hierdino.models.weights``).
 
         The backbone loads into both towers (strict: nothing left over, see ``load_pretrained``);
         DINO / iBOT heads load when the checkpoint has them (a DINOv2 checkpoint with one shared head
         gives it to both), and their shapes must match the configured heads. Returns report lines.
         """
-        ckpt = parse(read_object(uri), uri, tower)
+        ckpt = parse(read_object(uri, options), uri, tower)
         lines = []
         for t in (self.student, self.teacher):
             report = load_pretrained(t["backbone"], ckpt, strict=strict)
@@ -231,7 +231,8 @@ class StudentTeacher(nn.Module):
             if found is None:
                 lines.append(f"init weights: no {name} in the checkpoint: random")
                 continue
-            sd = head_state(ckpt.heads[found], uri, found)
+            sd, notes = head_state(ckpt.heads[found], uri, found)
+            lines += [f"init weights: WARNING {note}" for note in notes]
             own = self.student[name].state_dict()
             bad = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items() if k in own and own[k].shape != v.shape]
             left = sorted(set(own) ^ set(sd))

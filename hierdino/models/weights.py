@@ -59,16 +59,25 @@ class Checkpoint:
         return 0 if t is None else int(t.shape[1])
 
 
-def read_object(uri: str):
-    """The object stored at a local path or s3:// URI: safetensors, or ``torch.load`` with weights only."""
-    data = storage.read_bytes(uri)
-    if uri.endswith(".safetensors"):
-        return safetensors.torch.load(data)
+def _is_safetensors(data: bytes) -> bool:
+    """safetensors: an 8-byte little-endian header length, then a JSON header starting with ``{``."""
+    return len(data) > 8 and data[8:9] == b"{" and int.from_bytes(data[:8], "little") <= len(data) - 8
+
+
+def read_object(uri: str, options: storage.StorageOptions | None = None):
+    """The object stored at a local path or s3:// URI: safetensors, or ``torch.load`` with weights only
+    (the format told by the bytes, not the file name)."""
+    data = storage.read_bytes(uri, options)
+    if not data:
+        raise WeightsError(f"{uri}: the file is empty")
     try:
+        if _is_safetensors(data):
+            return safetensors.torch.load(data)
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise WeightsError(f"{uri}: not a safetensors file nor a weights-only torch checkpoint ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0][:200]})") from e
+        text = " ".join(str(e).split())[:400] or "no message"
+        raise WeightsError(f"{uri}: not a safetensors file nor a weights-only torch checkpoint "
+                           f"({type(e).__name__}: {text})") from e
 
 
 def _strip_wrappers(key: str) -> str:
@@ -90,11 +99,11 @@ def _tower_dict(obj: dict, tower: str, source: str) -> tuple[dict, str]:
         return obj["model"], "'model' entry"
     if isinstance(obj.get("state_dict"), dict):
         return obj["state_dict"], "'state_dict' entry"
+    if any(k.startswith(f"{tower}.") for k in obj):
+        return {k.removeprefix(f"{tower}."): v for k, v in obj.items() if k.startswith(f"{tower}.")}, f"'{tower}.' keys"
     other = "student" if tower == "teacher" else "teacher"
     if isinstance(obj.get(other), dict) or any(k.startswith(f"{other}.") for k in obj):
         raise WeightsError(f"{source}: model.init_tower={tower!r} but the checkpoint has only the {other}")
-    if any(k.startswith(f"{tower}.") for k in obj):
-        return {k.removeprefix(f"{tower}."): v for k, v in obj.items() if k.startswith(f"{tower}.")}, f"'{tower}.' keys"
     return obj, "top level"
 
 
@@ -204,11 +213,13 @@ def to_timm(ckpt: Checkpoint, vit) -> tuple[dict[str, torch.Tensor], list[str]]:
     return out, done
 
 
-def head_state(head: dict[str, torch.Tensor], source: str, name: str) -> dict[str, torch.Tensor]:
-    """A DINOv2 head's tensors in ``DINOHead`` layout: the weight-normalised prototype layer
-    (``last_layer.weight_g`` / ``weight_v``, or the parametrization form) becomes ``last_layer.weight``
-    (``DINOHead`` normalises its rows at every forward, i.e. a gain fixed at 1, as DINOv2's default)."""
-    out = {}
+def head_state(head: dict[str, torch.Tensor], source: str, name: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A DINOv2 head's tensors in ``DINOHead`` layout, and what could not be kept: the weight-normalised
+    prototype layer (``last_layer.weight_g`` / ``weight_v``, or the parametrization form) becomes
+    ``last_layer.weight``. ``DINOHead`` normalises its rows at every forward, a gain fixed at 1
+    (DINOv2 starts its gains at 1 and trains them): trained gains are dropped and said, the
+    prototype directions kept."""
+    out, notes = {}, []
     g = head.get("last_layer.weight_g", head.get("last_layer.parametrizations.weight.original0"))
     v = head.get("last_layer.weight_v", head.get("last_layer.parametrizations.weight.original1"))
     for k, t in head.items():
@@ -217,7 +228,9 @@ def head_state(head: dict[str, torch.Tensor], source: str, name: str) -> dict[st
         out[k] = t
     if v is not None:
         if g is not None and not torch.allclose(g.float(), torch.ones_like(g, dtype=torch.float32), atol=1e-4):
-            raise WeightsError(f"{source}: {name}.last_layer has trained gains (weight_g != 1, DINOv2's "
-                               "norm_last_layer=false); DINOHead fixes them to 1 and cannot load this head")
+            g = g.float().flatten()
+            notes.append(f"{name}.last_layer: the checkpoint's trained prototype gains (weight_g {g.min():.3g} to "
+                         f"{g.max():.3g}) dropped, their directions loaded: this project's heads fix the gains at 1, "
+                         "so the head's logits differ from the checkpoint's by those factors")
         out["last_layer.weight"] = v
-    return out
+    return out, notes

@@ -234,7 +234,7 @@ def _set_rng_state(s: dict) -> None:
     random.setstate(tuple(s["python"][:1]) + (tuple(s["python"][1]),) + tuple(s["python"][2:]))
 
 
-def export_teacher(model, run_uri: str, rank: int, hierarchy_name: str, image_size: int) -> str | None:
+def export_teacher(model, run_uri: str, rank: int, hierarchy_name: str, image_size: int, options=None) -> str | None:
     """Write the teacher backbone as timm-format safetensors plus ``model.json``; collective over ranks."""
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     sd = get_model_state_dict(model.teacher["backbone"], options=opts)
@@ -243,7 +243,7 @@ def export_teacher(model, run_uri: str, rank: int, hierarchy_name: str, image_si
     backbone = model.student["backbone"]
     tensors = {k.removeprefix("vit."): v.float().contiguous() for k, v in sd.items() if k.startswith("vit.")}
     uri = storage.join(run_uri, "export", "teacher_backbone.safetensors")
-    storage.write_bytes(uri, safetensors.torch.save(tensors))
+    storage.write_bytes(uri, safetensors.torch.save(tensors), options)
     from hierdino.models.backbone import TINY_ARCHS  # timm: heavy, and only the export at the end needs it
 
     info = {
@@ -253,5 +253,5 @@ def export_teacher(model, run_uri: str, rank: int, hierarchy_name: str, image_si
         "tiny_arch": TINY_ARCHS.get(backbone.arch),
         "weights": "teacher_backbone.safetensors",
     }
-    storage.write_bytes(storage.join(run_uri, "export", "model.json"), json.dumps(info, indent=2).encode())
+    storage.write_bytes(storage.join(run_uri, "export", "model.json"), json.dumps(info, indent=2).encode(), options)
     return uri

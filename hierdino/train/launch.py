@@ -44,7 +44,8 @@ def meta_model(cfg: Config, hierarchy):
 def check_init_weights(cfg: Config, model, log=print) -> None:
     """Load ``model.init_weights`` into the meta-device ``model``: a checkpoint that does not fit stops
     the run here, before any worker starts (``WeightsError``)."""
-    for line in model.load_pretrained(cfg.model.init_weights, cfg.model.init_strict, cfg.model.init_tower):
+    for line in model.load_pretrained(cfg.model.init_weights, cfg.model.init_strict, cfg.model.init_tower,
+                                      StorageOptions.from_config(cfg)):
         log(f"[hierdino] {line}")
 
 
@@ -115,7 +116,7 @@ def build_trainer(cfg: Config, log=print, callbacks: list | None = None, preset:
                                       placement_strategy=cfg.scaling.placement_strategy)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "run_uri": uri, "proportions": data.proportions,
+        train_loop_config={"config": cfg.to_dict(), "run_uri": uri, "proportions": data.proportions, "start_step": start_step,
                            "streams": list(datasets), "stop_flag": stop_flag},
         scaling_config=scaling, run_config=run_config, datasets=datasets,
         # Ordered streams: with the seeded file order and the step-indexed mix, a seed fixes the batches.

@@ -223,13 +223,14 @@ class TrainStep:
 # -- setup helpers of the loop ------------------------------------------------------------------------------
 
 
-def build_model(cfg: Config, device: torch.device, world: int, say) -> StudentTeacher:
+def build_model(cfg: Config, device: torch.device, world: int, say, resuming: bool = False) -> StudentTeacher:
     """Student and teacher on ``device``: pretrained weights, compiled blocks, FSDP2 over ``world``
     ranks (or bf16 autocast of the backbone and head forwards on one)."""
     torch.manual_seed(cfg.train.seed)  # identical initialisation on every rank
     model = StudentTeacher(cfg, load_hierarchy(cfg.hierarchy.name))
-    if cfg.model.init_weights:
-        for line in model.load_pretrained(cfg.model.init_weights, cfg.model.init_strict, cfg.model.init_tower):
+    if cfg.model.init_weights and not resuming:  # a resumed run's weights come from its checkpoint
+        for line in model.load_pretrained(cfg.model.init_weights, cfg.model.init_strict, cfg.model.init_tower,
+                                          StorageOptions.from_config(cfg)):
             say(f"[hierdino] {line}")
     model.to(device)
     if cfg.train.compile:
@@ -285,7 +286,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
     use_tensor_cores(device)
     metrics = TrainMetrics(cfg, run_uri, rank, worker_start, options)
-    model = build_model(cfg, device, world, metrics.say)
+    model = build_model(cfg, device, world, metrics.say, resuming=loop_config.get("start_step", 0) > 0)
     # Identical initialisation on every rank above; from here each rank draws its own stochastic
     # depth (CPU and device generators; a resume restores both from the checkpoint).
     torch.manual_seed(cfg.train.seed * 1000 + rank + 2 ** 40)  # apart from the mask and augmentation seeds below
@@ -310,7 +311,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     if cfg.eval.every_steps:
         from hierdino.eval.live import LiveEvaluator  # scikit-learn: only runs that evaluate while training need it
 
-        live_eval = LiveEvaluator(cfg)
+        live_eval = LiveEvaluator(cfg, options)
     stop, last, eval_metrics = min(cfg.train.stop_at_step or cfg.train.steps, cfg.train.steps), {}, {}
     poller = StopPoller(loop_config.get("stop_flag"))
     metrics.begin()
@@ -344,7 +345,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         if saving or evaluating:  # every rank: a report is a barrier
             ray.train.report(dict({k: v for k, v in last.items() if isinstance(v, float) and math.isfinite(v)}, step=step))
     metrics.close()
-    export = export_teacher(model, run_uri, rank, model.hierarchy.name, cfg.data.image_size) if step >= cfg.train.steps else None
+    export = (export_teacher(model, run_uri, rank, model.hierarchy.name, cfg.data.image_size, options)
+              if step >= cfg.train.steps else None)
     return dict(last, step=step, start_step=start, images_per_s=metrics.images_per_s(), worker_nodes=worker_nodes(world),
                 start_checksum=start_checksum, final_checksum=param_checksum(model.student), export=export,
                 local_param_fraction=local_param_fraction(model.student), corrupt_images=metrics.corrupt.corrupt,
