@@ -36,12 +36,13 @@ check() {  # check NAME SECONDS CMD... : run CMD with at most SECONDS (and what 
         return
     fi
     local t0=$(date +%s)
-    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    timeout -k 20 "$limit" "$@" > "$OUT/$name.log" 2>&1  # -k: a driver that handles SIGTERM (a checkpoint first) is killed 20 s on
     local rc=$?
     echo "--- $name: rc $rc, $(( $(date +%s) - t0 )) s (limit $limit s)" | tee -a "$SUMMARY"
 }
 
 nvidia-smi -L | tee -a "$SUMMARY"
+rm -rf /tmp/runs-cpu /tmp/runs-dev  # a rerun on a warm machine would resume the finished runs and time nothing
 RUN=(jobs/pretrain.py --config vits14 --set train.steps=20 --set eval.at_end=false
      --set data.synth_cache=/tmp/synth224 --set checkpoint.every_steps=1000 ${RUN_ARGS:-})
 

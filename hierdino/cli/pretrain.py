@@ -72,7 +72,8 @@ def main(argv=None) -> int:
     t0 = time.time()
     init_ray(args.local_cpus, dashboard=args.dashboard, verbose=args.verbose)
     try:
-        launch.preflight(cfg, log=lambda *_: None)  # before building data: a run that cannot fit stops in seconds
+        # before building data: a run that cannot fit stops in seconds (only its waiting is said here)
+        launch.preflight(cfg, log=lambda line: print(line) if "waiting" in line else None)
         ensure_synthetic_suite(cfg)
         final = launch.train(cfg, preset=args.config)
     except (WeightsError, ResourcesError, ResumeError, EvalDataError, StorageError, IngestError, ShardError) as e:

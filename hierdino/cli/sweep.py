@@ -75,6 +75,10 @@ def trials_to_run(cfg, max_concurrent: int | None) -> int:
     plan_resources(cfg, ray.cluster_resources())
     fit = trials_at_once(cfg, ray.cluster_resources())
     concurrent = max_concurrent or max(1, fit)
+    if fit >= 1 and concurrent > fit:  # more trainers than fit would hold every CPU: no ingest could ever start
+        print(f"[hierdino] --max-concurrent {max_concurrent} is more than the {fit} trial(s) that fit with the CPUs "
+              f"their data ingest needs; running {fit} at a time")
+        concurrent = fit
     print(f"[hierdino] {fit} trial(s) fit on the cluster at once; running {concurrent} at a time")
     return concurrent
 

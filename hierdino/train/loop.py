@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import time
 
 import ray
@@ -223,6 +224,17 @@ class TrainStep:
 # -- setup helpers of the loop ------------------------------------------------------------------------------
 
 
+def check_shared_run_dir(run_uri: str, options) -> None:
+    """The driver wrote ``config.yaml`` into the run directory before any worker started: a worker that
+    cannot see it is on a node that does not share the driver's local ``run.storage``, where its
+    checkpoint shards would be stranded (no resume, no export for the evaluation)."""
+    if storage.is_s3(run_uri) or storage.exists(storage.join(run_uri, "config.yaml"), options):
+        return
+    raise RuntimeError(f"the run directory {run_uri} is not visible from node {socket.gethostname()} (no config.yaml, "
+                       "which the driver wrote there): run.storage must be shared by every node of the cluster; use "
+                       "an s3:// URI or a shared filesystem mounted at the same path on every node")
+
+
 def build_model(cfg: Config, device: torch.device, world: int, say, resuming: bool = False) -> StudentTeacher:
     """Student and teacher on ``device``: pretrained weights, compiled blocks, FSDP2 over ``world``
     ranks (or bf16 autocast of the backbone and head forwards on one)."""
@@ -283,6 +295,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     storage.set_retry_window(cfg.run.storage_retry_s)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    check_shared_run_dir(run_uri, options)
     device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
     use_tensor_cores(device)
     metrics = TrainMetrics(cfg, run_uri, rank, worker_start, options)
@@ -295,6 +308,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                              every_steps=cfg.checkpoint.every_steps)
     ckpt.load()
     start = step = ckpt.state["step"]
+    metrics.log.resume_at(start)  # records an interrupted attempt wrote after this checkpoint are logged again
     start_checksum = param_checksum(model.student)
     metrics.say(f"[hierdino] rank 0/{world} on {device}: {'resuming at step ' + str(start) if start else 'starting'}; "
                 f"local parameter fraction {local_param_fraction(model.student):.3f}; {supervised_summary(model)}")

@@ -65,15 +65,25 @@ def _floor(x: float) -> str:
     return f"{int(x)}" if x >= 1 else f"{max(int(x * 4) / 4, 0.25):g}"
 
 
-def preflight(cfg, log=print, resources=None, sleep=time.sleep, clock=time.monotonic) -> Plan:
+def demand(cfg) -> list[dict]:
+    """The run's resource bundles: one per training worker, and one ingest task's CPUs."""
+    worker = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": cfg.scaling.gpus_per_worker} if cfg.scaling.use_gpu else {})}
+    return [dict(worker) for _ in range(cfg.scaling.num_workers)] + [{"CPU": cfg.data.num_cpus_per_map}]
+
+
+def preflight(cfg, log=print, resources=None, sleep=time.sleep, clock=time.monotonic, request=None) -> Plan:
     """``plan_resources`` against the live cluster; with ``scaling.wait_for_resources_s`` > 0, retry
-    until it fits or the time is up (a message every 30 s, never a silent wait)."""
+    until it fits or the time is up (a message every 30 s, never a silent wait). While it waits it
+    asks the autoscaler for the run's bundles (``request``: Ray's ``request_resources`` on the live
+    cluster), since polling alone adds no node to a cluster that scales up from zero workers."""
     if resources is None:
         import ray  # heavy: only a check against the live cluster needs Ray
+        from ray.autoscaler.sdk import request_resources  # likewise
 
         resources = ray.cluster_resources
+        request = request or (lambda bundles: request_resources(bundles=bundles))
     deadline = clock() + cfg.scaling.wait_for_resources_s
-    last_said = None
+    last_said, requested = None, False
     while True:
         try:
             plan = plan_resources(cfg, resources())
@@ -82,6 +92,9 @@ def preflight(cfg, log=print, resources=None, sleep=time.sleep, clock=time.monot
             if now >= deadline:
                 waited = cfg.scaling.wait_for_resources_s
                 raise ResourcesError(str(e) + (f" (waited {waited:g} s)" if waited else "")) from None
+            if request is not None and not requested:
+                request(demand(cfg))  # held until the cluster has the nodes; the trainer then places its own
+                requested = True
             if last_said is None or now - last_said >= 30:
                 log(f"[hierdino] waiting up to {deadline - now:.0f} s more for resources: {e}")
                 last_said = now

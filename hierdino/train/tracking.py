@@ -65,6 +65,29 @@ class RunLog:
         self.writer = SummaryWriter(logdir=self.tb_local, flush_secs=30,
                                     filename_suffix=f".{time.time_ns():020d}.{os.getpid()}")
 
+    def resume_at(self, step: int) -> None:
+        """Forget what an interrupted attempt logged after ``step`` (the checkpoint this run continues
+        from), so the steps it logs again appear once: ``metrics.jsonl`` keeps its records up to
+        ``step``, and TensorBoard is told to drop later events of earlier files (``purge_step``)."""
+        if not self.enabled:
+            return
+
+        def kept(lines: list[str]) -> list[str]:
+            return [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        if self.jsonl and self.remote:
+            self.lines = kept(self.lines)
+        elif self.jsonl and os.path.exists(self.uri):
+            with open(self.uri) as f:
+                lines = f.read().splitlines()
+            if len(kept(lines)) != len([ln for ln in lines if ln.strip()]):
+                tmp = self.uri + ".tmp"
+                with open(tmp, "w") as f:
+                    f.write("".join(ln + "\n" for ln in kept(lines)))
+                os.replace(tmp, self.uri)
+        self.writer.close()
+        self.writer = SummaryWriter(logdir=self.tb_local, flush_secs=30, purge_step=step + 1,
+                                    filename_suffix=f".{time.time_ns():020d}.{os.getpid()}")
+
     def write(self, record: dict, step: int | None = None) -> None:
         """One record: a ``metrics.jsonl`` line and a TensorBoard scalar per finite number in it."""
         if not self.enabled:
