@@ -77,6 +77,35 @@ def test_multicrop_is_deterministic_and_flags_corrupt_bytes():
     assert not np.array_equal(out1["global"], multicrop(batch, CROPS, idx, epoch=1)["global"])
 
 
+def test_shards_that_disagree_with_their_manifest_fail_before_the_cluster_naming_what(tmp_path):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    h = load_hierarchy("wbc-h1")
+    recs = [Record(b"x", f"i{k}", "s", None, "monocyte", "train") for k in range(4)]
+    uri = str(tmp_path / "ds")
+    shards.write_dataset(recs, uri, "ds", "s")
+    assert describe_train_data([uri], h, None).sizes == [4]
+    manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    (tmp_path / "ds" / "manifest.json").write_text(json.dumps({**manifest, "num_images": 5}))
+    with pytest.raises(IngestError, match=r"shards hold 4 rows but manifest.json says num_images=5"):
+        describe_train_data([uri], h, None)
+    (tmp_path / "ds" / "manifest.json").write_text(json.dumps({**manifest, "shards": ["shard-00009.parquet"]}))
+    with pytest.raises(IngestError, match=r"shard shard-00009.parquet listed in manifest.json cannot be read"):
+        describe_train_data([uri], h, None)
+    table = pq.read_table(tmp_path / "ds" / "shard-00000.parquet").drop(["split"])
+    pq.write_table(table.set_column(1, "image_id", pa.array(range(4))), tmp_path / "ds" / "shard-00000.parquet")
+    (tmp_path / "ds" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(IngestError, match=r"bad column\(s\): image_id \(int64, expected string\), split \(missing\)"):
+        describe_train_data([uri], h, None)
+    batch = {"image": np.array([b"x"], dtype=object), "image_id": np.array(["cell-3"]),
+             "label": np.array(["Monocyte"], dtype=object), "split": np.array(["train"])}
+    with pytest.raises(IngestError, match=r"labels \['Monocyte'\] in the shard rows \(first: image 'cell-3'\)"):
+        multicrop(batch, CROPS, {n: h.index(n) for n in h.nodes}, epoch=0)
+
+
 def test_corrupt_images_counted_then_fail(ray_cluster, tmp_path):
     rng = np.random.default_rng(0)
     from hierdino.data.synth import encode
@@ -297,6 +326,7 @@ def test_device_decode_matches_the_cpu_crops_in_distribution(device):
     blobs = _cells(12, 160, seed=1)
     blobs[5] = encode(render_cell(leaf_spec(H1, "basophil"), DOMAINS["B"], 160, np.random.default_rng(3)), "PNG")
     blobs[7] = b"\xff\xd8 not a jpeg"
+    blobs[2], blobs[9] = _cells(1, 224, seed=5)[0], _cells(1, 96, seed=6)[0]  # sizes differ: cut per size, unpadded
     labels = ["monocyte", None, "neutrophil", None] * 3
     batch = {"image": np.array(blobs, dtype=object), "image_id": np.array([f"d{i}" for i in range(12)]),
              "label": np.array(labels, dtype=object), "split": np.array(["train"] * 12)}

@@ -170,3 +170,13 @@ def test_external_sets_the_probes_cannot_use_and_undecodable_images_are_named(tm
     (tmp_path / "runs" / "lr=0.1").mkdir(parents=True)  # a run directory whose name has '=': not <arch>=<weights>
     with pytest.raises(FileNotFoundError, match=r"no runs/lr=0.1/export/model.json"):
         resolve_model("runs/lr=0.1")
+
+
+def test_plots_keep_internal_node_labels_in_tree_order():
+    from hierdino.eval.plots import tree_order
+
+    h = load_hierarchy("wbc-h1")
+    # a Raabin-style set labels 'neutrophil' (internal) beside leaves: it is plotted, before its own child
+    got = tree_order(h, {"neutrophil_band", "monocyte", "neutrophil", "lymphocyte_typical"})
+    assert got == ["lymphocyte_typical", "monocyte", "neutrophil", "neutrophil_band"]
+    assert h.parent("neutrophil_band") == "neutrophil" and not h.is_leaf("neutrophil")

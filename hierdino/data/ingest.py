@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hierdino import storage
@@ -71,6 +72,13 @@ def multicrop(batch: dict, crops: CropSpec, label_index: dict, epoch: int, split
     keep = [i for i, s in enumerate(batch["split"]) if s in splits]
     n = len(keep)
     S, s = crops.image_size, crops.local_size
+    unknown = sorted({str(batch["label"][i]) for i in keep if batch["label"][i] is not None
+                      and batch["label"][i] not in label_index})
+    if unknown:  # the manifest's counts were checked against the hierarchy: this shard disagrees with them
+        first = next(batch["image_id"][i] for i in keep if batch["label"][i] is not None and batch["label"][i] not in label_index)
+        raise IngestError(f"labels {unknown} in the shard rows (first: image {str(first)!r}) are not nodes of the run's "
+                          "hierarchy and not in their dataset's manifest.json: the shards and the manifest disagree; "
+                          "rewrite the dataset with jobs/make_shards.py")
     out = {"label": np.array([-1 if batch["label"][i] is None else label_index[batch["label"][i]] for i in keep], np.int64),
            "ok": np.zeros(n, bool)}
     if crops.decode == "device":
@@ -149,9 +157,40 @@ class TrainData:
                          for u, n, lab, p in zip(self.uris, self.sizes, self.labeled, self.proportions))
 
 
+INGEST_COLUMNS = {"image": pa.binary(), "image_id": pa.string(), "label": pa.string(), "split": pa.string()}
+
+
+def check_shards(uri: str, manifest: shards.Manifest, options: StorageOptions | None = None) -> None:
+    """The shards a manifest lists exist, hold the columns the ingest reads (with their types) and
+    together its ``num_images`` rows: Parquet footers only, before any cluster work."""
+    fs, root = storage.resolve(uri, options)
+    rows = 0
+    for name in manifest.shards:
+        path = f"{root}/{name}"
+        try:
+            meta = pq.read_metadata(path, filesystem=fs)
+        except (OSError, pa.ArrowInvalid) as e:
+            raise IngestError(f"{uri}: shard {name} listed in manifest.json cannot be read: {' '.join(str(e).split())[:300]}") from None
+        schema = meta.schema.to_arrow_schema()
+        bad = [f"{c} (missing)" if c not in schema.names else f"{c} ({schema.field(c).type}, expected {t})"
+               for c, t in INGEST_COLUMNS.items()
+               if c not in schema.names or not (schema.field(c).type == t or
+                                                (t == pa.string() and schema.field(c).type == pa.large_string()) or
+                                                (t == pa.binary() and schema.field(c).type == pa.large_binary()))]
+        if bad:
+            raise IngestError(f"{uri}: shard {name} has bad column(s): {', '.join(bad)}; the shard format is "
+                              "hierdino.data.shards.SCHEMA (write datasets with jobs/make_shards.py)")
+        rows += meta.num_rows
+    if rows != manifest.num_images:
+        raise IngestError(f"{uri}: its shards hold {rows} rows but manifest.json says num_images={manifest.num_images}: "
+                          "the shards and the manifest disagree; rewrite the dataset with jobs/make_shards.py")
+
+
 def describe_train_data(uris: list[str], hierarchy: Hierarchy, weights: list[float] | None,
                         options: StorageOptions | None = None) -> TrainData:
     manifests = {u: shards.read_manifest(u, options) for u in uris}
+    for u, m in manifests.items():
+        check_shards(u, m, options)
     check_labels(manifests, hierarchy)
     sizes = [sum(m.counts.get("train", {}).values()) for m in manifests.values()]
     if any(n == 0 for n in sizes):

@@ -27,6 +27,13 @@ def _save(fig, uri: str) -> str:
     return uri
 
 
+def tree_order(h, labels: set) -> list[str]:
+    """``labels`` (leaves or internal nodes: external sets label at their own depth) in the tree's
+    order: by the first leaf under each, a node before its descendants."""
+    leaf_pos = {leaf: i for i, leaf in enumerate(h.leaves)}
+    return sorted(labels, key=lambda n: (min(leaf_pos[x] for x in h.leaves_under(n)), h.depth(n)))
+
+
 def write_plots(items, out: str) -> list[str]:
     """``items``: (model, dataset, hierarchy, y_true, y_pred, features, probe) tuples."""
     plt = pyplot()
@@ -38,7 +45,7 @@ def write_plots(items, out: str) -> list[str]:
     written = []
     severity: dict[str, list] = {}
     for model, dataset, h, y_true, y_pred, feats, probe in items:
-        classes = [c for c in h.leaves if c in set(y_true) | set(y_pred)]  # tree order
+        classes = tree_order(h, set(y_true) | set(y_pred))
         cm = confusion_matrix(y_true, y_pred, labels=classes, normalize="true")
         fig, ax = plt.subplots(figsize=(0.35 * len(classes) + 3, 0.35 * len(classes) + 2.5))
         ax.imshow(np.nan_to_num(cm), cmap="Blues", vmin=0, vmax=1)
@@ -64,7 +71,7 @@ def write_plots(items, out: str) -> list[str]:
     for dataset, per_model in severity.items():
         fig, ax = plt.subplots(figsize=(5.5, 3.5))
         top = max([max(v) for _, v in per_model if v] + [1])
-        bins = np.arange(0.5, top + 1.5)
+        bins = np.arange(-0.5, top + 1.5)  # severity 0: a prediction below the true node (sets of mixed depth)
         ax.hist([v for _, v in per_model], bins=bins, label=[m for m, _ in per_model])
         ax.set_xlabel("mistake severity (edges from true leaf to LCA)")
         ax.set_ylabel("errors")

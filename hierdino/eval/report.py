@@ -39,6 +39,11 @@ def evaluate(models: list[str], datasets: list[str], out: str, split: str = "tes
         manifest = shards.read_manifest(uri, options)
         h = load_hierarchy(manifest.hierarchy or "wbc-h1")
         results["datasets"][manifest.name] = {"uri": uri, "hierarchy": h.name, "counts": manifest.counts}
+        nested = sorted(f"{a} > {b}" for a in manifest.labels() for b in manifest.labels()
+                        if a in h and b in h and a != b and a in h.ancestors(b))
+        if nested:  # a probe then separates a node from its own descendants: errors of severity 0
+            log(f"[hierdino] note: {manifest.name} labels both a node and its descendant ({', '.join(nested)}); "
+                "balanced accuracy counts them as different classes")
         for spec in specs:
             t0 = time.time()
             feats = dataset_features(spec, uri, cache, patch_mean, options=options, in_process=in_process, log=log)

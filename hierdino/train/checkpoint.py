@@ -16,6 +16,7 @@ answering for ``run.storage_retry_s`` seconds.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -176,8 +177,7 @@ class CheckpointManager:
                 log(f"[hierdino] skipped {line}")
         if found.uri is None:
             return None
-        with tempfile.TemporaryDirectory(prefix="hierdino-restore-") as d:
-            storage.download_dir(found.uri, d, self.options)
+        with _readable_dir(found.uri, self.options) as d:
             app = self._app_state()
             saved = set(dcp.FileSystemReader(d).read_metadata().state_dict_metadata)
             missing = [k for k in app["model"] if f"model.{k}" not in saved]
@@ -192,13 +192,30 @@ class CheckpointManager:
             set_state_dict(self.model, self.optimizer, model_state_dict=app["model"], optim_state_dict=app["optim"],
                            options=StateDictOptions(strict=False))
             path = os.path.join(d, f"train_state_rank{self.rank}.pt")
-            if not os.path.exists(path):  # a different world size: rank 0's state stands for all
+            own = os.path.exists(path)
+            if not own:  # a larger world than the checkpoint's: rank 0's step and counters stand for all
                 path = os.path.join(d, "train_state_rank0.pt")
             state = torch.load(path, weights_only=True)
-        _set_rng_state(state.pop("rng"))
+        rng = state.pop("rng")
+        if own:
+            _set_rng_state(rng)
+        else:  # not rank 0's generators: this rank would draw rank 0's stochastic depth
+            torch.manual_seed(int(state["step"]) * 7919 + self.rank + 2 ** 41)
         self.state = {"step": int(state["step"]), "images_seen": int(state.get("images_seen", 0))}
         state["checkpoint"] = found.uri
         return state
+
+
+@contextlib.contextmanager
+def _readable_dir(uri: str, options=None):
+    """A local directory holding the checkpoint at ``uri``: the directory itself on local or shared
+    storage (no copy per rank), a temporary download of it from S3."""
+    if not storage.is_s3(uri):
+        yield storage.resolve(uri, options)[1]
+        return
+    with tempfile.TemporaryDirectory(prefix="hierdino-restore-") as d:
+        storage.download_dir(uri, d, options)
+        yield d
 
 
 def _fault_hook(var: str, step: int) -> None:
