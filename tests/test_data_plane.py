@@ -95,8 +95,9 @@ def test_shards_that_disagree_with_their_manifest_fail_before_the_cluster_naming
     (tmp_path / "ds" / "manifest.json").write_text(json.dumps({**manifest, "shards": ["shard-00009.parquet"]}))
     with pytest.raises(IngestError, match=r"shard shard-00009.parquet listed in manifest.json cannot be read"):
         describe_train_data([uri], h, None)
-    table = pq.read_table(tmp_path / "ds" / "shard-00000.parquet").drop(["split"])
-    pq.write_table(table.set_column(1, "image_id", pa.array(range(4))), tmp_path / "ds" / "shard-00000.parquet")
+    shard = tmp_path / "ds" / manifest["shards"][0]
+    table = pq.read_table(shard).drop(["split"])
+    pq.write_table(table.set_column(1, "image_id", pa.array(range(4))), shard)
     (tmp_path / "ds" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(IngestError, match=r"bad column\(s\): image_id \(int64, expected string\), split \(missing\)"):
         describe_train_data([uri], h, None)

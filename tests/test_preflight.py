@@ -48,11 +48,13 @@ def test_waits_for_an_autoscaling_cluster_with_messages_then_gives_up():
     assert plan.workers == 2 and now[0] == 15.0 and len(said) == 1 and "waiting up to 60 s" in said[0]
     # the autoscaler is asked once for the run's bundles: two workers and one ingest task
     w, m = cfg.scaling.cpus_per_worker, cfg.data.num_cpus_per_map
-    assert asked == [[{"CPU": w}, {"CPU": w}, {"CPU": m}]]
+    assert asked == [[{"CPU": w}, {"CPU": w}, {"CPU": m}], []]  # and withdrawn once it fits
     now[0] = 0.0
+    asked.clear()
     with pytest.raises(ResourcesError, match=r"waited 60 s"):
         preflight(cfg, said.append, resources=lambda: {"CPU": 1.0}, sleep=lambda s: now.__setitem__(0, now[0] + s),
-                  clock=lambda: now[0])
+                  clock=lambda: now[0], request=asked.append)
+    assert asked == [[{"CPU": w}, {"CPU": w}, {"CPU": m}], []]  # withdrawn when the wait gives up too
     assert len(said) == 1 + 2  # one line per 30 s of waiting, not one per poll
 
 

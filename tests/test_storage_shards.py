@@ -107,6 +107,15 @@ def test_unreadable_images_reported_and_skipped_only_on_request(tmp_path):
     assert not (tmp_path / "out" / "manifest.json").exists()
     m = shards.write_items(items, str(tmp_path / "out"), "r", lm, skip_bad=True)
     assert m.num_images == 2
+    # a failed rewrite leaves the dataset it would replace whole; a good one replaces it and its files
+    before = sorted(p.name for p in (tmp_path / "out").iterdir())
+    with pytest.raises(ShardError, match="1 unreadable image"):
+        shards.write_items(items, str(tmp_path / "out"), "r", lm)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before
+    assert shards.read_table(str(tmp_path / "out")).num_rows == 2
+    m2 = shards.write_items(items[:1], str(tmp_path / "out"), "r", lm)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(["manifest.json", *m2.shards])
+    assert m2.shards != m.shards and shards.read_table(str(tmp_path / "out")).num_rows == 1
 
 
 def test_csv_adapter_with_splits(tmp_path):

@@ -18,7 +18,8 @@ import sys
 from hierdino.config import ConfigError, load_config
 from hierdino.data.suite import ensure_synthetic_suite, resolve_dataset
 from hierdino.eval import EvalDataError, check_probe_sets
-from hierdino.storage import StorageOptions
+from hierdino.data.shards import ShardError
+from hierdino.storage import StorageError, StorageOptions
 from hierdino.runtime import init_ray
 from hierdino.train.preflight import ResourcesError, plan_resources, trials_at_once
 from hierdino.tune.space import SpaceError, check_space, load_space
@@ -75,10 +76,10 @@ def trials_to_run(cfg, max_concurrent: int | None) -> int:
     plan_resources(cfg, ray.cluster_resources())
     fit = trials_at_once(cfg, ray.cluster_resources())
     concurrent = max_concurrent or max(1, fit)
-    if fit >= 1 and concurrent > fit:  # more trainers than fit would hold every CPU: no ingest could ever start
-        print(f"[hierdino] --max-concurrent {max_concurrent} is more than the {fit} trial(s) that fit with the CPUs "
-              f"their data ingest needs; running {fit} at a time")
-        concurrent = fit
+    if concurrent > max(1, fit):  # on a cluster of this size every CPU would train: no ingest could start
+        print(f"[hierdino] WARNING --max-concurrent {max_concurrent} is more than the {fit} trial(s) that fit on the "
+              "cluster as it is now with the CPUs their data ingest needs: unless it grows (autoscaling), trials "
+              f"would wait for data forever; use --max-concurrent {max(1, fit)} on a cluster of fixed size")
     print(f"[hierdino] {fit} trial(s) fit on the cluster at once; running {concurrent} at a time")
     return concurrent
 
@@ -94,12 +95,12 @@ def main(argv=None) -> int:
         print(f"config and space OK: {args.config}, {args.space}")
         return 0
     out = args.out or default_out(cfg, space)
-    ensure_synthetic_suite(cfg)
+    ensure_synthetic_suite(cfg, evaluates=True)  # every trial evaluates (eval.every_steps, set by the sweep)
     args.overrides.append(f"data.synth_cache={cfg.data.synth_cache}")
     try:  # every trial scores the external sets' val splits: sets without one fail here, not in each trial
         check_probe_sets([resolve_dataset(d, cfg.data.synth_cache) for d in cfg.eval.datasets], "val",
                          StorageOptions.from_config(cfg))
-    except EvalDataError as e:
+    except (EvalDataError, StorageError, ShardError) as e:  # an unusable, mistyped or unreadable external set
         print(f"error: {e}", file=sys.stderr)
         return 2
     init_ray()  # with the dashboard: without it a trial stopped by ASHA can keep its resources (ray #54305)

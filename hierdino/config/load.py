@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import typing
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,12 @@ def _merge(base: dict, top: dict) -> dict:
     return out
 
 
+def _identity(preset_or_path) -> str:
+    """What a cycle check compares: a file's real path (``a/../a/x.yaml`` is ``a/x.yaml``), a preset's name."""
+    p = Path(str(preset_or_path))
+    return os.path.realpath(p) if p.is_file() else f"preset:{preset_or_path}"
+
+
 def _resolve(preset_or_path: str | Path, seen: tuple = ()) -> tuple[dict, str]:
     """Read a preset or file, following an optional ``inherit: <preset or path>`` key."""
     data, source = _read_source(preset_or_path)
@@ -128,9 +135,10 @@ def _resolve(preset_or_path: str | Path, seen: tuple = ()) -> tuple[dict, str]:
         if path is not None and not Path(str(parent)).is_absolute():
             beside = Path(path).parent / str(parent)  # a relative parent is read beside the file naming it
             parent = str(beside) if beside.is_file() else parent
-        if str(parent) in seen + (str(preset_or_path),):
+        here = _identity(preset_or_path)
+        if _identity(parent) in seen + (here,):
             raise ConfigError(f"{source}: 'inherit' cycle through {parent!r}")
-        base, _ = _resolve(parent, seen + (str(preset_or_path),))
+        base, _ = _resolve(parent, seen + (here,))
         data = _merge(base, data)
     return data, source
 

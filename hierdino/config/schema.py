@@ -34,7 +34,7 @@ class DataConfig:
     image_size: int = _f(224, min=16, doc="global crop size in pixels")
     global_crops_scale: list[float] = _f(factory=lambda: [0.32, 1.0], doc="random-resized-crop area range")
     local_crops_number: int = _f(8, min=0, doc="local crops per image (0 disables them)")
-    local_crops_size: int = _f(96, min=8)
+    local_crops_size: int = _f(98, min=8, doc="local crop size in pixels (a multiple of the patch size: 98 = 7 x 14)")
     local_crops_scale: list[float] = _f(factory=lambda: [0.05, 0.32])
     supervised_view: Literal["separate", "global"] = _f("separate", doc="supervised loss on its own mild view or the global crops")
     mask_sample_prob: float = _f(0.5, min=0.0, max=1.0, doc="fraction of global crops that get an iBOT mask")

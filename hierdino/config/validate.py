@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-import re
-
 from hierdino.config.schema import Config, ConfigError
+from hierdino.models.archs import patch_size
 from hierdino.hierarchy import load_hierarchy
-
-
-def arch_patch_size(arch: str) -> int | None:
-    """The patch size a ViT name states (timm: ``..._patch14_...``; this project's ``*_cpu*`` ViTs: 8), or None."""
-    m = re.search(r"patch(\d+)", arch)
-    return int(m.group(1)) if m else 8 if "_cpu" in arch else None
 
 
 def validate(cfg: Config) -> None:
@@ -48,7 +41,7 @@ def validate(cfg: Config) -> None:
             "(sweeps: --gpus-per-trial of at least scaling.num_workers), or run one worker")
     if cfg.data.local_crops_size > cfg.data.image_size:
         raise ConfigError(f"data.local_crops_size={cfg.data.local_crops_size} exceeds data.image_size={cfg.data.image_size}")
-    patch = arch_patch_size(cfg.model.arch)
+    patch = patch_size(cfg.model.arch)
     for key in ("data.image_size", "data.local_crops_size", "eval.image_size"):
         size = cfg.get(key)
         if patch and size is not None and size % patch:

@@ -157,7 +157,7 @@ class TrainData:
                          for u, n, lab, p in zip(self.uris, self.sizes, self.labeled, self.proportions))
 
 
-INGEST_COLUMNS = {"image": pa.binary(), "image_id": pa.string(), "label": pa.string(), "split": pa.string()}
+INGEST_COLUMNS = {c: shards.SCHEMA.field(c).type for c in ("image", "image_id", "label", "split")}  # what it reads
 
 
 def check_shards(uri: str, manifest: shards.Manifest, options: StorageOptions | None = None) -> None:

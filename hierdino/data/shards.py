@@ -15,6 +15,7 @@ import csv
 import io
 import json
 import os
+import secrets
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -118,13 +119,15 @@ def write_dataset(records: Iterable[Record], uri: str, name: str, source: str, l
                   options: StorageOptions | None = None, extra: dict | None = None) -> Manifest:
     """Write records as Parquet shards of about ``target_file_mb`` plus ``manifest.json``.
 
-    The manifest is written last, so a dataset without one is incomplete and readers refuse it.
+    The manifest is written last, so a dataset without one is incomplete and readers refuse it. Over
+    an existing dataset, the new shards get names of their own (``shard-<write>-<i>.parquet``) and
+    the manifest is replaced last: a write that fails (a bad image, a cut connection) leaves the
+    earlier dataset whole and its own shards deleted; one that succeeds deletes the earlier shards.
     """
     fs, root = storage.resolve(uri, options)
     if isinstance(fs, storage.pafs.LocalFileSystem):
         os.makedirs(root, exist_ok=True)
-    # A manifest left by an earlier write would vouch for the shards rewritten below if this one were cut short.
-    storage.delete_file(storage.join(uri, "manifest.json"), options)
+    write_id = secrets.token_hex(4)
     counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     shards: list[str] = []
     row_groups: list[int] = []
@@ -138,7 +141,7 @@ def write_dataset(records: Iterable[Record], uri: str, name: str, source: str, l
             return
         table = pa.Table.from_pylist([r.__dict__ for r in batch], schema=SCHEMA)
         if writer is None:
-            shards.append(f"shard-{len(shards):05d}.parquet")
+            shards.append(f"shard-{write_id}-{len(shards):05d}.parquet")
             row_groups.append(0)
             stream = fs.open_output_stream(f"{root}/{shards[-1]}")
             writer = pq.ParquetWriter(stream, SCHEMA, compression="none")
@@ -168,15 +171,25 @@ def write_dataset(records: Iterable[Record], uri: str, name: str, source: str, l
             if len(batch) >= row_group_rows:
                 flush_batch()
         flush_batch()
-    finally:
         close_writer()
-    if n == 0:
-        raise ShardError(f"no images to write for dataset {name!r}")
+        if n == 0:
+            raise ShardError(f"no images to write for dataset {name!r}")
+    except BaseException:
+        try:
+            close_writer()
+        finally:
+            for s in shards:  # this write's own files: the earlier dataset, if any, stays as it was
+                storage.delete_file(storage.join(uri, s), options)
+        raise
     manifest = Manifest(name=name, source=source, num_images=n,
                         counts={s: dict(sorted(c.items())) for s, c in counts.items()},
                         label_map=label_map or {}, shards=shards, row_groups=row_groups, hierarchy=hierarchy,
                         extra=extra or {})
     storage.write_bytes(storage.join(uri, "manifest.json"), manifest.to_json().encode(), options)
+    for old in storage.list_files(uri, ".parquet", options):  # an earlier write's shards, now unlisted
+        folder, base = old.rsplit("/", 1)
+        if folder == root.rstrip("/") and base.startswith("shard-") and base not in shards:
+            storage.delete_file(storage.join(uri, base), options)
     return manifest
 
 
@@ -237,15 +250,15 @@ SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "
 
 
 def _walk_files(top: Path) -> tuple[list[Path], list[Path]]:
-    """Files under ``top`` (symlinked folders followed, each real folder once), and the skipped
-    hidden ones (``.DS_Store``, macOS ``._*`` and ``__MACOSX``)."""
-    files, hidden, seen = [], [], set()
+    """Files under ``top`` (symlinked folders followed; a link back to a folder's own ancestor, a
+    cycle, is not), and the skipped hidden ones (``.DS_Store``, macOS ``._*`` and ``__MACOSX``)."""
+    files, hidden = [], []
     for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:  # a symlink cycle or a folder linked twice
+        here = Path(dirpath)
+        above = [here.parents[i] for i in range(len(here.relative_to(top).parts))]  # up to top
+        if os.path.realpath(here) in {os.path.realpath(a) for a in above}:
             dirnames[:] = []
             continue
-        seen.add(real)
         keep = [d for d in dirnames if not d.startswith(".") and d != "__MACOSX"]
         hidden += [Path(dirpath, d) for d in dirnames if d not in keep]
         dirnames[:] = sorted(keep)
@@ -273,6 +286,9 @@ def folder_items(root: str | Path, label_map: LabelMap, split: str | None = None
     tops = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name != "__MACOSX")
     split_tops = [t for t in tops if t.lower() in SPLIT_FOLDERS]
     if split_tops and len(split_tops) == len(tops):
+        loose = [p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")]
+        if loose:
+            print(f"make_shards: skipped {len(loose)} file(s) directly in {root}, beside its split folders")
         if split is not None:
             raise ShardError(f"{root} holds split folders {split_tops}, so each image takes its folder's split; "
                              f"drop --split {split}")

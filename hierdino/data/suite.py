@@ -182,14 +182,16 @@ def resolve_dataset(name_or_uri: str, suite_dir: str) -> str:
     return storage.join(suite_dir, name_or_uri) if name_or_uri in SUITE_NAMES else name_or_uri
 
 
-def ensure_synthetic_suite(cfg, log=print) -> None:
+def ensure_synthetic_suite(cfg, log=print, evaluates: bool | None = None) -> None:
     """Build the small synthetic suite into ``data.synth_cache`` when the run needs it and it is
     missing: for the default training data (no ``data.train``), or for external sets named by
-    their suite names (``eval.datasets``, the default) when the run evaluates."""
+    their suite names (``eval.datasets``, the default) when the run evaluates (``evaluates``;
+    default: from ``eval.at_end`` / ``eval.every_steps``)."""
     cache = str(Path(cfg.data.synth_cache).expanduser())
-    evaluates = cfg.eval.at_end or cfg.eval.every_steps > 0
+    if evaluates is None:
+        evaluates = cfg.eval.at_end or cfg.eval.every_steps > 0
     needed = SUITE_NAMES if not cfg.data.train else tuple(n for n in cfg.eval.datasets if n in SUITE_NAMES and evaluates)
     if needed and not suite_ready(cache, needed):
         log(f"[hierdino] building the small synthetic suite ({cfg.data.image_size} px) into {cache}")
-        build_suite(cache, "small", cfg.data.image_size, seed=0, log=log)
+        build_suite(cache, "small", cfg.data.image_size, seed=0, names=needed, log=log)
     cfg.data.synth_cache = cache

@@ -8,6 +8,7 @@ import time
 from hierdino import storage
 from hierdino.data import shards
 from hierdino.data.suite import resolve_dataset
+from hierdino.eval import check_probe_sets
 from hierdino.eval.features import dataset_features, features_in_process, resolve_model
 from hierdino.eval.metrics import EncodedPredictions, bootstrap, tree_feature_spearman
 from hierdino.eval.plots import write_plots
@@ -35,6 +36,7 @@ def evaluate(models: list[str], datasets: list[str], out: str, split: str = "tes
     predictions: dict = {}
     cache = storage.join(out, "features")
     per_plot = []
+    check_probe_sets(datasets, split, options)  # every set, before any feature is computed
     for uri in datasets:
         manifest = shards.read_manifest(uri, options)
         h = load_hierarchy(manifest.hierarchy or "wbc-h1")
@@ -49,9 +51,6 @@ def evaluate(models: list[str], datasets: list[str], out: str, split: str = "tes
             feats = dataset_features(spec, uri, cache, patch_mean, options=options, in_process=in_process, log=log)
             x_tr, y_tr = feats.split("train")
             x_ev, y_ev = feats.split(split)
-            if len(x_tr) == 0 or len(x_ev) == 0:
-                raise ValueError(f"{uri}: needs labelled 'train' and '{split}' splits for probes "
-                                 f"(has {len(x_tr)} and {len(x_ev)})")
             rho = tree_feature_spearman(x_ev, list(y_ev), h)
             for probe in probes:
                 pred = fit_predict(probe, x_tr, y_tr, x_ev, metric)

@@ -20,16 +20,9 @@ from timm.models import build_model_with_cfg, register_model
 from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
+from hierdino.models.archs import TINY_ARCHS
 from hierdino.models.weights import Checkpoint, WeightsError, head_state, parse, read_object, to_timm
 
-TINY_ARCHS = {
-    # name: timm VisionTransformer arguments - small enough for 2-CPU laptops and CI. The _reg4 and
-    # _swiglu variants have the layouts of DINOv2's register models and of its ViT-g FFN.
-    "vit_tiny_cpu": dict(patch_size=8, embed_dim=96, depth=4, num_heads=3),
-    "vit_micro_cpu": dict(patch_size=8, embed_dim=48, depth=2, num_heads=2),
-    "vit_micro_cpu_reg4": dict(patch_size=8, embed_dim=48, depth=2, num_heads=2, reg_tokens=4, no_embed_class=True),
-    "vit_micro_cpu_swiglu": dict(patch_size=8, embed_dim=48, depth=2, num_heads=2, swiglu=True, mlp_ratio=2.66667 * 2),
-}
 
 
 def _register_tiny_archs() -> None:

@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from hierdino import storage
+from hierdino.models.archs import TINY_ARCHS
 from hierdino.storage import StorageOptions
 
 COMMIT = "COMMITTED.json"
@@ -199,8 +200,8 @@ class CheckpointManager:
         rng = state.pop("rng")
         if own:
             _set_rng_state(rng)
-        else:  # not rank 0's generators: this rank would draw rank 0's stochastic depth
-            torch.manual_seed(int(state["step"]) * 7919 + self.rank + 2 ** 41)
+        else:  # not rank 0's generators (this rank would draw rank 0's stochastic depth): its own seed, moved on
+            torch.manual_seed(torch.initial_seed() + int(state["step"]))
         self.state = {"step": int(state["step"]), "images_seen": int(state.get("images_seen", 0))}
         state["checkpoint"] = found.uri
         return state
@@ -261,8 +262,6 @@ def export_teacher(model, run_uri: str, rank: int, hierarchy_name: str, image_si
     tensors = {k.removeprefix("vit."): v.float().contiguous() for k, v in sd.items() if k.startswith("vit.")}
     uri = storage.join(run_uri, "export", "teacher_backbone.safetensors")
     storage.write_bytes(uri, safetensors.torch.save(tensors), options)
-    from hierdino.models.backbone import TINY_ARCHS  # timm: heavy, and only the export at the end needs it
-
     info = {
         "arch": backbone.arch, "img_size": image_size, "patch_size": backbone.patch_size,
         "embed_dim": backbone.embed_dim, "depth": len(backbone.blocks), "hierarchy": hierarchy_name,

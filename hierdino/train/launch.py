@@ -101,7 +101,7 @@ def build_trainer(cfg: Config, log=print, callbacks: list | None = None, preset:
     per_worker = cfg.train.batch_size // workers
     datasets = build_train_datasets(data, CropSpec.from_config(cfg), per_worker, workers, start_step, cfg.train.steps,
                                     opts, num_cpus=plan.ingest_cpus, map_batch_size=min(64, per_worker))
-    storage.write_bytes(storage.join(uri, "config.yaml"), cfg.to_yaml().encode())
+    storage.write_bytes(storage.join(uri, "config.yaml"), cfg.to_yaml().encode(), opts)
     start_block(cfg, uri, start_step, data, plan, model, preset, log)
     fs, path = storage.resolve(cfg.run.storage, opts)
     run_config = ray.train.RunConfig(

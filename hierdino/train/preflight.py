@@ -84,25 +84,29 @@ def preflight(cfg, log=print, resources=None, sleep=time.sleep, clock=time.monot
         request = request or (lambda bundles: request_resources(bundles=bundles))
     deadline = clock() + cfg.scaling.wait_for_resources_s
     last_said, requested = None, False
-    while True:
-        try:
-            plan = plan_resources(cfg, resources())
-        except ResourcesError as e:
-            now = clock()
-            if now >= deadline:
-                waited = cfg.scaling.wait_for_resources_s
-                raise ResourcesError(str(e) + (f" (waited {waited:g} s)" if waited else "")) from None
-            if request is not None and not requested:
-                request(demand(cfg))  # held until the cluster has the nodes; the trainer then places its own
-                requested = True
-            if last_said is None or now - last_said >= 30:
-                log(f"[hierdino] waiting up to {deadline - now:.0f} s more for resources: {e}")
-                last_said = now
-            sleep(min(5.0, max(deadline - now, 0.0)))
-            continue
-        if plan.note:
-            log(f"[hierdino] {plan.note}")
-        return plan
+    try:
+        while True:
+            try:
+                plan = plan_resources(cfg, resources())
+            except ResourcesError as e:
+                now = clock()
+                if now >= deadline:
+                    waited = cfg.scaling.wait_for_resources_s
+                    raise ResourcesError(str(e) + (f" (waited {waited:g} s)" if waited else "")) from None
+                if request is not None and not requested:
+                    request(demand(cfg))
+                    requested = True
+                if last_said is None or now - last_said >= 30:
+                    log(f"[hierdino] waiting up to {deadline - now:.0f} s more for resources: {e}")
+                    last_said = now
+                sleep(min(5.0, max(deadline - now, 0.0)))
+                continue
+            if plan.note:
+                log(f"[hierdino] {plan.note}")
+            return plan
+    finally:
+        if requested:  # withdrawn once the nodes are there (the trainer then holds them) or the wait ends:
+            request([])  # a standing request would keep the nodes up after the run
 
 
 def trials_at_once(cfg, available: dict) -> int:

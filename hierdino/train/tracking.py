@@ -73,13 +73,20 @@ class RunLog:
             return
 
         def kept(lines: list[str]) -> list[str]:
-            return [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
+            out = []
+            for ln in lines:
+                try:
+                    if json.loads(ln).get("step", 0) <= step:
+                        out.append(ln)
+                except ValueError:  # blank, or torn by a writer killed mid-line
+                    pass
+            return out
         if self.jsonl and self.remote:
             self.lines = kept(self.lines)
         elif self.jsonl and os.path.exists(self.uri):
             with open(self.uri) as f:
                 lines = f.read().splitlines()
-            if len(kept(lines)) != len([ln for ln in lines if ln.strip()]):
+            if len(kept(lines)) != len(lines):
                 tmp = self.uri + ".tmp"
                 with open(tmp, "w") as f:
                     f.write("".join(ln + "\n" for ln in kept(lines)))
