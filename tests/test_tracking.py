@@ -69,3 +69,31 @@ def test_s3_run_buffers_until_flush_and_uploads_event_files(s3_server, tmp_path,
         (tmp_path / f.rsplit("/", 1)[-1]).write_bytes(storage.read_bytes(f if f.startswith("s3://") else "s3://" + f))
     assert sorted(_scalars(tmp_path)["eval/ext_val_bacc"]) == [(1, pytest.approx(0.51)), (2, pytest.approx(0.52)),
                                                                 (3, pytest.approx(0.53))]
+
+
+def test_a_resumed_run_logs_each_step_once_in_jsonl_and_tensorboard(tmp_path):
+    """An attempt logged steps 1-3 and was killed (its last line torn) after the checkpoint at step 2:
+    the resumed run logs 3 again, and both records show step 3 once, with the resumed value."""
+    first = RunLog(str(tmp_path))
+    for r in _records():
+        first.write(r)
+    first.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')  # a writer killed mid-line
+    again = RunLog(str(tmp_path))
+    again.resume_at(2)
+    again.write({**_records()[2], "dino": 9.0})
+    again.close()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(x["step"], x["dino"]) for x in lines] == [(1, 3.5), (2, 3.0), (3, 9.0)]
+    assert _scalars(tmp_path / "tb")["loss/dino"] == [(1, 3.5), (2, 3.0), (3, 9.0)]  # the first attempt's 3 purged
+
+
+def test_a_worker_that_cannot_see_the_run_directory_stops_naming_it(tmp_path):
+    from hierdino.train.loop import check_shared_run_dir
+
+    with pytest.raises(RuntimeError, match=r"run directory .*/r is not visible from node .* run.storage must be shared"):
+        check_shared_run_dir(str(tmp_path / "r"), None)  # what a worker on another node, with its own disk, sees
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "config.yaml").write_text("{}")  # what the driver writes before the workers start
+    check_shared_run_dir(str(tmp_path / "r"), None)
