@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import functools
+import sys
 from pathlib import Path
 
 import yaml
@@ -242,7 +243,7 @@ def load_hierarchy(name_or_path: str) -> Hierarchy:
     return hierarchy_from_dict(data, source)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hierdino.hierarchy")
     sub = parser.add_subparsers(dest="cmd", required=True)
     show = sub.add_parser("show", help="print a tree with depths and leaf counts")
@@ -250,10 +251,15 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("list", help="list packaged hierarchies")
     args = parser.parse_args(argv)
     if args.cmd == "show":
-        print(load_hierarchy(args.hierarchy).format_tree())
+        try:
+            print(load_hierarchy(args.hierarchy).format_tree())
+        except (HierarchyError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     else:
         print("\n".join(packaged_hierarchies()))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

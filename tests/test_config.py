@@ -46,7 +46,7 @@ def test_overrides_convert_types():
     ("data.mask_ratio=[0.6,0.2]", "data.mask_ratio"),
     ("train.batch_size=33", "not divisible"),
     ("hierarchy.name=wbc-h7", "hierarchy.name"),
-    ("eval.image_size=60", "eval.image_size=60 is not a multiple of model.arch='vit_tiny_cpu''s patch size 8 (e.g. 56 or 64"),
+    ("eval.image_size=60", "not a multiple of model.arch='vit_tiny_cpu''s patch size 8: eval.image_size=60 (e.g. 56 or 64"),
     ("scaling.gpus_per_worker=0.5", "scaling.gpus_per_worker=0.5 with scaling.num_workers=2: the workers of one run would share a GPU"),
 ])
 def test_errors_name_key_and_value(override, message):

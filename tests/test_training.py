@@ -76,3 +76,19 @@ def test_embedded_default_stopped_by_sigterm_then_resumed_to_the_end(ray_cluster
     assert [e.value for e in events.Scalars("collapse/dino_entropy")] == pytest.approx([m["dino_entropy"] for m in logged])
     assert "schedule/lr" in events.Tags()["scalars"]
     assert any(t.startswith("eval/final_synth-ext-1_") for t in events.Tags()["scalars"])  # the evaluation at the end
+
+
+def test_pretrain_refuses_unusable_inputs_before_ray_starts(tmp_path):
+    """A missing init_weights file and an external set without a val split: said by --validate-only,
+    and by a real run before Ray starts (no 'Started a local Ray instance' in its output)."""
+    from hierdino.data.shards import Record, write_dataset
+
+    write_dataset([Record(b"x", f"i{k}", "s", None, lab, "train") for k, lab in enumerate(["monocyte", "neutrophil"])],
+                  str(tmp_path / "onesplit"), "onesplit", "s")
+    base = [sys.executable, str(REPO / "jobs/pretrain.py"), "--set", f"run.storage={tmp_path}/runs"]
+    for extra, message in ((["--set", f"model.init_weights={tmp_path}/none.pth"], f"storage error: model.init_weights: no file at {tmp_path}/none.pth"),
+                           (["--set", f"eval.datasets=[{tmp_path}/onesplit]"], "eval data error: external evaluation sets the probes cannot use")):
+        for mode in (["--validate-only"], ["--local-cpus", "1"]):
+            r = subprocess.run(base + extra + mode, capture_output=True, text=True, timeout=120)
+            assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
+            assert "Started a local Ray instance" not in r.stdout + r.stderr

@@ -3,7 +3,7 @@ accuracy with bootstrap intervals, hierarchical metrics, a Markdown table and pl
 
   python jobs/evaluate.py --model runs/tiny-cpu --out report/
   python jobs/evaluate.py --model runs/ssl --model runs/flat --model runs/hxe --baselines --split test --out report/
-  python jobs/evaluate.py --model vit_small_patch14_dinov2=/weights/dinobloom-s.pth --datasets s3://bucket/acevedo
+  python jobs/evaluate.py --model vit_small_patch14_dinov2=/weights/dinobloom-s.pth --datasets s3://bucket/acevedo --out report/
 
 Models: run directories, exported .safetensors, '<timm arch>=<weights>', 'random:<arch>[@size]', 'pixels'.
 Datasets: shard-format URIs or names of the synthetic suite (found under --suite).

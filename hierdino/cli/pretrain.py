@@ -16,6 +16,7 @@ import time
 
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
+from hierdino import storage
 from hierdino.config import ConfigError, load_config
 from hierdino.data.suite import ensure_synthetic_suite
 from hierdino.runtime import init_ray
@@ -53,20 +54,35 @@ def main(argv=None) -> int:
     if args.offline and not args.validate_only:
         print("usage error: --offline only goes with --validate-only", file=sys.stderr)
         return 2
-    try:  # a run directory this config would not continue: said before any cluster work
+    in_job_upload = "runtime_resources/working_dir_files" in os.getcwd()  # `ray job submit --working-dir`
+    if in_job_upload and not storage.is_s3(cfg.run.storage) and not os.path.isabs(os.path.expanduser(cfg.run.storage)):
+        print(f"config error: run.storage={cfg.run.storage} would put the run inside this job's uploaded working "
+              f"directory ({os.getcwd()}), which Ray deletes with its session: set run.storage to an s3:// URI or an "
+              "absolute path on storage every node shares", file=sys.stderr)
+        return 2
+    from hierdino.data.ingest import IngestError  # pyarrow: not for --help or a config error
+    from hierdino.data.shards import ShardError
+    from hierdino.eval import EvalDataError
+    from hierdino.storage import StorageError
+    from hierdino.train.inputs import check_inputs
+
+    try:  # a run directory this config would not continue, or inputs it cannot read: said before any cluster work
         where = ("run directory not checked (--offline)" if args.offline
-                 else check_resume(cfg, retry_s=10 if args.validate_only else cfg.run.storage_retry_s))
+                 else check_resume(cfg, retry_s=10 if args.validate_only else cfg.run.storage_retry_s,
+                                   unreachable_ok=args.validate_only))
+        if not args.offline:
+            check_inputs(cfg, unbuilt_suite_ok=True)  # the synthetic suite, when missing, is built below
     except ResumeError as e:
         print(f"resume error: {e}", file=sys.stderr)
+        return 2
+    except (StorageError, IngestError, ShardError, EvalDataError) as e:
+        kind = "storage" if isinstance(e, StorageError) else "eval data" if isinstance(e, EvalDataError) else "data"
+        print(f"{kind} error: {e}", file=sys.stderr)
         return 2
     if args.validate_only:
         print(f"config OK: {args.config} ({len(args.overrides)} override(s)); run {cfg.run.storage}/{cfg.run.name}: {where}")
         return 0
     from hierdino.models.weights import WeightsError  # imports torch: only a run that trains needs it
-    from hierdino.data.ingest import IngestError
-    from hierdino.data.shards import ShardError
-    from hierdino.eval import EvalDataError
-    from hierdino.storage import StorageError
     from hierdino.train import launch  # heavy (Ray, torch.distributed): only a run that trains needs it
 
     t0 = time.time()

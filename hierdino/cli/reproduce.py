@@ -26,6 +26,7 @@ from importlib import resources
 from pathlib import Path
 
 from hierdino import storage
+from hierdino.cli import user_errors
 from hierdino.config import load_config, override_text, preset_overrides
 from hierdino.data.suite import EXTERNAL_SETS, ensure_synthetic_suite
 from hierdino.eval.compare import VARIANTS, labelled_counts, markdown, plots, summarise
@@ -240,6 +241,7 @@ def _reproduce(args, probes: tuple[str, ...]) -> int:
     return write_results(args, summary, probes)
 
 
+@user_errors(FileNotFoundError)  # --render of an --out that holds no results
 def main(argv=None) -> int:
     """Run the comparison (or, with ``--render``, only rewrite its table); returns the exit status."""
     parser = _parser()

@@ -18,9 +18,11 @@ import sys
 from hierdino.config import ConfigError, load_config
 from hierdino.data.suite import ensure_synthetic_suite, resolve_dataset
 from hierdino.eval import EvalDataError, check_probe_sets
+from hierdino.data.ingest import IngestError
 from hierdino.data.shards import ShardError
 from hierdino.storage import StorageError, StorageOptions
 from hierdino.runtime import init_ray
+from hierdino.train.inputs import check_inputs
 from hierdino.train.preflight import ResourcesError, plan_resources, trials_at_once
 from hierdino.tune.space import SpaceError, check_space, load_space
 from hierdino.tune.sweep import default_out, run_sweep, searcher, sweep_overrides
@@ -65,6 +67,7 @@ def load_checked(args):
     check_space(args.config, args.overrides, space)
     sweep_overrides(args.config, args.overrides, args.scheduler, args.seeds_per_trial)  # its checks, before Ray
     searcher(args.search, space)
+    check_inputs(cfg, unbuilt_suite_ok=True, eval_split="val", evaluates=True)  # every trial evaluates on val
     return cfg, space
 
 
@@ -88,7 +91,7 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
         cfg, space = load_checked(args)
-    except (ConfigError, SpaceError) as e:
+    except (ConfigError, SpaceError, EvalDataError, StorageError, ShardError, IngestError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.validate_only:

@@ -42,11 +42,11 @@ def validate(cfg: Config) -> None:
     if cfg.data.local_crops_size > cfg.data.image_size:
         raise ConfigError(f"data.local_crops_size={cfg.data.local_crops_size} exceeds data.image_size={cfg.data.image_size}")
     patch = patch_size(cfg.model.arch)
-    for key in ("data.image_size", "data.local_crops_size", "eval.image_size"):
-        size = cfg.get(key)
-        if patch and size is not None and size % patch:
-            raise ConfigError(f"{key}={size} is not a multiple of model.arch={cfg.model.arch!r}'s patch size {patch} "
-                              f"(e.g. {max(patch, size // patch * patch)} or {(size // patch + 1) * patch})")
+    used = ("data.image_size", "eval.image_size") + (("data.local_crops_size",) if cfg.data.local_crops_number else ())
+    bad = [f"{key}={cfg.get(key)} (e.g. {max(patch, cfg.get(key) // patch * patch)} or {(cfg.get(key) // patch + 1) * patch})"
+           for key in used if patch and cfg.get(key) is not None and cfg.get(key) % patch]
+    if bad:
+        raise ConfigError(f"not a multiple of model.arch={cfg.model.arch!r}'s patch size {patch}: {'; '.join(bad)}")
     if cfg.train.stop_at_step is not None and cfg.train.stop_at_step > cfg.train.steps:
         raise ConfigError(f"train.stop_at_step={cfg.train.stop_at_step} exceeds train.steps={cfg.train.steps}")
     if not cfg.run.name or "/" in cfg.run.name:

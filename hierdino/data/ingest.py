@@ -36,7 +36,6 @@ from hierdino import storage
 from hierdino.data import shards
 from hierdino.data.crops import open_image, plan_views, render_views, row_rng
 from hierdino.data.mix import MixSchedule, mix_proportions
-from hierdino.data.suite import TRAIN_SETS
 from hierdino.storage import StorageOptions
 from hierdino.hierarchy import Hierarchy
 
@@ -121,10 +120,6 @@ def _plan_row(out: dict, j: int, data: bytes, rng, plan: dict) -> None:
     out["boxes"][j, :len(views)] = [v.box for v in views]
     out["flags"][j, :len(views)] = [(v.hflip, v.vflip, v.rot90) for v in views]
     out["jpeg"][j] = data
-
-
-def default_train_uris(cfg) -> list[str]:
-    return [storage.join(cfg.data.synth_cache, n) for n in TRAIN_SETS]
 
 
 def check_labels(manifests: dict[str, shards.Manifest], hierarchy: Hierarchy) -> None:

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import collections
 import csv
+import functools
 import io
 import json
 import os
+import re
 import secrets
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
@@ -143,7 +145,8 @@ def write_dataset(records: Iterable[Record], uri: str, name: str, source: str, l
         if writer is None:
             shards.append(f"shard-{write_id}-{len(shards):05d}.parquet")
             row_groups.append(0)
-            stream = fs.open_output_stream(f"{root}/{shards[-1]}")
+            stream = storage.with_retries(lambda: fs.open_output_stream(f"{root}/{shards[-1]}"),
+                                          storage.join(uri, shards[-1]), "write")
             writer = pq.ParquetWriter(stream, SCHEMA, compression="none")
             writer._hierdino_stream = stream  # closed with the writer
             writer_bytes = 0
@@ -175,11 +178,12 @@ def write_dataset(records: Iterable[Record], uri: str, name: str, source: str, l
         if n == 0:
             raise ShardError(f"no images to write for dataset {name!r}")
     except BaseException:
-        try:
-            close_writer()
-        finally:
-            for s in shards:  # this write's own files: the earlier dataset, if any, stays as it was
-                storage.delete_file(storage.join(uri, s), options)
+        for cleanup in [close_writer] + [functools.partial(storage.delete_file, storage.join(uri, s), options)
+                                         for s in shards]:  # this write's own files: an earlier dataset stays
+            try:
+                cleanup()
+            except Exception:  # best effort: the error that stopped the write is the one to report
+                pass
         raise
     manifest = Manifest(name=name, source=source, num_images=n,
                         counts={s: dict(sorted(c.items())) for s, c in counts.items()},
@@ -236,12 +240,12 @@ def _load_images(items: list[tuple[Path, str | None, str | None, str]], source: 
         try:
             data = _check_image(path)
         except Exception as e:  # PIL raises many types for broken files
-            bad.append(f"{path} ({type(e).__name__}: {e})")
+            bad.append(f"{path} ({type(e).__name__}: {re.sub(r'<_io.BytesIO object at 0x[0-9a-f]+>', 'the file', str(e))})")
             continue
         yield Record(data, str(path), source, raw, label, split)
     if bad and not skip_bad:
-        raise ShardError(f"{len(bad)} unreadable image(s), so {uri or 'the dataset'} has no manifest and will not "
-                         "be read; fix them or pass --skip-bad to skip them:\n  " + "\n  ".join(bad))
+        raise ShardError(f"{len(bad)} unreadable image(s), so nothing was written to {uri or 'the dataset'} (a dataset "
+                         "already there is unchanged); fix them or pass --skip-bad to skip them:\n  " + "\n  ".join(bad))
     if bad:
         print(f"skipped {len(bad)} unreadable image(s):\n  " + "\n  ".join(bad))
 

@@ -11,13 +11,12 @@ import torch
 import hierdino
 from hierdino import storage
 from hierdino.config import Config, config_diff, load_config
-from hierdino.data.ingest import CropSpec, build_train_datasets, default_train_uris, describe_train_data
-from hierdino.data.suite import resolve_dataset
-from hierdino.eval import check_probe_sets
+from hierdino.data.ingest import CropSpec, build_train_datasets
 from hierdino.hierarchy import load_hierarchy
 from hierdino.runtime import quiet_ray_data
 from hierdino.storage import StorageOptions
 from hierdino.train.checkpoint import latest_complete, run_uri
+from hierdino.train.inputs import check_inputs
 from hierdino.train.preflight import preflight
 from hierdino.train.resume import plan_start
 from hierdino.train.stop import GracefulStop
@@ -86,10 +85,7 @@ def build_trainer(cfg: Config, log=print, callbacks: list | None = None, preset:
     quiet_ray_data()  # a Tune trial builds its datasets in its own process
     hierarchy = load_hierarchy(cfg.hierarchy.name)
     opts = StorageOptions.from_config(cfg)
-    uris = cfg.data.train or default_train_uris(cfg)
-    data = describe_train_data(uris, hierarchy, cfg.data.weights, opts)
-    if cfg.eval.at_end or cfg.eval.every_steps > 0:  # external sets the probes cannot use fail now, not at the end
-        check_probe_sets([resolve_dataset(d, cfg.data.synth_cache) for d in cfg.eval.datasets], cfg.eval.split, opts)
+    data = check_inputs(cfg, opts)  # datasets, external sets, weights: what cannot be used fails now
     storage.set_retry_window(cfg.run.storage_retry_s)
     start = plan_start(cfg, run_uri, opts, log)  # may refuse a changed config (ResumeError) or rename the run
     uri, start_step = start.uri, start.found.step

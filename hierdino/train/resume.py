@@ -82,16 +82,19 @@ def plan_start(cfg: Config, run_uri, options: StorageOptions | None = None, log=
     return Start(uri, cfg.run.name, found)
 
 
-def check_resume(cfg: Config, retry_s: float | None = None) -> str:
+def check_resume(cfg: Config, retry_s: float | None = None, unreachable_ok: bool = False) -> str:
     """``plan_start`` on a copy of ``cfg`` (nothing renamed), from the driver before any cluster work:
     raises ``ResumeError``; returns what the run would do. A store that cannot be reached within
-    ``retry_s`` is reported, not raised: the run itself retries for ``run.storage_retry_s``."""
+    ``retry_s`` raises its ``StorageError`` (a run could keep no checkpoint), or with
+    ``unreachable_ok`` (``--validate-only``, away from the cluster) is reported."""
 
     if retry_s is not None:
         storage.set_retry_window(retry_s)
     try:
         start = plan_start(config_from_dict(cfg.to_dict()), run_uri, StorageOptions.from_config(cfg), log=lambda *_: None)
     except storage.StorageError as e:
+        if not unreachable_ok:
+            raise
         return f"run directory not checked ({e})"
     finally:
         storage.set_retry_window(cfg.run.storage_retry_s)
