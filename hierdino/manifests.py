@@ -163,7 +163,7 @@ def _run_job_validation(job: str, args: list[str], where: str) -> list[str]:
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         try:
             # --offline: the run's storage is the cluster's to reach, not the checking machine's
-            rc = module.main(args + ["--validate-only"] + (["--offline"] if name == "pretrain" else []))
+            rc = module.main(args + ["--validate-only", "--offline"])
         except SystemExit as e:  # argparse errors
             rc = e.code
     return [] if rc == 0 else [f"{where}: `{job} {' '.join(args)} --validate-only` failed: {err.getvalue().strip()}"]

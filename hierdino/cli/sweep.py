@@ -48,6 +48,8 @@ def parser() -> argparse.ArgumentParser:
                    help="train each configuration with N seeds (train.seed, +1, ...) and score the mean (needs --scheduler none)")
     p.add_argument("--out", default=None, help="default: <run.storage>/sweeps/<space name> (S3 storage keeps them on clusters)")
     p.add_argument("--validate-only", action="store_true", help="check the config and the space; nothing is started")
+    p.add_argument("--offline", action="store_true",
+                   help="with --validate-only: do not read the datasets (a manifest checked away from its cluster)")
     return p
 
 
@@ -67,7 +69,8 @@ def load_checked(args):
     check_space(args.config, args.overrides, space)
     sweep_overrides(args.config, args.overrides, args.scheduler, args.seeds_per_trial)  # its checks, before Ray
     searcher(args.search, space)
-    check_inputs(cfg, unbuilt_suite_ok=True, eval_split="val", evaluates=True)  # every trial evaluates on val
+    if not args.offline:  # the datasets are the cluster's to reach, not a checking machine's
+        check_inputs(cfg, unbuilt_suite_ok=True, eval_split="val", evaluates=True)  # every trial evaluates on val
     return cfg, space
 
 
@@ -93,6 +96,9 @@ def main(argv=None) -> int:
         cfg, space = load_checked(args)
     except (ConfigError, SpaceError, EvalDataError, StorageError, ShardError, IngestError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.offline and not args.validate_only:
+        print("usage error: --offline only goes with --validate-only", file=sys.stderr)
         return 2
     if args.validate_only:
         print(f"config and space OK: {args.config}, {args.space}")
