@@ -60,3 +60,14 @@ def init_ray(num_cpus: int | None = None, dashboard: bool = True, verbose: bool 
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, configure_logging=False,
                  runtime_env={"env_vars": env} if env else None)
     quiet_ray_data(verbose)
+
+
+def upload_dir_problem(uri: str, key: str) -> str | None:
+    """Under ``ray job submit --working-dir``, the job runs inside Ray's upload of it, deleted with the
+    session: a relative local ``uri`` would put results there. The message for ``key``, or None."""
+    cwd = os.getcwd()
+    local = uri.removeprefix("file://")
+    if "runtime_resources/working_dir_files" not in cwd or "://" in local or os.path.isabs(os.path.expanduser(local)):
+        return None
+    return (f"{key}={uri} would put its files inside this job's uploaded working directory ({cwd}), which Ray "
+            "deletes with its session: give an s3:// URI or an absolute path on storage every node shares")

@@ -92,3 +92,25 @@ def test_pretrain_refuses_unusable_inputs_before_ray_starts(tmp_path):
             r = subprocess.run(base + extra + mode, capture_output=True, text=True, timeout=120)
             assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
             assert "Started a local Ray instance" not in r.stdout + r.stderr
+
+
+def test_a_job_upload_directory_refuses_relative_output_paths_and_a_resume_needs_no_init_weights(tmp_path, monkeypatch):
+    from hierdino.config import load_config
+    from hierdino.runtime import upload_dir_problem
+    from hierdino.storage import StorageError
+    from hierdino.train.inputs import check_inputs
+
+    upload = tmp_path / "session_1" / "runtime_resources" / "working_dir_files" / "_ray_pkg_abc"  # Ray 2.60's layout
+    upload.mkdir(parents=True)
+    monkeypatch.chdir(upload)
+    for uri in ("./runs", "runs", "file://runs"):
+        assert "which Ray deletes with its session" in upload_dir_problem(uri, "run.storage")
+    for uri in ("/abs/runs", "file:///abs/runs", "s3://bucket/runs", "~/runs"):
+        assert upload_dir_problem(uri, "run.storage") is None
+    monkeypatch.chdir(tmp_path)  # not a job's upload: a relative path is the user's own
+    assert upload_dir_problem("runs", "run.storage") is None
+    # a run that resumes reads its weights from its checkpoint, not from model.init_weights
+    cfg = load_config("tiny-cpu", [f"model.init_weights={tmp_path}/moved.pth", f"data.synth_cache={tmp_path}/cache"])
+    with pytest.raises(StorageError, match="model.init_weights: no file at"):
+        check_inputs(cfg, unbuilt_suite_ok=True)
+    assert check_inputs(cfg, unbuilt_suite_ok=True, resuming=True) is None  # the suite is not built yet: nothing read

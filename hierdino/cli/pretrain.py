@@ -19,7 +19,7 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 from hierdino import storage
 from hierdino.config import ConfigError, load_config
 from hierdino.data.suite import ensure_synthetic_suite
-from hierdino.runtime import init_ray
+from hierdino.runtime import init_ray, upload_dir_problem
 from hierdino.train.preflight import ResourcesError
 
 
@@ -30,7 +30,8 @@ def parse_args(argv=None):
                    help="override a config key, e.g. --set train.steps=100 (repeatable)")
     p.add_argument("--validate-only", action="store_true", help="check the config and exit; nothing is started")
     p.add_argument("--offline", action="store_true",
-                   help="with --validate-only: do not look at run.storage (a manifest checked away from its cluster)")
+                   help="with --validate-only: do not look at run.storage, the datasets or the weights (a manifest "
+                        "checked away from its cluster)")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
     p.add_argument("--verbose", action="store_true", help="Ray Data plans, progress bars and Ray's warnings too")
     p.add_argument("--no-dashboard", dest="dashboard", action="store_false",
@@ -54,11 +55,9 @@ def main(argv=None) -> int:
     if args.offline and not args.validate_only:
         print("usage error: --offline only goes with --validate-only", file=sys.stderr)
         return 2
-    in_job_upload = "runtime_resources/working_dir_files" in os.getcwd()  # `ray job submit --working-dir`
-    if in_job_upload and not storage.is_s3(cfg.run.storage) and not os.path.isabs(os.path.expanduser(cfg.run.storage)):
-        print(f"config error: run.storage={cfg.run.storage} would put the run inside this job's uploaded working "
-              f"directory ({os.getcwd()}), which Ray deletes with its session: set run.storage to an s3:// URI or an "
-              "absolute path on storage every node shares", file=sys.stderr)
+    problem = upload_dir_problem(cfg.run.storage, "run.storage")  # `ray job submit --working-dir .`
+    if problem:
+        print(f"config error: {problem}", file=sys.stderr)
         return 2
     from hierdino.data.ingest import IngestError  # pyarrow: not for --help or a config error
     from hierdino.data.shards import ShardError
@@ -67,11 +66,14 @@ def main(argv=None) -> int:
     from hierdino.train.inputs import check_inputs
 
     try:  # a run directory this config would not continue, or inputs it cannot read: said before any cluster work
-        where = ("run directory not checked (--offline)" if args.offline
-                 else check_resume(cfg, retry_s=10 if args.validate_only else cfg.run.storage_retry_s,
-                                   unreachable_ok=args.validate_only))
+        where, resumes = (("run directory not checked (--offline)", 0) if args.offline
+                          else check_resume(cfg, retry_s=10 if args.validate_only else cfg.run.storage_retry_s,
+                                            unreachable_ok=args.validate_only))
         if not args.offline:
-            check_inputs(cfg, unbuilt_suite_ok=True)  # the synthetic suite, when missing, is built below
+            # the synthetic suite, when missing, is built below; --validate-only waits 10 s for a store, not a run's window
+            storage.set_retry_window(10 if args.validate_only else cfg.run.storage_retry_s)
+            check_inputs(cfg, unbuilt_suite_ok=True, resuming=resumes > 0)
+            storage.set_retry_window(cfg.run.storage_retry_s)
     except ResumeError as e:
         print(f"resume error: {e}", file=sys.stderr)
         return 2

@@ -27,6 +27,11 @@ from pathlib import Path
 
 from hierdino import storage
 from hierdino.cli import user_errors
+from hierdino.data.ingest import IngestError
+from hierdino.data.shards import ShardError
+from hierdino.eval import EvalDataError
+from hierdino.runtime import upload_dir_problem
+from hierdino.storage import StorageError
 from hierdino.config import load_config, override_text, preset_overrides
 from hierdino.data.suite import EXTERNAL_SETS, ensure_synthetic_suite
 from hierdino.eval.compare import VARIANTS, labelled_counts, markdown, plots, summarise
@@ -241,7 +246,7 @@ def _reproduce(args, probes: tuple[str, ...]) -> int:
     return write_results(args, summary, probes)
 
 
-@user_errors(FileNotFoundError)  # --render of an --out that holds no results
+@user_errors(FileNotFoundError, StorageError, IngestError, ShardError, EvalDataError)  # bad paths and inputs
 def main(argv=None) -> int:
     """Run the comparison (or, with ``--render``, only rewrite its table); returns the exit status."""
     parser = _parser()
@@ -253,7 +258,11 @@ def main(argv=None) -> int:
         parser.error(f"--variants {' '.join(unknown)}: not in design {args.design} ({', '.join(designs[args.design])})")
     if args.eval_reserve_s is None:
         args.eval_reserve_s = 120 if args.design == "v1" else 1500
-    args.out = str(Path(args.out or {"v1": "runs/repro", "v2": "runs/repro-v2"}[args.design]).absolute())
+    args.out = args.out or {"v1": "runs/repro", "v2": "runs/repro-v2"}[args.design]
+    problem = upload_dir_problem(args.out, "--out")  # under `ray job submit --working-dir .`
+    if problem:
+        parser.error(problem)
+    args.out = str(Path(args.out).absolute())
     args.t0 = time.time()
     from hierdino.eval.probes import PROBES  # scikit-learn: heavy, and --help does not need it
 

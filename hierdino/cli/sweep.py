@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from hierdino import storage
 from hierdino.config import ConfigError, load_config
-from hierdino.data.suite import ensure_synthetic_suite, resolve_dataset
-from hierdino.eval import EvalDataError, check_probe_sets
 from hierdino.data.ingest import IngestError
 from hierdino.data.shards import ShardError
+from hierdino.data.suite import ensure_synthetic_suite, resolve_dataset
+from hierdino.eval import EvalDataError, check_probe_sets
+from hierdino.runtime import init_ray, upload_dir_problem
 from hierdino.storage import StorageError, StorageOptions
-from hierdino.runtime import init_ray
 from hierdino.train.inputs import check_inputs
 from hierdino.train.preflight import ResourcesError, plan_resources, trials_at_once
 from hierdino.tune.space import SpaceError, check_space, load_space
@@ -69,8 +70,13 @@ def load_checked(args):
     check_space(args.config, args.overrides, space)
     sweep_overrides(args.config, args.overrides, args.scheduler, args.seeds_per_trial)  # its checks, before Ray
     searcher(args.search, space)
+    problem = upload_dir_problem(args.out, "--out") if args.out else upload_dir_problem(cfg.run.storage, "run.storage")
+    if problem:  # `ray job submit --working-dir .`: the results and trial runs would go with Ray's session
+        raise ConfigError(problem)
     if not args.offline:  # the datasets are the cluster's to reach, not a checking machine's
+        storage.set_retry_window(10 if args.validate_only else cfg.run.storage_retry_s)
         check_inputs(cfg, unbuilt_suite_ok=True, eval_split="val", evaluates=True)  # every trial evaluates on val
+        storage.set_retry_window(cfg.run.storage_retry_s)
     return cfg, space
 
 

@@ -2,8 +2,8 @@
 and shard footers, labels against the hierarchy), its external evaluation sets (usable by the
 probes), and the file its ``model.init_weights`` names.
 
-``jobs/pretrain.py`` runs these checks before Ray starts (``--validate-only`` too) and the trainer
-again once the synthetic suite is built; ``jobs/sweep.py --validate-only`` with the sweep's split.
+``jobs/pretrain.py`` and ``jobs/sweep.py`` run these checks before Ray starts (``--validate-only``
+too; a sweep with its split, ``val``), and the trainer again once the synthetic suite is built.
 """
 
 from __future__ import annotations
@@ -12,25 +12,27 @@ import os
 
 from hierdino import storage
 from hierdino.data.ingest import TrainData, describe_train_data
-from hierdino.data.suite import SUITE_NAMES, TRAIN_SETS, resolve_dataset
+from hierdino.data.suite import SUITE_NAMES, TRAIN_SETS, resolve_dataset, suite_ready
 from hierdino.eval import check_probe_sets
 from hierdino.hierarchy import load_hierarchy
 from hierdino.storage import StorageOptions
 
 
 def check_inputs(cfg, options: StorageOptions | None = None, unbuilt_suite_ok: bool = False,
-                 eval_split: str | None = None, evaluates: bool | None = None) -> TrainData | None:
+                 eval_split: str | None = None, evaluates: bool | None = None,
+                 resuming: bool = False) -> TrainData | None:
     """Raise ``IngestError`` / ``ShardError`` / ``EvalDataError`` / ``StorageError`` naming what is
     wrong; returns the training data's description (None when it is the synthetic suite, not built
-    yet and ``unbuilt_suite_ok``: it will be built). ``eval_split`` / ``evaluates`` override the
-    config's (a sweep always evaluates, on ``val``)."""
+    yet, or built by another version, and ``unbuilt_suite_ok``: it will be built). ``eval_split`` /
+    ``evaluates`` override the config's (a sweep always evaluates, on ``val``). A ``resuming`` run
+    reads no ``init_weights`` (its weights come from its checkpoint), so they are not checked."""
     options = options or StorageOptions.from_config(cfg)
     cache = cfg.data.synth_cache if storage.is_s3(cfg.data.synth_cache) else os.path.expanduser(cfg.data.synth_cache)
 
     def pending(uri: str) -> bool:  # a suite dataset the run builds before it trains
         name = uri.rstrip("/").rsplit("/", 1)[-1]
         return (unbuilt_suite_ok and name in SUITE_NAMES and uri == resolve_dataset(name, cache)
-                and not storage.exists(storage.join(uri, "manifest.json"), options))
+                and not suite_ready(cache, (name,), options))
 
     uris = cfg.data.train or [storage.join(cache, n) for n in TRAIN_SETS]
     data = None
@@ -40,6 +42,6 @@ def check_inputs(cfg, options: StorageOptions | None = None, unbuilt_suite_ok: b
         sets = [resolve_dataset(d, cache) for d in cfg.eval.datasets]
         check_probe_sets([u for u in sets if not pending(u)], eval_split or cfg.eval.split, options)
     w = cfg.model.init_weights
-    if w and not storage.exists(w, options):
+    if w and not resuming and not storage.exists(w, options):
         raise storage.StorageError(f"model.init_weights: no file at {w}")
     return data

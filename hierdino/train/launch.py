@@ -85,10 +85,10 @@ def build_trainer(cfg: Config, log=print, callbacks: list | None = None, preset:
     quiet_ray_data()  # a Tune trial builds its datasets in its own process
     hierarchy = load_hierarchy(cfg.hierarchy.name)
     opts = StorageOptions.from_config(cfg)
-    data = check_inputs(cfg, opts)  # datasets, external sets, weights: what cannot be used fails now
     storage.set_retry_window(cfg.run.storage_retry_s)
     start = plan_start(cfg, run_uri, opts, log)  # may refuse a changed config (ResumeError) or rename the run
     uri, start_step = start.uri, start.found.step
+    data = check_inputs(cfg, opts, resuming=bool(start_step))  # datasets, external sets, weights: fails now
     model = meta_model(cfg, hierarchy)
     if cfg.model.init_weights and not start_step:
         check_init_weights(cfg, model, log)

@@ -82,9 +82,9 @@ def plan_start(cfg: Config, run_uri, options: StorageOptions | None = None, log=
     return Start(uri, cfg.run.name, found)
 
 
-def check_resume(cfg: Config, retry_s: float | None = None, unreachable_ok: bool = False) -> str:
+def check_resume(cfg: Config, retry_s: float | None = None, unreachable_ok: bool = False) -> tuple[str, int]:
     """``plan_start`` on a copy of ``cfg`` (nothing renamed), from the driver before any cluster work:
-    raises ``ResumeError``; returns what the run would do. A store that cannot be reached within
+    raises ``ResumeError``; returns what the run would do and the step it resumes after (0: none). A store that cannot be reached within
     ``retry_s`` raises its ``StorageError`` (a run could keep no checkpoint), or with
     ``unreachable_ok`` (``--validate-only``, away from the cluster) is reported."""
 
@@ -95,9 +95,9 @@ def check_resume(cfg: Config, retry_s: float | None = None, unreachable_ok: bool
     except storage.StorageError as e:
         if not unreachable_ok:
             raise
-        return f"run directory not checked ({e})"
+        return f"run directory not checked ({e})", 0
     finally:
         storage.set_retry_window(cfg.run.storage_retry_s)
     if start.found.uri is not None:
-        return f"resumes after step {start.found.step}"
-    return f"new run in {start.uri}"
+        return f"resumes after step {start.found.step}", start.found.step
+    return f"new run in {start.uri}", 0
