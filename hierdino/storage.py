@@ -8,6 +8,7 @@ Supported: local paths, ``file://`` and ``s3://bucket/prefix``. S3 settings come
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import time
@@ -38,6 +39,18 @@ _TRANSIENT = ("NETWORK_CONNECTION", "Couldn't connect", "couldn't connect", "Con
 def set_retry_window(seconds: float) -> None:
     global RETRY_S
     RETRY_S = float(seconds)
+
+
+@contextlib.contextmanager
+def retry_window(seconds: float | None):
+    """``set_retry_window(seconds)`` for the block, the earlier window after it (None: unchanged)."""
+    before = RETRY_S
+    if seconds is not None:
+        set_retry_window(seconds)
+    try:
+        yield
+    finally:
+        set_retry_window(before)
 
 
 def is_transient(err: BaseException) -> bool:

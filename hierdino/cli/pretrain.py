@@ -16,7 +16,6 @@ import time
 
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
-from hierdino import storage
 from hierdino.config import ConfigError, load_config
 from hierdino.data.suite import ensure_synthetic_suite
 from hierdino.runtime import init_ray, upload_dir_problem
@@ -42,6 +41,20 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def _error_kind(e: Exception) -> str:
+    """How an input error a user can fix is named on stderr (``<kind> error: <message>``)."""
+    from hierdino.data.ingest import IngestError  # pyarrow and torch: only for errors past the config
+    from hierdino.data.shards import ShardError
+    from hierdino.eval import EvalDataError
+    from hierdino.models.weights import WeightsError
+    from hierdino.storage import StorageError
+    from hierdino.train.resume import ResumeError
+
+    kinds = {WeightsError: "weights", ResourcesError: "resources", ResumeError: "resume", EvalDataError: "eval data",
+             StorageError: "storage", IngestError: "data", ShardError: "data"}
+    return next(k for cls, k in kinds.items() if isinstance(e, cls))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -65,21 +78,14 @@ def main(argv=None) -> int:
     from hierdino.storage import StorageError
     from hierdino.train.inputs import check_inputs
 
+    retry_s = 10 if args.validate_only else cfg.run.storage_retry_s  # --validate-only: no run's window
     try:  # a run directory this config would not continue, or inputs it cannot read: said before any cluster work
         where, resumes = (("run directory not checked (--offline)", 0) if args.offline
-                          else check_resume(cfg, retry_s=10 if args.validate_only else cfg.run.storage_retry_s,
-                                            unreachable_ok=args.validate_only))
-        if not args.offline:
-            # the synthetic suite, when missing, is built below; --validate-only waits 10 s for a store, not a run's window
-            storage.set_retry_window(10 if args.validate_only else cfg.run.storage_retry_s)
-            check_inputs(cfg, unbuilt_suite_ok=True, resuming=resumes > 0)
-            storage.set_retry_window(cfg.run.storage_retry_s)
-    except ResumeError as e:
-        print(f"resume error: {e}", file=sys.stderr)
-        return 2
-    except (StorageError, IngestError, ShardError, EvalDataError) as e:
-        kind = "storage" if isinstance(e, StorageError) else "eval data" if isinstance(e, EvalDataError) else "data"
-        print(f"{kind} error: {e}", file=sys.stderr)
+                          else check_resume(cfg, retry_s=retry_s, unreachable_ok=args.validate_only))
+        if not args.offline:  # the synthetic suite, when missing, is built below
+            check_inputs(cfg, unbuilt_suite_ok=True, resuming=resumes > 0, retry_s=retry_s)
+    except (ResumeError, StorageError, IngestError, ShardError, EvalDataError) as e:
+        print(f"{_error_kind(e)} error: {e}", file=sys.stderr)
         return 2
     if args.validate_only:
         print(f"config OK: {args.config} ({len(args.overrides)} override(s)); run {cfg.run.storage}/{cfg.run.name}: {where}")
@@ -95,10 +101,7 @@ def main(argv=None) -> int:
         ensure_synthetic_suite(cfg)
         final = launch.train(cfg, preset=args.config)
     except (WeightsError, ResourcesError, ResumeError, EvalDataError, StorageError, IngestError, ShardError) as e:
-        kinds = {WeightsError: "weights", ResourcesError: "resources", ResumeError: "resume", EvalDataError: "eval data",
-                 StorageError: "storage", IngestError: "data", ShardError: "data"}
-        kind = next(k for cls, k in kinds.items() if isinstance(e, cls))
-        print(f"{kind} error: {e}", file=sys.stderr)
+        print(f"{_error_kind(e)} error: {e}", file=sys.stderr)
         return 2
     if final.get("stopped_by"):
         print(f"[hierdino] stopped by {final['stopped_by']} after step {final.get('step')}; checkpoint "

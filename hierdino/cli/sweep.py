@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hierdino import storage
 from hierdino.config import ConfigError, load_config
 from hierdino.data.ingest import IngestError
 from hierdino.data.shards import ShardError
-from hierdino.data.suite import ensure_synthetic_suite, resolve_dataset
-from hierdino.eval import EvalDataError, check_probe_sets
+from hierdino.data.suite import ensure_synthetic_suite
+from hierdino.eval import EvalDataError
 from hierdino.runtime import init_ray, upload_dir_problem
-from hierdino.storage import StorageError, StorageOptions
+from hierdino.storage import StorageError
 from hierdino.train.inputs import check_inputs
 from hierdino.train.preflight import ResourcesError, plan_resources, trials_at_once
 from hierdino.tune.space import SpaceError, check_space, load_space
@@ -74,9 +73,8 @@ def load_checked(args):
     if problem:  # `ray job submit --working-dir .`: the results and trial runs would go with Ray's session
         raise ConfigError(problem)
     if not args.offline:  # the datasets are the cluster's to reach, not a checking machine's
-        storage.set_retry_window(10 if args.validate_only else cfg.run.storage_retry_s)
-        check_inputs(cfg, unbuilt_suite_ok=True, eval_split="val", evaluates=True)  # every trial evaluates on val
-        storage.set_retry_window(cfg.run.storage_retry_s)
+        check_inputs(cfg, unbuilt_suite_ok=True, eval_split="val", evaluates=True,  # every trial evaluates on val
+                     retry_s=10 if args.validate_only else cfg.run.storage_retry_s)
     return cfg, space
 
 
@@ -112,12 +110,6 @@ def main(argv=None) -> int:
     out = args.out or default_out(cfg, space)
     ensure_synthetic_suite(cfg, evaluates=True)  # every trial evaluates (eval.every_steps, set by the sweep)
     args.overrides.append(f"data.synth_cache={cfg.data.synth_cache}")
-    try:  # every trial scores the external sets' val splits: sets without one fail here, not in each trial
-        check_probe_sets([resolve_dataset(d, cfg.data.synth_cache) for d in cfg.eval.datasets], "val",
-                         StorageOptions.from_config(cfg))
-    except (EvalDataError, StorageError, ShardError) as e:  # an unusable, mistyped or unreadable external set
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     init_ray()  # with the dashboard: without it a trial stopped by ASHA can keep its resources (ray #54305)
     try:
         concurrent = trials_to_run(cfg, args.max_concurrent)

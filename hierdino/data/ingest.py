@@ -71,11 +71,10 @@ def multicrop(batch: dict, crops: CropSpec, label_index: dict, epoch: int, split
     keep = [i for i, s in enumerate(batch["split"]) if s in splits]
     n = len(keep)
     S, s = crops.image_size, crops.local_size
-    unknown = sorted({str(batch["label"][i]) for i in keep if batch["label"][i] is not None
-                      and batch["label"][i] not in label_index})
+    unknown = [i for i in keep if batch["label"][i] is not None and batch["label"][i] not in label_index]
     if unknown:  # the manifest's counts were checked against the hierarchy: this shard disagrees with them
-        first = next(batch["image_id"][i] for i in keep if batch["label"][i] is not None and batch["label"][i] not in label_index)
-        raise IngestError(f"labels {unknown} in the shard rows (first: image {str(first)!r}) are not nodes of the run's "
+        labels, first = sorted({str(batch["label"][i]) for i in unknown}), str(batch["image_id"][unknown[0]])
+        raise IngestError(f"labels {labels} in the shard rows (first: image {first!r}) are not nodes of the run's "
                           "hierarchy and not in their dataset's manifest.json: the shards and the manifest disagree; "
                           "rewrite the dataset with jobs/make_shards.py")
     out = {"label": np.array([-1 if batch["label"][i] is None else label_index[batch["label"][i]] for i in keep], np.int64),
@@ -152,7 +151,9 @@ class TrainData:
                          for u, n, lab, p in zip(self.uris, self.sizes, self.labeled, self.proportions))
 
 
-INGEST_COLUMNS = {c: shards.SCHEMA.field(c).type for c in ("image", "image_id", "label", "split")}  # what it reads
+# What the ingest reads, and the types it takes for each (Arrow's 64-bit-offset variants too).
+INGEST_COLUMNS = {c: shards.SCHEMA.field(c).type for c in ("image", "image_id", "label", "split")}
+_LARGE = {pa.string(): pa.large_string(), pa.binary(): pa.large_binary()}
 
 
 def check_shards(uri: str, manifest: shards.Manifest, options: StorageOptions | None = None) -> None:
@@ -169,9 +170,7 @@ def check_shards(uri: str, manifest: shards.Manifest, options: StorageOptions | 
         schema = meta.schema.to_arrow_schema()
         bad = [f"{c} (missing)" if c not in schema.names else f"{c} ({schema.field(c).type}, expected {t})"
                for c, t in INGEST_COLUMNS.items()
-               if c not in schema.names or not (schema.field(c).type == t or
-                                                (t == pa.string() and schema.field(c).type == pa.large_string()) or
-                                                (t == pa.binary() and schema.field(c).type == pa.large_binary()))]
+               if c not in schema.names or schema.field(c).type not in (t, _LARGE[t])]
         if bad:
             raise IngestError(f"{uri}: shard {name} has bad column(s): {', '.join(bad)}; the shard format is "
                               "hierdino.data.shards.SCHEMA (write datasets with jobs/make_shards.py)")

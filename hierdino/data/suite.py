@@ -182,15 +182,25 @@ def resolve_dataset(name_or_uri: str, suite_dir: str) -> str:
     return storage.join(suite_dir, name_or_uri) if name_or_uri in SUITE_NAMES else name_or_uri
 
 
+def runs_evaluation(cfg) -> bool:
+    """Whether a run scores the external sets: at its end or while it trains."""
+    return cfg.eval.at_end or cfg.eval.every_steps > 0
+
+
+def suite_sets_needed(cfg, evaluates: bool | None = None) -> tuple[str, ...]:
+    """The suite datasets a run needs: all of them for the default training data (no ``data.train``),
+    else the external sets named by their suite names (``eval.datasets``, the default) when it
+    evaluates (``evaluates``; default ``runs_evaluation``)."""
+    if not cfg.data.train:
+        return SUITE_NAMES
+    evaluates = runs_evaluation(cfg) if evaluates is None else evaluates
+    return tuple(n for n in cfg.eval.datasets if n in SUITE_NAMES) if evaluates else ()
+
+
 def ensure_synthetic_suite(cfg, log=print, evaluates: bool | None = None) -> None:
-    """Build the small synthetic suite into ``data.synth_cache`` when the run needs it and it is
-    missing: for the default training data (no ``data.train``), or for external sets named by
-    their suite names (``eval.datasets``, the default) when the run evaluates (``evaluates``;
-    default: from ``eval.at_end`` / ``eval.every_steps``)."""
+    """Build the small synthetic suite's ``suite_sets_needed`` into ``data.synth_cache`` when missing."""
     cache = str(Path(cfg.data.synth_cache).expanduser())
-    if evaluates is None:
-        evaluates = cfg.eval.at_end or cfg.eval.every_steps > 0
-    needed = SUITE_NAMES if not cfg.data.train else tuple(n for n in cfg.eval.datasets if n in SUITE_NAMES and evaluates)
+    needed = suite_sets_needed(cfg, evaluates)
     if needed and not suite_ready(cache, needed):
         log(f"[hierdino] building the small synthetic suite ({cfg.data.image_size} px) into {cache}")
         build_suite(cache, "small", cfg.data.image_size, seed=0, names=needed, log=log)

@@ -12,7 +12,7 @@ import os
 
 from hierdino import storage
 from hierdino.data.ingest import TrainData, describe_train_data
-from hierdino.data.suite import SUITE_NAMES, TRAIN_SETS, resolve_dataset, suite_ready
+from hierdino.data.suite import TRAIN_SETS, resolve_dataset, runs_evaluation, suite_ready, suite_sets_needed
 from hierdino.eval import check_probe_sets
 from hierdino.hierarchy import load_hierarchy
 from hierdino.storage import StorageOptions
@@ -20,28 +20,31 @@ from hierdino.storage import StorageOptions
 
 def check_inputs(cfg, options: StorageOptions | None = None, unbuilt_suite_ok: bool = False,
                  eval_split: str | None = None, evaluates: bool | None = None,
-                 resuming: bool = False) -> TrainData | None:
+                 resuming: bool = False, retry_s: float | None = None) -> TrainData | None:
     """Raise ``IngestError`` / ``ShardError`` / ``EvalDataError`` / ``StorageError`` naming what is
     wrong; returns the training data's description (None when it is the synthetic suite, not built
     yet, or built by another version, and ``unbuilt_suite_ok``: it will be built). ``eval_split`` /
     ``evaluates`` override the config's (a sweep always evaluates, on ``val``). A ``resuming`` run
-    reads no ``init_weights`` (its weights come from its checkpoint), so they are not checked."""
+    reads no ``init_weights`` (its weights come from its checkpoint), so they are not checked.
+    ``retry_s``: how long an unreachable store is retried (default: the current window)."""
     options = options or StorageOptions.from_config(cfg)
     cache = cfg.data.synth_cache if storage.is_s3(cfg.data.synth_cache) else os.path.expanduser(cfg.data.synth_cache)
+    evaluates = runs_evaluation(cfg) if evaluates is None else evaluates
+    to_build = suite_sets_needed(cfg, evaluates) if unbuilt_suite_ok else ()
 
     def pending(uri: str) -> bool:  # a suite dataset the run builds before it trains
         name = uri.rstrip("/").rsplit("/", 1)[-1]
-        return (unbuilt_suite_ok and name in SUITE_NAMES and uri == resolve_dataset(name, cache)
-                and not suite_ready(cache, (name,), options))
+        return name in to_build and uri == resolve_dataset(name, cache) and not suite_ready(cache, (name,), options)
 
-    uris = cfg.data.train or [storage.join(cache, n) for n in TRAIN_SETS]
-    data = None
-    if not any(pending(u) for u in uris):
-        data = describe_train_data(uris, load_hierarchy(cfg.hierarchy.name), cfg.data.weights, options)
-    if evaluates if evaluates is not None else (cfg.eval.at_end or cfg.eval.every_steps > 0):
-        sets = [resolve_dataset(d, cache) for d in cfg.eval.datasets]
-        check_probe_sets([u for u in sets if not pending(u)], eval_split or cfg.eval.split, options)
-    w = cfg.model.init_weights
-    if w and not resuming and not storage.exists(w, options):
-        raise storage.StorageError(f"model.init_weights: no file at {w}")
+    with storage.retry_window(retry_s):
+        uris = cfg.data.train or [storage.join(cache, n) for n in TRAIN_SETS]
+        data = None
+        if not any(pending(u) for u in uris):
+            data = describe_train_data(uris, load_hierarchy(cfg.hierarchy.name), cfg.data.weights, options)
+        if evaluates:
+            sets = [resolve_dataset(d, cache) for d in cfg.eval.datasets]
+            check_probe_sets([u for u in sets if not pending(u)], eval_split or cfg.eval.split, options)
+        w = cfg.model.init_weights
+        if w and not resuming and not storage.exists(w, options):
+            raise storage.StorageError(f"model.init_weights: no file at {w}")
     return data

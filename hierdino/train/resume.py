@@ -84,20 +84,17 @@ def plan_start(cfg: Config, run_uri, options: StorageOptions | None = None, log=
 
 def check_resume(cfg: Config, retry_s: float | None = None, unreachable_ok: bool = False) -> tuple[str, int]:
     """``plan_start`` on a copy of ``cfg`` (nothing renamed), from the driver before any cluster work:
-    raises ``ResumeError``; returns what the run would do and the step it resumes after (0: none). A store that cannot be reached within
-    ``retry_s`` raises its ``StorageError`` (a run could keep no checkpoint), or with
-    ``unreachable_ok`` (``--validate-only``, away from the cluster) is reported."""
-
-    if retry_s is not None:
-        storage.set_retry_window(retry_s)
+    raises ``ResumeError``; returns what the run would do and the step it resumes after (0: none). A
+    store that cannot be reached within ``retry_s`` raises its ``StorageError`` (a run could keep no
+    checkpoint), or with ``unreachable_ok`` (``--validate-only``, away from the cluster) is reported."""
     try:
-        start = plan_start(config_from_dict(cfg.to_dict()), run_uri, StorageOptions.from_config(cfg), log=lambda *_: None)
+        with storage.retry_window(retry_s):
+            start = plan_start(config_from_dict(cfg.to_dict()), run_uri, StorageOptions.from_config(cfg),
+                               log=lambda *_: None)
     except storage.StorageError as e:
         if not unreachable_ok:
             raise
         return f"run directory not checked ({e})", 0
-    finally:
-        storage.set_retry_window(cfg.run.storage_retry_s)
     if start.found.uri is not None:
         return f"resumes after step {start.found.step}", start.found.step
     return f"new run in {start.uri}", 0

@@ -60,10 +60,13 @@ class RunLog:
         self.tb_local = tempfile.mkdtemp(prefix="hierdino-tb-") if self.remote else self.tb_uri
         if not self.remote:
             os.makedirs(self.tb_local, exist_ok=True)
+        self.writer = self._new_writer()
+
+    def _new_writer(self, purge_step: int | None = None) -> SummaryWriter:
         # One file per writer, named in time order: tensorboardX names files by the second (a resumed
         # run must not overwrite the last file) and TensorBoard reads a directory's files in name order.
-        self.writer = SummaryWriter(logdir=self.tb_local, flush_secs=30,
-                                    filename_suffix=f".{time.time_ns():020d}.{os.getpid()}")
+        return SummaryWriter(logdir=self.tb_local, flush_secs=30, purge_step=purge_step,
+                             filename_suffix=f".{time.time_ns():020d}.{os.getpid()}")
 
     def resume_at(self, step: int) -> None:
         """Forget what an interrupted attempt logged after ``step`` (the checkpoint this run continues
@@ -86,14 +89,14 @@ class RunLog:
         elif self.jsonl and os.path.exists(self.uri):
             with open(self.uri) as f:
                 lines = f.read().splitlines()
-            if len(kept(lines)) != len(lines):
+            keep = kept(lines)
+            if len(keep) != len(lines):
                 tmp = self.uri + ".tmp"
                 with open(tmp, "w") as f:
-                    f.write("".join(ln + "\n" for ln in kept(lines)))
+                    f.write("".join(ln + "\n" for ln in keep))
                 os.replace(tmp, self.uri)
         self.writer.close()
-        self.writer = SummaryWriter(logdir=self.tb_local, flush_secs=30, purge_step=step + 1,
-                                    filename_suffix=f".{time.time_ns():020d}.{os.getpid()}")
+        self.writer = self._new_writer(purge_step=step + 1)
 
     def write(self, record: dict, step: int | None = None) -> None:
         """One record: a ``metrics.jsonl`` line and a TensorBoard scalar per finite number in it."""
