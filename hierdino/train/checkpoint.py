@@ -178,9 +178,9 @@ class CheckpointManager:
                 log(f"[hierdino] skipped {line}")
         if found.uri is None:
             return None
-        with _readable_dir(found.uri, self.options) as d:
+        with _restore_source(found.uri, self.options) as reader:
             app = self._app_state()
-            saved = set(dcp.FileSystemReader(d).read_metadata().state_dict_metadata)
+            saved = set(reader.read_metadata().state_dict_metadata)
             missing = [k for k in app["model"] if f"model.{k}" not in saved]
             if missing:
                 raise RuntimeError(f"checkpoint {found.uri} does not match the model: {len(missing)} missing tensors, "
@@ -188,15 +188,13 @@ class CheckpointManager:
             # Parameters never stepped (the frozen prototype layers early on) have no optimiser state.
             for fqn in [f for f in app["optim"]["state"] if not any(k.startswith(f"optim.state.{f}.") for k in saved)]:
                 del app["optim"]["state"][fqn]
-            dcp.load(app, checkpoint_id=d)
+            dcp.load(app, storage_reader=reader)
             # strict=False only for that optimiser state: the model's keys were checked above.
             set_state_dict(self.model, self.optimizer, model_state_dict=app["model"], optim_state_dict=app["optim"],
                            options=StateDictOptions(strict=False))
-            path = os.path.join(d, f"train_state_rank{self.rank}.pt")
-            own = os.path.exists(path)
-            if not own:  # a larger world than the checkpoint's: rank 0's step and counters stand for all
-                path = os.path.join(d, "train_state_rank0.pt")
-            state = torch.load(path, weights_only=True)
+            own = storage.exists(storage.join(found.uri, f"train_state_rank{self.rank}.pt"), self.options)
+            # a larger world than the checkpoint's: rank 0's step and counters stand for all
+            state = torch.load(reader.fetch(f"train_state_rank{self.rank if own else 0}.pt"), weights_only=True)
         rng = state.pop("rng")
         if own:
             _set_rng_state(rng)
@@ -207,16 +205,53 @@ class CheckpointManager:
         return state
 
 
+class _Reader(dcp.FileSystemReader):
+    """DCP's file reader over a local directory holding the checkpoint at ``uri``: the checkpoint's own
+    directory on local or shared storage (read in place), else a temporary directory into which a
+    read first copies the byte ranges it needs from the store (sparse files). A rank thus fetches the
+    metadata and its own tensors' bytes (half the shards of a 2-rank checkpoint on each of 2 ranks,
+    all of them on one rank), not the whole checkpoint: that on every rank would be N times the
+    checkpoint in traffic and local disk."""
+
+    def __init__(self, local_dir: str, uri: str | None = None, options: StorageOptions | None = None):
+        super().__init__(local_dir)
+        self.local_dir, self.uri, self.options = local_dir, uri, options
+        self.fetched: dict[str, set[tuple[int, int]]] = {}  # file -> byte ranges copied so far
+
+    def fetch(self, name: str) -> str:
+        """The local path of the checkpoint's whole file ``name``, downloaded first from a store."""
+        path = os.path.join(self.local_dir, name)
+        if self.uri is not None and not os.path.exists(path):
+            storage.download_file(storage.join(self.uri, name), path, self.options)
+        return path
+
+    def read_metadata(self, *args, **kwargs):
+        self.fetch(".metadata")
+        return super().read_metadata(*args, **kwargs)
+
+    def read_data(self, plan, planner):
+        if self.uri is not None:
+            wanted: dict[str, set[tuple[int, int]]] = {}
+            for item in plan.items:
+                info = self.storage_data[item.storage_index]
+                wanted.setdefault(info.relative_path, set()).add((info.offset, info.length))
+            for name, ranges in sorted(wanted.items()):
+                new = sorted(ranges - self.fetched.setdefault(name, set()))
+                if new:
+                    storage.download_ranges(storage.join(self.uri, name), os.path.join(self.local_dir, name), new,
+                                            self.options)
+                    self.fetched[name] |= set(new)
+        return super().read_data(plan, planner)
+
+
 @contextlib.contextmanager
-def _readable_dir(uri: str, options=None):
-    """A local directory holding the checkpoint at ``uri``: the directory itself on local or shared
-    storage (no copy per rank), a temporary download of it from S3."""
+def _restore_source(uri: str, options=None):
+    """A ``_Reader`` of the checkpoint at ``uri``: in place, or over a temporary download directory."""
     if not storage.is_s3(uri):
-        yield storage.resolve(uri, options)[1]
+        yield _Reader(storage.resolve(uri, options)[1])
         return
     with tempfile.TemporaryDirectory(prefix="hierdino-restore-") as d:
-        storage.download_dir(uri, d, options)
-        yield d
+        yield _Reader(d, uri, options)
 
 
 def _fault_hook(var: str, step: int) -> None:
