@@ -20,7 +20,7 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, log_to_driver=True, configure_logging=False,
+        ray.init(address="local", num_cpus=2, log_to_driver=True, configure_logging=False,
                  runtime_env={"env_vars": {"AWS_EC2_METADATA_DISABLED": "true"}})
     from ray.data import DataContext
 

@@ -82,3 +82,19 @@ def test_fractional_gpus_pack_several_trials_on_one_gpu():
     assert trials_at_once(_cfg(), {"CPU": 2.0}) == 1                 # the tiny preset: 1 + 0.5 CPUs each
     with pytest.raises(ResourcesError, match="gpus_per_worker=1 needs 2 GPU"):
         plan_resources(_cfg("scaling.use_gpu=true", "scaling.num_workers=2"), {"CPU": 16.0, "GPU": 1.0})
+
+
+def test_local_paths_missing_on_a_node_are_named_before_any_worker_starts(ray_cluster, tmp_path):
+    """The per-node probe (run on every node with CPUs; here the session cluster's one node, asked for
+    with min_nodes=1): a path the node lacks is named with the node's address; present paths and S3
+    URIs pass."""
+    from hierdino.storage import StorageError
+    from hierdino.train.preflight import check_nodes_see
+
+    present = tmp_path / "manifest.json"
+    present.write_text("{}")
+    check_nodes_see([str(present), "s3://bucket/data/manifest.json"], min_nodes=1)
+    node = ray_cluster.nodes()[0]["NodeManagerAddress"]
+    with pytest.raises(StorageError, match=rf"node {node} lacks {tmp_path}/gone/manifest.json\. Put the datasets"):
+        check_nodes_see([str(present), str(tmp_path / "gone" / "manifest.json")], min_nodes=1)
+    check_nodes_see([str(tmp_path / "gone" / "manifest.json")])  # one node: nothing to compare, no probe

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -12,12 +13,13 @@ import hierdino
 from hierdino import storage
 from hierdino.config import Config, config_diff, load_config
 from hierdino.data.ingest import CropSpec, build_train_datasets
+from hierdino.data.suite import resolve_dataset
 from hierdino.hierarchy import load_hierarchy
 from hierdino.runtime import quiet_ray_data
 from hierdino.storage import StorageOptions
 from hierdino.train.checkpoint import latest_complete, run_uri
 from hierdino.train.inputs import check_inputs
-from hierdino.train.preflight import preflight
+from hierdino.train.preflight import check_nodes_see, preflight
 from hierdino.train.resume import plan_start
 from hierdino.train.stop import GracefulStop
 
@@ -98,6 +100,11 @@ def build_trainer(cfg: Config, log=print, callbacks: list | None = None, preset:
     datasets = build_train_datasets(data, CropSpec.from_config(cfg), per_worker, workers, start_step, cfg.train.steps,
                                     opts, num_cpus=plan.ingest_cpus, map_batch_size=min(64, per_worker))
     storage.write_bytes(storage.join(uri, "config.yaml"), cfg.to_yaml().encode(), opts)
+    shared = [storage.join(u, "manifest.json") for u in data.uris] + [storage.join(uri, "config.yaml")]
+    if cfg.eval.every_steps:
+        cache = cfg.data.synth_cache if storage.is_s3(cfg.data.synth_cache) else os.path.expanduser(cfg.data.synth_cache)
+        shared += [storage.join(resolve_dataset(d, cache), "manifest.json") for d in cfg.eval.datasets]
+    check_nodes_see(shared)  # several nodes: each sees the local paths (StorageError)
     start_block(cfg, uri, start_step, data, plan, model, preset, log)
     fs, path = storage.resolve(cfg.run.storage, opts)
     run_config = ray.train.RunConfig(

@@ -11,8 +11,11 @@ the fixes. A cluster that grows on demand (KubeRay or ``ray up`` autoscaling) ca
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
+
+from hierdino import storage
 
 
 class ResourcesError(RuntimeError):
@@ -118,3 +121,38 @@ def trials_at_once(cfg, available: dict) -> int:
     if s.use_gpu:
         fit = min(fit, int(float(available.get("GPU", 0)) // (s.num_workers * s.gpus_per_worker) + 1e-9))
     return fit
+
+
+def _missing(paths: list[str]) -> list[str]:
+    return [p for p in paths if not os.path.exists(p)]
+
+
+def check_nodes_see(paths: list[str], min_nodes: int = 2, timeout_s: float = 60.0) -> None:
+    """Local paths a run reads or writes on every node (its training datasets' manifests, which Ray
+    Data read tasks open on any node; the run directory's ``config.yaml``, beside which each worker
+    writes its checkpoint shards; the external sets of a live evaluation, read by every worker):
+    on a cluster of ``min_nodes`` or more nodes with CPUs, one zero-CPU task per node looks for
+    each. A path missing on a node raises ``StorageError`` naming both, before any worker starts
+    (otherwise a read task or a worker fails minutes into the run). Nodes that join later (an
+    autoscaling cluster) are not seen here; the workers check the run directory again."""
+    local = [p for p in paths if not storage.is_s3(p)]
+    if not local:
+        return
+    import ray  # heavy: only a check against the live cluster needs Ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # likewise
+
+    nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+    if len(nodes) < min_nodes:
+        return
+    probe = ray.remote(num_cpus=0, max_retries=0)(_missing)
+    refs = {n["NodeManagerAddress"]: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(local)
+            for n in nodes}
+    ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+    missing = {node: ray.get(ref) for node, ref in refs.items() if ref in ready}
+    missing = {node: paths for node, paths in missing.items() if paths}
+    if missing:
+        lines = "; ".join(f"node {node} lacks {', '.join(paths)}" for node, paths in sorted(missing.items()))
+        raise storage.StorageError(
+            f"local paths this run reads or writes are not on every node of the cluster ({len(nodes)} nodes with CPUs): "
+            f"{lines}. Put the datasets and run.storage on s3:// URIs, or on a filesystem shared by every node and "
+            "mounted at the same path")
