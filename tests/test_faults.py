@@ -2,6 +2,7 @@
 stopped and restarted, a NaN injected through a test-only hook (``HIERDINO_TEST_*``)."""
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -89,6 +90,16 @@ def test_resume_rules_without_a_cluster(tmp_path):
     fresh = load_config("tiny-cpu", [f"run.storage={tmp_path}", "run.name=r", "run.resume=false"])
     start = plan_start(fresh, run_uri, log=lambda *_: None)
     assert start.name == "r-2" and start.uri.endswith("/r-2") and start.found.uri is None and fresh.run.name == "r-2"
+
+    # A resume that lengthens the run says what changed and where its LR jumps (cosine over the new length).
+    sets = [f"run.storage={tmp_path}", "run.name=r", "optim.warmup_steps=0"]
+    (run / "config.yaml").write_text(load_config("tiny-cpu", sets + ["train.steps=6"]).to_yaml())
+    longer, said = load_config("tiny-cpu", sets + ["train.steps=900"]), []
+    assert plan_start(longer, run_uri, log=said.append).found.step == 3
+    lr0, low = 0.01 * math.sqrt(32 / 1024), longer.optim.min_lr  # tiny-cpu: base LR 0.01, batch 32
+    was, now = (low + 0.5 * (lr0 - low) * (1 + math.cos(math.pi * 3 / total)) for total in (6, 900))
+    assert "[hierdino] resuming with a changed train.steps: 6 -> 900" in said, said
+    assert any(f"at step 3 the LR goes from {was:.3g} to {now:.3g}" in line for line in said), (said, was, now)
 
 
 def test_a_step_saved_again_in_place_is_not_vouched_for_by_its_old_marker(tmp_path, monkeypatch):

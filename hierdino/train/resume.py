@@ -18,6 +18,7 @@ from hierdino.config import Config, ConfigError, config_diff, config_from_dict
 from hierdino import storage
 from hierdino.storage import StorageOptions
 from hierdino.train.checkpoint import Found, latest_complete, run_uri
+from hierdino.train.schedules import Schedules
 
 # Keys (or sections, ending in '.') that may differ between a run's saved config and a resume.
 RESUMABLE = (
@@ -77,6 +78,13 @@ def plan_start(cfg: Config, run_uri, options: StorageOptions | None = None, log=
     saved = _saved_config(uri, options)
     if saved is not None and found.uri is not None:
         check_compatible(saved, cfg, uri)
+        for line in config_diff(saved, cfg):
+            log(f"[hierdino] resuming with a changed {line}")
+        if saved.train.steps != cfg.train.steps:
+            was, now = Schedules.from_config(saved).at(found.step), Schedules.from_config(cfg).at(found.step)
+            log(f"[hierdino] the schedules (LR, weight decay, teacher momentum) now run to step {cfg.train.steps}: at "
+                f"step {found.step} the LR goes from {was['lr']:.3g} to {now['lr']:.3g} and the teacher momentum from "
+                f"{was['momentum']:.4f} to {now['momentum']:.4f}")
     for line in found.skipped:
         log(f"[hierdino] skipped {line}")
     return Start(uri, cfg.run.name, found)
