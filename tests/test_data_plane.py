@@ -1,4 +1,5 @@
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -376,3 +377,27 @@ def test_per_row_blur_and_solarize_probabilities_and_the_views_layout():
     glob, local, sup = augment_views(g, loc, g[:2, 0], torch.Generator().manual_seed(0))
     assert glob.shape == (6, 3, 16, 16) and local.shape == (12, 3, 8, 8) and sup.shape == (2, 3, 16, 16)
     assert augment_views(g, None, None, torch.Generator())[1:] == (None, None)
+
+
+def test_the_supervised_view_keeps_its_hue_and_the_global_crops_do_not():
+    """The paper's supervised view jitters brightness, contrast and saturation (0.4, 0.4, 0.2) but not
+    hue; the global crops also shift hue (DINOv2's 0.1). On a uniform reddish image, the hue angle in
+    the YIQ plane (atan2(Q, I), which blending with grey and scaling keep) stays put in every
+    supervised view with colour left, and moves in global crops."""
+    from hierdino.data.augment import IMAGENET_MEAN, IMAGENET_STD, augment_views
+
+    n = 64
+    img = torch.tensor([200, 70, 60], dtype=torch.uint8).expand(n, 2, 32, 32, 3).contiguous()
+    glob, _, sup = augment_views(img, None, img[:, 0], torch.Generator().manual_seed(0))
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+    def angles(x):  # one hue angle per view (the image is uniform), for views that kept some colour
+        r, g, b = (x * std + mean).mean(dim=(2, 3)).unbind(1)
+        i, q = 0.596 * r - 0.274 * g - 0.322 * b, 0.211 * r - 0.523 * g + 0.312 * b
+        return torch.atan2(q, i)[torch.hypot(i, q) > 0.02]
+
+    r, g, b = (torch.tensor([200.0, 70.0, 60.0]) / 255).tolist()
+    hue0 = math.atan2(0.211 * r - 0.523 * g + 0.312 * b, 0.596 * r - 0.274 * g - 0.322 * b)
+    kept, shifted = angles(sup), angles(glob)
+    assert len(kept) > n // 2 and torch.allclose(kept, torch.full_like(kept, hue0), atol=0.05), kept
+    assert (shifted - hue0).abs().max() > 0.3, shifted  # up to 0.1 turn (0.63 rad) on the global crops

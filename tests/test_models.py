@@ -91,8 +91,12 @@ def test_param_groups_layerwise_decay():
     assert ids[id(bb.vit.blocks[depth - 1].mlp.fc1.weight)]["lr_mult"] == pytest.approx(0.5)
     assert ids[id(bb.vit.blocks[0].mlp.fc1.weight)]["lr_mult"] == pytest.approx(0.5 ** depth)
     assert ids[id(bb.vit.patch_embed.proj.weight)]["lr_mult"] == pytest.approx(0.5 ** (depth + 1) * 0.2)
-    assert ids[id(bb.vit.blocks[0].norm1.weight)]["wd_mult"] == 0.0 and ids[id(bb.vit.pos_embed)]["wd_mult"] == 0.0
-    assert ids[id(m.student["dino_head"].last_layer.weight)]["last_layer"]
+    # DINOv2's rule: no decay on biases, norms and LayerScale gammas; tokens, position embeddings and the
+    # prototype gains are decayed
+    assert ids[id(bb.vit.blocks[0].norm1.weight)]["wd_mult"] == 0.0 and ids[id(bb.vit.blocks[0].attn.qkv.bias)]["wd_mult"] == 0.0
+    assert all(ids[id(p)]["wd_mult"] == 1.0 for p in (bb.vit.pos_embed, bb.vit.cls_token, bb.mask_token))
+    last = m.student["dino_head"].last_layer
+    assert ids[id(last.weight)]["last_layer"] and ids[id(last.weight_g)]["last_layer"] and ids[id(last.weight_g)]["wd_mult"] == 1.0
     assert ids[id(m.sup_head.linear.weight)]["lr_mult"] == 1.0
     assert not any(id(p) in ids for p in m.teacher.parameters())
 

@@ -248,9 +248,19 @@ def test_trained_head_gains_flat_tower_prefixes_and_unreadable_files(tmp_path):
     head["last_layer.weight_g"] = torch.linspace(0.5, 1.5, 64)[:, None]  # DINOv2 trains its gains
     torch.save(_training_checkpoint(sd, None, {"dino_head": head}, "teacher"), tmp_path / "dinobloom.pth")
     model = StudentTeacher(_cfg(), load_hierarchy("wbc-h1"))
-    lines = model.load_pretrained(str(tmp_path / "dinobloom.pth"))  # strict (the default): the backbone is exact
-    assert any("WARNING" in line and "gains (weight_g 0.5 to 1.5) dropped" in line for line in lines)
+    model.load_pretrained(str(tmp_path / "dinobloom.pth"))  # strict (the default): the backbone is exact
     assert torch.equal(model.teacher["dino_head"].last_layer.weight, head["last_layer.weight_v"])  # the directions
+    # ... and its gains: the head's logits are DINOv2's, g_k * <z, v_k> / |v_k| for the normalised MLP
+    # output z, computed by hand from the checkpoint's tensors
+    F = torch.nn.functional
+    x = torch.randn(5, DIM)
+    h = F.gelu(x @ head["mlp.0.weight"].T + head["mlp.0.bias"])
+    h = F.gelu(h @ head["mlp.2.weight"].T + head["mlp.2.bias"])
+    z = F.normalize(h @ head["mlp.4.weight"].T + head["mlp.4.bias"], dim=-1)
+    v = head["last_layer.weight_v"]
+    by_hand = head["last_layer.weight_g"].T * (z @ v.T) / v.norm(dim=1)
+    with torch.no_grad():
+        assert torch.allclose(model.teacher["dino_head"](x), by_hand, atol=1e-5)
     # a flat dict with both towers' prefixes (DINOv2's ckpt["model"] saved on its own): each tower loads
     flat = _training_checkpoint(sd, None, {}, "model")["model"]
     torch.save(flat, tmp_path / "flat.pth")

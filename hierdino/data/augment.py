@@ -114,7 +114,7 @@ def augment_views(global_crops: torch.Tensor, local_crops: torch.Tensor | None, 
 
     The views of size S go through one ``photometric`` call with per-row probabilities (global crop
     1 always blurred; crop 2 blurred with p=0.1 and solarized with p=0.2; the supervised view
-    blurred with p=0.5), the local crops (blurred with p=0.5) through a second.
+    blurred with p=0.5 and its hue left alone), the local crops (blurred with p=0.5) through a second.
     """
     b, dev = global_crops.shape[0], global_crops.device
     views = [global_crops[:, 0], global_crops[:, 1]] + ([sup] if sup is not None else [])
@@ -123,7 +123,9 @@ def augment_views(global_crops: torch.Tensor, local_crops: torch.Tensor | None, 
     def per_row(ps):  # filled on the device: no host copy
         return torch.cat([torch.full((n,), p, device=dev) for n, p in zip(counts, ps)])
 
-    out = photometric(torch.cat(views), gen, blur_p=per_row([1.0, 0.1, 0.5]), solarize_p=per_row([0.0, 0.2, 0.0]))
+    # The supervised view's colour jitter is the paper's (0.4, 0.4, 0.2): no hue shift of the stain colours.
+    out = photometric(torch.cat(views), gen, blur_p=per_row([1.0, 0.1, 0.5]), solarize_p=per_row([0.0, 0.2, 0.0]),
+                      jitter=(0.4, 0.4, 0.2, per_row([0.1, 0.1, 0.0])))
     local = None
     if local_crops is not None:
         local = photometric(local_crops.transpose(0, 1).reshape(-1, *local_crops.shape[2:]), gen, blur_p=0.5)
@@ -135,7 +137,8 @@ def photometric(images: torch.Tensor, gen: torch.Generator, blur_p: float | torc
                 jitter: tuple = (0.4, 0.4, 0.2, 0.1), normalize: bool = True) -> torch.Tensor:
     """uint8 ``[B, H, W, 3]`` -> augmented, normalised float ``[B, 3, H, W]`` on the same device.
 
-    ``blur_p`` and ``solarize_p`` are one probability for every row or a ``[B]`` tensor of them.
+    ``blur_p`` and ``solarize_p`` are one probability for every row or a ``[B]`` tensor of them; so is
+    ``jitter``'s hue bound.
     Random parameters come from ``gen``, drawn on its device: a seed fixes them for a device type.
     No value is read back to the host unless the images are on the CPU.
     """
@@ -146,7 +149,7 @@ def photometric(images: torch.Tensor, gen: torch.Generator, blur_p: float | torc
     b = _uniform(gen, n, 1 - bri, 1 + bri, dev).view(-1, 1, 1, 1)
     cf = _uniform(gen, n, 1 - con, 1 + con, dev).view(-1, 1, 1, 1)
     s = _uniform(gen, n, 1 - sat, 1 + sat, dev).view(-1, 1, 1, 1)
-    hshift = _uniform(gen, n, -hue, hue, dev) * 2 * math.pi
+    hshift = _uniform(gen, n, -1.0, 1.0, dev) * hue * 2 * math.pi  # hue: one bound, or a [B] tensor of them
 
     def jitter_rows(t, i):
         y = (t * b[i]).clamp_(0, 1)  # in place on fresh tensors: fewer passes over the images

@@ -22,7 +22,7 @@ from torch import nn
 
 from hierdino.cli import user_errors
 from hierdino.models.archs import TINY_ARCHS
-from hierdino.models.weights import Checkpoint, WeightsError, head_state, parse, read_object, to_timm
+from hierdino.models.weights import Checkpoint, WeightsError, parse, read_object, to_timm
 
 
 
@@ -255,9 +255,6 @@ def check(argv: list[str] | None = None) -> int:
     if ckpt.heads:
         print("[hierdino] heads: " + ", ".join(f"{h} ({len(t)} tensors, {head_prototypes(t)} prototypes)"
                                                for h, t in ckpt.heads.items()))
-        for h, t in ckpt.heads.items():
-            for note in head_state(t, args.weights, h)[1]:
-                print(f"[hierdino] WARNING {note}")
     else:
         print("[hierdino] heads: none (random DINO/iBOT heads; consider train.freeze_backbone_steps)")
     x = torch.linspace(-1, 1, 3 * img * img).reshape(1, 3, img, img)  # a fixed input, the same on every machine

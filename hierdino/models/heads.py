@@ -8,11 +8,14 @@ from torch.nn import functional as F
 
 
 class DINOHead(nn.Module):
-    """MLP (``layers`` linear layers, GELU between) to a ``bottleneck``, L2 normalisation, then
-    prototypes whose weight rows are L2-normalised at every forward (weight normalisation with the
-    gain fixed to 1, as DINO). ``forward(x[..., in_dim]) -> logits[..., prototypes]``.
+    """MLP (``layers`` linear layers, GELU between) to a ``bottleneck``, L2 normalisation, then a
+    weight-normalised prototype layer, as DINOv2's: ``logits_k = g_k * <z, v_k / |v_k|>``, the
+    directions ``v`` (``last_layer.weight``, [K, bottleneck]) and one trained gain per prototype
+    ``g`` (``last_layer.weight_g``, [K, 1], starting at 1; DINOv2's names and shapes, so a DinoBloom
+    head loads as it was trained). ``forward(x[..., in_dim]) -> logits[..., prototypes]``.
 
-    The prototype layer is ``last_layer``; DINOv2 freezes it for the first epoch.
+    The prototype layer is ``last_layer`` (directions and gains); DINOv2 freezes it for the first
+    epoch, and weight-decays both.
 
     ``batchnorm`` puts a BatchNorm after each hidden linear layer (DINO's ``use_bn_in_head``). It
     standardises every hidden feature over the batch, so the bottleneck carries the differences
@@ -36,6 +39,7 @@ class DINOHead(nn.Module):
                 mods.append(nn.GELU())
         self.mlp = nn.Sequential(*mods)
         self.last_layer = nn.Linear(bottleneck, prototypes, bias=False)
+        self.last_layer.weight_g = nn.Parameter(torch.ones(prototypes, 1))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -44,10 +48,11 @@ class DINOHead(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
         nn.init.trunc_normal_(self.last_layer.weight, std=0.02)
+        nn.init.ones_(self.last_layer.weight_g)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = F.normalize(self.mlp(x), dim=-1, eps=1e-6)
-        return F.linear(z, F.normalize(self.last_layer.weight, dim=1, eps=1e-6))
+        return F.linear(z, self.last_layer.weight_g * F.normalize(self.last_layer.weight, dim=1, eps=1e-6))
 
 
 class SupervisedHead(nn.Module):

@@ -231,8 +231,7 @@ class StudentTeacher(nn.Module):
             if found is None:
                 lines.append(f"init weights: no {name} in the checkpoint: random")
                 continue
-            sd, notes = head_state(ckpt.heads[found], uri, found)
-            lines += [f"init weights: WARNING {note}" for note in notes]
+            sd = head_state(ckpt.heads[found])
             own = self.student[name].state_dict()
             bad = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items() if k in own and own[k].shape != v.shape]
             left = sorted(set(own) ^ set(sd))
@@ -257,7 +256,8 @@ def param_groups(model: StudentTeacher, layerwise_decay: float, patch_embed_lr_m
 
     LR multiplier: ``layerwise_decay ** (depth + 1 - layer_id)`` for backbone parameters (times
     ``patch_embed_lr_mult`` for the patch embedding), 1 for heads; no weight decay on biases,
-    norms, tokens and position embeddings.
+    norms and LayerScale gammas (DINOv2's rule: tokens, position embeddings and prototype gains
+    are decayed).
     """
     backbone: Backbone = model.student["backbone"]
     depth = len(backbone.blocks)
@@ -275,7 +275,7 @@ def param_groups(model: StudentTeacher, layerwise_decay: float, patch_embed_lr_m
             lr_mult = layerwise_decay ** (depth + 1 - backbone.layer_id(local))
             if "patch_embed" in local:
                 lr_mult *= patch_embed_lr_mult
-        no_wd = p.ndim <= 1 or name.endswith((".bias", "cls_token", "pos_embed", "mask_token", "reg_token")) or "norm" in name
+        no_wd = p.ndim <= 1 or name.endswith(".bias") or "norm" in name or "gamma" in name  # DINOv2's rule
         key = (round(lr_mult, 8), 0.0 if no_wd else 1.0, id(p) in last)
         g = groups.setdefault(key, {"params": [], "lr_mult": key[0], "wd_mult": key[1], "last_layer": key[2]})
         g["params"].append(p)

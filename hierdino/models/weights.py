@@ -213,24 +213,18 @@ def to_timm(ckpt: Checkpoint, vit) -> tuple[dict[str, torch.Tensor], list[str]]:
     return out, done
 
 
-def head_state(head: dict[str, torch.Tensor], source: str, name: str) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """A DINOv2 head's tensors in ``DINOHead`` layout, and what could not be kept: the weight-normalised
-    prototype layer (``last_layer.weight_g`` / ``weight_v``, or the parametrization form) becomes
-    ``last_layer.weight``. ``DINOHead`` normalises its rows at every forward, a gain fixed at 1
-    (DINOv2 starts its gains at 1 and trains them): trained gains are dropped and said, the
-    prototype directions kept."""
-    out, notes = {}, []
+def head_state(head: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A DINOv2 head's tensors in ``DINOHead`` layout: the weight-normalised prototype layer
+    (``last_layer.weight_g`` / ``weight_v``, or the parametrization form) becomes
+    ``last_layer.weight`` (directions) and ``last_layer.weight_g`` (gains, [K, 1]). A plain
+    ``last_layer.weight`` gets its row norms as gains: the same logits."""
+    out = {k: t for k, t in head.items() if not k.startswith("last_layer.") or k == "last_layer.weight"}
     g = head.get("last_layer.weight_g", head.get("last_layer.parametrizations.weight.original0"))
     v = head.get("last_layer.weight_v", head.get("last_layer.parametrizations.weight.original1"))
-    for k, t in head.items():
-        if k.startswith("last_layer.") and k != "last_layer.weight":
-            continue
-        out[k] = t
     if v is not None:
-        if g is not None and not torch.allclose(g.float(), torch.ones_like(g, dtype=torch.float32), atol=1e-4):
-            g = g.float().flatten()
-            notes.append(f"{name}.last_layer: the checkpoint's trained prototype gains (weight_g {g.min():.3g} to "
-                         f"{g.max():.3g}) dropped, their directions loaded: this project's heads fix the gains at 1, "
-                         "so the head's logits differ from the checkpoint's by those factors")
         out["last_layer.weight"] = v
-    return out, notes
+    w = out.get("last_layer.weight")
+    if w is not None:
+        g = w.float().norm(dim=1) if g is None else g
+        out["last_layer.weight_g"] = g.reshape(-1, 1).to(w.dtype)
+    return out
