@@ -3,6 +3,7 @@ Ray's own output to what a user needs (``--verbose`` brings the rest back)."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import warnings
@@ -71,3 +72,14 @@ def upload_dir_problem(uri: str, key: str) -> str | None:
         return None
     return (f"{key}={uri} would put its files inside this job's uploaded working directory ({cwd}), which Ray "
             "deletes with its session: give an s3:// URI or an absolute path on storage every node shares")
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count that must be at least 1 (``--local-cpus``, ``--max-concurrent``, ...)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value

@@ -79,3 +79,25 @@ def test_every_batch_mixes_all_datasets_in_proportion(ray_cluster, synth_suite):
         assert not any(np.array_equal(resumed[0]["global"], b["global"]) for b in batches[:2])
     finally:
         ctx.execution_options.preserve_order = ordered
+
+
+def test_a_worker_restarted_past_the_launch_step_skips_what_it_already_trained_on():
+    """Streams that begin at the launch step (3) feeding a worker that resumes at step 7 (Ray Train
+    restarted it from a newer checkpoint): its batches are the uninterrupted run's batches 7, 8, ...,
+    not a replay of 3, 4, ... (by hand: stream k's rows are numbered, and the schedule's counts say
+    which rows each step takes)."""
+    def stream(k):  # rows numbered from the launch position, in chunks of 5
+        return ({"row": np.arange(i, i + 5) + 1000 * k} for i in range(0, 500, 5))
+
+    def streams():
+        return [stream(k) for k in range(3)]
+
+    schedule = MixSchedule([0.5, 0.3, 0.2], 10)
+    straight = MixedBatches(streams(), MixSchedule([0.5, 0.3, 0.2], 10), start_step=3)
+    uninterrupted = [next(straight)["row"] for _ in range(8)]              # steps 3 .. 10
+    restarted = MixedBatches(streams(), schedule, start_step=7, streams_start=3)
+    assert all(np.array_equal(next(restarted)["row"], want) for want in uninterrupted[4:])  # steps 7 .. 10
+    # by hand for step 7: stream 0 has given 5 rows a step since step 3 (rows 0-19), so it gives 20-24
+    first = MixedBatches(streams(), MixSchedule([0.5, 0.3, 0.2], 10), start_step=7, streams_start=3)
+    rows = next(first)["row"]
+    assert rows[:5].tolist() == [20, 21, 22, 23, 24] and set(rows[5:8]) == {1012, 1013, 1014}

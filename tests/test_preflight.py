@@ -20,7 +20,7 @@ def _cfg(*over):
 
 
 def test_two_one_cpu_workers_on_two_cpus_is_refused_with_the_fix():
-    with pytest.raises(ResourcesError, match=r"2 CPU.*2 training worker.*leave 0 .*num_cpus_per_map=0.5.*cpus_per_worker=0.75"):
+    with pytest.raises(ResourcesError, match=r"2 free CPU.*2 training worker.*leave 0 on any one node.*num_cpus_per_map=0.5.*cpus_per_worker=0.75"):
         plan_resources(_cfg("scaling.num_workers=2"), {"CPU": 2.0})
 
 
@@ -80,6 +80,8 @@ def test_fractional_gpus_pack_several_trials_on_one_gpu():
     assert trials_at_once(quarter, {"CPU": 16.0, "GPU": 1.0}) == 4   # 4 x 0.25 GPU; CPUs would allow 5
     assert trials_at_once(quarter, {"CPU": 8.0, "GPU": 1.0}) == 2    # 8 // (2 + 1) CPUs
     assert trials_at_once(_cfg(), {"CPU": 2.0}) == 1                 # the tiny preset: 1 + 0.5 CPUs each
+    fifth = _cfg("scaling.use_gpu=true", "scaling.gpus_per_worker=0.2", "scaling.cpus_per_worker=0.2", "data.num_cpus_per_map=0.4")
+    assert trials_at_once(fifth, {"CPU": 3.0, "GPU": 1.0}) == 5      # 3 / 0.6 and 1 / 0.2, not 3 // 0.6 == 4
     with pytest.raises(ResourcesError, match="gpus_per_worker=1 needs 2 GPU"):
         plan_resources(_cfg("scaling.use_gpu=true", "scaling.num_workers=2"), {"CPU": 16.0, "GPU": 1.0})
 
@@ -98,3 +100,39 @@ def test_local_paths_missing_on_a_node_are_named_before_any_worker_starts(ray_cl
     with pytest.raises(StorageError, match=rf"node {node} lacks {tmp_path}/gone/manifest.json\. Put the datasets"):
         check_nodes_see([str(present), str(tmp_path / "gone" / "manifest.json")], min_nodes=1)
     check_nodes_see([str(tmp_path / "gone" / "manifest.json")])  # one node: nothing to compare, no probe
+
+
+def test_workers_are_placed_node_by_node_and_the_ingest_needs_room_on_one_node():
+    """Totals are not enough: two 2-CPU nodes hold two workers of 1.75 CPUs (3.5 + 0.5 <= 4) only with
+    0.25 CPU left on each, so the ingest share is lowered to what one node has; a worker bigger than
+    any node is refused (Ray would wait for such a node forever); STRICT_SPREAD needs a node per worker."""
+    two = [{"CPU": 2.0}, {"CPU": 2.0}]
+    plan = plan_resources(_cfg("scaling.num_workers=2", "scaling.cpus_per_worker=1.75"), two)
+    assert plan.ingest_cpus == 0.25 and "lowered from 0.5 to 0.25" in plan.note and "roomiest node" in plan.note
+    with pytest.raises(ResourcesError, match=r"do not fit on the nodes .*PACK.*free per node: 2 CPU, 2 CPU"):
+        plan_resources(_cfg("scaling.cpus_per_worker=3"), two)
+    assert plan_resources(_cfg("scaling.num_workers=2", "scaling.cpus_per_worker=1"), two).ingest_cpus == 0.5  # packed: 0 + 2 left
+    with pytest.raises(ResourcesError, match="STRICT_SPREAD"):
+        plan_resources(_cfg("scaling.num_workers=4", "scaling.cpus_per_worker=0.25", "scaling.placement_strategy=STRICT_SPREAD"), two)
+    # a share that would round to nothing is refused, not lowered to 0 CPUs (no concurrency limit at all)
+    with pytest.raises(ResourcesError, match="leave 0.0001 on any one node"):
+        plan_resources(_cfg("scaling.cpus_per_worker=1.9999"), {"CPU": 2.0})
+
+
+def test_a_busy_cluster_is_waited_for_briefly_then_refused_and_fixes_that_fail_are_not_offered():
+    """Another job holds 1.5 of 2 CPUs: the run would fit the node, not what is free. It waits
+    BUSY_GRACE_S (a job that is ending frees them), saying so, then stops instead of starting a run
+    whose ingest never gets a CPU. On 1 CPU with 4 workers no cpus_per_worker fits: none is suggested."""
+    from hierdino.train.preflight import BUSY_GRACE_S
+
+    now, said, asked = [0.0], [], []
+    with pytest.raises(ResourcesError, match=r"other work holds the rest\) \(waited 30 s\)"):
+        preflight(_cfg(), said.append, resources=lambda: [{"CPU": 0.5}], totals=lambda: [{"CPU": 2.0}],
+                  sleep=lambda s: now.__setitem__(0, now[0] + s), clock=lambda: now[0], request=asked.append)
+    assert now[0] == BUSY_GRACE_S == 30 and "waiting up to 30 s more" in said[0] and asked == []  # no nodes asked for
+    freed = iter([[{"CPU": 0.5}], [{"CPU": 2.0}]])
+    assert preflight(_cfg(), said.append, resources=lambda: next(freed), totals=lambda: [{"CPU": 2.0}],
+                     sleep=lambda s: None, clock=lambda: 0.0).ingest_cpus == 0.5
+    with pytest.raises(ResourcesError) as e:
+        plan_resources(_cfg("scaling.num_workers=4", "scaling.cpus_per_worker=0.25"), {"CPU": 1.0})
+    assert "cpus_per_worker=" not in str(e.value).split("Fix:")[1] and "Fix: fewer workers" in str(e.value)

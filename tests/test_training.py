@@ -25,10 +25,12 @@ def test_pretrain_validate_only_catches_bad_key():
     assert r.returncode == 0 and "run directory not checked (--offline)" in r.stdout and "retrying" not in r.stdout + r.stderr
 
 
-def test_embedded_default_stopped_by_sigterm_then_resumed_to_the_end(ray_cluster, synth_suite, tmp_path):
+def test_embedded_default_stopped_by_ctrl_c_then_resumed_to_the_end(ray_cluster, synth_suite, tmp_path):
     """`pretrain.py` as a user runs it (one progress line per log step, start and end blocks,
-    TensorBoard files), interrupted as Kubernetes evicts a pod (SIGTERM to the driver): it checkpoints
-    the step in flight and exits 0; the same command resumes there and finishes with the evaluation."""
+    TensorBoard files), interrupted by Ctrl-C (SIGINT to the driver; Ray Train's own handler, which
+    aborts, must not replace the graceful stop's; SIGTERM, a Kubernetes eviction, takes the same
+    handler): it checkpoints the step in flight and exits 0; the same command resumes there and
+    finishes with the evaluation."""
     env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
     cmd = [sys.executable, str(REPO / "jobs/pretrain.py"), "--set", f"data.synth_cache={synth_suite}",
            "--set", f"run.storage={tmp_path}", "--set", "train.steps=15", "--set", "train.batch_size=16",
@@ -39,14 +41,14 @@ def test_embedded_default_stopped_by_sigterm_then_resumed_to_the_end(ray_cluster
     for line in p.stdout:  # wait until training is under way
         first.append(line)
         if "step 3/15 | loss" in line:
-            p.send_signal(signal.SIGTERM)
+            p.send_signal(signal.SIGINT)
             break
     rest, _ = p.communicate(timeout=300)
     text = "".join(first) + rest
     assert p.returncode == 0, text[-3000:]
     import re
 
-    stopped = re.search(r"stopped by SIGTERM after step (\d+); checkpoint (\S+)\. Run the same command again", text)
+    stopped = re.search(r"stopped by SIGINT after step (\d+); checkpoint (\S+)\. Run the same command again", text)
     assert stopped, text[-3000:]
     step = int(stopped.group(1))
     assert 3 <= step < 15 and stopped.group(2).endswith(f"checkpoint_{step:07d}")

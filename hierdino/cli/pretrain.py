@@ -18,7 +18,7 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 from hierdino.config import ConfigError, load_config
 from hierdino.data.suite import ensure_synthetic_suite
-from hierdino.runtime import init_ray, upload_dir_problem
+from hierdino.runtime import init_ray, positive_int, upload_dir_problem
 from hierdino.train.preflight import ResourcesError
 
 
@@ -36,7 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--no-dashboard", dest="dashboard", action="store_false",
                    help="start the local cluster without Ray's dashboard (Ray Train then cannot query its state API "
                         "and says so every few seconds)")
-    p.add_argument("--local-cpus", type=int, default=None, metavar="N",
+    p.add_argument("--local-cpus", type=positive_int, default=None, metavar="N",
                    help="CPUs the local cluster may use (default: all); ignored under `ray job submit`")
     return p.parse_args(argv)
 
@@ -103,6 +103,11 @@ def main(argv=None) -> int:
     except (WeightsError, ResourcesError, ResumeError, EvalDataError, StorageError, IngestError, ShardError) as e:
         print(f"{_error_kind(e)} error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second SIGTERM / SIGINT (or one before the run started): no graceful stop
+        found = launch.latest_complete(launch.run_uri(cfg), launch.StorageOptions.from_config(cfg))
+        print(f"[hierdino] aborted by a second signal: the steps since the last complete checkpoint are lost; it is "
+              f"{found.uri or 'none'}. Run the same command again to resume from it.", file=sys.stderr)
+        return 130
     if final.get("stopped_by"):
         print(f"[hierdino] stopped by {final['stopped_by']} after step {final.get('step')}; checkpoint "
               f"{final.get('checkpoint')}. Run the same command again to resume from it.")

@@ -13,6 +13,7 @@ stopped early never wins. OUT defaults to <run.storage>/sweeps/<space>. Run it a
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from hierdino.config import ConfigError, load_config
@@ -20,7 +21,7 @@ from hierdino.data.ingest import IngestError
 from hierdino.data.shards import ShardError
 from hierdino.data.suite import ensure_synthetic_suite
 from hierdino.eval import EvalDataError
-from hierdino.runtime import init_ray, upload_dir_problem
+from hierdino.runtime import init_ray, positive_int, upload_dir_problem
 from hierdino.storage import StorageError
 from hierdino.train.inputs import check_inputs
 from hierdino.train.preflight import ResourcesError, plan_resources, trials_at_once
@@ -35,7 +36,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--space", required=True)
     p.add_argument("--trials", type=int, default=4)
     p.add_argument("--scheduler", choices=["asha", "none"], default="asha")
-    p.add_argument("--max-concurrent", type=int, default=None,
+    p.add_argument("--max-concurrent", type=positive_int, default=None,
                    help="trials at once (default: as many as fit on the cluster, said at start)")
     p.add_argument("--cpus-per-trial", type=float, default=None,
                    help="CPUs of each trial's training workers together (sets scaling.cpus_per_worker)")
@@ -44,7 +45,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--search", choices=["random", "optuna"], default="random",
                    help="random sampling, or Optuna's TPE (pip install 'hierdino[optuna]')")
-    p.add_argument("--seeds-per-trial", type=int, default=1,
+    p.add_argument("--seeds-per-trial", type=positive_int, default=1,
                    help="train each configuration with N seeds (train.seed, +1, ...) and score the mean (needs --scheduler none)")
     p.add_argument("--out", default=None, help="default: <run.storage>/sweeps/<space name> (S3 storage keeps them on clusters)")
     p.add_argument("--validate-only", action="store_true", help="check the config and the space; nothing is started")
@@ -78,18 +79,25 @@ def load_checked(args):
     return cfg, space
 
 
-def trials_to_run(cfg, max_concurrent: int | None) -> int:
+def trials_to_run(cfg, max_concurrent: int | None, grows: bool) -> int:
     """How many trials run at once: ``--max-concurrent``, else as many as fit on the cluster (said);
-    raises ``ResourcesError`` if not even one fits, since the sweep would wait forever."""
+    raises ``ResourcesError`` if not even one fits, since the sweep would wait forever. On a cluster
+    that cannot grow (the local one this command started), more than fit is lowered to what fits:
+    the extra trials' workers would take the CPUs every trial's data ingest needs."""
     import ray  # heavy: needed only once a sweep really starts
+    from ray._private.state import total_resources_per_node  # likewise
 
-    plan_resources(cfg, ray.cluster_resources())
-    fit = trials_at_once(cfg, ray.cluster_resources())
-    concurrent = max_concurrent or max(1, fit)
-    if concurrent > max(1, fit):  # on a cluster of this size every CPU would train: no ingest could start
+    plan_resources(cfg, list(total_resources_per_node().values()))
+    fit = max(1, trials_at_once(cfg, ray.cluster_resources()))
+    concurrent = max_concurrent or fit
+    if concurrent > fit and not grows:
+        print(f"[hierdino] --max-concurrent {max_concurrent} lowered to {fit}: only {fit} trial(s) fit on this local "
+              "cluster with the CPUs their data ingest needs (more would wait for data forever)")
+        concurrent = fit
+    elif concurrent > fit:
         print(f"[hierdino] WARNING --max-concurrent {max_concurrent} is more than the {fit} trial(s) that fit on the "
               "cluster as it is now with the CPUs their data ingest needs: unless it grows (autoscaling), trials "
-              f"would wait for data forever; use --max-concurrent {max(1, fit)} on a cluster of fixed size")
+              f"would wait for data forever; use --max-concurrent {fit} on a cluster of fixed size")
     print(f"[hierdino] {fit} trial(s) fit on the cluster at once; running {concurrent} at a time")
     return concurrent
 
@@ -112,7 +120,7 @@ def main(argv=None) -> int:
     args.overrides.append(f"data.synth_cache={cfg.data.synth_cache}")
     init_ray()  # with the dashboard: without it a trial stopped by ASHA can keep its resources (ray #54305)
     try:
-        concurrent = trials_to_run(cfg, args.max_concurrent)
+        concurrent = trials_to_run(cfg, args.max_concurrent, grows=bool(os.environ.get("RAY_ADDRESS")))
     except ResourcesError as e:
         print(f"resources error: {e}", file=sys.stderr)
         return 2

@@ -76,13 +76,21 @@ class MixedBatches:
     ``streams[k]`` yields dicts of equal-length arrays (the ingest's columns); batch ``n`` (from
     ``start_step``) takes ``schedule.counts(n)[k]`` rows of stream k, in stream order, datasets
     concatenated. Iteration ends when a stream that is owed rows runs out.
+
+    Streams that begin at an earlier step ``streams_start`` (a worker restarted by Ray Train after a
+    checkpoint newer than the one the run was launched from: the driver's streams begin at the
+    launch) first drop the rows steps ``streams_start .. start_step - 1`` took, so the restarted
+    worker goes on with the rows the interrupted one had not trained on.
     """
 
-    def __init__(self, streams: Sequence[Iterator[dict]], schedule: MixSchedule, start_step: int = 0):
+    def __init__(self, streams: Sequence[Iterator[dict]], schedule: MixSchedule, start_step: int = 0,
+                 streams_start: int | None = None):
         self.streams = [iter(s) for s in streams]
         self.schedule, self.step = schedule, start_step
         self.pending: list[list[dict]] = [[] for _ in streams]
         self.available = [0] * len(self.streams)
+        begun = start_step if streams_start is None else streams_start
+        self.skip = (schedule.consumed(start_step) - schedule.consumed(begun)).tolist()
 
     def _take(self, k: int, n: int) -> dict | None:
         while self.available[k] < n:
@@ -103,6 +111,10 @@ class MixedBatches:
         return self
 
     def __next__(self) -> dict:
+        for k, n in enumerate(self.skip):
+            if n > 0 and self._take(k, int(n)) is None:
+                raise StopIteration
+        self.skip = [0] * len(self.streams)
         counts = self.schedule.counts(self.step)
         parts = []
         for k, n in enumerate(counts):

@@ -56,20 +56,36 @@ def checkpoint_uri(run_uri: str, step: int) -> str:
 
 
 def verify(uri: str, options: StorageOptions | None = None) -> str | None:
-    """``None`` when the checkpoint at ``uri`` is complete, else why not (read from the store)."""
+    """``None`` when the checkpoint at ``uri`` is complete, else why not (read from the store). A marker
+    or manifest that cannot be read (empty or torn by a crash, edited) makes it incomplete too."""
     sizes = storage.file_sizes(uri, options)
     if COMMIT not in sizes:
         return "no commit marker (interrupted while being written)"
-    marker = json.loads(storage.read_bytes(storage.join(uri, COMMIT), options))
-    for rank in range(int(marker["world"])):
-        name = f"manifest_rank{rank}.json"
-        if name not in sizes:
-            return f"{name} is missing"
-        listed = json.loads(storage.read_bytes(storage.join(uri, name), options))["files"]
-        for f, size in listed.items():
-            if sizes.get(f) != size:
-                return f"{f} is {'missing' if f not in sizes else f'{sizes[f]} bytes, not {size}'}"
+
+    def read(name: str, key: str, kind: type):
+        try:
+            value = json.loads(storage.read_bytes(storage.join(uri, name), options))[key]
+        except (ValueError, KeyError, TypeError) as e:  # bad JSON (UnicodeDecodeError too), a missing key, not an object
+            raise _Unreadable(f"{name} is unreadable ({type(e).__name__}: {e})") from None
+        if not isinstance(value, kind):
+            raise _Unreadable(f"{name} is unreadable ({key!r} is {value!r})")
+        return value
+
+    try:
+        for rank in range(read(COMMIT, "world", int)):
+            name = f"manifest_rank{rank}.json"
+            if name not in sizes:
+                return f"{name} is missing"
+            for f, size in read(name, "files", dict).items():
+                if sizes.get(f) != size:
+                    return f"{f} is {'missing' if f not in sizes else f'{sizes[f]} bytes, not {size}'}"
+    except _Unreadable as e:
+        return str(e)
     return None
+
+
+class _Unreadable(Exception):
+    pass
 
 
 @dataclass

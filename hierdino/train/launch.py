@@ -12,7 +12,7 @@ import torch
 import hierdino
 from hierdino import storage
 from hierdino.config import Config, config_diff, load_config
-from hierdino.data.ingest import CropSpec, build_train_datasets
+from hierdino.data.ingest import CropSpec, IngestError, build_train_datasets
 from hierdino.data.suite import resolve_dataset
 from hierdino.hierarchy import load_hierarchy
 from hierdino.runtime import quiet_ray_data
@@ -77,8 +77,10 @@ def start_block(cfg: Config, uri: str, start_step: int, data, plan, model, prese
     log(f"[hierdino] code      {Path(hierdino.__file__).parent}")  # the installed package or the job's working_dir
 
 
-def build_trainer(cfg: Config, log=print, callbacks: list | None = None, preset: str | None = None, stop_flag=None):
-    """The ``TorchTrainer`` for ``cfg`` (Ray must be initialised)."""
+def build_trainer(cfg: Config, log=print, callbacks: list | None = None, preset: str | None = None, stop_flag=None,
+                  free_resources: bool = True):
+    """The ``TorchTrainer`` for ``cfg`` (Ray must be initialised). ``free_resources=False`` (a sweep
+    trial): the preflight counts the cluster's total resources, the other trials holding the rest."""
     import ray.train  # heavy (seconds): Ray Train loads only where a trainer is built
     from ray.train.torch import TorchTrainer  # heavy: Ray Train, as above
 
@@ -94,7 +96,7 @@ def build_trainer(cfg: Config, log=print, callbacks: list | None = None, preset:
     model = meta_model(cfg, hierarchy)
     if cfg.model.init_weights and not start_step:
         check_init_weights(cfg, model, log)
-    plan = preflight(cfg, log)  # before anything starts: a run that cannot fit stops here (ResourcesError)
+    plan = preflight(cfg, log, free=free_resources)  # before anything starts: a run that cannot fit stops here (ResourcesError)
     workers = cfg.scaling.num_workers
     per_worker = cfg.train.batch_size // workers
     datasets = build_train_datasets(data, CropSpec.from_config(cfg), per_worker, workers, start_step, cfg.train.steps,
@@ -130,6 +132,45 @@ def build_trainer(cfg: Config, log=print, callbacks: list | None = None, preset:
     )
 
 
+def worker_input_error(error: BaseException) -> Exception | None:
+    """The first rank's error when a user fixes it through the run's inputs (storage, data, weights,
+    evaluation sets; ``hierdino.cli.pretrain`` names these kinds), out of Ray Train's worker-group
+    error, so a worker's is reported as the driver's own would be; None for anything else."""
+    from hierdino.data.shards import ShardError
+    from hierdino.eval import EvalDataError
+    from hierdino.models.weights import WeightsError
+
+    kinds = (storage.StorageError, IngestError, ShardError, WeightsError, EvalDataError)
+    for _, failure in sorted(getattr(error, "worker_failures", {}).items()):
+        base = getattr(failure, "_base_exc", failure)  # Ray Train's wrapper keeps the user's exception
+        if isinstance(base, kinds):
+            return base
+    return None
+
+
+def _fit_beside_the_main_thread(trainer):
+    """``trainer.fit()`` in a thread of its own while the main thread waits for it. Called from the
+    main thread, Ray Train's ``fit`` installs its own SIGINT handler (abort the run), replacing the
+    graceful stop's; from another thread it leaves the handlers alone, and the main thread, where
+    Python runs signal handlers, stays free to run them (a second signal's KeyboardInterrupt ends
+    the wait; the thread is a daemon, so the process can exit)."""
+    out = {}
+
+    def run():
+        try:
+            out["result"] = trainer.fit()
+        except BaseException as e:  # re-raised in the main thread
+            out["error"] = e
+
+    thread = threading.Thread(target=run, name="hierdino-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+    if "error" in out:
+        raise out["error"]
+    return out["result"]
+
+
 def train(cfg: Config, log=print, preset: str | None = None, graceful: bool = True) -> dict:
     """Run training to the end (or ``train.stop_at_step``); returns rank 0's final metrics.
 
@@ -141,10 +182,10 @@ def train(cfg: Config, log=print, preset: str | None = None, graceful: bool = Tr
         stopped_by = None
     else:
         with GracefulStop(log) as stop:
-            result = build_trainer(cfg, log, preset=preset, stop_flag=stop.flag).fit()
+            result = _fit_beside_the_main_thread(build_trainer(cfg, log, preset=preset, stop_flag=stop.flag))
         stopped_by = stop.signal
     if result.error:
-        raise result.error
+        raise worker_input_error(result.error) or result.error
     ckpt = latest_complete(run_uri(cfg), StorageOptions.from_config(cfg)).uri
     final = result.return_value or {}
     if final.get("step", 0) >= cfg.train.steps:  # the signal came too late to cut the run short: it finished

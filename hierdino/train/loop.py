@@ -256,8 +256,10 @@ def build_model(cfg: Config, device: torch.device, world: int, say, resuming: bo
 
 
 def open_batches(loop_config: dict, cfg: Config, rank: int, per_worker: int, start: int) -> MixedBatches:
-    """This worker's mixed batches from its shard of every dataset stream, from step ``start`` on."""
-    proportions = loop_config["proportions"]
+    """This worker's mixed batches from its shard of every dataset stream, from step ``start`` on. The
+    streams begin where the driver launched the run (``loop_config["start_step"]``); a worker that
+    Ray Train restarted from a newer checkpoint skips what the steps since then took."""
+    proportions, launched = loop_config["proportions"], loop_config.get("start_step", 0)
 
     def stream(k: int):  # a dataset whose share is 0 has no stream
         name = stream_name(k)
@@ -268,9 +270,10 @@ def open_batches(loop_config: dict, cfg: Config, rank: int, per_worker: int, sta
         share = max(1, math.ceil(proportions[k] * per_worker))
         return ray.train.get_dataset_shard(name).iter_batches(
             batch_size=min(64, 2 * share), batch_format="numpy", local_shuffle_buffer_size=4 * share,
-            local_shuffle_seed=cfg.data.shuffle_seed + 1000 * rank + 17 * k + start)
+            local_shuffle_seed=cfg.data.shuffle_seed + 1000 * rank + 17 * k + launched)  # as the interrupted worker's
 
-    return MixedBatches([stream(k) for k in range(len(proportions))], MixSchedule(proportions, per_worker), start_step=start)
+    return MixedBatches([stream(k) for k in range(len(proportions))], MixSchedule(proportions, per_worker), start_step=start,
+                        streams_start=launched)
 
 
 def worker_nodes(world: int) -> list:

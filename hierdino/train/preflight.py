@@ -33,39 +33,92 @@ class Plan:
     note: str = ""              # what was adapted, for the start block
 
 
-def plan_resources(cfg, available: dict) -> Plan:
-    """Fit ``cfg`` to the cluster's total resources ``available`` (``ray.cluster_resources()``)."""
+MIN_INGEST_CPUS = 0.05  # below this share an ingest task is not worth lowering to: the run is refused
+
+
+def _nodes(resources: dict | list[dict]) -> list[dict]:
+    return [resources] if isinstance(resources, dict) else list(resources)
+
+
+def place_workers(cfg, nodes: list[dict]) -> list[float] | None:
+    """The CPUs each node has left once the training workers are placed on ``nodes`` (each a dict of
+    its free resources) as Ray's placement group would: PACK fills the node with the least room that
+    fits (best fit), SPREAD the one with the most, STRICT_PACK needs one node for all, STRICT_SPREAD
+    one node each. ``None`` when some worker fits on no node."""
     s = cfg.scaling
-    cpus, gpus = float(available.get("CPU", 0)), float(available.get("GPU", 0))
+    cpu, gpu = s.cpus_per_worker, (s.gpus_per_worker if s.use_gpu else 0.0)
+    free = [[float(n.get("CPU", 0)), float(n.get("GPU", 0))] for n in nodes]
+    if s.placement_strategy == "STRICT_PACK":
+        fits = [i for i, (c, g) in enumerate(free) if c + 1e-9 >= cpu * s.num_workers and g + 1e-9 >= gpu * s.num_workers]
+        if not fits:
+            return None
+        i = min(fits, key=lambda i: free[i][0])
+        free[i][0] -= cpu * s.num_workers
+        return [c for c, _ in free]
+    used: set[int] = set()
+    for _ in range(s.num_workers):
+        fits = [i for i, (c, g) in enumerate(free) if c + 1e-9 >= cpu and g + 1e-9 >= gpu
+                and not (s.placement_strategy == "STRICT_SPREAD" and i in used)]
+        if not fits:
+            return None
+        i = (min if s.placement_strategy == "PACK" else max)(fits, key=lambda i: free[i][0])
+        free[i][0] -= cpu
+        free[i][1] -= gpu
+        used.add(i)
+    return [max(c, 0.0) for c, _ in free]
+
+
+def plan_resources(cfg, resources: dict | list[dict]) -> Plan:
+    """Fit ``cfg`` to the cluster: ``resources`` is each node's free resources (a list) or one dict
+    for a single node (``ray.cluster_resources()`` of a one-node cluster). The workers must fit on
+    the nodes as placed by ``place_workers``, and one node must keep an ingest task's CPUs beside
+    them (Ray Data's tasks each run on one node)."""
+    s = cfg.scaling
+    nodes = _nodes(resources)
+    cpus, gpus = (sum(float(n.get(k, 0)) for n in nodes) for k in ("CPU", "GPU"))
     train_cpus = s.num_workers * s.cpus_per_worker
     want_gpus = s.num_workers * s.gpus_per_worker if s.use_gpu else 0
+    where = f"{len(nodes)} nodes with " if len(nodes) > 1 else ""
     if want_gpus > gpus + 1e-9:
         raise ResourcesError(
             f"scaling.use_gpu=true with scaling.num_workers={s.num_workers} x scaling.gpus_per_worker="
             f"{s.gpus_per_worker:g} needs {want_gpus:g} GPU(s); the cluster has "
-            f"{gpus:g}. Set scaling.use_gpu=false to train on CPUs, lower scaling.num_workers, or add GPU nodes "
+            f"{where}{gpus:g} free. Set scaling.use_gpu=false to train on CPUs, lower scaling.num_workers, or add GPU nodes "
             "(an autoscaling cluster: set scaling.wait_for_resources_s)")
-    spare = cpus - train_cpus
     need = cfg.data.num_cpus_per_map
-    if spare >= need:
+    left = place_workers(cfg, nodes) if train_cpus <= cpus + 1e-9 else None
+    if left is None and train_cpus <= cpus + 1e-9:  # enough in all, but no node (or not the ones the strategy needs) has room
+        per_node = ", ".join(f"{float(n.get('CPU', 0)):g} CPU" + (f" + {float(n.get('GPU', 0)):g} GPU" if s.use_gpu else "")
+                             for n in nodes)
+        raise ResourcesError(
+            f"{s.num_workers} training worker(s) of scaling.cpus_per_worker={s.cpus_per_worker:g}"
+            + (f" + scaling.gpus_per_worker={s.gpus_per_worker:g}" if s.use_gpu else "")
+            + f" do not fit on the nodes as scaling.placement_strategy={s.placement_strategy} places them (free per node: "
+            f"{per_node}): Ray would wait for a node that has room forever. Fix: a smaller scaling.cpus_per_worker, "
+            "fewer workers, another placement strategy, or bigger nodes")
+    spare = max(left) if left else 0.0
+    if left is not None and spare + 1e-9 >= need:
         return Plan(s.num_workers, s.cpus_per_worker, want_gpus, need)
-    if spare > 0:
-        return Plan(s.num_workers, s.cpus_per_worker, want_gpus, round(spare, 3),
-                    f"data.num_cpus_per_map lowered from {need:g} to {spare:g}: the CPUs left beside "
-                    f"{s.num_workers} worker(s) x {s.cpus_per_worker:g} CPU")
-    fits = max(cpus - need, 0) / s.num_workers
+    if left is not None and spare >= MIN_INGEST_CPUS:
+        lowered = int(spare * 100 + 1e-6) / 100  # down to a hundredth, never to 0
+        return Plan(s.num_workers, s.cpus_per_worker, want_gpus, lowered,
+                    f"data.num_cpus_per_map lowered from {need:g} to {lowered:g}: the CPUs left beside "
+                    f"{s.num_workers} worker(s) x {s.cpus_per_worker:g} CPU" + (" on the roomiest node" if len(nodes) > 1 else ""))
+    fits = (cpus - need) / s.num_workers
+    fix = f"--set scaling.cpus_per_worker={_floor(fits)}, " if _floor(fits) and len(nodes) == 1 else ""
     raise ResourcesError(
-        f"the cluster has {cpus:g} CPU(s); {s.num_workers} training worker(s) x scaling.cpus_per_worker="
-        f"{s.cpus_per_worker:g} take {train_cpus:g} and leave {max(spare, 0):g} for the data ingest, which needs "
-        f"data.num_cpus_per_map={need:g} at least: the run would wait forever for its first batch. Fix: "
-        + (f"--set scaling.cpus_per_worker={_floor(fits)} " if fits > 0 else "")
-        + "or fewer workers (scaling.num_workers), or a smaller data.num_cpus_per_map, or a bigger cluster "
+        f"the cluster has {where}{cpus:g} free CPU(s); {s.num_workers} training worker(s) x scaling.cpus_per_worker="
+        f"{s.cpus_per_worker:g} take {train_cpus:g} and leave {spare:g} on any one node for the data ingest, which "
+        f"needs data.num_cpus_per_map={need:g} at least: the run would wait forever for its first batch. Fix: "
+        + fix + "fewer workers (scaling.num_workers), a smaller data.num_cpus_per_map, or a bigger cluster "
         "(an autoscaling cluster: set scaling.wait_for_resources_s)")
 
 
-def _floor(x: float) -> str:
-    """A round CPU count <= x (0.25 steps below 1)."""
-    return f"{int(x)}" if x >= 1 else f"{max(int(x * 4) / 4, 0.25):g}"
+def _floor(x: float) -> str | None:
+    """A round CPU count <= x (0.25 steps below 1); None below 0.25."""
+    if x < 0.25:
+        return None
+    return f"{int(x)}" if x >= 1 else f"{int(x * 4) / 4:g}"
 
 
 def demand(cfg) -> list[dict]:
@@ -74,18 +127,29 @@ def demand(cfg) -> list[dict]:
     return [dict(worker) for _ in range(cfg.scaling.num_workers)] + [{"CPU": cfg.data.num_cpus_per_map}]
 
 
-def preflight(cfg, log=print, resources=None, sleep=time.sleep, clock=time.monotonic, request=None) -> Plan:
-    """``plan_resources`` against the live cluster; with ``scaling.wait_for_resources_s`` > 0, retry
-    until it fits or the time is up (a message every 30 s, never a silent wait). While it waits it
+BUSY_GRACE_S = 30.0  # how long a cluster whose nodes would fit the run, but are busy now, is waited for
+
+
+def preflight(cfg, log=print, resources=None, sleep=time.sleep, clock=time.monotonic, request=None,
+              totals=None, free: bool = True) -> Plan:
+    """``plan_resources`` against the live cluster's free resources per node (``free=False``: their
+    totals, for a sweep trial, whose fellow trials hold the rest by design); with
+    ``scaling.wait_for_resources_s`` > 0, retry until it fits or the time is up (a message every 30 s,
+    never a silent wait). A cluster whose nodes would fit the run but are busy now (another job holds
+    CPUs: it would starve this run's ingest) is waited for ``BUSY_GRACE_S`` at least. While it waits it
     asks the autoscaler for the run's bundles (``request``: Ray's ``request_resources`` on the live
     cluster), since polling alone adds no node to a cluster that scales up from zero workers."""
     if resources is None:
-        import ray  # heavy: only a check against the live cluster needs Ray
+        # heavy: only a check against the live cluster needs Ray
+        from ray._private.state import available_resources_per_node, total_resources_per_node
         from ray.autoscaler.sdk import request_resources  # likewise
 
-        resources = ray.cluster_resources
+        per_node = available_resources_per_node if free else total_resources_per_node
+        resources = lambda: list(per_node().values())  # noqa: E731
+        totals = totals or (lambda: list(total_resources_per_node().values()))
         request = request or (lambda bundles: request_resources(bundles=bundles))
-    deadline = clock() + cfg.scaling.wait_for_resources_s
+    start = clock()
+    deadline = start + cfg.scaling.wait_for_resources_s
     last_said, requested = None, False
     try:
         while True:
@@ -93,16 +157,21 @@ def preflight(cfg, log=print, resources=None, sleep=time.sleep, clock=time.monot
                 plan = plan_resources(cfg, resources())
             except ResourcesError as e:
                 now = clock()
-                if now >= deadline:
-                    waited = cfg.scaling.wait_for_resources_s
-                    raise ResourcesError(str(e) + (f" (waited {waited:g} s)" if waited else "")) from None
-                if request is not None and not requested:
+                busy = totals is not None and _fits(cfg, totals())
+                if busy:
+                    e = ResourcesError(f"{e} (free resources now: the cluster's nodes would fit the run, other work "
+                                       "holds the rest)")
+                if now >= max(deadline, start + BUSY_GRACE_S if busy else 0):
+                    waited = now - start
+                    raise ResourcesError(str(e) + (f" (waited {waited:.0f} s)" if waited else "")) from None
+                if request is not None and not requested and not busy:
                     request(demand(cfg))
                     requested = True
                 if last_said is None or now - last_said >= 30:
-                    log(f"[hierdino] waiting up to {deadline - now:.0f} s more for resources: {e}")
+                    log(f"[hierdino] waiting up to {max(deadline, start + BUSY_GRACE_S if busy else 0) - now:.0f} s "
+                        f"more for resources: {e}")
                     last_said = now
-                sleep(min(5.0, max(deadline - now, 0.0)))
+                sleep(5.0)
                 continue
             if plan.note:
                 log(f"[hierdino] {plan.note}")
@@ -112,14 +181,22 @@ def preflight(cfg, log=print, resources=None, sleep=time.sleep, clock=time.monot
             request([])  # a standing request would keep the nodes up after the run
 
 
+def _fits(cfg, nodes) -> bool:
+    try:
+        plan_resources(cfg, nodes)
+        return True
+    except ResourcesError:
+        return False
+
+
 def trials_at_once(cfg, available: dict) -> int:
     """How many runs of ``cfg`` (sweep trials) fit on the cluster together: each takes its workers'
     CPUs and GPU shares plus one ingest task's CPUs."""
     s = cfg.scaling
     per_cpu = s.num_workers * s.cpus_per_worker + cfg.data.num_cpus_per_map
-    fit = int(float(available.get("CPU", 0)) // per_cpu)
+    fit = int(float(available.get("CPU", 0)) / per_cpu + 1e-9)  # not //: 1 // 0.2 is 4.0
     if s.use_gpu:
-        fit = min(fit, int(float(available.get("GPU", 0)) // (s.num_workers * s.gpus_per_worker) + 1e-9))
+        fit = min(fit, int(float(available.get("GPU", 0)) / (s.num_workers * s.gpus_per_worker) + 1e-9))
     return fit
 
 

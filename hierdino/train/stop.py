@@ -8,7 +8,7 @@ pair up step by step), so each rank votes in the step's all-reduce of its loss t
 (``hierdino.train.loop.TrainStep``) and all stop after the next log or checkpoint step, where every
 rank reads the same votes back. The loop then checkpoints that step and returns; the driver says how
 to resume. Kubernetes sends SIGTERM to an evicted pod, then SIGKILL after its grace period: with
-several workers the stop waits for up to ``train.log_every`` steps.
+several workers the stop waits for up to 2 x ``train.log_every`` steps.
 """
 
 from __future__ import annotations
