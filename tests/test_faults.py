@@ -280,6 +280,7 @@ def test_a_torn_or_edited_marker_or_manifest_makes_a_checkpoint_incomplete_not_a
     for name, text, why in ((COMMIT, "", "COMMITTED.json is unreadable (JSONDecodeError"),
                             (COMMIT, '{"step": 4}', "COMMITTED.json is unreadable (KeyError"),
                             (COMMIT, '{"world": "1"}', "COMMITTED.json is unreadable ('world' is '1')"),
+                            (COMMIT, '{"world": 0}', "COMMITTED.json is unreadable ('world' is 0)"),
                             ("manifest_rank0.json", manifest[:20], "manifest_rank0.json is unreadable (JSONDecodeError"),
                             ("manifest_rank0.json", "[1, 2]", "manifest_rank0.json is unreadable (TypeError")):
         (ckpt / COMMIT).write_text(marker)

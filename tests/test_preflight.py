@@ -95,7 +95,7 @@ def test_local_paths_missing_on_a_node_are_named_before_any_worker_starts(ray_cl
 
     present = tmp_path / "manifest.json"
     present.write_text("{}")
-    check_nodes_see([str(present), "s3://bucket/data/manifest.json"], min_nodes=1)
+    check_nodes_see([str(present), f"file://{present}", "s3://bucket/data/manifest.json"], min_nodes=1)
     node = ray_cluster.nodes()[0]["NodeManagerAddress"]
     with pytest.raises(StorageError, match=rf"node {node} lacks {tmp_path}/gone/manifest.json\. Put the datasets"):
         check_nodes_see([str(present), str(tmp_path / "gone" / "manifest.json")], min_nodes=1)
@@ -130,6 +130,12 @@ def test_a_busy_cluster_is_waited_for_briefly_then_refused_and_fixes_that_fail_a
         preflight(_cfg(), said.append, resources=lambda: [{"CPU": 0.5}], totals=lambda: [{"CPU": 2.0}],
                   sleep=lambda s: now.__setitem__(0, now[0] + s), clock=lambda: now[0], request=asked.append)
     assert now[0] == BUSY_GRACE_S == 30 and "waiting up to 30 s more" in said[0] and asked == []  # no nodes asked for
+    # busy enough only to lower the ingest's share (0.4 CPU left beside the worker): also waited for first
+    now[0], said = 0.0, []
+    freed = iter([[{"CPU": 1.4}], [{"CPU": 2.0}]])
+    assert preflight(_cfg(), said.append, resources=lambda: next(freed), totals=lambda: [{"CPU": 2.0}],
+                     sleep=lambda s: now.__setitem__(0, now[0] + s), clock=lambda: now[0]).ingest_cpus == 0.5
+    assert now[0] == 5.0 and "other work holds now" in said[0]
     freed = iter([[{"CPU": 0.5}], [{"CPU": 2.0}]])
     assert preflight(_cfg(), said.append, resources=lambda: next(freed), totals=lambda: [{"CPU": 2.0}],
                      sleep=lambda s: None, clock=lambda: 0.0).ingest_cpus == 0.5

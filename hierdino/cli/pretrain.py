@@ -104,7 +104,8 @@ def main(argv=None) -> int:
         print(f"{_error_kind(e)} error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # a second SIGTERM / SIGINT (or one before the run started): no graceful stop
-        found = launch.latest_complete(launch.run_uri(cfg), launch.StorageOptions.from_config(cfg))
+        with launch.storage.retry_window(5):  # a store that does not answer must not hold the exit for minutes
+            found = launch.latest_complete(launch.run_uri(cfg), launch.StorageOptions.from_config(cfg))
         print(f"[hierdino] aborted by a second signal: the steps since the last complete checkpoint are lost; it is "
               f"{found.uri or 'none'}. Run the same command again to resume from it.", file=sys.stderr)
         return 130

@@ -110,9 +110,25 @@ class MixedBatches:
     def __iter__(self):
         return self
 
+    def _drop(self, k: int, n: int) -> bool:
+        """Discard the next ``n`` rows of stream k chunk by chunk (no more than a chunk in memory)."""
+        while n > 0:
+            if not self.available[k]:
+                try:
+                    chunk = next(self.streams[k])
+                except StopIteration:
+                    return False
+                self.pending[k], self.available[k] = [chunk], len(next(iter(chunk.values())))
+            cut = min(n, self.available[k])
+            joined = {c: np.concatenate([p[c] for p in self.pending[k]]) for c in self.pending[k][0]}
+            self.available[k] -= cut
+            self.pending[k] = [{c: v[cut:] for c, v in joined.items()}] if self.available[k] else []
+            n -= cut
+        return True
+
     def __next__(self) -> dict:
         for k, n in enumerate(self.skip):
-            if n > 0 and self._take(k, int(n)) is None:
+            if n > 0 and not self._drop(k, int(n)):
                 raise StopIteration
         self.skip = [0] * len(self.streams)
         counts = self.schedule.counts(self.step)

@@ -67,7 +67,7 @@ def verify(uri: str, options: StorageOptions | None = None) -> str | None:
             value = json.loads(storage.read_bytes(storage.join(uri, name), options))[key]
         except (ValueError, KeyError, TypeError) as e:  # bad JSON (UnicodeDecodeError too), a missing key, not an object
             raise _Unreadable(f"{name} is unreadable ({type(e).__name__}: {e})") from None
-        if not isinstance(value, kind):
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 1):
             raise _Unreadable(f"{name} is unreadable ({key!r} is {value!r})")
         return value
 
@@ -198,6 +198,13 @@ class CheckpointManager:
             app = self._app_state()
             saved = set(reader.read_metadata().state_dict_metadata)
             missing = [k for k in app["model"] if f"model.{k}" not in saved]
+            gains = [k for k in missing if k.endswith("last_layer.weight_g")]
+            if gains:  # written before the heads trained their prototype gains: they stay at 1, the old heads' logits
+                for k in gains:
+                    del app["model"][k]
+                missing = [k for k in missing if k not in gains]
+                if self.rank == 0:
+                    log(f"[hierdino] {found.uri} has no prototype gains (written before they were trained): they start at 1")
             if missing:
                 raise RuntimeError(f"checkpoint {found.uri} does not match the model: {len(missing)} missing tensors, "
                                    f"e.g. {missing[:5]}")

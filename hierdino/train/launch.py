@@ -177,15 +177,20 @@ def train(cfg: Config, log=print, preset: str | None = None, graceful: bool = Tr
     ``graceful`` (main thread only): SIGTERM / SIGINT end the run after the step in flight with a
     checkpoint (``hierdino.train.stop``); the result then has ``stopped_by`` set.
     """
-    if not graceful or threading.current_thread() is not threading.main_thread():
-        result = build_trainer(cfg, log, preset=preset).fit()
-        stopped_by = None
-    else:
-        with GracefulStop(log) as stop:
-            result = _fit_beside_the_main_thread(build_trainer(cfg, log, preset=preset, stop_flag=stop.flag))
-        stopped_by = stop.signal
-    if result.error:
-        raise worker_input_error(result.error) or result.error
+    import ray.train  # heavy (seconds): as in build_trainer; its error class is caught below
+
+    try:  # Ray Train raises a worker's error (a TrainingFailedError) out of fit
+        if not graceful or threading.current_thread() is not threading.main_thread():
+            result = build_trainer(cfg, log, preset=preset).fit()
+            stopped_by = None
+        else:
+            with GracefulStop(log) as stop:
+                result = _fit_beside_the_main_thread(build_trainer(cfg, log, preset=preset, stop_flag=stop.flag))
+            stopped_by = stop.signal
+        if result.error:
+            raise result.error
+    except ray.train.TrainingFailedError as e:
+        raise worker_input_error(e) or e
     ckpt = latest_complete(run_uri(cfg), StorageOptions.from_config(cfg)).uri
     final = result.return_value or {}
     if final.get("step", 0) >= cfg.train.steps:  # the signal came too late to cut the run short: it finished

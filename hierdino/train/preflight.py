@@ -164,13 +164,20 @@ def preflight(cfg, log=print, resources=None, sleep=time.sleep, clock=time.monot
                 if now >= max(deadline, start + BUSY_GRACE_S if busy else 0):
                     waited = now - start
                     raise ResourcesError(str(e) + (f" (waited {waited:.0f} s)" if waited else "")) from None
-                if request is not None and not requested and not busy:
+                if request is not None and not requested and (not busy or cfg.scaling.wait_for_resources_s > 0):
                     request(demand(cfg))
                     requested = True
                 if last_said is None or now - last_said >= 30:
                     log(f"[hierdino] waiting up to {max(deadline, start + BUSY_GRACE_S if busy else 0) - now:.0f} s "
                         f"more for resources: {e}")
                     last_said = now
+                sleep(5.0)
+                continue
+            if plan.note and totals is not None and clock() < start + BUSY_GRACE_S and plan.ingest_cpus < _ingest_share(cfg, totals()):
+                if last_said is None:  # the ingest's share is lowered only because other work holds CPUs now
+                    log(f"[hierdino] waiting up to {start + BUSY_GRACE_S - clock():.0f} s for the data ingest's "
+                        f"{cfg.data.num_cpus_per_map:g} CPU(s), which other work holds now")
+                    last_said = clock()
                 sleep(5.0)
                 continue
             if plan.note:
@@ -181,12 +188,16 @@ def preflight(cfg, log=print, resources=None, sleep=time.sleep, clock=time.monot
             request([])  # a standing request would keep the nodes up after the run
 
 
-def _fits(cfg, nodes) -> bool:
+def _ingest_share(cfg, nodes) -> float:
+    """The ingest CPUs a run gets on ``nodes``; 0 when it does not fit them."""
     try:
-        plan_resources(cfg, nodes)
-        return True
+        return plan_resources(cfg, nodes).ingest_cpus
     except ResourcesError:
-        return False
+        return 0.0
+
+
+def _fits(cfg, nodes) -> bool:
+    return _ingest_share(cfg, nodes) > 0
 
 
 def trials_at_once(cfg, available: dict) -> int:
@@ -212,7 +223,7 @@ def check_nodes_see(paths: list[str], min_nodes: int = 2, timeout_s: float = 60.
     each. A path missing on a node raises ``StorageError`` naming both, before any worker starts
     (otherwise a read task or a worker fails minutes into the run). Nodes that join later (an
     autoscaling cluster) are not seen here; the workers check the run directory again."""
-    local = [p for p in paths if not storage.is_s3(p)]
+    local = [storage.resolve(p)[1] for p in paths if not storage.is_s3(p)]  # file://, ~ and relative paths as read
     if not local:
         return
     import ray  # heavy: only a check against the live cluster needs Ray
