@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -97,3 +98,28 @@ def test_a_worker_that_cannot_see_the_run_directory_stops_naming_it(tmp_path):
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "config.yaml").write_text("{}")  # what the driver writes before the workers start
     check_shared_run_dir(str(tmp_path / "r"), None)
+
+
+def test_a_first_batch_that_does_not_come_is_said_with_the_free_cpus(ray_cluster, tmp_path, capsys):
+    """While the first batch is awaited longer than ``first_batch_warn_s``, rank 0 says so with the
+    cluster's free CPUs (the session cluster's 2 here); once it came, nothing more is said."""
+    import time as _time
+
+    from hierdino.config import load_config
+    from hierdino.train.metrics import TrainMetrics
+
+    metrics = TrainMetrics(load_config("tiny-cpu"), str(tmp_path), 0, _time.perf_counter())
+    metrics.first_batch_warn_s = 0.3
+
+    def slow():
+        _time.sleep(1.0)
+        yield {"ok": np.ones(2, dtype=bool)}
+        yield {"ok": np.ones(2, dtype=bool)}
+
+    batches = slow()
+    metrics.next_batch(batches, 0, 2)
+    first = capsys.readouterr().out
+    assert first.count("no batch yet") >= 2 and "of 2 CPUs free" in first and "num_cpus_per_map=0.5" in first, first
+    metrics.next_batch(batches, 1, 2)
+    _time.sleep(0.5)
+    assert "no batch yet" not in capsys.readouterr().out

@@ -7,6 +7,7 @@ at each log step, ``flush`` at checkpoints and ``close`` at the end. Only rank 0
 
 from __future__ import annotations
 
+import threading
 import time
 
 import torch
@@ -48,6 +49,7 @@ class TrainMetrics:
                                        cfg.optim.freeze_last_layer_steps), stop=cfg.train.stop_on_collapse)
         self.corrupt = CorruptCounter(cfg.data.max_corrupt_fraction)
         self.t0, self.wait, self.images, self.first_batch_s = time.perf_counter(), 0.0, 0, None
+        self.first_batch_warn_s = 120.0  # while the first batch is awaited, what the cluster has free is said this often
 
     def begin(self) -> None:
         """The loop starts now: throughput and data wait are measured from here."""
@@ -61,11 +63,16 @@ class TrainMetrics:
         """The next batch as tensors (host tensors, or what ``decode`` makes of them: the device decoder
         of ``data.decode: device``, whose time counts as waiting for data); the first one is announced."""
         tw = time.perf_counter()
+        done = threading.Event()
+        if self.first_batch_s is None:  # a first batch that never comes is said, not waited for in silence
+            threading.Thread(target=self._while_no_batch, args=(done,), daemon=True).start()
         try:
             raw = as_tensors(next(batches))
         except StopIteration:
             raise RuntimeError(f"the training data ran out at step {step}: a stream yielded fewer rows than the "
                                f"mix schedule needs (per-worker batch {per_worker})") from None
+        finally:
+            done.set()
         if decode is not None:
             raw = decode(raw)
         self.wait += time.perf_counter() - tw
@@ -75,6 +82,16 @@ class TrainMetrics:
         self.corrupt.update(raw["ok"].numpy())
         self.images += self.cfg.train.batch_size
         return raw
+
+    def _while_no_batch(self, done: threading.Event) -> None:
+        import ray  # the worker's Ray: what the cluster has free now
+
+        while not done.wait(self.first_batch_warn_s):
+            free, total = ray.available_resources().get("CPU", 0.0), ray.cluster_resources().get("CPU", 0.0)
+            self.say(f"[hierdino] no batch yet {time.perf_counter() - self.worker_start:.0f} s after the worker started: "
+                     f"the data ingest has not delivered. The cluster has {free:g} of {total:g} CPUs free, and each ingest "
+                     f"task needs data.num_cpus_per_map={self.cfg.data.num_cpus_per_map:g}: with none free, other work "
+                     "holds them (another job, a leaked placement group); with some, large first files take long")
 
     def images_per_s(self) -> float:
         return self.images / max(time.perf_counter() - self.t0, 1e-9)
