@@ -52,7 +52,9 @@ class DINOHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = F.normalize(self.mlp(x), dim=-1, eps=1e-6)
-        return F.linear(z, self.last_layer.weight_g * F.normalize(self.last_layer.weight, dim=1, eps=1e-6))
+        w = self.last_layer.weight
+        # gain over row norm on [K, 1] first: one pass over the [K, bottleneck] directions, not a normalise then a scale
+        return F.linear(z, w * (self.last_layer.weight_g / w.norm(dim=1, keepdim=True).clamp_min(1e-6)))
 
 
 class SupervisedHead(nn.Module):
