@@ -82,6 +82,8 @@ def test_fractional_gpus_pack_several_trials_on_one_gpu():
     assert trials_at_once(_cfg(), {"CPU": 2.0}) == 1                 # the tiny preset: 1 + 0.5 CPUs each
     fifth = _cfg("scaling.use_gpu=true", "scaling.gpus_per_worker=0.2", "scaling.cpus_per_worker=0.2", "data.num_cpus_per_map=0.4")
     assert trials_at_once(fifth, {"CPU": 3.0, "GPU": 1.0}) == 5      # 3 / 0.6 and 1 / 0.2, not 3 // 0.6 == 4
+    five = _cfg("scaling.cpus_per_worker=5", "data.num_cpus_per_map=0.25")  # 16 / 5.25 CPUs is 3 on the totals,
+    assert trials_at_once(five, [{"CPU": 8.0}, {"CPU": 8.0}]) == 2   # but each 8-CPU node holds one 5-CPU worker
     with pytest.raises(ResourcesError, match="gpus_per_worker=1 needs 2 GPU"):
         plan_resources(_cfg("scaling.use_gpu=true", "scaling.num_workers=2"), {"CPU": 16.0, "GPU": 1.0})
 

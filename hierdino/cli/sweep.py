@@ -84,11 +84,11 @@ def trials_to_run(cfg, max_concurrent: int | None, grows: bool) -> int:
     raises ``ResourcesError`` if not even one fits, since the sweep would wait forever. On a cluster
     that cannot grow (the local one this command started), more than fit is lowered to what fits:
     the extra trials' workers would take the CPUs every trial's data ingest needs."""
-    import ray  # heavy: needed only once a sweep really starts
-    from ray._private.state import total_resources_per_node  # likewise
+    from ray._private.state import total_resources_per_node  # heavy: needed only once a sweep really starts
 
-    plan_resources(cfg, list(total_resources_per_node().values()))
-    fit = max(1, trials_at_once(cfg, ray.cluster_resources()))
+    nodes = list(total_resources_per_node().values())
+    plan_resources(cfg, nodes)
+    fit = max(1, trials_at_once(cfg, nodes))
     concurrent = max_concurrent or fit
     if concurrent > fit and not grows:
         print(f"[hierdino] --max-concurrent {max_concurrent} lowered to {fit}: only {fit} trial(s) fit on this local "

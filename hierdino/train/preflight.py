@@ -40,11 +40,11 @@ def _nodes(resources: dict | list[dict]) -> list[dict]:
     return [resources] if isinstance(resources, dict) else list(resources)
 
 
-def place_workers(cfg, nodes: list[dict]) -> list[float] | None:
-    """The CPUs each node has left once the training workers are placed on ``nodes`` (each a dict of
-    its free resources) as Ray's placement group would: PACK fills the node with the least room that
-    fits (best fit), SPREAD the one with the most, STRICT_PACK needs one node for all, STRICT_SPREAD
-    one node each. ``None`` when some worker fits on no node."""
+def place_workers(cfg, nodes: list[dict]) -> list[dict] | None:
+    """What each node has left (``{"CPU", "GPU"}``) once the training workers are placed on ``nodes``
+    (each a dict of its free resources) as Ray's placement group would: PACK fills the node with the
+    least room that fits (best fit), SPREAD the one with the most, STRICT_PACK needs one node for all,
+    STRICT_SPREAD one node each. ``None`` when some worker fits on no node."""
     s = cfg.scaling
     cpu, gpu = s.cpus_per_worker, (s.gpus_per_worker if s.use_gpu else 0.0)
     free = [[float(n.get("CPU", 0)), float(n.get("GPU", 0))] for n in nodes]
@@ -54,18 +54,19 @@ def place_workers(cfg, nodes: list[dict]) -> list[float] | None:
             return None
         i = min(fits, key=lambda i: free[i][0])
         free[i][0] -= cpu * s.num_workers
-        return [c for c, _ in free]
-    used: set[int] = set()
-    for _ in range(s.num_workers):
-        fits = [i for i, (c, g) in enumerate(free) if c + 1e-9 >= cpu and g + 1e-9 >= gpu
-                and not (s.placement_strategy == "STRICT_SPREAD" and i in used)]
-        if not fits:
-            return None
-        i = (min if s.placement_strategy == "PACK" else max)(fits, key=lambda i: free[i][0])
-        free[i][0] -= cpu
-        free[i][1] -= gpu
-        used.add(i)
-    return [max(c, 0.0) for c, _ in free]
+        free[i][1] -= gpu * s.num_workers
+    else:
+        used: set[int] = set()
+        for _ in range(s.num_workers):
+            fits = [i for i, (c, g) in enumerate(free) if c + 1e-9 >= cpu and g + 1e-9 >= gpu
+                    and not (s.placement_strategy == "STRICT_SPREAD" and i in used)]
+            if not fits:
+                return None
+            i = (min if s.placement_strategy == "PACK" else max)(fits, key=lambda i: free[i][0])
+            free[i][0] -= cpu
+            free[i][1] -= gpu
+            used.add(i)
+    return [{"CPU": max(c, 0.0), "GPU": max(g, 0.0)} for c, g in free]
 
 
 def plan_resources(cfg, resources: dict | list[dict]) -> Plan:
@@ -96,7 +97,7 @@ def plan_resources(cfg, resources: dict | list[dict]) -> Plan:
             + f" do not fit on the nodes as scaling.placement_strategy={s.placement_strategy} places them (free per node: "
             f"{per_node}): Ray would wait for a node that has room forever. Fix: a smaller scaling.cpus_per_worker, "
             "fewer workers, another placement strategy, or bigger nodes")
-    spare = max(left) if left else 0.0
+    spare = max(n["CPU"] for n in left) if left else 0.0
     if left is not None and spare + 1e-9 >= need:
         return Plan(s.num_workers, s.cpus_per_worker, want_gpus, need)
     if left is not None and spare >= MIN_INGEST_CPUS:
@@ -200,14 +201,20 @@ def _fits(cfg, nodes) -> bool:
     return _ingest_share(cfg, nodes) > 0
 
 
-def trials_at_once(cfg, available: dict) -> int:
-    """How many runs of ``cfg`` (sweep trials) fit on the cluster together: each takes its workers'
-    CPUs and GPU shares plus one ingest task's CPUs."""
-    s = cfg.scaling
-    per_cpu = s.num_workers * s.cpus_per_worker + cfg.data.num_cpus_per_map
-    fit = int(float(available.get("CPU", 0)) / per_cpu + 1e-9)  # not //: 1 // 0.2 is 4.0
-    if s.use_gpu:
-        fit = min(fit, int(float(available.get("GPU", 0)) / (s.num_workers * s.gpus_per_worker) + 1e-9))
+def trials_at_once(cfg, resources: dict | list[dict]) -> int:
+    """How many runs of ``cfg`` (sweep trials) fit on the cluster together (``resources``: each node's,
+    or one dict for one node): each trial's workers placed node by node as ``place_workers`` places
+    them, and its ingest task's CPUs on the roomiest node left."""
+    nodes, fit = [dict(n) for n in _nodes(resources)], 0
+    while fit < 10_000:
+        left = place_workers(cfg, nodes)
+        if left is None:
+            break
+        roomiest = max(range(len(left)), key=lambda i: left[i]["CPU"])
+        if left[roomiest]["CPU"] + 1e-9 < cfg.data.num_cpus_per_map:
+            break
+        left[roomiest]["CPU"] -= cfg.data.num_cpus_per_map
+        nodes, fit = left, fit + 1
     return fit
 
 
