@@ -19,7 +19,6 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 from hierdino.config import ConfigError, load_config
 from hierdino.data.suite import ensure_synthetic_suite
 from hierdino.runtime import init_ray, positive_int, upload_dir_problem
-from hierdino.train.preflight import ResourcesError
 
 
 def parse_args(argv=None):
@@ -41,20 +40,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _error_kind(e: Exception) -> str:
-    """How an input error a user can fix is named on stderr (``<kind> error: <message>``)."""
-    from hierdino.data.ingest import IngestError  # pyarrow and torch: only for errors past the config
-    from hierdino.data.shards import ShardError
-    from hierdino.eval import EvalDataError
-    from hierdino.models.weights import WeightsError
-    from hierdino.storage import StorageError
-    from hierdino.train.resume import ResumeError
-
-    kinds = {WeightsError: "weights", ResourcesError: "resources", ResumeError: "resume", EvalDataError: "eval data",
-             StorageError: "storage", IngestError: "data", ShardError: "data"}
-    return next(k for cls, k in kinds.items() if isinstance(e, cls))
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -63,7 +48,7 @@ def main(argv=None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     # heavy (torch.distributed.checkpoint): not for --help or a config error
-    from hierdino.train.resume import ResumeError, check_resume
+    from hierdino.train.resume import check_resume
 
     if args.offline and not args.validate_only:
         print("usage error: --offline only goes with --validate-only", file=sys.stderr)
@@ -72,11 +57,8 @@ def main(argv=None) -> int:
     if problem:
         print(f"config error: {problem}", file=sys.stderr)
         return 2
-    from hierdino.data.ingest import IngestError  # pyarrow: not for --help or a config error
-    from hierdino.data.shards import ShardError
-    from hierdino.eval import EvalDataError
-    from hierdino.storage import StorageError
-    from hierdino.train.inputs import check_inputs
+    from hierdino import storage
+    from hierdino.train.inputs import check_inputs, error_kind  # pyarrow: not for --help or a config error
 
     retry_s = 10 if args.validate_only else cfg.run.storage_retry_s  # --validate-only: no run's window
     try:  # a run directory this config would not continue, or inputs it cannot read: said before any cluster work
@@ -84,13 +66,14 @@ def main(argv=None) -> int:
                           else check_resume(cfg, retry_s=retry_s, unreachable_ok=args.validate_only))
         if not args.offline:  # the synthetic suite, when missing, is built below
             check_inputs(cfg, unbuilt_suite_ok=True, resuming=resumes > 0, retry_s=retry_s)
-    except (ResumeError, StorageError, IngestError, ShardError, EvalDataError) as e:
-        print(f"{_error_kind(e)} error: {e}", file=sys.stderr)
+    except Exception as e:  # an input error is named (exit 2); anything else is a bug, with its traceback
+        if error_kind(e) is None:
+            raise
+        print(f"{error_kind(e)} error: {e}", file=sys.stderr)
         return 2
     if args.validate_only:
         print(f"config OK: {args.config} ({len(args.overrides)} override(s)); run {cfg.run.storage}/{cfg.run.name}: {where}")
         return 0
-    from hierdino.models.weights import WeightsError  # imports torch: only a run that trains needs it
     from hierdino.train import launch  # heavy (Ray, torch.distributed): only a run that trains needs it
 
     t0 = time.time()
@@ -100,12 +83,16 @@ def main(argv=None) -> int:
         launch.preflight(cfg, log=lambda line: print(line) if "waiting" in line else None)
         ensure_synthetic_suite(cfg)
         final = launch.train(cfg, preset=args.config)
-    except (WeightsError, ResourcesError, ResumeError, EvalDataError, StorageError, IngestError, ShardError) as e:
-        print(f"{_error_kind(e)} error: {e}", file=sys.stderr)
+    except Exception as e:  # as above
+        if error_kind(e) is None:
+            raise
+        print(f"{error_kind(e)} error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # a second SIGTERM / SIGINT (or one before the run started): no graceful stop
-        with launch.storage.retry_window(5):  # a store that does not answer must not hold the exit for minutes
-            found = launch.latest_complete(launch.run_uri(cfg), launch.StorageOptions.from_config(cfg))
+        from hierdino.train.checkpoint import latest_complete, run_uri
+
+        with storage.retry_window(5):  # a store that does not answer must not hold the exit for minutes
+            found = latest_complete(run_uri(cfg), storage.StorageOptions.from_config(cfg))
         print(f"[hierdino] aborted by a second signal: the steps since the last complete checkpoint are lost; it is "
               f"{found.uri or 'none'}. Run the same command again to resume from it.", file=sys.stderr)
         return 130

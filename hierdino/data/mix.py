@@ -111,19 +111,13 @@ class MixedBatches:
         return self
 
     def _drop(self, k: int, n: int) -> bool:
-        """Discard the next ``n`` rows of stream k chunk by chunk (no more than a chunk in memory)."""
+        """Discard the next ``n`` rows of stream k, taking what is pending (or one new row, which reads a
+        chunk) at a time: no more than a chunk in memory."""
         while n > 0:
-            if not self.available[k]:
-                try:
-                    chunk = next(self.streams[k])
-                except StopIteration:
-                    return False
-                self.pending[k], self.available[k] = [chunk], len(next(iter(chunk.values())))
-            cut = min(n, self.available[k])
-            joined = {c: np.concatenate([p[c] for p in self.pending[k]]) for c in self.pending[k][0]}
-            self.available[k] -= cut
-            self.pending[k] = [{c: v[cut:] for c, v in joined.items()}] if self.available[k] else []
-            n -= cut
+            m = min(n, max(self.available[k], 1))
+            if self._take(k, m) is None:
+                return False
+            n -= m
         return True
 
     def __next__(self) -> dict:

@@ -20,6 +20,7 @@ Sizes: ``small`` = 6,400 images (builds in well under a minute on 2 cores at 64 
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,6 +181,17 @@ def suite_ready(out: str, names: tuple = SUITE_NAMES, options: storage.StorageOp
 def resolve_dataset(name_or_uri: str, suite_dir: str) -> str:
     """A suite name (``synth-ext-1``) -> ``<suite_dir>/<name>``; URIs and paths pass through."""
     return storage.join(suite_dir, name_or_uri) if name_or_uri in SUITE_NAMES else name_or_uri
+
+
+def suite_dir(cfg) -> str:
+    """``data.synth_cache`` as it is read: a local path with ``~`` expanded, an S3 URI as it is."""
+    c = cfg.data.synth_cache
+    return c if storage.is_s3(c) else os.path.expanduser(c)
+
+
+def eval_set_uris(cfg) -> list[str]:
+    """The URIs of ``eval.datasets`` (suite names under ``suite_dir``)."""
+    return [resolve_dataset(d, suite_dir(cfg)) for d in cfg.eval.datasets]
 
 
 def runs_evaluation(cfg) -> bool:

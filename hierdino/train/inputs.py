@@ -8,11 +8,10 @@ too; a sweep with its split, ``val``), and the trainer again once the synthetic 
 
 from __future__ import annotations
 
-import os
-
 from hierdino import storage
 from hierdino.data.ingest import TrainData, describe_train_data
-from hierdino.data.suite import TRAIN_SETS, resolve_dataset, runs_evaluation, suite_ready, suite_sets_needed
+from hierdino.data.suite import (TRAIN_SETS, eval_set_uris, resolve_dataset, runs_evaluation, suite_dir, suite_ready,
+                                 suite_sets_needed)
 from hierdino.eval import check_probe_sets
 from hierdino.hierarchy import load_hierarchy
 from hierdino.storage import StorageOptions
@@ -28,7 +27,7 @@ def check_inputs(cfg, options: StorageOptions | None = None, unbuilt_suite_ok: b
     reads no ``init_weights`` (its weights come from its checkpoint), so they are not checked.
     ``retry_s``: how long an unreachable store is retried (default: the current window)."""
     options = options or StorageOptions.from_config(cfg)
-    cache = cfg.data.synth_cache if storage.is_s3(cfg.data.synth_cache) else os.path.expanduser(cfg.data.synth_cache)
+    cache = suite_dir(cfg)
     evaluates = runs_evaluation(cfg) if evaluates is None else evaluates
     to_build = suite_sets_needed(cfg, evaluates) if unbuilt_suite_ok else ()
 
@@ -42,9 +41,23 @@ def check_inputs(cfg, options: StorageOptions | None = None, unbuilt_suite_ok: b
         if not any(pending(u) for u in uris):
             data = describe_train_data(uris, load_hierarchy(cfg.hierarchy.name), cfg.data.weights, options)
         if evaluates:
-            sets = [resolve_dataset(d, cache) for d in cfg.eval.datasets]
-            check_probe_sets([u for u in sets if not pending(u)], eval_split or cfg.eval.split, options)
+            check_probe_sets([u for u in eval_set_uris(cfg) if not pending(u)], eval_split or cfg.eval.split, options)
         w = cfg.model.init_weights
         if w and not resuming and not storage.exists(w, options):
             raise storage.StorageError(f"model.init_weights: no file at {w}")
     return data
+
+
+def error_kind(e: BaseException) -> str | None:
+    """How an error a user fixes through a run's inputs is named on stderr (``<kind> error: ...``);
+    None for any other error."""
+    from hierdino.data.ingest import IngestError
+    from hierdino.data.shards import ShardError
+    from hierdino.eval import EvalDataError
+    from hierdino.models.weights import WeightsError  # torch: only once an error is named
+    from hierdino.train.preflight import ResourcesError
+    from hierdino.train.resume import ResumeError  # torch.distributed.checkpoint, likewise
+
+    kinds = {WeightsError: "weights", ResourcesError: "resources", ResumeError: "resume", EvalDataError: "eval data",
+             storage.StorageError: "storage", IngestError: "data", ShardError: "data"}
+    return next((k for cls, k in kinds.items() if isinstance(e, cls)), None)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 
@@ -12,13 +11,13 @@ import torch
 import hierdino
 from hierdino import storage
 from hierdino.config import Config, config_diff, load_config
-from hierdino.data.ingest import CropSpec, IngestError, build_train_datasets
-from hierdino.data.suite import resolve_dataset
+from hierdino.data.ingest import CropSpec, build_train_datasets
+from hierdino.data.suite import eval_set_uris
 from hierdino.hierarchy import load_hierarchy
 from hierdino.runtime import quiet_ray_data
 from hierdino.storage import StorageOptions
 from hierdino.train.checkpoint import latest_complete, run_uri
-from hierdino.train.inputs import check_inputs
+from hierdino.train.inputs import check_inputs, error_kind
 from hierdino.train.preflight import check_nodes_see, preflight
 from hierdino.train.resume import plan_start
 from hierdino.train.stop import GracefulStop
@@ -104,8 +103,7 @@ def build_trainer(cfg: Config, log=print, callbacks: list | None = None, preset:
     storage.write_bytes(storage.join(uri, "config.yaml"), cfg.to_yaml().encode(), opts)
     shared = [storage.join(u, "manifest.json") for u in data.uris] + [storage.join(uri, "config.yaml")]
     if cfg.eval.every_steps:
-        cache = cfg.data.synth_cache if storage.is_s3(cfg.data.synth_cache) else os.path.expanduser(cfg.data.synth_cache)
-        shared += [storage.join(resolve_dataset(d, cache), "manifest.json") for d in cfg.eval.datasets]
+        shared += [storage.join(u, "manifest.json") for u in eval_set_uris(cfg)]
     check_nodes_see(shared)  # several nodes: each sees the local paths (StorageError)
     start_block(cfg, uri, start_step, data, plan, model, preset, log)
     fs, path = storage.resolve(cfg.run.storage, opts)
@@ -133,17 +131,12 @@ def build_trainer(cfg: Config, log=print, callbacks: list | None = None, preset:
 
 
 def worker_input_error(error: BaseException) -> Exception | None:
-    """The first rank's error when a user fixes it through the run's inputs (storage, data, weights,
-    evaluation sets; ``hierdino.cli.pretrain`` names these kinds), out of Ray Train's worker-group
-    error, so a worker's is reported as the driver's own would be; None for anything else."""
-    from hierdino.data.shards import ShardError
-    from hierdino.eval import EvalDataError
-    from hierdino.models.weights import WeightsError
-
-    kinds = (storage.StorageError, IngestError, ShardError, WeightsError, EvalDataError)
+    """The first rank's error when a user fixes it through the run's inputs (``inputs.error_kind``: storage,
+    data, weights, evaluation sets), out of Ray Train's worker-group error, so a worker's is reported as
+    the driver's own would be; None for anything else."""
     for _, failure in sorted(getattr(error, "worker_failures", {}).items()):
         base = getattr(failure, "_base_exc", failure)  # Ray Train's wrapper keeps the user's exception
-        if isinstance(base, kinds):
+        if error_kind(base) is not None:
             return base
     return None
 
@@ -187,8 +180,6 @@ def train(cfg: Config, log=print, preset: str | None = None, graceful: bool = Tr
             with GracefulStop(log) as stop:
                 result = _fit_beside_the_main_thread(build_trainer(cfg, log, preset=preset, stop_flag=stop.flag))
             stopped_by = stop.signal
-        if result.error:
-            raise result.error
     except ray.train.TrainingFailedError as e:
         raise worker_input_error(e) or e
     ckpt = latest_complete(run_uri(cfg), StorageOptions.from_config(cfg)).uri

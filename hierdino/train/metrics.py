@@ -63,8 +63,9 @@ class TrainMetrics:
         """The next batch as tensors (host tensors, or what ``decode`` makes of them: the device decoder
         of ``data.decode: device``, whose time counts as waiting for data); the first one is announced."""
         tw = time.perf_counter()
-        done = threading.Event()
+        done = None
         if self.first_batch_s is None:  # a first batch that never comes is said, not waited for in silence
+            done = threading.Event()
             threading.Thread(target=self._while_no_batch, args=(done,), daemon=True).start()
         try:
             raw = as_tensors(next(batches))
@@ -72,7 +73,8 @@ class TrainMetrics:
             raise RuntimeError(f"the training data ran out at step {step}: a stream yielded fewer rows than the "
                                f"mix schedule needs (per-worker batch {per_worker})") from None
         finally:
-            done.set()
+            if done is not None:
+                done.set()
         if decode is not None:
             raw = decode(raw)
         self.wait += time.perf_counter() - tw

@@ -158,19 +158,19 @@ def preflight(cfg, log=print, resources=None, sleep=time.sleep, clock=time.monot
                 plan = plan_resources(cfg, resources())
             except ResourcesError as e:
                 now = clock()
-                busy = totals is not None and _fits(cfg, totals())
+                busy = totals is not None and _ingest_share(cfg, totals()) > 0
+                until = max(deadline, start + BUSY_GRACE_S) if busy else deadline
                 if busy:
                     e = ResourcesError(f"{e} (free resources now: the cluster's nodes would fit the run, other work "
                                        "holds the rest)")
-                if now >= max(deadline, start + BUSY_GRACE_S if busy else 0):
+                if now >= until:
                     waited = now - start
                     raise ResourcesError(str(e) + (f" (waited {waited:.0f} s)" if waited else "")) from None
                 if request is not None and not requested and (not busy or cfg.scaling.wait_for_resources_s > 0):
                     request(demand(cfg))
                     requested = True
                 if last_said is None or now - last_said >= 30:
-                    log(f"[hierdino] waiting up to {max(deadline, start + BUSY_GRACE_S if busy else 0) - now:.0f} s "
-                        f"more for resources: {e}")
+                    log(f"[hierdino] waiting up to {until - now:.0f} s more for resources: {e}")
                     last_said = now
                 sleep(5.0)
                 continue
@@ -195,10 +195,6 @@ def _ingest_share(cfg, nodes) -> float:
         return plan_resources(cfg, nodes).ingest_cpus
     except ResourcesError:
         return 0.0
-
-
-def _fits(cfg, nodes) -> bool:
-    return _ingest_share(cfg, nodes) > 0
 
 
 def trials_at_once(cfg, resources: dict | list[dict]) -> int:
@@ -243,10 +239,9 @@ def check_nodes_see(paths: list[str], min_nodes: int = 2, timeout_s: float = 60.
     refs = {n["NodeManagerAddress"]: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(local)
             for n in nodes}
     ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
-    missing = {node: ray.get(ref) for node, ref in refs.items() if ref in ready}
-    missing = {node: paths for node, paths in missing.items() if paths}
+    missing = {node: lacks for node, ref in refs.items() if ref in ready and (lacks := ray.get(ref))}
     if missing:
-        lines = "; ".join(f"node {node} lacks {', '.join(paths)}" for node, paths in sorted(missing.items()))
+        lines = "; ".join(f"node {node} lacks {', '.join(lacks)}" for node, lacks in sorted(missing.items()))
         raise storage.StorageError(
             f"local paths this run reads or writes are not on every node of the cluster ({len(nodes)} nodes with CPUs): "
             f"{lines}. Put the datasets and run.storage on s3:// URIs, or on a filesystem shared by every node and "

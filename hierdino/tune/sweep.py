@@ -50,9 +50,7 @@ def _trial(config: dict) -> None:
                 for i in range(seeds)]
     histories = []
     for run_cfg, callbacks in runs:
-        result = build_trainer(run_cfg, log=lambda *_: None, callbacks=callbacks, free_resources=False).fit()
-        if result.error:
-            raise result.error
+        result = build_trainer(run_cfg, log=lambda *_: None, callbacks=callbacks, free_resources=False).fit()  # raises a run's error
         histories.append(eval_history(run_uri(run_cfg), run_cfg))
     final = result.return_value or {}
     if seeds > 1:
