@@ -15,7 +15,7 @@ import pytest
 from conftest import REPO
 from hierdino.config import load_config
 from hierdino import storage
-from hierdino.train.checkpoint import COMMIT, latest_complete, verify
+from hierdino.train.checkpoint import COMMIT, CORRUPT, latest_complete, verify
 from hierdino.train.resume import ResumeError, check_compatible, plan_start
 
 
@@ -193,6 +193,7 @@ def _s3_checkpoint_rank(rank: int, world: int, init: str, run: str, opts: dict, 
 
     from hierdino.train import checkpoint
 
+    checkpoint.CRC_BLOCK = 4096  # blocks much smaller than these shards: a rank's half is about half the blocks
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
@@ -213,10 +214,13 @@ def _s3_checkpoint_rank(rank: int, world: int, init: str, run: str, opts: dict, 
             real = checkpoint.storage.download_ranges
 
             def counted(uri, dest, ranges, options=None, **kw):
-                fetched.append(real(uri, dest, ranges, options, **kw))
-                return fetched[-1]
+                done = real(uri, dest, ranges, options, **kw)
+                fetched.append(done if uri.endswith(".distcp") else 0)
+                return done
             checkpoint.storage.download_ranges = counted
-            record["step"] = mgr.load(log=lambda *_: None)["step"]
+            said = []
+            state = mgr.load(log=said.append)
+            record["step"], record["said"] = state and state["step"], said
             record["fetched"] = sum(fetched)
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))  # on rank 0
         record["params"] = {k: v.flatten().tolist() for k, v in full.items()}
@@ -262,6 +266,18 @@ def test_a_rank_restoring_from_s3_fetches_its_own_shards_and_any_world_size_rest
         else:
             assert 0.9 * total < got[0] <= total, (got, total)
 
+    # One byte of rank 1's shard changed in the store: only rank 1 reads it, and both ranks skip the
+    # checkpoint together (the only one: a fresh start) instead of one of them waiting for the other.
+    shard = f"{run}/checkpoint_0000005/__1_0.distcp"
+    data = bytearray(storage.read_bytes(shard, opts))
+    data[len(data) // 2] ^= 0x40
+    storage.write_bytes(shard, bytes(data), opts)
+    loaded = spawn(2, "load")
+    assert [rec["step"] for rec in loaded] == [None, None], loaded
+    assert re.match(r"\[hierdino\] skipped checkpoint_0000005: corrupt: s3://ckpt/runs/sharded/checkpoint_0000005/"
+                    r"__1_0\.distcp: bytes \d+-\d+ differ from when they were written", loaded[0]["said"][0]), loaded[0]
+    assert latest_complete(run, opts).skipped[0].startswith("checkpoint_0000005: marked corrupt by an earlier restore")
+
 
 def test_a_torn_or_edited_marker_or_manifest_makes_a_checkpoint_incomplete_not_a_crash(tmp_path):
     """A commit marker or manifest left empty, cut short or without its keys by a crash (a rename
@@ -291,3 +307,60 @@ def test_a_torn_or_edited_marker_or_manifest_makes_a_checkpoint_incomplete_not_a
     assert mgr.load(log=lambda *_: None)["step"] == 2
     mgr.save(6, {"images_seen": 0})  # prunes past the torn one
     assert latest_complete(str(tmp_path / "run")).step == 6
+
+
+def _flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_bytes_changed_after_the_commit_are_caught_and_the_previous_checkpoint_restored(tmp_path, monkeypatch):
+    """A shard or train state with one bit flipped (same size, so the commit check passes) is found by
+    its block checksum on restore, named with the bytes that differ, marked, and the previous
+    checkpoint restored exactly; pruning keeps the marked one; a manifest without checksums (written
+    before them) still restores."""
+    import torch
+
+    from hierdino.train import checkpoint
+
+    monkeypatch.setattr(checkpoint, "CRC_BLOCK", 4096)
+    model = torch.nn.Linear(64, 64)
+    mgr = checkpoint.CheckpointManager(model, torch.optim.AdamW(model.parameters()), 0, 1, str(tmp_path / "run"), keep=3)
+    weights = {}
+    for step in (2, 4, 6):
+        with torch.no_grad():
+            model.weight.fill_(step)
+        weights[step] = model.weight.detach().clone()
+        mgr.save(step, {"images_seen": step})
+    run = tmp_path / "run"
+    shard = run / "checkpoint_0000006" / "__0_0.distcp"
+    offset = shard.stat().st_size // 2
+    _flip(shard, offset)
+    assert verify(str(run / "checkpoint_0000006")) is None  # sizes alone cannot tell
+
+    said = []
+    assert mgr.load(log=said.append)["step"] == 4
+    assert torch.equal(model.weight, weights[4])
+    start = offset // 4096 * 4096
+    assert said[0].startswith(f"[hierdino] skipped checkpoint_0000006: corrupt: {run}/checkpoint_0000006/__0_0.distcp: "
+                              f"bytes {start}-{min(start + 4095, shard.stat().st_size - 1)} differ"), said
+    assert latest_complete(str(run)).skipped == [
+        f"checkpoint_0000006: marked corrupt by an earlier restore (kept for inspection): {said[0].split('corrupt: ', 1)[1]}"]
+
+    for step in (8, 10):  # keep=3 complete ones; the corrupt one stays for a person to look at
+        mgr.save(step, {"images_seen": step})
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint_")) == [
+        "checkpoint_0000004", "checkpoint_0000006", "checkpoint_0000008", "checkpoint_0000010"]
+
+    _flip(run / "checkpoint_0000010" / "train_state_rank0.pt", 100)
+    said.clear()
+    assert mgr.load(log=said.append)["step"] == 8 and "train_state_rank0.pt: bytes 0-" in said[0], said
+
+    manifest = run / "checkpoint_0000004" / "manifest_rank0.json"  # as written before checksums
+    old = json.loads(manifest.read_text())
+    del old["crc32"], old["crc_block"]
+    manifest.write_text(json.dumps(old))
+    for step in (8, 10):
+        (run / f"checkpoint_{step:07d}" / CORRUPT).write_text('{"why": "test"}')
+    assert mgr.load(log=said.append)["step"] == 4 and torch.equal(model.weight, weights[4])

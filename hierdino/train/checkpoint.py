@@ -10,6 +10,11 @@ listed file at its listed size (``verify``). One interrupted while being written
 driver killed, the store failing) is skipped, and the run resumes from the previous complete one;
 older checkpoints are deleted only after a newer one is committed (``checkpoint.keep``).
 
+The manifests also hold a CRC-32 of every 16 MiB block of each file, computed from the bytes as
+written. A restore checks each block it reads (a rank restoring from a store fetches whole blocks
+for that): bytes changed since (a disk or copy error, an edit) make the checkpoint corrupt, named,
+and the run restores the previous complete one instead.
+
 Every write and read goes through ``hierdino.storage``, which retries a store that stops
 answering for ``run.storage_retry_s`` seconds.
 """
@@ -23,6 +28,7 @@ import random
 import re
 import tempfile
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +37,7 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict,
 )
@@ -40,6 +47,8 @@ from hierdino.models.archs import TINY_ARCHS
 from hierdino.storage import StorageOptions
 
 COMMIT = "COMMITTED.json"
+CORRUPT = "CORRUPT.json"  # written by a restore that found bytes changed since the commit
+MARKED_CORRUPT = "marked corrupt by an earlier restore (kept for inspection)"
 _NAME = re.compile(r"^checkpoint_(\d{7,})$")
 
 
@@ -58,34 +67,79 @@ def checkpoint_uri(run_uri: str, step: int) -> str:
 def verify(uri: str, options: StorageOptions | None = None) -> str | None:
     """``None`` when the checkpoint at ``uri`` is complete, else why not (read from the store). A marker
     or manifest that cannot be read (empty or torn by a crash, edited) makes it incomplete too."""
-    sizes = storage.file_sizes(uri, options)
-    if COMMIT not in sizes:
-        return "no commit marker (interrupted while being written)"
-
-    def read(name: str, key: str, kind: type):
-        try:
-            value = json.loads(storage.read_bytes(storage.join(uri, name), options))[key]
-        except (ValueError, KeyError, TypeError) as e:  # bad JSON (UnicodeDecodeError too), a missing key, not an object
-            raise _Unreadable(f"{name} is unreadable ({type(e).__name__}: {e})") from None
-        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 1):
-            raise _Unreadable(f"{name} is unreadable ({key!r} is {value!r})")
-        return value
-
     try:
-        for rank in range(read(COMMIT, "world", int)):
-            name = f"manifest_rank{rank}.json"
-            if name not in sizes:
-                return f"{name} is missing"
-            for f, size in read(name, "files", dict).items():
-                if sizes.get(f) != size:
-                    return f"{f} is {'missing' if f not in sizes else f'{sizes[f]} bytes, not {size}'}"
+        _files(uri, options)
     except _Unreadable as e:
         return str(e)
     return None
 
 
+CRC_BLOCK = 16 << 20
+
+
+@dataclass
+class _File:
+    size: int
+    crcs: list[int] | None   # CRC-32 of each ``block``-byte block, as written (None: written before checksums)
+    block: int = CRC_BLOCK
+
+
+def _files(uri: str, options: StorageOptions | None = None) -> dict[str, _File]:
+    """Every rank's files of the checkpoint at ``uri`` from its manifests, each checked present at its
+    listed size; raises ``_Unreadable`` saying why the checkpoint is not complete."""
+    sizes = storage.file_sizes(uri, options)
+    if COMMIT not in sizes:
+        raise _Unreadable("no commit marker (interrupted while being written)")
+    if CORRUPT in sizes:
+        try:
+            why = json.loads(storage.read_bytes(storage.join(uri, CORRUPT), options))["why"]
+        except (ValueError, KeyError, TypeError):
+            why = "?"
+        raise _Unreadable(f"{MARKED_CORRUPT}: {why}")
+
+    def read(name: str, key: str, kind: type) -> tuple[dict, object]:
+        try:
+            doc = json.loads(storage.read_bytes(storage.join(uri, name), options))
+            value = doc[key]
+        except (ValueError, KeyError, TypeError) as e:  # bad JSON (UnicodeDecodeError too), a missing key, not an object
+            raise _Unreadable(f"{name} is unreadable ({type(e).__name__}: {e})") from None
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 1):
+            raise _Unreadable(f"{name} is unreadable ({key!r} is {value!r})")
+        return doc, value
+
+    files = {}
+    for rank in range(read(COMMIT, "world", int)[1]):
+        name = f"manifest_rank{rank}.json"
+        if name not in sizes:
+            raise _Unreadable(f"{name} is missing")
+        manifest, listed = read(name, "files", dict)
+        crcs, block = manifest.get("crc32", {}), manifest.get("crc_block", CRC_BLOCK)
+        for f, size in listed.items():
+            if sizes.get(f) != size:
+                raise _Unreadable(f"{f} is {'missing' if f not in sizes else f'{sizes[f]} bytes, not {size}'}")
+            file = _File(size, crcs.get(f) if isinstance(crcs, dict) else None, block)
+            if file.crcs is not None and not (isinstance(block, int) and block > 0 and isinstance(file.crcs, list)
+                                              and len(file.crcs) == -(-size // block)):
+                raise _Unreadable(f"{name} is unreadable (the checksums of {f} do not fit its {size} bytes)")
+            files[f] = file
+    return files
+
+
 class _Unreadable(Exception):
     pass
+
+
+class CorruptCheckpoint(Exception):
+    """A checkpoint file's bytes differ from the checksums its manifest recorded when it was written."""
+
+
+def block_crcs(path: str, block: int = CRC_BLOCK) -> list[int]:
+    """CRC-32 of each ``block``-byte block of the file at ``path`` (the last one shorter)."""
+    crcs = []
+    with open(path, "rb") as f:
+        while data := f.read(block):
+            crcs.append(zlib.crc32(data))
+    return crcs
 
 
 @dataclass
@@ -95,13 +149,18 @@ class Found:
     skipped: list[str]       # newer checkpoints that were not complete, with the reason
 
 
-def latest_complete(run_uri: str, options: StorageOptions | None = None) -> Found:
-    """The newest complete checkpoint of the run at ``run_uri`` (checked by ``verify``)."""
+def _scan(run_uri: str, options: StorageOptions | None = None):
+    """``(step, uri, None or why it is not complete)`` of each checkpoint of the run, newest first."""
     steps = sorted((int(m.group(1)) for d in storage.list_dirs(run_uri, options) if (m := _NAME.match(d))), reverse=True)
-    skipped = []
     for step in steps:
         uri = checkpoint_uri(run_uri, step)
-        why = verify(uri, options)
+        yield step, uri, verify(uri, options)
+
+
+def latest_complete(run_uri: str, options: StorageOptions | None = None) -> Found:
+    """The newest complete checkpoint of the run at ``run_uri`` (checked by ``verify``)."""
+    skipped = []
+    for step, uri, why in _scan(run_uri, options):
         if why is None:
             return Found(uri, step, skipped)
         skipped.append(f"checkpoint_{step:07d}: {why}")
@@ -145,8 +204,9 @@ class CheckpointManager:
         """
         uri = checkpoint_uri(self.run_uri, step)
         local = not storage.is_s3(uri)
-        if self.rank == 0:  # a marker left by an earlier save of this step must not vouch for the files written now
-            storage.delete_file(storage.join(uri, COMMIT), self.options)
+        if self.rank == 0:  # markers left by an earlier save of this step must not speak for the files written now
+            for marker in (COMMIT, CORRUPT):
+                storage.delete_file(storage.join(uri, marker), self.options)
         _barrier()
         with tempfile.TemporaryDirectory(prefix="hierdino-ckpt-") as tmp:
             target = storage.resolve(uri)[1] if local else tmp
@@ -156,13 +216,16 @@ class CheckpointManager:
             torch.save(state, os.path.join(target, f"train_state_rank{self.rank}.pt"))
             mine = [n for n in sorted(os.listdir(target)) if n.startswith(f"__{self.rank}_")
                     or n == f"train_state_rank{self.rank}.pt" or (n == ".metadata" and self.rank == 0)]
-            files = {}
+            files, crcs = {}, {}
             for name in mine:
+                path = os.path.join(target, name)
+                crcs[name] = block_crcs(path, CRC_BLOCK)  # before the upload: the bytes this process wrote
                 if not local:
-                    storage.upload_file(os.path.join(target, name), storage.join(uri, name), self.options)
-                files[name] = os.path.getsize(os.path.join(target, name))
+                    storage.upload_file(path, storage.join(uri, name), self.options)
+                files[name] = os.path.getsize(path)
                 _fault_hook("HIERDINO_TEST_KILL_IN_CHECKPOINT", step)  # test-only: die with this checkpoint half written
-        manifest = {"step": step, "rank": self.rank, "world": self.world, "files": files}
+        manifest = {"step": step, "rank": self.rank, "world": self.world, "files": files, "crc32": crcs,
+                    "crc_block": CRC_BLOCK}
         storage.write_bytes(storage.join(uri, f"manifest_rank{self.rank}.json"), json.dumps(manifest).encode(), self.options)
         _barrier()  # every rank's files are stored
         if self.rank == 0:
@@ -173,7 +236,8 @@ class CheckpointManager:
         return uri
 
     def _prune(self, newest: int) -> None:
-        """Keep the newest ``keep`` committed checkpoints; delete older ones and any debris older than ``newest``."""
+        """Keep the newest ``keep`` committed checkpoints; delete older ones and any debris older than
+        ``newest``, but not those marked corrupt."""
         steps = sorted((int(m.group(1)) for d in storage.list_dirs(self.run_uri, self.options)
                         if (m := _NAME.match(d))), reverse=True)
         kept = 0
@@ -181,100 +245,175 @@ class CheckpointManager:
             if step > newest:
                 continue
             uri = checkpoint_uri(self.run_uri, step)
-            if kept < self.keep and (step == newest or verify(uri, self.options) is None):
+            why = None if step == newest else verify(uri, self.options)
+            if kept < self.keep and why is None:
                 kept += 1
-                continue
-            storage.delete_dir(uri, self.options)
+            elif why is None or not why.startswith(MARKED_CORRUPT):  # a corrupt one stays for a person to look at
+                storage.delete_dir(uri, self.options)
 
     def load(self, log=print) -> dict | None:
-        """Restore the newest complete checkpoint; returns its train state, or None when there is none."""
-        found = latest_complete(self.run_uri, self.options)
-        if self.rank == 0:
-            for line in found.skipped:
-                log(f"[hierdino] skipped {line}")
-        if found.uri is None:
-            return None
-        with _restore_source(found.uri, self.options) as reader:
-            app = self._app_state()
-            saved = set(reader.read_metadata().state_dict_metadata)
-            missing = [k for k in app["model"] if f"model.{k}" not in saved]
-            gains = [k for k in missing if k.endswith("last_layer.weight_g")]
-            if gains:  # written before the heads trained their prototype gains: they stay at 1, the old heads' logits
-                for k in gains:
-                    del app["model"][k]
-                missing = [k for k in missing if k not in gains]
-                if self.rank == 0:
-                    log(f"[hierdino] {found.uri} has no prototype gains (written before they were trained): they start at 1")
-            if missing:
-                raise RuntimeError(f"checkpoint {found.uri} does not match the model: {len(missing)} missing tensors, "
-                                   f"e.g. {missing[:5]}")
-            # Parameters never stepped (the frozen prototype layers early on) have no optimiser state.
-            for fqn in [f for f in app["optim"]["state"] if not any(k.startswith(f"optim.state.{f}.") for k in saved)]:
-                del app["optim"]["state"][fqn]
-            dcp.load(app, storage_reader=reader)
-            # strict=False only for that optimiser state: the model's keys were checked above.
-            set_state_dict(self.model, self.optimizer, model_state_dict=app["model"], optim_state_dict=app["optim"],
-                           options=StateDictOptions(strict=False))
-            own = storage.exists(storage.join(found.uri, f"train_state_rank{self.rank}.pt"), self.options)
-            # a larger world than the checkpoint's: rank 0's step and counters stand for all
-            state = torch.load(reader.fetch(f"train_state_rank{self.rank if own else 0}.pt"), weights_only=True)
+        """Restore the newest complete checkpoint whose bytes match their checksums; returns its train
+        state, or None when there is none. A corrupt one (found by any rank) is marked (``CORRUPT``,
+        kept for inspection, skipped from then on) and every rank goes on to the previous one."""
+        for step, uri, why in _scan(self.run_uri, self.options):
+            if why is None:
+                try:
+                    return self._agreed(self._restore(uri, log))
+                except CorruptCheckpoint as e:
+                    why = f"corrupt: {e}"
+                    if self.rank == 0:
+                        storage.write_bytes(storage.join(uri, CORRUPT), json.dumps({"why": str(e)}).encode(), self.options)
+                    self.optimizer.state.clear()  # the next restore sets every parameter's state again (or none)
+            if self.rank == 0:
+                log(f"[hierdino] skipped checkpoint_{step:07d}: {why}")
+        return None
+
+    def _agreed(self, outcome):
+        """``outcome`` (a train state or the exception this rank met restoring) once every rank has
+        said how its restore went: the same corrupt checkpoint is skipped by all of them, and a rank's
+        other error stops all of them (none is left waiting in a collective)."""
+        mine = None
+        if isinstance(outcome, BaseException):
+            corrupt = _corruption(outcome)
+            mine = ("corrupt", str(corrupt)) if corrupt else ("error", f"{type(outcome).__name__}: {outcome}")
+        said = [mine]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            said = [None] * dist.get_world_size()
+            dist.all_gather_object(said, mine)
+        if isinstance(outcome, BaseException) and mine[0] == "error":
+            raise outcome
+        for rank, s in enumerate(said):
+            if s is not None and s[0] == "error":
+                raise RuntimeError(f"rank {rank} could not restore the checkpoint: {s[1]}")
+        corrupt = next((s[1] for s in said if s is not None), None)
+        if corrupt is not None:
+            raise CorruptCheckpoint(corrupt)
+        return outcome
+
+    def _restore(self, uri: str, log):
+        """The train state of the checkpoint at ``uri`` restored into the model and optimiser, or the
+        exception that stopped it (returned: ``_agreed`` decides with the other ranks)."""
+        try:
+            files = _files(uri, self.options)
+            with _restore_source(uri, files, self.options) as reader:
+                app = self._app_state()
+                saved = set(reader.read_metadata().state_dict_metadata)
+                missing = [k for k in app["model"] if f"model.{k}" not in saved]
+                gains = [k for k in missing if k.endswith("last_layer.weight_g")]
+                if gains:  # written before the heads trained their prototype gains: they stay at 1, the old heads' logits
+                    for k in gains:
+                        del app["model"][k]
+                    missing = [k for k in missing if k not in gains]
+                    if self.rank == 0:
+                        log(f"[hierdino] {uri} has no prototype gains (written before they were trained): they start at 1")
+                if missing:
+                    raise RuntimeError(f"checkpoint {uri} does not match the model: {len(missing)} missing tensors, "
+                                       f"e.g. {missing[:5]}")
+                # Parameters never stepped (the frozen prototype layers early on) have no optimiser state.
+                for fqn in [f for f in app["optim"]["state"] if not any(k.startswith(f"optim.state.{f}.") for k in saved)]:
+                    del app["optim"]["state"][fqn]
+                dcp.load(app, storage_reader=reader)
+                # strict=False only for that optimiser state: the model's keys were checked above.
+                set_state_dict(self.model, self.optimizer, model_state_dict=app["model"], optim_state_dict=app["optim"],
+                               options=StateDictOptions(strict=False))
+                own = f"train_state_rank{self.rank}.pt" in files
+                # a larger world than the checkpoint's: rank 0's step and counters stand for all
+                state = torch.load(reader.fetch(f"train_state_rank{self.rank if own else 0}.pt"), weights_only=True)
+        except (Exception, CheckpointException) as e:  # DCP's is a BaseException
+            return e
         rng = state.pop("rng")
         if own:
             _set_rng_state(rng)
         else:  # not rank 0's generators (this rank would draw rank 0's stochastic depth): its own seed, moved on
             torch.manual_seed(torch.initial_seed() + int(state["step"]))
         self.state = {"step": int(state["step"]), "images_seen": int(state.get("images_seen", 0))}
-        state["checkpoint"] = found.uri
+        state["checkpoint"] = uri
         return state
 
 
-class _Reader(dcp.FileSystemReader):
-    """DCP's file reader over a local directory holding the checkpoint at ``uri``: the checkpoint's own
-    directory on local or shared storage (read in place), else a temporary directory into which a
-    read first copies the byte ranges it needs from the store (sparse files). A rank thus fetches the
-    metadata and its own tensors' bytes (half the shards of a 2-rank checkpoint on each of 2 ranks,
-    all of them on one rank), not the whole checkpoint: that on every rank would be N times the
-    checkpoint in traffic and local disk."""
+def _corruption(e: BaseException) -> CorruptCheckpoint | None:
+    """The ``CorruptCheckpoint`` behind ``e``: itself, or one a rank raised inside DCP's collective read."""
+    if isinstance(e, CorruptCheckpoint):
+        return e
+    for failure in getattr(e, "failures", {}).values():  # DCP's CheckpointException: rank -> (exception, traceback)
+        inner = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(inner, CorruptCheckpoint):
+            return inner
+    return None
 
-    def __init__(self, local_dir: str, uri: str | None = None, options: StorageOptions | None = None):
+
+class _Reader(dcp.FileSystemReader):
+    """DCP's file reader over a local directory holding the checkpoint at ``uri``, checking every block
+    of bytes it reads against the checksums the manifests recorded when they were written
+    (``CorruptCheckpoint`` names the file and bytes that differ). ``remote``: the checkpoint is in an
+    object store and ``local_dir`` a temporary directory into which a read first copies the blocks it
+    needs (sparse files); else ``local_dir`` is the checkpoint's own directory (read in place). A rank
+    thus fetches the metadata and its own tensors' blocks (about half the shards of a 2-rank checkpoint
+    on each of 2 ranks, all of them on one rank), not the whole checkpoint: that on every rank would be
+    N times the checkpoint in traffic and local disk."""
+
+    def __init__(self, local_dir: str, uri: str, files: dict[str, _File], remote: bool = False,
+                 options: StorageOptions | None = None):
         super().__init__(local_dir)
-        self.local_dir, self.uri, self.options = local_dir, uri, options
+        self.local_dir, self.uri, self.files, self.remote, self.options = local_dir, uri, files, remote, options
         self.fetched: dict[str, set[tuple[int, int]]] = {}  # file -> byte ranges copied so far
+        self.checked: dict[str, set[int]] = {}  # file -> blocks whose checksum matched
+
+    def _need(self, name: str, ranges) -> str:
+        """The local path of file ``name`` with its byte ranges ``[(offset, length)]`` copied (from a
+        store) and checked; a file with checksums is read in whole blocks."""
+        path, f = os.path.join(self.local_dir, name), self.files.get(name)
+        blocks = []
+        if f is not None and f.crcs is not None:
+            done = self.checked.setdefault(name, set())
+            blocks = sorted({b for off, n in ranges for b in range(off // f.block, -(-(off + n) // f.block))} - done)
+            ranges = [(b * f.block, min(f.block, f.size - b * f.block)) for b in blocks]
+        if self.remote:
+            new = sorted(set(ranges) - self.fetched.setdefault(name, set()))
+            if new:
+                storage.download_ranges(storage.join(self.uri, name), path, new, self.options)
+                self.fetched[name] |= set(new)
+        if blocks:
+            with open(path, "rb") as src:
+                for b in blocks:
+                    src.seek(b * f.block)
+                    data = src.read(f.block)
+                    if zlib.crc32(data) != f.crcs[b]:
+                        raise CorruptCheckpoint(f"{storage.join(self.uri, name)}: bytes {b * f.block}-"
+                                                f"{b * f.block + len(data) - 1} differ from when they were written "
+                                                f"(CRC-32 {zlib.crc32(data):08x}, the manifest's {f.crcs[b]:08x})")
+                    done.add(b)
+        return path
 
     def fetch(self, name: str) -> str:
-        """The local path of the checkpoint's whole file ``name``, downloaded first from a store."""
-        path = os.path.join(self.local_dir, name)
-        if self.uri is not None and not os.path.exists(path):
-            storage.download_file(storage.join(self.uri, name), path, self.options)
-        return path
+        """The local path of the checkpoint's whole file ``name``, copied from a store and checked."""
+        f = self.files.get(name)
+        if f is None and self.remote and not os.path.exists(os.path.join(self.local_dir, name)):
+            storage.download_file(storage.join(self.uri, name), os.path.join(self.local_dir, name), self.options)
+        return self._need(name, [(0, f.size)]) if f is not None else os.path.join(self.local_dir, name)
 
     def read_metadata(self, *args, **kwargs):
         self.fetch(".metadata")
         return super().read_metadata(*args, **kwargs)
 
     def read_data(self, plan, planner):
-        if self.uri is not None:
-            wanted: dict[str, set[tuple[int, int]]] = {}
-            for item in plan.items:
-                info = self.storage_data[item.storage_index]
-                wanted.setdefault(info.relative_path, set()).add((info.offset, info.length))
-            for name, ranges in sorted(wanted.items()):
-                new = sorted(ranges - self.fetched.setdefault(name, set()))
-                if new:
-                    storage.download_ranges(storage.join(self.uri, name), os.path.join(self.local_dir, name), new,
-                                            self.options)
-                    self.fetched[name] |= set(new)
+        wanted: dict[str, set[tuple[int, int]]] = {}
+        for item in plan.items:
+            info = self.storage_data[item.storage_index]
+            wanted.setdefault(info.relative_path, set()).add((info.offset, info.length))
+        for name, ranges in sorted(wanted.items()):
+            self._need(name, sorted(ranges))
         return super().read_data(plan, planner)
 
 
 @contextlib.contextmanager
-def _restore_source(uri: str, options=None):
+def _restore_source(uri: str, files: dict[str, _File], options=None):
     """A ``_Reader`` of the checkpoint at ``uri``: in place, or over a temporary download directory."""
     if not storage.is_s3(uri):
-        yield _Reader(storage.resolve(uri, options)[1])
+        yield _Reader(storage.resolve(uri, options)[1], uri, files)
         return
     with tempfile.TemporaryDirectory(prefix="hierdino-restore-") as d:
-        yield _Reader(d, uri, options)
+        yield _Reader(d, uri, files, remote=True, options=options)
 
 
 def _fault_hook(var: str, step: int) -> None:

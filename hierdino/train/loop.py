@@ -311,6 +311,10 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                              every_steps=cfg.checkpoint.every_steps)
     ckpt.load()
     start = step = ckpt.state["step"]
+    if start < loop_config.get("start_step", 0):
+        metrics.say(f"[hierdino] WARNING: resumed at step {start}, before the launch's step {loop_config['start_step']} "
+                    f"(that checkpoint was corrupt): the data streams begin at the launch's rows, so this epoch skips "
+                    f"the rows of steps {start}-{loop_config['start_step'] - 1}")
     metrics.log.resume_at(start)  # records an interrupted attempt wrote after this checkpoint are logged again
     start_checksum = param_checksum(model.student)
     metrics.say(f"[hierdino] rank 0/{world} on {device}: {'resuming at step ' + str(start) if start else 'starting'}; "
