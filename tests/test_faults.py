@@ -364,3 +364,40 @@ def test_bytes_changed_after_the_commit_are_caught_and_the_previous_checkpoint_r
     for step in (8, 10):
         (run / f"checkpoint_{step:07d}" / CORRUPT).write_text('{"why": "test"}')
     assert mgr.load(log=said.append)["step"] == 4 and torch.equal(model.weight, weights[4])
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_naming_why_and_the_last_complete_one(tmp_path):
+    """A real write failure inside DCP's save (the process's file-size limit, which fails writes as
+    a full disk does) stops the save with a storage error naming the checkpoint, the OS error and the
+    last complete checkpoint; the partial checkpoint is removed (it would hold the space a retry
+    needs); the previous one still restores."""
+    import resource
+    import signal
+
+    import torch
+
+    from hierdino.train import checkpoint
+
+    run = tmp_path / "run"
+    model = torch.nn.Linear(256, 256)  # a shard of about 0.8 MB with its Adam moments
+    model(torch.ones(1, 256)).sum().backward()
+    opt = torch.optim.AdamW(model.parameters())
+    opt.step()
+    mgr = checkpoint.CheckpointManager(model, opt, 0, 1, str(run), keep=3)
+    mgr.save(2, {"images_seen": 2})
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    before = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, hard))
+    try:
+        with pytest.raises(storage.StorageError) as err:
+            mgr.save(4, {"images_seen": 4})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, before)
+    # torch's zip writer reports the short write as "unexpected pos ..." (a full disk gives ENOSPC, and
+    # the advice to free space)
+    assert re.fullmatch(f"cannot write checkpoint {run}/checkpoint_0000004: .+; the partial checkpoint was removed; "
+                        f"the last complete checkpoint is {run}/checkpoint_0000002. Run the same command to resume "
+                        "once it can be written.", str(err.value)), str(err.value)
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint_0000002"]
+    assert mgr.load(log=lambda *_: None)["step"] == 2

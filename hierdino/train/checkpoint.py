@@ -22,6 +22,7 @@ answering for ``run.storage_retry_s`` seconds.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -208,6 +209,20 @@ class CheckpointManager:
             for marker in (COMMIT, CORRUPT):
                 storage.delete_file(storage.join(uri, marker), self.options)
         _barrier()
+        try:
+            self._write(uri, step, local, train_state)
+        except (OSError, CheckpointException) as e:  # DCP's is a BaseException
+            raise self._write_failed(uri, e) from None
+        _barrier()  # every rank's files are stored
+        if self.rank == 0:
+            marker = {"step": step, "world": self.world, "time": time.time()}
+            storage.write_bytes(storage.join(uri, COMMIT), json.dumps(marker).encode(), self.options)
+            self._prune(step)
+        _barrier()
+        return uri
+
+    def _write(self, uri: str, step: int, local: bool, train_state: dict | None) -> None:
+        """This rank's shards, train state and manifest of the checkpoint at ``uri`` (``local``: in place)."""
         with tempfile.TemporaryDirectory(prefix="hierdino-ckpt-") as tmp:
             target = storage.resolve(uri)[1] if local else tmp
             os.makedirs(target, exist_ok=True)
@@ -227,13 +242,28 @@ class CheckpointManager:
         manifest = {"step": step, "rank": self.rank, "world": self.world, "files": files, "crc32": crcs,
                     "crc_block": CRC_BLOCK}
         storage.write_bytes(storage.join(uri, f"manifest_rank{self.rank}.json"), json.dumps(manifest).encode(), self.options)
-        _barrier()  # every rank's files are stored
-        if self.rank == 0:
-            marker = {"step": step, "world": self.world, "time": time.time()}
-            storage.write_bytes(storage.join(uri, COMMIT), json.dumps(marker).encode(), self.options)
-            self._prune(step)
-        _barrier()
-        return uri
+
+    def _write_failed(self, uri: str, e: BaseException) -> storage.StorageError:
+        """The error to stop the run with when this rank could not write its part of the checkpoint at
+        ``uri`` (a full disk, a store past its retry window, ...): the partial checkpoint is removed
+        (never loadable; it would hold the space a retry needs) and the last complete one named."""
+        e = _rank_errors(e)[0]
+        with storage.retry_window(10):
+            try:
+                storage.delete_dir(uri, self.options)
+                removed = "the partial checkpoint was removed"
+            except OSError:
+                removed = "the partial checkpoint could not be removed (it is skipped on resume)"
+            try:
+                last = latest_complete(self.run_uri, self.options).uri or "none"
+            except OSError:
+                last = "unknown (the store cannot be listed)"
+        why = str(e) if isinstance(e, storage.StorageError) else f"cannot write checkpoint {uri}: {e}"
+        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        return storage.StorageError(
+            f"{why}; {removed}; the last complete checkpoint is {last}. "
+            + ("Free space there (or lower checkpoint.keep) and run the same command to resume."
+               if full else "Run the same command to resume once it can be written."))
 
     def _prune(self, newest: int) -> None:
         """Keep the newest ``keep`` committed checkpoints; delete older ones and any debris older than
@@ -331,15 +361,17 @@ class CheckpointManager:
         return state
 
 
+def _rank_errors(e: BaseException) -> list[BaseException]:
+    """The errors behind ``e``: each failed rank's inside DCP's ``CheckpointException``, in rank order; else ``e``."""
+    failures = getattr(e, "failures", None)  # rank -> (exception, traceback)
+    if not isinstance(e, CheckpointException) or not failures:
+        return [e]
+    return [f[0] if isinstance(f, tuple) else f for _, f in sorted(failures.items())]
+
+
 def _corruption(e: BaseException) -> CorruptCheckpoint | None:
     """The ``CorruptCheckpoint`` behind ``e``: itself, or one a rank raised inside DCP's collective read."""
-    if isinstance(e, CorruptCheckpoint):
-        return e
-    for failure in getattr(e, "failures", {}).values():  # DCP's CheckpointException: rank -> (exception, traceback)
-        inner = failure[0] if isinstance(failure, tuple) else failure
-        if isinstance(inner, CorruptCheckpoint):
-            return inner
-    return None
+    return next((x for x in _rank_errors(e) if isinstance(x, CorruptCheckpoint)), None)
 
 
 class _Reader(dcp.FileSystemReader):
