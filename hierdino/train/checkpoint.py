@@ -27,6 +27,7 @@ import json
 import os
 import random
 import re
+import shutil
 import tempfile
 import time
 import zlib
@@ -255,15 +256,21 @@ class CheckpointManager:
             except OSError:
                 removed = "the partial checkpoint could not be removed (it is skipped on resume)"
             try:
-                last = latest_complete(self.run_uri, self.options).uri or "none"
-            except OSError:
-                last = "unknown (the store cannot be listed)"
+                last = latest_complete(self.run_uri, self.options).uri
+                size = sum(f.size for f in _files(last, self.options).values()) if last else 0
+            except (OSError, _Unreadable):
+                last, size = "unknown (the store cannot be listed)", 0
         why = str(e) if isinstance(e, storage.StorageError) else f"cannot write checkpoint {uri}: {e}"
-        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        space = ""
+        if not storage.is_s3(uri):  # a full disk does not always say so (torch's writer: "unexpected pos ...")
+            free = shutil.disk_usage(storage.resolve(self.run_uri)[1]).free
+            if free < size or getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+                space = f"{storage.resolve(self.run_uri)[1]} has {free / 2**20:.1f} MiB free"
+                space += f", a checkpoint of this run takes {size / 2**20:.1f} MiB" if size else ""
         return storage.StorageError(
-            f"{why}; {removed}; the last complete checkpoint is {last}. "
-            + ("Free space there (or lower checkpoint.keep) and run the same command to resume."
-               if full else "Run the same command to resume once it can be written."))
+            f"{why}; {removed}; the last complete checkpoint is {last or 'none'}. "
+            + (f"{space}: free space there (or lower checkpoint.keep) and run the same command to resume."
+               if space else "Run the same command to resume once it can be written."))
 
     def _prune(self, newest: int) -> None:
         """Keep the newest ``keep`` committed checkpoints; delete older ones and any debris older than
