@@ -176,6 +176,12 @@ class Hierarchy:
         walk(ROOT, 1)
         return "\n".join(lines)
 
+    def to_dict(self) -> dict:
+        """The tree in the file format (``hierarchy_from_dict`` reads it back): leaves are ``None``."""
+        def below(node: str) -> dict | None:
+            return {c: below(c) for c in self._children[node]} or None
+        return {"name": self.name, "root": below(ROOT)}
+
     def __repr__(self) -> str:
         return f"Hierarchy({self.name!r}, leaves={self.num_leaves}, nodes={len(self.nodes)}, max_depth={self.max_depth})"
 

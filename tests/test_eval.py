@@ -180,3 +180,141 @@ def test_plots_keep_internal_node_labels_in_tree_order():
     got = tree_order(h, {"neutrophil_band", "monocyte", "neutrophil", "lymphocyte_typical"})
     assert got == ["lymphocyte_typical", "monocyte", "neutrophil", "neutrophil_band"]
     assert h.parent("neutrophil_band") == "neutrophil" and not h.is_leaf("neutrophil")
+
+
+def _png(value: int) -> bytes:
+    import io as _io
+
+    from PIL import Image
+
+    buf = _io.BytesIO()
+    Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_a_set_written_with_a_tree_of_ones_own_is_scored_on_that_tree(tmp_path):
+    """``make_shards`` stores the tree in the manifest, so a set labelled on a hierarchy file of the
+    user's own is evaluated without the file (lineage bAcc on that tree, by hand); a set written
+    before trees were stored needs the file (--hierarchy), said before any feature is computed."""
+    from hierdino.cli import make_shards
+    from hierdino.eval import EvalDataError, check_probe_sets
+    from hierdino.eval.report import evaluate
+
+    (tmp_path / "tree.yaml").write_text("name: my-tree\nroot:\n  red: [r1, r2]\n  blue: [b1]\n")
+    (tmp_path / "maps.yaml").write_text("mine:\n  R1: r1\n  R2: r2\n  B1: b1\n")
+    rows = ["path,label,split"]
+    for i, (raw, split) in enumerate([(r, s) for s in ("train", "train", "test") for r in ("R1", "R2", "B1")]):
+        (tmp_path / f"{i}.png").write_bytes(_png(40 * ("R1", "R2", "B1").index(raw) + i % 3))
+        rows.append(f"{i}.png,{raw},{split}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "set"
+    assert make_shards.main(["csv", "--csv", str(tmp_path / "labels.csv"), "--source", "mine", "--label-maps",
+                             str(tmp_path / "maps.yaml"), "--hierarchy", str(tmp_path / "tree.yaml"), "--out", str(out)]) == 0
+    res = evaluate(["pixels"], [str(out)], str(tmp_path / "ev"), "test", probes=("knn1",), bootstrap_n=20, plots=False,
+                   in_process=True, log=lambda *_: None)
+    assert res["datasets"]["set"]["hierarchy"] == "my-tree"
+    m = res["rows"][0]["metrics"]
+    # kNN-1 on pixels: each test image's nearest train image has its grey level, so its class
+    assert m["bacc"]["value"] == 1.0 and m["lineage_bacc"]["value"] == 1.0
+
+    manifest = json.loads((out / "manifest.json").read_text())  # as written before trees were stored
+    del manifest["extra"]["hierarchy_tree"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EvalDataError, match=r"names the hierarchy 'my-tree', which is not packaged.*--hierarchy FILE"):
+        check_probe_sets([str(out)], "test")
+    res = evaluate(["pixels"], [str(out)], str(tmp_path / "ev2"), "test", probes=("knn1",), bootstrap_n=20, plots=False,
+                   in_process=True, hierarchies=(str(tmp_path / "tree.yaml"),), log=lambda *_: None)
+    assert res["datasets"]["set"]["hierarchy"] == "my-tree"
+    h = load_hierarchy("wbc-h1")  # the stored form reads back as the same tree
+    again = hierarchy_from_dict(h.to_dict())
+    assert again.nodes == h.nodes and all(again.parent(n) == h.parent(n) for n in h.nodes)
+
+
+def test_sets_with_one_name_stay_apart_results_are_strict_json_and_a_damaged_cache_is_recomputed(tmp_path):
+    """Two sets both named 'shards' get a row each; a 2-class set's tree correlation (undefined) is
+    null, not NaN; a feature cache cut short is computed again, with the same rows."""
+    from hierdino.data.shards import Record, write_dataset
+    from hierdino.eval.report import evaluate
+
+    uris = []
+    for k in range(2):
+        uri = str(tmp_path / f"site{k}" / "shards")
+        write_dataset([Record(_png(100 * (lab == "monocyte") + i + k), f"i{i}", "s", "a", lab, split)
+                       for i, (lab, split) in enumerate([(lab, s) for s in ("train", "test") for lab in
+                                                         ("neutrophil", "monocyte")] * (2 + k))], uri, "shards", "s")
+        uris.append(uri)
+    logs = []
+    res = evaluate(["pixels"], uris, str(tmp_path / "ev"), "test", probes=("knn1",), bootstrap_n=20, plots=False,
+                   in_process=True, log=logs.append)
+    assert [(r["dataset"], r["n"]) for r in res["rows"]] == [("shards#0", 4), ("shards#1", 6)]
+    assert {k: v["uri"] for k, v in res["datasets"].items()} == {"shards#0": uris[0], "shards#1": uris[1]}
+    text = (tmp_path / "ev" / "results.json").read_text()
+    data = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in results.json"))
+    assert data["rows"][0]["tree_feature_spearman"] is None
+    cache = sorted((tmp_path / "ev" / "features").glob("shards-*.npz"))
+    assert len(cache) == 2
+    cache[0].write_bytes(cache[0].read_bytes()[:100])
+    logs.clear()
+    again = evaluate(["pixels"], uris, str(tmp_path / "ev"), "test", probes=("knn1",), bootstrap_n=20, plots=False,
+                     in_process=True, log=logs.append)
+    assert len(again["rows"]) == 2 and (tmp_path / "ev" / "results.json").read_text() == text
+    assert sum("is unreadable" in line for line in logs) == 1 and sum("features:" in line for line in logs) == 1
+
+
+def test_plain_vits_load_without_layerscale_and_other_model_families_are_named():
+    """A ViT without LayerScale (timm's vit_*_224 layout) loads for evaluation and gives that model's
+    features; a training backbone with LayerScale says which setting fits it; a ResNet is refused by name."""
+    import safetensors.torch
+    import torch
+
+    from hierdino.models.backbone import build_backbone, load_pretrained
+    from hierdino.models.weights import WeightsError
+    from hierdino.eval.features import load_backbone, resolve_model
+
+    plain = build_backbone("vit_micro_cpu", 32, 0.0, None).eval()
+    assert not any("ls1" in k for k in plain.vit.state_dict())
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        path = f"{d}/plain.safetensors"
+        safetensors.torch.save_file({k: v.contiguous() for k, v in plain.vit.state_dict().items()}, path)
+        spec = resolve_model(f"vit_micro_cpu@32={path}")
+        assert (spec.arch, spec.img_size) == ("vit_micro_cpu", 32)
+        x = torch.rand(2, 3, 32, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(load_backbone(spec)(x)[0], plain(x)[0])
+        with pytest.raises(WeightsError, match="no LayerScale .* set model.layerscale_init=null"):
+            load_pretrained(build_backbone("vit_micro_cpu", 32), path)
+        from hierdino.config import load_config
+
+        null = load_config("tiny-cpu", ["model.layerscale_init=null"]).model.layerscale_init
+        assert null is None and load_pretrained(build_backbone("vit_micro_cpu", 32, 0.0, null), path).exact
+    with pytest.raises(ValueError, match="'resnet18' is not a timm VisionTransformer"):
+        build_backbone("resnet18", 224)
+    with pytest.raises(ValueError, match="after '@' must be a positive integer"):
+        resolve_model("random:vit_micro_cpu@big")
+
+
+def test_input_errors_met_by_ray_data_actors_and_tasks_are_said_as_in_process(ray_cluster, tmp_path, capsys):
+    """On the Ray Data path (GPU or multi-node clusters) an undecodable image and weights that do not
+    load give the one-line error and exit 2 of the in-process path, not a Ray traceback: Ray keeps
+    only the text of an error raised in an actor or task."""
+    from hierdino.cli import evaluate as cli
+    from hierdino.data.shards import Record, write_dataset
+
+    records = [Record(_png(40 * i), f"i{i}", "s", "a", lab, split)
+               for i, (lab, split) in enumerate([(lab, s) for s in ("train", "test") for lab in ("neutrophil", "monocyte")])]
+    write_dataset(records + [Record(b"not an image", "cell-bad", "s", "a", "monocyte", "test")], str(tmp_path / "bad"),
+                  "bad", "s")
+    for where in ("ray", "local"):
+        assert cli.main(["--model", "pixels", "--datasets", str(tmp_path / "bad"), "--out", str(tmp_path / where),
+                         "--features", where, "--no-plots"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: 1 of 5 evaluation image(s) of {tmp_path / 'bad'} could not be decoded") \
+            and "cell-bad (UnidentifiedImageError" in err and "Traceback" not in err, err
+    write_dataset(records, str(tmp_path / "ok"), "ok", "s")
+    (tmp_path / "cut.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    assert cli.main(["--model", f"vit_micro_cpu@32={tmp_path / 'cut.safetensors'}", "--datasets", str(tmp_path / "ok"),
+                     "--out", str(tmp_path / "w"), "--features", "ray", "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'cut.safetensors'}: not a safetensors file") and "Traceback" not in err, err

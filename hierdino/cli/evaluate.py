@@ -5,7 +5,7 @@ accuracy with bootstrap intervals, hierarchical metrics, a Markdown table and pl
   python jobs/evaluate.py --model runs/ssl --model runs/flat --model runs/hxe --baselines --split test --out report/
   python jobs/evaluate.py --model vit_small_patch14_dinov2=/weights/dinobloom-s.pth --datasets s3://bucket/acevedo --out report/
 
-Models: run directories, exported .safetensors, '<timm arch>=<weights>', 'random:<arch>[@size]', 'pixels'.
+Models: run directories, exported .safetensors, '<timm arch>[@size]=<weights>', 'random:<arch>[@size]', 'pixels'.
 Datasets: shard-format URIs or names of the synthetic suite (found under --suite).
 """
 
@@ -46,6 +46,9 @@ def main(argv=None) -> int:
     p.add_argument("--metric", choices=["euclidean", "cosine"], default="euclidean", help="k-NN distance")
     p.add_argument("--patch-mean", action="store_true", help="concatenate the mean patch token to CLS")
     p.add_argument("--baselines", action="store_true", help="also a random backbone of the first model's arch and raw pixels")
+    p.add_argument("--hierarchy", action="append", default=[], metavar="YAML",
+                   help="the tree of sets whose manifests name it without holding it (sets written by earlier "
+                        "versions with a hierarchy of your own); repeatable")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--features", choices=("auto", "ray", "local"), default="auto",
                    help="where features are computed: a Ray Data actor pool, this process, or auto (this process on "
@@ -58,12 +61,14 @@ def main(argv=None) -> int:
         first = resolve_model(models[0])
         if first.kind == "backbone":
             models.append(f"random:{first.arch}@{first.img_size}")
-        models.append("pixels")
+        if "pixels" not in models:
+            models.append("pixels")
     suite = str(Path(os.path.expanduser(args.suite)))
     datasets = [resolve_dataset(d, suite) for d in args.datasets]
     init_ray()
     res = evaluate(models, datasets, args.out, args.split, tuple(args.probes), args.bootstrap, args.seed, args.metric,
-                   args.patch_mean, plots=not args.no_plots, in_process=features_in_process(args.features))
+                   args.patch_mean, plots=not args.no_plots, in_process=features_in_process(args.features),
+                   hierarchies=tuple(args.hierarchy))
     print(markdown_table(res))
     print(f"wrote {args.out}/results.json, {args.out}/results.md and {len(res.get('plots', []))} plots")
     return 0

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     lm = get_label_map(args.source, h, args.label_maps)
     items = shards.folder_items(args.root, lm, args.split) if args.cmd == "folder" else shards.csv_items(args.csv, lm)
     name = args.name or args.out.rstrip("/").rsplit("/", 1)[-1]
-    m = shards.write_items(items, args.out, name, lm, args.skip_bad, h.name, args.target_file_mb, opts)
+    m = shards.write_items(items, args.out, name, lm, args.skip_bad, h, args.target_file_mb, opts)
     print(f"wrote {m.num_images} images of {name} ({len(m.shards)} shard(s)) to {args.out} in {time.time() - t0:.1f}s")
     for split, per in m.counts.items():
         print(f"  {split}: " + ", ".join(f"{lab} {n}" for lab, n in per.items()))

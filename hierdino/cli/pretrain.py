@@ -58,7 +58,7 @@ def main(argv=None) -> int:
         print(f"config error: {problem}", file=sys.stderr)
         return 2
     from hierdino import storage
-    from hierdino.train.inputs import check_inputs, error_kind  # pyarrow: not for --help or a config error
+    from hierdino.train.inputs import check_inputs, error_kind, input_error  # pyarrow: not for --help or a config error
 
     retry_s = 10 if args.validate_only else cfg.run.storage_retry_s  # --validate-only: no run's window
     try:  # a run directory this config would not continue, or inputs it cannot read: said before any cluster work
@@ -83,10 +83,10 @@ def main(argv=None) -> int:
         launch.preflight(cfg, log=lambda line: print(line) if "waiting" in line else None)
         ensure_synthetic_suite(cfg)
         final = launch.train(cfg, preset=args.config)
-    except Exception as e:  # as above
-        if error_kind(e) is None:
+    except Exception as e:  # as above, also from inside Ray's errors
+        if (err := input_error(e)) is None:
             raise
-        print(f"{error_kind(e)} error: {e}", file=sys.stderr)
+        print(f"{error_kind(err)} error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # a second SIGTERM / SIGINT (or one before the run started): no graceful stop
         from hierdino.train.checkpoint import latest_complete, run_uri

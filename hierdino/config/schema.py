@@ -71,7 +71,8 @@ class ModelConfig:
     init_tower: Literal["teacher", "student"] = _f("teacher", doc="which tower of a DINOv2 / DinoBloom training checkpoint to start from")
     drop_path_rate: float = _f(0.3, min=0.0, max=1.0)
     drop_path_uniform: bool = _f(True, doc="every block drops paths at drop_path_rate (DINOv2); false: linear 0 -> rate")
-    layerscale_init: float = _f(1e-5, gt=0.0)
+    layerscale_init: Optional[float] = _f(1e-5, gt=0.0, doc="LayerScale initial value (DINOv2: 1e-5); null: no "
+                                          "LayerScale, for plain ViT weights (timm's vit_*_224 models)")
     dino_head: HeadConfig = _f(factory=HeadConfig)
     ibot_head: HeadConfig = _f(factory=HeadConfig)
     ibot_separate_head: bool = _f(True)

@@ -353,9 +353,13 @@ def csv_items(csv_path: str | Path, label_map: LabelMap, default_split: str = "t
 
 
 def write_items(items: list[tuple], uri: str, name: str, label_map: LabelMap, skip_bad: bool = False,
-                hierarchy: str | None = None, target_file_mb: float = 128.0,
+                hierarchy=None, target_file_mb: float = 128.0,
                 options: StorageOptions | None = None) -> Manifest:
+    """Images and their tree nodes as a dataset; the manifest holds the ``Hierarchy`` the labels were
+    mapped to, tree included (``extra["hierarchy_tree"]``): evaluating the set needs no file of it."""
     records = _load_images(items, label_map.source, skip_bad, uri)
     lm = {"source": label_map.source, "file": label_map.file, "mapping": label_map.mapping,
           "unlabeled": sorted(label_map.unlabeled)}
-    return write_dataset(records, uri, name, label_map.source, lm, hierarchy, target_file_mb, options=options)
+    extra = {"hierarchy_tree": hierarchy.to_dict()} if hierarchy is not None else None
+    return write_dataset(records, uri, name, label_map.source, lm, hierarchy and hierarchy.name, target_file_mb,
+                         options=options, extra=extra)

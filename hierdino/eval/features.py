@@ -4,7 +4,8 @@ Models are named by a spec string:
 
 - a run directory (``<run>/export/model.json`` + ``teacher_backbone.safetensors``), local or s3://;
 - an exported ``.safetensors`` file (with ``model.json`` beside it);
-- ``<timm name>=<weights path or s3:// URI>`` (DINOv2 / DinoBloom / timm weights, e.g. DinoBloom-S);
+- ``<timm name>[@<img_size>]=<weights path or s3:// URI>`` (DINOv2 / DinoBloom / timm weights, e.g.
+  DinoBloom-S; input size 224 unless given);
 - ``random:<arch>[@<img_size>]``: a randomly initialised backbone (context baseline);
 - ``pixels``: raw pixels resized to 16 x 16 (context baseline).
 
@@ -18,6 +19,8 @@ import hashlib
 import io
 import json
 import os
+import pickle
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +35,7 @@ from hierdino.data.crops import decode
 from hierdino.eval import EvalDataError
 
 PIXEL_SIZE = 16
+_LOADED: set[str] = set()  # keys of the models whose weights loaded in this process
 
 
 @dataclass(frozen=True)
@@ -50,19 +54,27 @@ def _sha(data: bytes | str) -> str:
     return hashlib.sha1(data if isinstance(data, bytes) else data.encode()).hexdigest()[:16]
 
 
+def _arch_at_size(text: str, default: int, spec: str) -> tuple[str, int]:
+    """``<arch>[@<input size>]`` -> (arch, size)."""
+    arch, _, size = text.partition("@")
+    if size and not (size.isdigit() and int(size) > 0):
+        raise ValueError(f"model {spec!r}: the input size after '@' must be a positive integer, got {size!r}")
+    return arch, int(size) if size else default
+
+
 def resolve_model(spec: str, default_img_size: int = 224, options: storage.StorageOptions | None = None) -> ModelSpec:
     """Parse a model spec (see module docstring) without building the model. Its cache key covers
     the weights' bytes, the arch and the input size."""
     if spec == "pixels":
         return ModelSpec(spec, "pixels", "pixels", key="pixels")
     if spec.startswith("random:"):
-        arch, _, size = spec[len("random:"):].partition("@")
-        img = int(size) if size else default_img_size
+        arch, img = _arch_at_size(spec[len("random:"):], default_img_size, spec)
         return ModelSpec(spec, f"random-{arch}", "backbone", arch, img, None, _sha(f"random:{arch}:{img}"))
     if "=" in spec and not spec.startswith(("s3://", "/", ".")) and not os.path.exists(spec):  # runs/lr=0.1 is a path
         arch, weights = spec.split("=", 1)
-        key = _sha(f"{arch}:{default_img_size}:{_sha(storage.read_bytes(weights, options))}")
-        return ModelSpec(spec, arch, "backbone", arch, default_img_size, weights, key, options)
+        arch, img = _arch_at_size(arch, default_img_size, spec)
+        key = _sha(f"{arch}:{img}:{_sha(storage.read_bytes(weights, options))}")
+        return ModelSpec(spec, arch, "backbone", arch, img, weights, key, options)
     uri = spec.rstrip("/")
     if uri.endswith(".safetensors"):
         weights, info_uri = uri, storage.join(uri.rsplit("/", 1)[0], "model.json")
@@ -82,13 +94,18 @@ def resolve_model(spec: str, default_img_size: int = 224, options: storage.Stora
 
 
 def load_backbone(m: ModelSpec):
+    """The spec's backbone in eval mode, with LayerScale when its weights have it (DINOv2 models and
+    this project's runs; plain ViTs, timm's vit_*_224, have none)."""
     # timm: heavy, and neither pixel baselines nor cached features need it
     from hierdino.models.backbone import build_backbone, load_pretrained
+    from hierdino.models.weights import parse, read_object
 
     torch.manual_seed(0)  # the random baseline is reproducible
-    bb = build_backbone(m.arch, m.img_size, 0.0)
-    if m.weights is not None:
-        load_pretrained(bb, m.weights, strict=True, options=m.options)  # a partial load raises WeightsError naming the tensors
+    ckpt = parse(read_object(m.weights, m.options), m.weights) if m.weights is not None else None
+    layerscale = ckpt is None or any(k.endswith((".ls1.gamma", ".ls2.gamma")) for k in ckpt.backbone)
+    bb = build_backbone(m.arch, m.img_size, 0.0, 1e-5 if layerscale else None)
+    if ckpt is not None:
+        load_pretrained(bb, ckpt, strict=True)  # a partial load raises WeightsError naming the tensors
     return bb.eval()
 
 
@@ -116,17 +133,28 @@ def decode_images(blobs, size: int, ids=None) -> np.ndarray:
     """Encoded images -> uint8 ``[N, size, size, 3]`` (bicubic resize). An image that does not decode
     raises (``EvalDataError`` naming it by ``ids`` when given): scored as a blank image under its
     label, it would bias the evaluation without a word."""
+    out, errors = _decode(blobs, size)
+    _raise_undecodable(errors, ids)
+    return out
+
+
+def _decode(blobs, size: int) -> tuple[np.ndarray, list[str]]:
+    """The images (blank where one does not decode) and, per image, why it does not ("" when it does)."""
     out = np.zeros((len(blobs), size, size, 3), np.uint8)
-    bad = []
+    errors = [""] * len(blobs)
     for i, b in enumerate(blobs):
         try:
             out[i] = np.asarray(decode(b).resize((size, size), Image.BICUBIC))
         except Exception as e:  # PIL raises many types for broken files
-            bad.append(f"{ids[i] if ids is not None else f'image {i}'} ({type(e).__name__}: {e})")
+            errors[i] = f"{type(e).__name__}: {e}"
+    return out, errors
+
+
+def _raise_undecodable(errors, ids=None, where: str = "") -> None:
+    bad = [f"{ids[i] if ids is not None else f'image {i}'} ({e})" for i, e in enumerate(errors) if e]
     if bad:
-        raise EvalDataError(f"{len(bad)} of {len(blobs)} evaluation image(s) could not be decoded; remove or "
+        raise EvalDataError(f"{len(bad)} of {len(errors)} evaluation image(s){where} could not be decoded; remove or "
                             "re-encode them (jobs/make_shards.py checks every image): " + "; ".join(bad[:5]))
-    return out
 
 
 class _Extractor:
@@ -138,13 +166,17 @@ class _Extractor:
         self.backbone = load_backbone(model).to(self.device) if model.kind == "backbone" else None
 
     def __call__(self, batch: dict) -> dict:
+        """Features of a batch of rows; an image that does not decode is said in its row's
+        ``decode_error`` (raised by ``dataset_features`` for the whole dataset: an error raised in a
+        Ray Data task reaches the driver as text only)."""
         size = self.model.img_size or 64
-        images = decode_images(batch["image"], size, batch["image_id"])
+        images, errors = _decode(batch["image"], size)
         if self.backbone is None:
             feats = pixel_features(images)
         else:
             feats = backbone_features(self.backbone, images, size, self.batch_size, self.device, self.patch_mean)
-        return {"features": feats, "label": batch["label"], "split": batch["split"], "image_id": batch["image_id"]}
+        return {"features": feats, "label": batch["label"], "split": batch["split"], "image_id": batch["image_id"],
+                "decode_error": np.array(errors, dtype=object)}
 
 
 @dataclass
@@ -210,12 +242,20 @@ def dataset_features(model: ModelSpec, dataset_uri: str, cache_dir: str | None =
     key = f"{model.key}-{_sha(manifest.to_json())}-{int(patch_mean)}"
     cache = storage.join(cache_dir, f"{manifest.name}-{key}.npz") if cache_dir else None
     if cache and storage.exists(cache):
-        z = np.load(io.BytesIO(storage.read_bytes(cache)), allow_pickle=True)
-        return DatasetFeatures(z["features"], z["labels"], z["splits"], z["image_ids"])
+        try:
+            z = np.load(io.BytesIO(storage.read_bytes(cache)), allow_pickle=True)
+            return DatasetFeatures(z["features"], z["labels"], z["splits"], z["image_ids"])
+        except (ValueError, KeyError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as e:  # damaged since written
+            log(f"[hierdino] feature cache {cache} is unreadable ({type(e).__name__}: {e}): computing the features again")
     if in_process:
         parts = _extract_in_process(model, dataset_uri, patch_mean, batch_size, options)
     else:
+        if model.weights is not None and model.key not in _LOADED:  # an actor that cannot load them dies with a
+            load_backbone(model)  # Ray error that keeps only their message: here they raise WeightsError
+            _LOADED.add(model.key)
         parts = _extract_with_ray_data(model, dataset_uri, patch_mean, batch_size, actors, options)
+    _raise_undecodable([e for p in parts for e in p["decode_error"]], [i for p in parts for i in p["image_id"]],
+                       f" of {dataset_uri}")
     out = DatasetFeatures(np.concatenate([p["features"] for p in parts]).astype(np.float32),
                           np.concatenate([p["label"] for p in parts]).astype(object),
                           np.concatenate([p["split"] for p in parts]).astype(object),

@@ -3,29 +3,30 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 
 from hierdino import storage
 from hierdino.data import shards
 from hierdino.data.suite import resolve_dataset
-from hierdino.eval import check_probe_sets
+from hierdino.eval import check_probe_sets, set_hierarchy
 from hierdino.eval.features import dataset_features, features_in_process, resolve_model
 from hierdino.eval.metrics import EncodedPredictions, bootstrap, tree_feature_spearman
 from hierdino.eval.plots import write_plots
 from hierdino.eval.probes import PROBES, fit_predict
-from hierdino.hierarchy import load_hierarchy
 from hierdino.storage import StorageOptions
 from hierdino.train.tracking import RunLog
 
 def evaluate(models: list[str], datasets: list[str], out: str, split: str = "test", probes: tuple = PROBES,
              bootstrap_n: int = 1000, seed: int = 0, metric: str = "euclidean", patch_mean: bool = False,
              default_img_size: int = 224, plots: bool = True, options=None, keep_predictions: bool = False,
-             in_process: bool = False, log=print) -> dict:
+             in_process: bool = False, hierarchies: tuple[str, ...] = (), log=print) -> dict:
     """Every model x dataset x probe: metrics with bootstrap intervals; writes results.json, results.md and PNGs.
 
     ``keep_predictions``: also ``results["predictions"][dataset] = {"y_true": [...], model: {probe: [...]}}``
     on the scored split, written to predictions.json (what paired comparisons resample).
     ``in_process``: features computed in this process, not with Ray Data (``dataset_features``).
+    ``hierarchies``: YAML files (or names) of trees that sets' manifests name without holding them.
     """
     specs = [resolve_model(m, default_img_size, options) for m in models]
     names = [s.name for s in specs]
@@ -36,16 +37,23 @@ def evaluate(models: list[str], datasets: list[str], out: str, split: str = "tes
     predictions: dict = {}
     cache = storage.join(out, "features")
     per_plot = []
-    check_probe_sets(datasets, split, options)  # every set, before any feature is computed
-    for uri in datasets:
-        manifest = shards.read_manifest(uri, options)
-        h = load_hierarchy(manifest.hierarchy or "wbc-h1")
-        results["datasets"][manifest.name] = {"uri": uri, "hierarchy": h.name, "counts": manifest.counts}
+    check_probe_sets(datasets, split, options, hierarchies)  # every set, before any feature is computed
+    manifests = [shards.read_manifest(uri, options) for uri in datasets]
+    set_names = [m.name for m in manifests]
+    if len(set(set_names)) != len(set_names):  # two sets with the same name (".../matek/shards", ".../raabin/shards")
+        set_names = [f"{n}#{i}" if set_names.count(n) > 1 else n for i, n in enumerate(set_names)]
+    for uri, manifest, set_name in zip(datasets, manifests, set_names):
+        h = set_hierarchy(manifest, uri, hierarchies)
+        results["datasets"][set_name] = {"uri": uri, "hierarchy": h.name, "counts": manifest.counts}
         nested = sorted(f"{a} > {b}" for a in manifest.labels() for b in manifest.labels()
                         if a in h and b in h and a != b and a in h.ancestors(b))
         if nested:  # a probe then separates a node from its own descendants: errors of severity 0
-            log(f"[hierdino] note: {manifest.name} labels both a node and its descendant ({', '.join(nested)}); "
+            log(f"[hierdino] note: {set_name} labels both a node and its descendant ({', '.join(nested)}); "
                 "balanced accuracy counts them as different classes")
+        unseen = sorted(set(manifest.counts.get(split, {})) - set(manifest.counts.get("train", {})) - {shards.UNLABELED})
+        if unseen:  # each caps balanced accuracy: its recall is 0 whatever the features
+            log(f"[hierdino] note: {set_name}: {', '.join(unseen)} in its '{split}' split but not in 'train': the probes "
+                f"never predict them")
         for spec in specs:
             t0 = time.time()
             feats = dataset_features(spec, uri, cache, patch_mean, options=options, in_process=in_process, log=log)
@@ -56,16 +64,16 @@ def evaluate(models: list[str], datasets: list[str], out: str, split: str = "tes
                 pred = fit_predict(probe, x_tr, y_tr, x_ev, metric)
                 point = EncodedPredictions(list(y_ev), list(pred), h).metrics()
                 ci = bootstrap(list(y_ev), list(pred), h, bootstrap_n, seed)
-                results["rows"].append({"model": spec.name, "dataset": manifest.name, "probe": probe, "n": int(len(y_ev)),
+                results["rows"].append({"model": spec.name, "dataset": set_name, "probe": probe, "n": int(len(y_ev)),
                                         "metrics": {k: {"value": v, "ci95": list(ci[k])} for k, v in point.items()},
                                         "tree_feature_spearman": rho})
                 if keep_predictions:
-                    kept = predictions.setdefault(manifest.name, {"y_true": [str(y) for y in y_ev]})
+                    kept = predictions.setdefault(set_name, {"y_true": [str(y) for y in y_ev]})
                     kept.setdefault(spec.name, {})[probe] = [str(y) for y in pred]
                 if probe == probes[-1]:
-                    per_plot.append((spec.name, manifest.name, h, list(y_ev), list(pred), x_ev, probe))
-            log(f"  {spec.name} x {manifest.name}: {time.time() - t0:.1f}s")
-    storage.write_bytes(storage.join(out, "results.json"), json.dumps(results, indent=2).encode())
+                    per_plot.append((spec.name, set_name, h, list(y_ev), list(pred), x_ev, probe))
+            log(f"  {spec.name} x {set_name}: {time.time() - t0:.1f}s")
+    storage.write_bytes(storage.join(out, "results.json"), json_text(results).encode())
     storage.write_bytes(storage.join(out, "results.md"), markdown_table(results).encode())
     if keep_predictions:
         storage.write_bytes(storage.join(out, "predictions.json"), json.dumps(predictions).encode())
@@ -73,6 +81,20 @@ def evaluate(models: list[str], datasets: list[str], out: str, split: str = "tes
     if plots:
         results["plots"] = write_plots(per_plot, out)
     return results
+
+
+def json_text(obj) -> str:
+    """``obj`` as strict JSON: a value that is not finite (a rank correlation over fewer than 3
+    classes is NaN) is written ``null``, which every JSON reader takes (``NaN`` is not JSON)."""
+    def finite(x):
+        if isinstance(x, float):
+            return x if math.isfinite(x) else None
+        if isinstance(x, dict):
+            return {k: finite(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [finite(v) for v in x]
+        return x
+    return json.dumps(finite(obj), indent=2, allow_nan=False)
 
 
 def _cell(m: dict, pct: bool = True) -> str:
@@ -105,7 +127,7 @@ def evaluate_run_at_end(cfg, run_dir: str, log=print) -> dict:
     options = StorageOptions.from_config(cfg)
     res = evaluate([run_dir], datasets, out, cfg.eval.split, bootstrap_n=cfg.eval.bootstrap,
                    default_img_size=cfg.eval.image_size or cfg.data.image_size, options=options,
-                   in_process=features_in_process(cfg.eval.features), log=log)
+                   in_process=features_in_process(cfg.eval.features), hierarchies=(cfg.hierarchy.name,), log=log)
     log(markdown_table(res))
     log(f"[hierdino] evaluation report: {storage.join(out, 'results.md')}")
     tb = RunLog(run_dir, jsonl=False, options=options)  # the external scores beside the training curves in TensorBoard

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import math
+import re
 from dataclasses import dataclass
 
 import timm
@@ -31,7 +32,7 @@ def _register_tiny_archs() -> None:
     for name, spec in TINY_ARCHS.items():
         if name in timm.list_models():
             continue
-        args = {k: v for k, v in spec.items() if k != "swiglu"} | {"init_values": 1e-5}
+        args = {k: v for k, v in spec.items() if k != "swiglu"} | {"init_values": 1e-5}  # build_backbone's overrides
         if spec.get("swiglu"):
             args |= {"mlp_layer": SwiGLUPacked, "act_layer": nn.SiLU}
 
@@ -147,7 +148,8 @@ class Backbone(nn.Module):
 
 def build_backbone(arch: str, img_size: int, drop_path_rate: float = 0.0, layerscale_init: float | None = 1e-5,
                    drop_path_uniform: bool = False) -> Backbone:
-    """A randomly initialised backbone; ``arch`` is any timm ViT name or one of ``TINY_ARCHS``.
+    """A randomly initialised backbone; ``arch`` is any timm ViT name or one of ``TINY_ARCHS``;
+    ``layerscale_init`` None: no LayerScale.
 
     Stochastic depth: timm raises the drop-path rate linearly from 0 (first block) to
     ``drop_path_rate`` (last); ``drop_path_uniform`` gives every block ``drop_path_rate`` (DINOv2).
@@ -156,8 +158,16 @@ def build_backbone(arch: str, img_size: int, drop_path_rate: float = 0.0, layers
     if arch not in timm.list_models():
         close = difflib.get_close_matches(arch, timm.list_models("vit_*"), n=4)
         raise ValueError(f"model.arch {arch!r} is not a timm model (nor one of {sorted(TINY_ARCHS)}); close: {close}")
-    vit = timm.create_model(arch, pretrained=False, img_size=img_size, num_classes=0, dynamic_img_size=True,
-                            drop_path_rate=drop_path_rate, init_values=layerscale_init)
+    try:
+        # init_values 0: no LayerScale (timm drops None arguments, so an arch's own default would stay)
+        vit = timm.create_model(arch, pretrained=False, img_size=img_size, num_classes=0, dynamic_img_size=True,
+                                drop_path_rate=drop_path_rate, init_values=layerscale_init or 0.0)
+    except TypeError as e:  # a timm model of another family: no img_size / init_values arguments
+        raise ValueError(f"model.arch {arch!r} is not a timm VisionTransformer ({e}); the backbones are ViTs: vit_*, "
+                         f"deit_*, the DINOv2 ones (vit_*_patch14_dinov2) or {sorted(TINY_ARCHS)}") from None
+    if not isinstance(vit, timm.models.VisionTransformer):
+        raise ValueError(f"model.arch {arch!r} is a {type(vit).__name__}, not a timm VisionTransformer; the backbones "
+                         f"are ViTs: vit_*, deit_*, the DINOv2 ones (vit_*_patch14_dinov2) or {sorted(TINY_ARCHS)}")
     if img_size % vit.patch_embed.patch_size[0]:
         raise ValueError(f"data.image_size={img_size} is not a multiple of {arch}'s patch size {vit.patch_embed.patch_size[0]}")
     if drop_path_uniform and drop_path_rate > 0:
@@ -224,6 +234,9 @@ def load_pretrained(backbone: Backbone, source: str | Checkpoint, strict: bool =
     unexpected = [k for k in sd if k not in own]
     report = LoadReport(ckpt.source, ckpt.form, len(sd) - len(unexpected), missing, unexpected, ckpt.notes + notes)
     if strict and not report.exact:
+        if missing and not unexpected and all(re.search(r"\.ls[12]\.gamma$", k) for k in missing):
+            raise WeightsError(f"{ckpt.source}: the checkpoint has no LayerScale (ls1/ls2.gamma: a ViT without it, "
+                               f"as timm's vit_*_224 models), {backbone.arch!r} here has: set model.layerscale_init=null")
         raise WeightsError(f"{report}. The checkpoint does not fit model.arch={backbone.arch!r}: pick the matching "
                            "arch, or set model.init_strict=false to go on with these tensors as they are")
     backbone.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)

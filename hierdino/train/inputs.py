@@ -41,7 +41,8 @@ def check_inputs(cfg, options: StorageOptions | None = None, unbuilt_suite_ok: b
         if not any(pending(u) for u in uris):
             data = describe_train_data(uris, load_hierarchy(cfg.hierarchy.name), cfg.data.weights, options)
         if evaluates:
-            check_probe_sets([u for u in eval_set_uris(cfg) if not pending(u)], eval_split or cfg.eval.split, options)
+            check_probe_sets([u for u in eval_set_uris(cfg) if not pending(u)], eval_split or cfg.eval.split, options,
+                             (cfg.hierarchy.name,))
         w = cfg.model.init_weights
         if w and not resuming and not storage.exists(w, options):
             raise storage.StorageError(f"model.init_weights: no file at {w}")
@@ -61,3 +62,23 @@ def error_kind(e: BaseException) -> str | None:
     kinds = {WeightsError: "weights", ResourcesError: "resources", ResumeError: "resume", EvalDataError: "eval data",
              storage.StorageError: "storage", IngestError: "data", ShardError: "data"}
     return next((k for cls, k in kinds.items() if isinstance(e, cls)), None)
+
+
+def input_error(e: BaseException) -> BaseException | None:
+    """The error behind ``e`` that a user fixes through the inputs (``error_kind``): ``e`` itself, or
+    one it wraps: a Ray Train worker's (first rank first), a Ray task's or actor's cause, or the error
+    it was raised from. None when there is none (a bug: its traceback is shown)."""
+    todo, seen = [e], set()
+    while todo:
+        x = todo.pop(0)
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        cause = getattr(x, "cause", None)  # a RayTaskError's (its class is also the cause's: "RayTaskError(X)")
+        cause = cause if isinstance(cause, BaseException) else None
+        if error_kind(x) is not None:
+            return cause if cause is not None and error_kind(cause) is not None else x
+        failures = getattr(x, "worker_failures", None) or {}
+        todo += [getattr(f, "_base_exc", f) for _, f in sorted(failures.items())]  # Ray Train keeps the user's error
+        todo += [cause, x.__cause__, x.__context__]
+    return None

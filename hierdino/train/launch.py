@@ -17,7 +17,7 @@ from hierdino.hierarchy import load_hierarchy
 from hierdino.runtime import quiet_ray_data
 from hierdino.storage import StorageOptions
 from hierdino.train.checkpoint import latest_complete, run_uri
-from hierdino.train.inputs import check_inputs, error_kind
+from hierdino.train.inputs import check_inputs, input_error
 from hierdino.train.preflight import check_nodes_see, preflight
 from hierdino.train.resume import plan_start
 from hierdino.train.stop import GracefulStop
@@ -130,17 +130,6 @@ def build_trainer(cfg: Config, log=print, callbacks: list | None = None, preset:
     )
 
 
-def worker_input_error(error: BaseException) -> Exception | None:
-    """The first rank's error when a user fixes it through the run's inputs (``inputs.error_kind``: storage,
-    data, weights, evaluation sets), out of Ray Train's worker-group error, so a worker's is reported as
-    the driver's own would be; None for anything else."""
-    for _, failure in sorted(getattr(error, "worker_failures", {}).items()):
-        base = getattr(failure, "_base_exc", failure)  # Ray Train's wrapper keeps the user's exception
-        if error_kind(base) is not None:
-            return base
-    return None
-
-
 def _fit_beside_the_main_thread(trainer):
     """``trainer.fit()`` in a thread of its own while the main thread waits for it. Called from the
     main thread, Ray Train's ``fit`` installs its own SIGINT handler (abort the run), replacing the
@@ -181,7 +170,7 @@ def train(cfg: Config, log=print, preset: str | None = None, graceful: bool = Tr
                 result = _fit_beside_the_main_thread(build_trainer(cfg, log, preset=preset, stop_flag=stop.flag))
             stopped_by = stop.signal
     except ray.train.TrainingFailedError as e:
-        raise worker_input_error(e) or e
+        raise input_error(e) or e  # a worker's input error reported as the driver's own would be
     ckpt = latest_complete(run_uri(cfg), StorageOptions.from_config(cfg)).uri
     final = result.return_value or {}
     if final.get("step", 0) >= cfg.train.steps:  # the signal came too late to cut the run short: it finished
