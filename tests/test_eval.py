@@ -231,8 +231,9 @@ def test_a_set_written_with_a_tree_of_ones_own_is_scored_on_that_tree(tmp_path):
 
 
 def test_sets_with_one_name_stay_apart_results_are_strict_json_and_a_damaged_cache_is_recomputed(tmp_path):
-    """Two sets both named 'shards' get a row each; a 2-class set's tree correlation (undefined) is
-    null, not NaN; a feature cache cut short is computed again, with the same rows."""
+    """Two sets both named 'shards' get rows each; a 2-class set's tree correlation (undefined) is
+    null, not NaN; k-NN over fewer training rows than k is said; a feature cache cut short is computed
+    again, with the same rows."""
     from hierdino.data.shards import Record, write_dataset
     from hierdino.eval.report import evaluate
 
@@ -244,9 +245,11 @@ def test_sets_with_one_name_stay_apart_results_are_strict_json_and_a_damaged_cac
                                                          ("neutrophil", "monocyte")] * (2 + k))], uri, "shards", "s")
         uris.append(uri)
     logs = []
-    res = evaluate(["pixels"], uris, str(tmp_path / "ev"), "test", probes=("knn1",), bootstrap_n=20, plots=False,
-                   in_process=True, log=logs.append)
-    assert [(r["dataset"], r["n"]) for r in res["rows"]] == [("shards#0", 4), ("shards#1", 6)]
+    res = evaluate(["pixels"], uris, str(tmp_path / "ev"), "test", probes=("knn1", "knn20"), bootstrap_n=20,
+                   plots=False, in_process=True, log=logs.append)
+    assert [(r["dataset"], r["n"], r["probe"]) for r in res["rows"]] == [
+        ("shards#0", 4, "knn1"), ("shards#0", 4, "knn20"), ("shards#1", 6, "knn1"), ("shards#1", 6, "knn20")]
+    assert "[hierdino] note: shards#0 has 4 labelled train rows: knn20 vote over all of them" in logs
     assert {k: v["uri"] for k, v in res["datasets"].items()} == {"shards#0": uris[0], "shards#1": uris[1]}
     text = (tmp_path / "ev" / "results.json").read_text()
     data = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in results.json"))
@@ -255,9 +258,9 @@ def test_sets_with_one_name_stay_apart_results_are_strict_json_and_a_damaged_cac
     assert len(cache) == 2
     cache[0].write_bytes(cache[0].read_bytes()[:100])
     logs.clear()
-    again = evaluate(["pixels"], uris, str(tmp_path / "ev"), "test", probes=("knn1",), bootstrap_n=20, plots=False,
-                     in_process=True, log=logs.append)
-    assert len(again["rows"]) == 2 and (tmp_path / "ev" / "results.json").read_text() == text
+    again = evaluate(["pixels"], uris, str(tmp_path / "ev"), "test", probes=("knn1", "knn20"), bootstrap_n=20,
+                     plots=False, in_process=True, log=logs.append)
+    assert len(again["rows"]) == 4 and (tmp_path / "ev" / "results.json").read_text() == text
     assert sum("is unreadable" in line for line in logs) == 1 and sum("features:" in line for line in logs) == 1
 
 

@@ -54,6 +54,11 @@ def evaluate(models: list[str], datasets: list[str], out: str, split: str = "tes
         if unseen:  # each caps balanced accuracy: its recall is 0 whatever the features
             log(f"[hierdino] note: {set_name}: {', '.join(unseen)} in its '{split}' split but not in 'train': the probes "
                 f"never predict them")
+        n_train = manifest.num_labeled("train")
+        clamped = [p for p in probes if p.startswith("knn") and int(p[3:]) > n_train]
+        if clamped:  # k-NN over every training row: a majority vote, the same for every image
+            log(f"[hierdino] note: {set_name} has {n_train} labelled train rows: {', '.join(clamped)} vote over all of "
+                "them")
         for spec in specs:
             t0 = time.time()
             feats = dataset_features(spec, uri, cache, patch_mean, options=options, in_process=in_process, log=log)
