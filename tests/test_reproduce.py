@@ -220,3 +220,22 @@ def test_v2_report_renders_base_variants_and_paired_contrasts_from_stored_result
     assert f"{100 * pooled['mde']:.1f} |" in md and "Minimum detectable effect" in md
     assert "Mistake severity X - Y (logreg probe" in md
     assert md.count("| (b) flat CE - (a) SSL only |") == 2 and "| (b) flat CE - (a) SSL only | logreg |" in md
+
+
+def test_a_rerun_asking_other_steps_does_not_reuse_the_finished_runs(tmp_path):
+    """A comparison's run with an export is reused only for the same config: a smoke test's 40-step
+    runs in the same --out are refused by name, before anything trains."""
+    from hierdino.cli.reproduce import train_once
+    from hierdino.config import load_config
+    from hierdino.train.resume import ResumeError
+
+    sets = [f"run.storage={tmp_path}", "run.name=ssl-s0"]
+    run = tmp_path / "ssl-s0"
+    (run / "export").mkdir(parents=True)
+    (run / "export" / "model.json").write_text("{}")
+    (run / "config.yaml").write_text(load_config("tiny-cpu", sets + ["train.steps=40"]).to_yaml())
+    assert train_once("tiny-cpu", sets + ["train.steps=40"]) == str(run)  # the same run: reused, nothing trains
+    with pytest.raises(ResumeError, match=r"ssl-s0 was started with train.steps=40, this comparison asks 300"):
+        train_once("tiny-cpu", sets + ["train.steps=300"])
+    with pytest.raises(ResumeError, match=r"optim.base_lr"):
+        train_once("tiny-cpu", sets + ["train.steps=40", "optim.base_lr=0.5"])

@@ -244,3 +244,41 @@ def test_sweep_outputs_land_on_s3(ray_cluster, s3_server, tmp_path, monkeypatch)
     assert {"results.csv", "results.md", "best_config.yaml", "objective.png"} <= names
     assert any(n.startswith("tune/syn/") for n in names)  # Tune's experiment state, for --resume
     assert yaml.safe_load(read_bytes(f"{out}/best_config.yaml", opts))["train"]["seed"] == 1
+
+
+def test_a_rerun_of_a_sweep_defined_otherwise_is_refused_naming_what_differs(ray_cluster, tmp_path):
+    """Tune would resume the saved sweep as it was and its results would be written under the new
+    settings: a rerun into the same directory must define the same sweep (the same command resumes,
+    or rewrites, it)."""
+    from hierdino.tune import sweep
+    from hierdino.tune.space import SpaceError
+
+    values = {1: [(8, 0.7, 0.6, 0.8)], 2: [(8, 0.8, 0.7, 0.9)]}
+    space = str(_space(tmp_path, "train.seed", {"dist": "grid", "values": list(values)}))
+    out = str(tmp_path / "sweep")
+
+    def run(trials, overrides):
+        return sweep.run_sweep("tiny-cpu", space, trials, out, "none", 1, overrides, log=lambda *_: None,
+                               trainable=_synthetic(values))
+
+    assert run(1, ["train.steps=8"])["best"]["train.seed"] == "2"
+    with pytest.raises(SpaceError, match=r"holds a sweep defined otherwise \(overrides: \['train.steps=8'\] -> "
+                                         r"\['train.steps=16'\]; trials: 1 -> 2\)"):
+        run(2, ["train.steps=16"])
+    again = run(1, ["train.steps=8"])  # the same command: restored, the same winner
+    assert again["best"]["train.seed"] == "2" and len(again["rows"]) == 2
+
+
+def test_space_fixed_must_be_a_mapping_and_a_trial_error_is_named_by_its_innermost_line(tmp_path):
+    from hierdino.tune.report import error_text
+    from hierdino.tune.space import SpaceError, load_space
+
+    path = tmp_path / "s.yaml"
+    path.write_text("name: t\nparams:\n  loss.supervised.weight: {dist: uniform, low: 0.1, high: 1}\nfixed: hxe\n")
+    with pytest.raises(SpaceError, match=r"s.yaml: 'fixed' must map config keys to values .* got 'hxe'"):
+        load_space(path)
+    wrapped = RuntimeError("Training failed due to worker errors:\n[Rank 0 Error Snippet]:\nTraceback (most recent "
+                           "call last):\n  File \"loop.py\", line 3\nhierdino.train.loop.NonFiniteLossError: non-finite "
+                           "loss at step 3 (dino nan | ibot nan)\n")
+    assert error_text(wrapped) == "hierdino.train.loop.NonFiniteLossError: non-finite loss at step 3 (dino nan / ibot nan)"
+    assert error_text(KeyError("x")) == "KeyError"

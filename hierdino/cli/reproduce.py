@@ -31,7 +31,7 @@ from hierdino.data.ingest import IngestError
 from hierdino.data.shards import ShardError
 from hierdino.eval import EvalDataError
 from hierdino.runtime import upload_dir_problem
-from hierdino.storage import StorageError
+from hierdino.storage import StorageError, StorageOptions
 from hierdino.config import load_config, override_text, preset_overrides
 from hierdino.data.suite import EXTERNAL_SETS, ensure_synthetic_suite
 from hierdino.eval.compare import VARIANTS, labelled_counts, markdown, plots, summarise
@@ -93,8 +93,14 @@ def calibrate_steps(args, common: list[str], n_runs: float, log=print, preset: s
 def _common_overrides(args, suite: str, log=print) -> list[str]:
     """Overrides shared by every run (scale, suite, storage, steps); fixes ``args.steps``."""
     common = scale_overrides(args.scale) + [f"data.synth_cache={suite}", f"run.storage={args.out}"]
-    if not args.steps and args.time_budget_min:
+    plan = Path(args.out, "plan.json")  # the calibrated steps, kept: a rerun must train the same steps
+    if not args.steps and args.time_budget_min and plan.exists():
+        args.steps = json.loads(plan.read_text())["steps"]
+        log(f"[reproduce] steps per variant fixed by the first start of this run: {args.steps} ({plan})")
+    elif not args.steps and args.time_budget_min:
         args.steps = calibrate_steps(args, common, len(args.variants) * len(args.seeds), log)
+        plan.parent.mkdir(parents=True, exist_ok=True)
+        plan.write_text(json.dumps({"steps": args.steps}))
     if args.steps:
         common += [f"train.steps={args.steps}", f"checkpoint.every_steps={max(1, args.steps // 2)}"]
     args.steps = load_config("repro/base", common).train.steps
@@ -114,27 +120,46 @@ def _level_weights_d(args, common: list[str], log=print, preset: str = "repro/hx
 
         log(f"[reproduce] sweep of the level weights on the val splits ({args.sweep_trials} trials)")
         steps = args.sweep_steps or args.steps // 2
-        run_sweep(preset, str(Path(__file__).resolve().parents[2] / "tune_spaces/level_weights.yaml"),
-                  args.sweep_trials, sweep_dir, "asha", 1,
-                  common + [f"train.steps={steps}", f"checkpoint.every_steps={steps}", f"eval.every_steps={max(1, steps // 3)}"],
-                  log=lambda *_: None)
+        res = run_sweep(preset, str(Path(__file__).resolve().parents[2] / "tune_spaces/level_weights.yaml"),
+                        args.sweep_trials, sweep_dir, "asha", 1,
+                        common + [f"train.steps={steps}", f"checkpoint.every_steps={steps}",
+                                  f"eval.every_steps={max(1, steps // 3)}"], log=lambda *_: None)
+        if res.get("interrupted"):  # no best_config.yaml: the next run resumes the sweep
+            raise Stopped(f"the level-weight sweep ({res['finished']} of {res['trials']} trials finished)")
     level_weights = load_config(str(best)).loss.supervised.level_weights
     log(f"[reproduce] (d) level weights from the sweep: {[round(w, 3) for w in level_weights]}")
     return level_weights
 
 
+class Stopped(Exception):
+    """A stage stopped by SIGINT / SIGTERM (its run checkpointed, or its sweep saved): the comparison stops too."""
+
+
 def train_once(preset: str, overrides: list[str], log=print) -> str:
-    """Train ``preset`` with ``overrides`` unless its run already has an export; returns the run URI."""
+    """Train ``preset`` with ``overrides`` unless its run already has an export of this config (the
+    same recipe and steps); returns the run URI. A run of another config is
+    refused (``ResumeError`` naming the keys, or the steps); a run stopped by a signal raises ``Stopped``."""
     # torch and Ray: imported only when training, so --help and --render stay fast
     from hierdino.train.checkpoint import run_uri
     from hierdino.train.launch import train
+    from hierdino.train.resume import ResumeError, check_compatible, saved_config
 
     cfg = load_config(preset, overrides)
     uri = run_uri(cfg)
-    if not storage.exists(storage.join(uri, "export", "model.json")):
-        t0 = time.time()
-        train(cfg, log=lambda *_: None)
-        log(f"[reproduce] trained {cfg.run.name} in {time.time() - t0:.0f}s")
+    saved = saved_config(uri, StorageOptions.from_config(cfg))
+    if saved is not None:  # a rerun: only the same run goes on (a smoke test's 40 steps must not enter the table)
+        if saved.train.steps != cfg.train.steps:
+            raise ResumeError(f"{uri} was started with train.steps={saved.train.steps}, this comparison asks "
+                              f"{cfg.train.steps}: give another --out, or the earlier --steps / --time-budget-min")
+        check_compatible(saved, cfg, uri)
+        if storage.exists(storage.join(uri, "export", "model.json")):
+            return uri
+    t0 = time.time()
+    final = train(cfg, log=lambda *_: None)
+    if final.get("stopped_by"):
+        raise Stopped(f"{cfg.run.name} by {final['stopped_by']} after step {final.get('step')} (checkpoint "
+                      f"{final.get('checkpoint')})")
+    log(f"[reproduce] trained {cfg.run.name} in {time.time() - t0:.0f}s")
     return uri
 
 
@@ -268,11 +293,16 @@ def main(argv=None) -> int:
 
     if args.render:
         return _render(args, PROBES)
-    if args.design == "v2":
-        from hierdino.cli.reproduce_v2 import reproduce_v2  # imports this module: loaded on demand
+    try:
+        if args.design == "v2":
+            from hierdino.cli.reproduce_v2 import reproduce_v2  # imports this module: loaded on demand
 
-        return reproduce_v2(args, PROBES)
-    return _reproduce(args, PROBES)
+            return reproduce_v2(args, PROBES)
+        return _reproduce(args, PROBES)
+    except (Stopped, KeyboardInterrupt) as e:
+        print(f"[reproduce] stopped{': ' + str(e) if str(e) else ''}. Finished runs are kept; run the same command "
+              "again to go on from where it stopped.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

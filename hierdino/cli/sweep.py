@@ -130,6 +130,12 @@ def main(argv=None) -> int:
     except SpaceError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if res.get("interrupted"):
+        return 130
+    failed = sum(bool(r["error"]) for r in res["rows"])
+    if failed:
+        print(f"[hierdino] {failed} of {len(res['rows'])} trials failed (the error column of results.md; Ray Tune keeps "
+              f"each one's traceback under {out}/tune)")
     print(f"[hierdino] sweep results: {out}/results.md; best config: {out}/best_config.yaml")
     return 0 if res.get("best") else 1
 

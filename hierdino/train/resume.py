@@ -50,7 +50,7 @@ def check_compatible(saved: Config, cfg: Config, where: str) -> None:
                           "--set run.resume=false to start a fresh run in a new directory.")
 
 
-def _saved_config(run_uri: str, options: StorageOptions | None) -> Config | None:
+def saved_config(run_uri: str, options: StorageOptions | None) -> Config | None:
     path = storage.join(run_uri, "config.yaml")
     if not storage.exists(path, options):
         return None
@@ -75,7 +75,7 @@ def plan_start(cfg: Config, run_uri, options: StorageOptions | None = None, log=
         log(f"[hierdino] run.resume=false: {uri} exists; this run starts fresh in {fresh}")
         cfg.run.name = candidate.name
         return Start(fresh, cfg.run.name, Found(None, 0, []))
-    saved = _saved_config(uri, options)
+    saved = saved_config(uri, options)
     if saved is not None and found.uri is not None:
         check_compatible(saved, cfg, uri)
         for line in config_diff(saved, cfg):

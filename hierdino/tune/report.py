@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 
 from hierdino import storage
 from hierdino.config import load_config, override_text
@@ -49,9 +50,16 @@ def result_row(result, history: list, total_steps: int) -> dict:
         "stopped_early": not result.error and (m.get("step") or 0) < total_steps,
         "chosen": False,
         "evaluations": len(history),
-        "error": type(result.error).__name__ if result.error else "",
+        "error": error_text(result.error) if result.error else "",
         **{k: override_text(v) for k, v in over.items()},
     }
+
+
+def error_text(e: BaseException) -> str:
+    """A trial's error in one line: the innermost ``SomeError: message`` line of its text (Ray wraps
+    a trial's own error, e.g. ``NonFiniteLossError: ... at step 3``, in its task and worker errors)."""
+    said = [line.strip() for line in str(e).splitlines() if re.match(r"^[\w.]*(Error|Exception)\b[^:]*: ", line.strip())]
+    return (said[-1] if said else type(e).__name__).replace("|", "/")[:200]
 
 
 def result_rows(grid, total_steps: int) -> tuple[list[dict], dict[str, list]]:

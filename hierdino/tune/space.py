@@ -80,7 +80,10 @@ def load_space(path: str | Path) -> Space:
         raise SpaceError(f"{path}: unknown top-level key(s) {sorted(unknown_top)}; expected name, params, fixed, description")
     for key, p in data["params"].items():
         _check_param(f"{path}: params.{key}", key, p)
-    return Space(str(data.get("name") or path.stem), dict(data["params"]), dict(data.get("fixed") or {}), str(path))
+    fixed = data.get("fixed") or {}
+    if not isinstance(fixed, dict):
+        raise SpaceError(f"{path}: 'fixed' must map config keys to values (e.g. loss.supervised.kind: hxe), got {fixed!r}")
+    return Space(str(data.get("name") or path.stem), dict(data["params"]), dict(fixed), str(path))
 
 
 def _check_param(where: str, key: str, p) -> None:

@@ -150,14 +150,25 @@ def sweep_overrides(base: str, base_overrides: list[str] | None, scheduler: str,
     return base_overrides
 
 
-def _tuner(trainable, param_space: dict, space: Space, out_path: str, tune_config, log):
-    """Tune's tuner for the sweep under ``out_path``: the saved experiment if there is one, else a new one."""
+def _tuner(trainable, param_space: dict, space: Space, out_path: str, tune_config, definition: dict, log):
+    """Tune's tuner for the sweep under ``out_path``: the saved experiment if there is one, else a new
+    one. ``definition`` (what the sweep is: config, overrides, space, trials, scheduler, search) is
+    kept in ``OUT/sweep.json``; a rerun with another one is refused, naming what differs: Tune would
+    resume the saved sweep as it was, and its results would be written under the new settings."""
     from ray import tune  # Ray is heavy: imported only where a sweep runs
 
     exp_dir = storage.join(out_path, "tune")
+    saved_uri = storage.join(out_path, "sweep.json")
+    saved = json.loads(storage.read_bytes(saved_uri)) if storage.exists(saved_uri) else None
+    if saved is not None and saved != definition:
+        changed = [f"{k}: {saved.get(k)!r} -> {definition.get(k)!r}" for k in sorted(set(saved) | set(definition))
+                   if saved.get(k) != definition.get(k)]
+        raise SpaceError(f"{out_path} holds a sweep defined otherwise ({'; '.join(changed)}): run the same command "
+                         "as before to resume or rewrite it, or give another --out")
     if tune.Tuner.can_restore(storage.join(exp_dir, space.name)):
         log(f"[hierdino] resuming the sweep in {exp_dir}/{space.name}")
         return tune.Tuner.restore(storage.join(exp_dir, space.name), trainable, resume_errored=True)
+    storage.write_bytes(saved_uri, json.dumps(definition, indent=2).encode())
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config,
                       run_config=tune.RunConfig(name=space.name, storage_path=exp_dir))
 
@@ -189,5 +200,15 @@ def run_sweep(base: str, space_path: str, trials: int, out: str, scheduler: str 
     trainable = tune.with_resources(trainable or _trial, {"cpu": 0, "memory": 2 ** 20})
     tune_config = tune.TuneConfig(metric=OBJECTIVE, mode="max", num_samples=trials, scheduler=sched,
                                   search_alg=searcher(search, space), max_concurrent_trials=max_concurrent)
-    grid = _tuner(trainable, param_space, space, out_path, tune_config, log).fit()
+    definition = json.loads(json.dumps({  # JSON types, as read back from sweep.json
+        "config": base, "overrides": user_overrides, "space": {"name": space.name, "params": space.params,
+                                                               "fixed": space.fixed},
+        "trials": trials, "scheduler": scheduler, "search": search, "seeds_per_trial": seeds_per_trial}))
+    grid = _tuner(trainable, param_space, space, out_path, tune_config, definition, log).fit()
+    finished = grid.num_terminated + grid.num_errors
+    expected = trials * math.prod(len(p["values"]) for p in space.params.values() if p["dist"] == "grid")
+    if finished < max(expected, len(grid)):  # Ctrl-C / SIGTERM: Tune saved the experiment and returned
+        log(f"[hierdino] the sweep was interrupted with {finished} of {max(expected, len(grid))} trials finished: no "
+            "results written; run the same command again to resume it")
+        return {"interrupted": True, "finished": finished, "trials": max(expected, len(grid))}
     return write_outputs(grid, base, user_overrides, space, out_path, cfg.train.steps, log)
