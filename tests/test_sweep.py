@@ -282,3 +282,31 @@ def test_space_fixed_must_be_a_mapping_and_a_trial_error_is_named_by_its_innermo
                            "loss at step 3 (dino nan | ibot nan)\n")
     assert error_text(wrapped) == "hierdino.train.loop.NonFiniteLossError: non-finite loss at step 3 (dino nan / ibot nan)"
     assert error_text(KeyError("x")) == "KeyError"
+
+
+def test_a_signal_to_a_sweep_asks_tunes_graceful_stop_and_is_remembered():
+    """SIGINT / SIGTERM during a sweep become Tune's own graceful stop (SIGUSR1, whose handler Tune
+    installs while it runs) and mark the sweep interrupted (Tune then reports the stopped trials as
+    finished); a second signal, or one before Tune listens, aborts. Tune's SIGINT handler is off."""
+    import os
+    import signal
+
+    from hierdino.tune.sweep import SweepStop
+
+    got = []
+    before = signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))  # as Tune's handler while it runs
+    try:
+        with SweepStop(log=got.append) as stop:
+            assert os.environ["TUNE_DISABLE_SIGINT_HANDLER"] == "1"
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.signal == "SIGINT" and got[-1] == signal.SIGUSR1 and "stopping the sweep" in got[0]
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGTERM)
+        assert "TUNE_DISABLE_SIGINT_HANDLER" not in os.environ
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)  # Tune not listening yet: a signal aborts
+        with SweepStop(log=got.append) as stop, pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signal is None
+    finally:
+        signal.signal(signal.SIGUSR1, before)

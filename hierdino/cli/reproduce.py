@@ -125,7 +125,7 @@ def _level_weights_d(args, common: list[str], log=print, preset: str = "repro/hx
                         common + [f"train.steps={steps}", f"checkpoint.every_steps={steps}",
                                   f"eval.every_steps={max(1, steps // 3)}"], log=lambda *_: None)
         if res.get("interrupted"):  # no best_config.yaml: the next run resumes the sweep
-            raise Stopped(f"the level-weight sweep ({res['finished']} of {res['trials']} trials finished)")
+            raise Stopped(f"the level-weight sweep ({res['how']})")
     level_weights = load_config(str(best)).loss.supervised.level_weights
     log(f"[reproduce] (d) level weights from the sweep: {[round(w, 3) for w in level_weights]}")
     return level_weights

@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import threading
 from pathlib import Path
 
 from hierdino import storage
@@ -173,6 +175,40 @@ def _tuner(trainable, param_space: dict, space: Space, out_path: str, tune_confi
                       run_config=tune.RunConfig(name=space.name, storage_path=exp_dir))
 
 
+class SweepStop:
+    """SIGINT / SIGTERM to a sweep's driver (main thread): Tune's own graceful stop (it saves the
+    experiment and returns from ``fit``; asked with SIGUSR1, as its SIGINT handler is turned off), and
+    ``signal`` says the sweep was interrupted (Tune marks a stopped trial as if it had finished). A
+    second signal, or one before Tune listens, aborts (KeyboardInterrupt)."""
+
+    def __init__(self, log=print):
+        self.log, self.signal, self.previous = log, None, {}
+
+    def _handler(self, signum, frame):
+        if self.signal is not None or signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+        self.log(f"[hierdino] {self.signal}: stopping the sweep with its state saved (send it again to abort)")
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+            self.previous = {s: signal.signal(s, self._handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+        if self.previous:
+            if self.env is None:
+                os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+            else:
+                os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = self.env
+        return False
+
+
 def run_sweep(base: str, space_path: str, trials: int, out: str, scheduler: str = "asha", max_concurrent: int = 1,
               base_overrides: list[str] | None = None, log=print, search: str = "random", trainable=None,
               seeds_per_trial: int = 1) -> dict:
@@ -204,11 +240,13 @@ def run_sweep(base: str, space_path: str, trials: int, out: str, scheduler: str 
         "config": base, "overrides": user_overrides, "space": {"name": space.name, "params": space.params,
                                                                "fixed": space.fixed},
         "trials": trials, "scheduler": scheduler, "search": search, "seeds_per_trial": seeds_per_trial}))
-    grid = _tuner(trainable, param_space, space, out_path, tune_config, definition, log).fit()
+    tuner = _tuner(trainable, param_space, space, out_path, tune_config, definition, log)
+    with SweepStop(log) as stop:
+        grid = tuner.fit()
     finished = grid.num_terminated + grid.num_errors
     expected = trials * math.prod(len(p["values"]) for p in space.params.values() if p["dist"] == "grid")
-    if finished < max(expected, len(grid)):  # Ctrl-C / SIGTERM: Tune saved the experiment and returned
-        log(f"[hierdino] the sweep was interrupted with {finished} of {max(expected, len(grid))} trials finished: no "
-            "results written; run the same command again to resume it")
-        return {"interrupted": True, "finished": finished, "trials": max(expected, len(grid))}
+    if stop.signal or finished < max(expected, len(grid)):  # Tune saved the experiment and returned
+        how = f"stopped by {stop.signal}" if stop.signal else f"interrupted with {finished} of {expected} trials finished"
+        log(f"[hierdino] the sweep was {how}: no results written; run the same command again to resume it")
+        return {"interrupted": True, "how": how}
     return write_outputs(grid, base, user_overrides, space, out_path, cfg.train.steps, log)
