@@ -294,6 +294,7 @@ def test_a_signal_to_a_sweep_asks_tunes_graceful_stop_and_is_remembered():
     from hierdino.tune.sweep import SweepStop
 
     got = []
+    sigint = signal.getsignal(signal.SIGINT)
     before = signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))  # as Tune's handler while it runs
     try:
         with SweepStop(log=got.append) as stop:
@@ -303,7 +304,7 @@ def test_a_signal_to_a_sweep_asks_tunes_graceful_stop_and_is_remembered():
             with pytest.raises(KeyboardInterrupt):
                 os.kill(os.getpid(), signal.SIGTERM)
         assert "TUNE_DISABLE_SIGINT_HANDLER" not in os.environ
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGINT) is sigint  # the handlers before the sweep are back
         signal.signal(signal.SIGUSR1, signal.SIG_DFL)  # Tune not listening yet: a signal aborts
         with SweepStop(log=got.append) as stop, pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGTERM)
