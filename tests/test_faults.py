@@ -346,7 +346,8 @@ def test_bytes_changed_after_the_commit_are_caught_and_the_previous_checkpoint_r
     assert said[0].startswith(f"[hierdino] skipped checkpoint_0000006: corrupt: {run}/checkpoint_0000006/__0_0.distcp: "
                               f"bytes {start}-{min(start + 4095, shard.stat().st_size - 1)} differ"), said
     assert latest_complete(str(run)).skipped == [
-        f"checkpoint_0000006: marked corrupt by an earlier restore (kept for inspection): {said[0].split('corrupt: ', 1)[1]}"]
+        f"checkpoint_0000006: marked corrupt by an earlier restore (kept for inspection until the run saves that step "
+        f"again): {said[0].split('corrupt: ', 1)[1]}"]
 
     for step in (8, 10):  # keep=3 complete ones; the corrupt one stays for a person to look at
         mgr.save(step, {"images_seen": step})

@@ -50,7 +50,7 @@ from hierdino.storage import StorageOptions
 
 COMMIT = "COMMITTED.json"
 CORRUPT = "CORRUPT.json"  # written by a restore that found bytes changed since the commit
-MARKED_CORRUPT = "marked corrupt by an earlier restore (kept for inspection)"
+MARKED_CORRUPT = "marked corrupt by an earlier restore (kept for inspection until the run saves that step again)"
 _NAME = re.compile(r"^checkpoint_(\d{7,})$")
 
 
@@ -151,10 +151,14 @@ class Found:
     skipped: list[str]       # newer checkpoints that were not complete, with the reason
 
 
+def _steps(run_uri: str, options: StorageOptions | None = None) -> list[int]:
+    """The steps of the run's checkpoint directories, newest first."""
+    return sorted((int(m.group(1)) for d in storage.list_dirs(run_uri, options) if (m := _NAME.match(d))), reverse=True)
+
+
 def _scan(run_uri: str, options: StorageOptions | None = None):
     """``(step, uri, None or why it is not complete)`` of each checkpoint of the run, newest first."""
-    steps = sorted((int(m.group(1)) for d in storage.list_dirs(run_uri, options) if (m := _NAME.match(d))), reverse=True)
-    for step in steps:
+    for step in _steps(run_uri, options):
         uri = checkpoint_uri(run_uri, step)
         yield step, uri, verify(uri, options)
 
@@ -213,6 +217,10 @@ class CheckpointManager:
         try:
             self._write(uri, step, local, train_state)
         except (OSError, CheckpointException) as e:  # DCP's is a BaseException
+            # the store's or the disk's (torch's zip writer says a failed write as a RuntimeError from its
+            # inline_container); anything else is a bug, raised with its traceback
+            if not all(isinstance(x, OSError) or "inline_container" in str(x) for x in _rank_errors(e)):
+                raise
             raise self._write_failed(uri, e) from None
         _barrier()  # every rank's files are stored
         if self.rank == 0:
@@ -253,8 +261,9 @@ class CheckpointManager:
             try:
                 storage.delete_dir(uri, self.options)
                 removed = "the partial checkpoint was removed"
-            except OSError:
-                removed = "the partial checkpoint could not be removed (it is skipped on resume)"
+            except OSError:  # another rank may have removed it first
+                removed = ("the partial checkpoint was removed" if not storage.exists(uri, self.options) else
+                           "the partial checkpoint could not be removed (it is skipped on resume)")
             try:
                 last = latest_complete(self.run_uri, self.options).uri
                 size = sum(f.size for f in _files(last, self.options).values()) if last else 0
@@ -275,10 +284,8 @@ class CheckpointManager:
     def _prune(self, newest: int) -> None:
         """Keep the newest ``keep`` committed checkpoints; delete older ones and any debris older than
         ``newest``, but not those marked corrupt."""
-        steps = sorted((int(m.group(1)) for d in storage.list_dirs(self.run_uri, self.options)
-                        if (m := _NAME.match(d))), reverse=True)
         kept = 0
-        for step in steps:
+        for step in _steps(self.run_uri, self.options):
             if step > newest:
                 continue
             uri = checkpoint_uri(self.run_uri, step)

@@ -66,8 +66,8 @@ def error_kind(e: BaseException) -> str | None:
 
 def input_error(e: BaseException) -> BaseException | None:
     """The error behind ``e`` that a user fixes through the inputs (``error_kind``): ``e`` itself, or
-    one it wraps: a Ray Train worker's (first rank first), a Ray task's or actor's cause, or the error
-    it was raised from. None when there is none (a bug: its traceback is shown)."""
+    one it wraps: a Ray Train worker's (first rank first), a Ray task's cause, or the error it was
+    raised from (``raise ... from``). None when there is none (a bug: its traceback is shown)."""
     todo, seen = [e], set()
     while todo:
         x = todo.pop(0)
@@ -80,5 +80,5 @@ def input_error(e: BaseException) -> BaseException | None:
             return cause if cause is not None and error_kind(cause) is not None else x
         failures = getattr(x, "worker_failures", None) or {}
         todo += [getattr(f, "_base_exc", f) for _, f in sorted(failures.items())]  # Ray Train keeps the user's error
-        todo += [cause, x.__cause__, x.__context__]
+        todo += [cause, x.__cause__]  # not __context__: an error raised while handling another is not caused by it
     return None

@@ -36,6 +36,7 @@ from hierdino.storage import StorageOptions
 from hierdino.train.checkpoint import CheckpointManager, export_teacher
 from hierdino.train.metrics import TrainMetrics
 from hierdino.train.parallel import apply_fsdp, local_param_fraction, param_checksum, param_dtype_for, use_tensor_cores
+from hierdino.train.resume import ResumeError
 from hierdino.train.schedules import Schedules
 from hierdino.train.stop import StopPoller
 
@@ -311,10 +312,12 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                              every_steps=cfg.checkpoint.every_steps)
     ckpt.load()
     start = step = ckpt.state["step"]
-    if start < loop_config.get("start_step", 0):
-        metrics.say(f"[hierdino] WARNING: resumed at step {start}, before the launch's step {loop_config['start_step']} "
-                    f"(that checkpoint was corrupt): the data streams begin at the launch's rows, so this epoch skips "
-                    f"the rows of steps {start}-{loop_config['start_step'] - 1}")
+    if start < loop_config.get("start_step", 0):  # the launch's checkpoint was corrupt (now marked)
+        # The driver planned the data streams (and skipped model.init_weights) for the launch step: the
+        # same command plans them again from the newest intact checkpoint.
+        raise ResumeError(f"the checkpoint this run was launched from (step {loop_config['start_step']}) is corrupt "
+                          f"and now marked CORRUPT.json; run the same command again to resume from the newest intact "
+                          f"one ({f'step {start}' if start else 'none: a fresh start'})")
     metrics.log.resume_at(start)  # records an interrupted attempt wrote after this checkpoint are logged again
     start_checksum = param_checksum(model.student)
     metrics.say(f"[hierdino] rank 0/{world} on {device}: {'resuming at step ' + str(start) if start else 'starting'}; "

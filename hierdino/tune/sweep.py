@@ -196,11 +196,12 @@ class SweepStop:
             self.env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
             os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
             self.previous = {s: signal.signal(s, self._handler) for s in (signal.SIGINT, signal.SIGTERM)}
+            self.previous[signal.SIGUSR1] = signal.getsignal(signal.SIGUSR1)  # Tune leaves its own installed
         return self
 
     def __exit__(self, *exc):
         for s, h in self.previous.items():
-            signal.signal(s, h)
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
         if self.previous:
             if self.env is None:
                 os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
