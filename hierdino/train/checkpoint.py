@@ -157,16 +157,20 @@ def _steps(run_uri: str, options: StorageOptions | None = None) -> list[int]:
 
 
 def _scan(run_uri: str, options: StorageOptions | None = None):
-    """``(step, uri, None or why it is not complete)`` of each checkpoint of the run, newest first."""
+    """``(step, uri, files or None, None or why it is not complete)`` of each checkpoint of the run,
+    newest first (``files``: what ``_files`` read of its manifests)."""
     for step in _steps(run_uri, options):
         uri = checkpoint_uri(run_uri, step)
-        yield step, uri, verify(uri, options)
+        try:
+            yield step, uri, _files(uri, options), None
+        except _Unreadable as e:
+            yield step, uri, None, str(e)
 
 
 def latest_complete(run_uri: str, options: StorageOptions | None = None) -> Found:
     """The newest complete checkpoint of the run at ``run_uri`` (checked by ``verify``)."""
     skipped = []
-    for step, uri, why in _scan(run_uri, options):
+    for step, uri, _, why in _scan(run_uri, options):
         if why is None:
             return Found(uri, step, skipped)
         skipped.append(f"checkpoint_{step:07d}: {why}")
@@ -299,10 +303,10 @@ class CheckpointManager:
         """Restore the newest complete checkpoint whose bytes match their checksums; returns its train
         state, or None when there is none. A corrupt one (found by any rank) is marked (``CORRUPT``,
         kept for inspection, skipped from then on) and every rank goes on to the previous one."""
-        for step, uri, why in _scan(self.run_uri, self.options):
+        for step, uri, files, why in _scan(self.run_uri, self.options):
             if why is None:
                 try:
-                    return self._agreed(self._restore(uri, log))
+                    return self._agreed(self._restore(uri, files, log))
                 except CorruptCheckpoint as e:
                     why = f"corrupt: {e}"
                     if self.rank == 0:
@@ -334,11 +338,10 @@ class CheckpointManager:
             raise CorruptCheckpoint(corrupt)
         return outcome
 
-    def _restore(self, uri: str, log):
+    def _restore(self, uri: str, files: dict[str, _File], log):
         """The train state of the checkpoint at ``uri`` restored into the model and optimiser, or the
         exception that stopped it (returned: ``_agreed`` decides with the other ranks)."""
         try:
-            files = _files(uri, self.options)
             with _restore_source(uri, files, self.options) as reader:
                 app = self._app_state()
                 saved = set(reader.read_metadata().state_dict_metadata)
