@@ -401,3 +401,44 @@ def test_the_supervised_view_keeps_its_hue_and_the_global_crops_do_not():
     kept, shifted = angles(sup), angles(glob)
     assert len(kept) > n // 2 and torch.allclose(kept, torch.full_like(kept, hue0), atol=0.05), kept
     assert (shifted - hue0).abs().max() > 0.3, shifted  # up to 0.1 turn (0.63 rad) on the global crops
+
+
+def test_center_crop_cuts_every_view_from_the_centred_box():
+    """``data.center_crop``: every view of a 360 x 363 field (PBC's size) lies inside the centred box
+    keeping that share of each side, the supervised view is that box, and 1.0 is the whole field."""
+    from hierdino.data.crops import center_box, plan_views, row_rng
+
+    assert center_box(360, 363, 1.0) == (0, 0, 360, 363)
+    assert center_box(360, 363, 0.5) == (90, 90, 270, 272)  # 180 x 182 (181.5 rounds to even), (363 - 182) // 2 above
+    plan = dict(global_size=64, global_scale=(0.4, 1.0), local_number=4, local_size=32, local_scale=(0.05, 0.3),
+                supervised=True)
+    lo_x, lo_y = [], []
+    for i in range(200):
+        views = plan_views(360, 363, row_rng(0, f"i{i}", 0), center=0.5, **plan)
+        for v in views:
+            l, t, r, b = v.box
+            assert 90 <= l < r <= 270 and 90 <= t < b <= 272, v
+            lo_x.append(l), lo_y.append(t)
+        assert views[-1].box == (90, 90, 270, 272)
+    assert min(lo_x) < 100 and max(lo_x) > 200  # the crops still move over the whole box
+    whole = plan_views(360, 363, row_rng(0, "i0", 0), **plan)
+    assert whole == plan_views(360, 363, row_rng(0, "i0", 0), center=1.0, **plan)
+
+
+def test_evaluation_decodes_the_same_centre_as_the_training_views():
+    """The evaluation view of an image with ``center`` equals a hand crop of its centre, resized."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from hierdino.eval.features import decode_images
+
+    yy, xx = np.mgrid[0:120, 0:100]  # smooth, so the filter's reach past the box edge barely matters
+    arr = np.stack([xx * 2.5, yy * 2.0, (xx + yy) * 1.1], -1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    got = decode_images([buf.getvalue()], 16, center=0.5)[0].astype(float)
+    hand = np.asarray(Image.fromarray(arr[30:90, 25:75]).resize((16, 16), Image.BICUBIC)).astype(float)
+    assert np.abs(got - hand).max() <= 3
+    assert np.abs(decode_images([buf.getvalue()], 16)[0] - hand).mean() > 20  # the whole field differs

@@ -1,5 +1,6 @@
 import pytest
 
+from hierdino.data import layouts
 from hierdino.hierarchy import load_hierarchy
 from hierdino.labels import LabelMapError, get_label_map, load_label_maps, map_labels
 
@@ -11,10 +12,19 @@ def test_maps_raw_labels_and_unlabeled():
     assert map_labels("raabin_wbc", ["Neutrophil", "Lymphocyte"], h) == ["neutrophil", "lymphocyte_mature"]
 
 
-def test_every_packaged_map_targets_wbc_h1_nodes():
-    h = load_hierarchy("wbc-h1")
-    for lm in load_label_maps().values():
-        lm.check_hierarchy(h)
+def test_every_packaged_map_targets_wbc_h1_nodes_and_each_layout_has_a_map_per_tree():
+    h1, h2 = load_hierarchy("wbc-h1"), load_hierarchy("wbc-h2")
+    maps = load_label_maps()
+    h2_only = {"pbc", "bloodmnist"}  # immature granulocytes under wbc-h2's granulocytic_normal_immature
+    for name, lm in maps.items():
+        if name not in h2_only:
+            lm.check_hierarchy(h1)
+    for name in h2_only:
+        with pytest.raises(LabelMapError, match="granulocytic_normal_immature"):
+            maps[name].check_hierarchy(h1)
+    for layout in layouts.LAYOUTS:
+        for h in (h1, h2):
+            maps[layouts.source_for(layout, h.name)].check_hierarchy(h)
 
 
 def test_unknown_labels_all_named_with_counts():

@@ -1,10 +1,12 @@
 """Every batch mixes all training datasets at row level in the configured proportions."""
 
+import re
+
 import numpy as np
 import pytest
 
 from hierdino.data.ingest import CropSpec, build_train_datasets, describe_train_data, resume_position, stream_name
-from hierdino.data.mix import MixedBatches, MixSchedule, mix_proportions
+from hierdino.data.mix import LABELLED_ROWS_FLOOR, MixedBatches, MixSchedule, labelled_rows_warning, mix_proportions
 from hierdino.data.suite import TRAIN_SETS
 from hierdino.hierarchy import load_hierarchy
 
@@ -101,3 +103,74 @@ def test_a_worker_restarted_past_the_launch_step_skips_what_it_already_trained_o
     first = MixedBatches(streams(), MixSchedule([0.5, 0.3, 0.2], 10), start_step=7, streams_start=3)
     rows = next(first)["row"]
     assert rows[:5].tolist() == [20, 21, 22, 23, 24] and set(rows[5:8]) == {1012, 1013, 1014}
+
+
+def _train_data(counts: dict[str, tuple[int, int]], weights=None):
+    """A ``TrainData`` from manifests built here: name -> (unlabelled, labelled) train images."""
+    from hierdino.data.ingest import TrainData
+    from hierdino.data.shards import UNLABELED, Manifest
+
+    manifests = {}
+    for name, (unlabelled, labelled) in counts.items():
+        per_label = {UNLABELED: unlabelled} if unlabelled else {}
+        per_label.update({"neutrophil": labelled} if labelled else {})
+        manifests[f"/data/{name}"] = Manifest(name, name, unlabelled + labelled, {"train": per_label})
+    sizes = [sum(m.counts["train"].values()) for m in manifests.values()]
+    labelled = [m.num_labeled("train") for m in manifests.values()]
+    return TrainData(list(manifests), manifests, sizes, labelled, mix_proportions(sizes, weights), {})
+
+
+def _labelled_rows(data, weights, batch: int) -> float:
+    """Expected labelled rows of a batch under ``weights``, written out here (not the library's)."""
+    total = sum(weights)
+    return sum(batch * (w / total) * (lab / n) for w, lab, n in zip(weights, data.labeled, data.sizes))
+
+
+def test_a_large_unlabelled_pool_warns_with_weights_that_restore_labelled_rows():
+    """240,000 unlabelled images beside two labelled sets of 1,500, mixed by size at batch 32: 0.4
+    labelled rows a batch. The start warns, naming data.weights; its weights give >= 1 row a batch."""
+    from hierdino.cli.pretrain import supervision_warning
+    from hierdino.config import load_config
+
+    counts = {"pool": (240_000, 0), "fine": (0, 1_500), "coarse": (0, 1_500)}
+    data = _train_data(counts)
+    cfg = load_config("tiny-cpu", ["train.batch_size=32", "scaling.num_workers=1"])
+    assert _labelled_rows(data, data.proportions, 32) < LABELLED_ROWS_FLOOR
+    warning = supervision_warning(cfg, data)
+    assert warning and "data.weights=[" in warning and len(warning.splitlines()) <= 2
+    weights = [float(w) for w in re.search(r"data\.weights=\[([^\]]*)\]", warning).group(1).split(",")]
+    assert len(weights) == 3 and _labelled_rows(data, weights, 32) >= LABELLED_ROWS_FLOOR
+    assert supervision_warning(cfg, _train_data(counts, weights)) is None  # the run with them does not warn
+    # per worker: the same global batch over 4 workers is 8 rows each, still warned, with its own weights
+    split = supervision_warning(load_config("tiny-cpu", ["train.batch_size=32", "scaling.num_workers=4"]), data)
+    weights = [float(w) for w in re.search(r"data\.weights=\[([^\]]*)\]", split).group(1).split(",")]
+    assert _labelled_rows(data, weights, 8) >= LABELLED_ROWS_FLOOR
+    # the supervised loss off: nothing to warn about
+    assert supervision_warning(load_config("tiny-cpu", ["loss.supervised.kind=none"]), data) is None
+    assert supervision_warning(load_config("tiny-cpu", ["loss.supervised.weight=0"]), data) is None
+
+
+def test_the_embedded_default_mix_does_not_warn():
+    """tiny-cpu on the small synthetic suite (synth-fine and synth-coarse labelled, synth-unlabeled
+    not), mixed by size: ~22 labelled rows a batch of 32."""
+    from hierdino.cli.pretrain import supervision_warning
+    from hierdino.config import load_config
+    from hierdino.data.suite import SUITE
+
+    specs = {s.name: s for s in SUITE}
+    counts = {n: (0, specs[n].sizes["small"]) if specs[n].labels != "none" else (specs[n].sizes["small"], 0)
+              for n in TRAIN_SETS}
+    data = _train_data(counts)
+    cfg = load_config("tiny-cpu")
+    per_worker = cfg.train.batch_size // cfg.scaling.num_workers
+    assert _labelled_rows(data, data.proportions, per_worker) >= LABELLED_ROWS_FLOOR
+    assert supervision_warning(cfg, data) is None
+
+
+def test_labelled_rows_warning_without_any_label_and_with_partly_labelled_sets():
+    assert "never sees a label" in labelled_rows_warning([1000, 50], [0, 0], [0.5, 0.5], 32)
+    # a set half labelled beside a pool: the labelled set's share doubles to reach the same rows
+    sizes, labelled = [100_000, 2_000], [0, 1_000]
+    warning = labelled_rows_warning(sizes, labelled, mix_proportions(sizes), 32)
+    weights = [float(w) for w in re.search(r"data\.weights=\[([^\]]*)\]", warning).group(1).split(",")]
+    assert weights == pytest.approx([0.75, 0.25])  # 25% of the batch, half labelled: 4 rows of 32

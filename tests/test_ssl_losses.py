@@ -169,3 +169,71 @@ def test_sinkhorn_and_centering_accept_an_empty_batch():
     c = TeacherCentering(8, "ema")
     c.update(torch.zeros(0, 8))
     assert torch.isfinite(c.center).all()
+
+
+def _numpy_ce(target: np.ndarray, student: np.ndarray, tau: float) -> float:
+    """mean_b sum_k -target[b, k] * log_softmax(student[b] / tau)[k], in float64 numpy (not our loss code)."""
+    z = student.astype(np.float64) / tau
+    log_p = z - z.max(axis=1, keepdims=True)
+    log_p = log_p - np.log(np.exp(log_p).sum(axis=1, keepdims=True))
+    return float(-(target.astype(np.float64) * log_p).sum(axis=1).mean())
+
+
+def _numpy_pair_ces(targets, students, tau) -> list[float]:
+    """One cross-entropy per pair (teacher global crop i, student crop j), j != i."""
+    return [_numpy_ce(t, s, tau) for i, t in enumerate(targets) for j, s in enumerate(students) if i != j]
+
+
+# Fixed tensors: 2 images, 3 prototypes; crops 0-1 global, 2-3 local.
+_STUDENT = [np.array([[0.2, -0.1, 0.0], [0.05, 0.3, -0.2]]), np.array([[-0.3, 0.1, 0.2], [0.0, 0.0, 0.1]]),
+            np.array([[0.1, 0.1, -0.4], [0.25, -0.05, 0.0]]), np.array([[0.0, -0.2, 0.3], [-0.1, 0.2, 0.15]])]
+_TEACHER = [np.array([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3]]), np.array([[0.2, 0.2, 0.6], [0.5, 0.25, 0.25]])]
+
+
+@pytest.mark.parametrize("n_local", [0, 2])
+def test_dino_scale_is_the_mean_over_pairs(n_local):
+    """The chosen scale (README "Loss scales"): the mean over the 2 (n_crops - 1) pairs. Without local
+    crops that is 1.5x DINOv2's sum / (2 + max(2 n_local, 1)) = sum / 3; with local crops the two agree."""
+    students, tau = _STUDENT[:2 + n_local], 0.1
+    ces = _numpy_pair_ces(_TEACHER, students, tau)
+    assert len(ces) == 2 + 2 * n_local
+    mean = sum(ces) / len(ces)
+    dinov2 = sum(ces) / (2 + max(2 * n_local, 1))
+    ours = dino_loss([torch.tensor(s, dtype=torch.float32) for s in students],
+                     [torch.tensor(t, dtype=torch.float32) for t in _TEACHER], tau).item()
+    assert ours == pytest.approx(mean, rel=1e-6)
+    if n_local == 0:
+        assert ours == pytest.approx(1.5 * dinov2, rel=1e-6) and ours != pytest.approx(dinov2, rel=1e-3)
+    else:
+        assert ours == pytest.approx(dinov2, rel=1e-6)
+
+
+@pytest.mark.parametrize("n_local", [0, 2])
+def test_dino_scale_in_the_step(n_local):
+    """The step's DINO term and its share of the total, against numpy cross-entropies of the very
+    logits and targets the step computed: the mean over pairs, times ``loss.dino_weight``."""
+    from hierdino.config import load_config
+    from hierdino.hierarchy import load_hierarchy
+    from hierdino.models.student_teacher import StepBatch, StudentTeacher
+
+    cfg = load_config("tiny-cpu", ["model.arch=vit_micro_cpu", "data.image_size=32", "loss.supervised.kind=none",
+                                   f"data.local_crops_number={n_local}", "data.local_crops_size=16",
+                                   "loss.dino_local=true", "loss.ibot_weight=0", "loss.koleo_weight=0"])
+    torch.manual_seed(0)
+    model = StudentTeacher(cfg, load_hierarchy("wbc-h1"))
+    seen = {}
+
+    def recording_dino_loss(student_logits, teacher_targets, student_temp):
+        seen.update(students=[s.detach().numpy() for s in student_logits],
+                    targets=[t.detach().numpy() for t in teacher_targets], tau=student_temp)
+        return dino_loss(student_logits, teacher_targets, student_temp)
+
+    model.dino_loss = recording_dino_loss
+    local = torch.randn(n_local * 4, 3, 16, 16) if n_local else None
+    batch = StepBatch(torch.randn(8, 3, 32, 32), local, torch.zeros(8, 16, dtype=torch.bool), torch.full((4,), -1),
+                      None, None)
+    total, terms, _ = model.losses(batch, 0.04)
+    assert len(seen["targets"]) == 2 and len(seen["students"]) == 2 + n_local
+    ces = _numpy_pair_ces(seen["targets"], seen["students"], seen["tau"])
+    assert terms["dino"].item() == pytest.approx(sum(ces) / len(ces), rel=1e-5)
+    assert total.item() == pytest.approx(cfg.loss.dino_weight * sum(ces) / len(ces), rel=1e-5)

@@ -166,8 +166,8 @@ def test_folder_adapter_reads_split_folders_patient_folders_and_symlinks_and_lis
     Image.fromarray(np.zeros((6, 6, 3), np.uint8)).save(root / "train" / "stray.png")
     items = shards.folder_items(root, lm)
     by_split = {}
-    for path, raw, node, split in items:
-        by_split.setdefault(split, []).append((raw, node))
+    for item in items:
+        by_split.setdefault(item.split, []).append((item.raw_label, item.label))
     assert sorted(by_split["train"]) == [("MON", "monocyte")] * 3 + [("NGS", "neutrophil_segmented")] * 3
     assert sorted(by_split["test"]) == [("MYB", "myelocyte")] * 2 + [("NGS", "neutrophil_segmented")]
     out = capsys.readouterr().out
@@ -207,7 +207,7 @@ def test_csv_rows_that_are_short_long_or_pathless_are_named_and_an_excel_bom_is_
     _class_folder(tmp_path, {"imgs": 2})
     (tmp_path / "excel.csv").write_bytes("\ufeffpath,label\n imgs/0.png ,PLM\nimgs/1.png,\n".encode())
     items = shards.csv_items(tmp_path / "excel.csv", lm)
-    assert [(p.name, raw, node) for p, raw, node, _ in items] == [("0.png", "PLM", "plasma_cell"), ("1.png", None, None)]
+    assert [(it.image.name, it.raw_label, it.label) for it in items] == [("0.png", "PLM", "plasma_cell"), ("1.png", None, None)]
     for body, match in (("imgs/0.png\n", r"short.csv:2: too few fields"),
                         ("imgs/0.png,PLM,train,extra\n", r"short.csv:2: 1 more field"),
                         (",PLM\n", r"short.csv:2: empty path")):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 
 from hierdino.cli import user_errors
-from hierdino.eval.probes import PROBES
+from hierdino.eval.probes import ALL_PROBES, PROBES
 from hierdino.data.suite import EXTERNAL_SETS, resolve_dataset
 from hierdino.eval.features import features_in_process, resolve_model
 from hierdino.eval.report import evaluate, markdown_table
@@ -40,7 +40,9 @@ def main(argv=None) -> int:
     p.add_argument("--suite", default="~/.cache/hierdino/synth", help="where suite names are found")
     p.add_argument("--split", choices=["val", "test"], default="test")
     p.add_argument("--out", required=True)
-    p.add_argument("--probes", nargs="+", choices=PROBES, default=list(PROBES))
+    p.add_argument("--probes", nargs="+", choices=ALL_PROBES, default=list(PROBES),
+                   help="logreg: standardised features, C chosen on val (on train CV when --split val); "
+                        "logreg_raw: the paper's raw-feature protocol, C = dim x classes / 100")
     p.add_argument("--bootstrap", type=_positive, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--metric", choices=["euclidean", "cosine"], default="euclidean", help="k-NN distance")
@@ -49,6 +51,9 @@ def main(argv=None) -> int:
     p.add_argument("--hierarchy", action="append", default=[], metavar="YAML",
                    help="the tree of sets whose manifests name it without holding it (sets written by earlier "
                         "versions with a hierarchy of your own); repeatable")
+    p.add_argument("--center-crop", type=float, default=None, metavar="SHARE",
+                   help="every model sees the centred SHARE of each side of the images (default: what the first "
+                        "model trained on, from its model.json; else 1, the whole image)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--features", choices=("auto", "ray", "local"), default="auto",
                    help="where features are computed: a Ray Data actor pool, this process, or auto (this process on "
@@ -57,8 +62,11 @@ def main(argv=None) -> int:
     if args.bootstrap < 1000:
         print(f"note: --bootstrap {args.bootstrap} is below the 1000 resamples the reports assume", file=sys.stderr)
     models = list(args.model)
+    first = resolve_model(models[0])
+    center = args.center_crop if args.center_crop is not None else first.center_crop or 1.0
+    if not 0 < center <= 1:
+        raise ValueError(f"--center-crop must lie in (0, 1], got {center}")
     if args.baselines:
-        first = resolve_model(models[0])
         if first.kind == "backbone":
             models.append(f"random:{first.arch}@{first.img_size}")
         if "pixels" not in models:
@@ -68,7 +76,7 @@ def main(argv=None) -> int:
     init_ray()
     res = evaluate(models, datasets, args.out, args.split, tuple(args.probes), args.bootstrap, args.seed, args.metric,
                    args.patch_mean, plots=not args.no_plots, in_process=features_in_process(args.features),
-                   hierarchies=tuple(args.hierarchy))
+                   hierarchies=tuple(args.hierarchy), center_crop=center)
     print(markdown_table(res))
     print(f"wrote {args.out}/results.json, {args.out}/results.md and {len(res.get('plots', []))} plots")
     return 0

@@ -40,6 +40,24 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def supervision_warning(cfg, data) -> str | None:
+    """``hierdino.data.mix.labelled_rows_warning`` for a run whose supervised loss is on
+    (``loss.supervised.kind`` not none, weight > 0); None otherwise or without the data's description
+    (``data`` None: the synthetic suite, not built yet, whose mix is two thirds labelled).
+
+    A warning, not a ``labelled_fraction`` knob: ``data.weights`` already sets the mix, and a second
+    setting for the same proportions would need a rule for when both are given; with one, the run's
+    config.yaml states the exact mix it trained on. The warning prints the weights to use, and says
+    nothing (changes nothing) for the mixes that work, the presets' included."""
+    from hierdino.data.mix import labelled_rows_warning
+
+    sup = cfg.loss.supervised
+    if data is None or sup.kind == "none" or sup.weight <= 0:
+        return None
+    per_worker = cfg.train.batch_size // cfg.scaling.num_workers
+    return labelled_rows_warning(data.sizes, data.labeled, data.proportions, per_worker)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -64,13 +82,16 @@ def main(argv=None) -> int:
     try:  # a run directory this config would not continue, or inputs it cannot read: said before any cluster work
         where, resumes = (("run directory not checked (--offline)", 0) if args.offline
                           else check_resume(cfg, retry_s=retry_s, unreachable_ok=args.validate_only))
+        data = None
         if not args.offline:  # the synthetic suite, when missing, is built below
-            check_inputs(cfg, unbuilt_suite_ok=True, resuming=resumes > 0, retry_s=retry_s)
+            data = check_inputs(cfg, unbuilt_suite_ok=True, resuming=resumes > 0, retry_s=retry_s)
     except Exception as e:  # an input error is named (exit 2); anything else is a bug, with its traceback
         if error_kind(e) is None:
             raise
         print(f"{error_kind(e)} error: {e}", file=sys.stderr)
         return 2
+    if warning := supervision_warning(cfg, data):  # said before any cluster work (--validate-only too)
+        print(f"[hierdino] WARNING: {warning}")
     if args.validate_only:
         print(f"config OK: {args.config} ({len(args.overrides)} override(s)); run {cfg.run.storage}/{cfg.run.name}: {where}")
         return 0

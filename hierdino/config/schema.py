@@ -32,6 +32,8 @@ class DataConfig:
     train: list[str] = _f(factory=list, doc="dataset URIs (local, file:// or s3://); empty = the synthetic suite")
     weights: Optional[list[float]] = _f(None, doc="sampling weight per dataset in `train` (default: by size)")
     image_size: int = _f(224, min=16, doc="global crop size in pixels")
+    center_crop: float = _f(1.0, gt=0.0, max=1.0, doc="share of each side of an image kept, centred, before any "
+                            "crop (training and evaluation): single-cell fields (PBC, CellaVision) centre the cell")
     global_crops_scale: list[float] = _f(factory=lambda: [0.32, 1.0], doc="random-resized-crop area range")
     local_crops_number: int = _f(8, min=0, doc="local crops per image (0 disables them)")
     local_crops_size: int = _f(98, min=8, doc="local crop size in pixels (a multiple of the patch size: 98 = 7 x 14)")
@@ -167,8 +169,12 @@ class EvalConfig:
     datasets: list[str] = _f(factory=lambda: list(EXTERNAL_SETS))
     every_steps: int = _f(0, min=0, doc="periodic evaluation during training; 0 = only at the end")
     split: Literal["val", "test"] = _f("val")
-    probe: Literal["knn1", "knn20", "logreg"] = _f("knn20", doc="probe whose bAcc is the sweep objective")
+    probe: Literal["knn1", "knn20", "logreg", "logreg_raw"] = _f("knn20", doc="probe whose bAcc is the sweep objective: "
+                                                                  "logreg standardises the features and chooses C "
+                                                                  "(hierdino.eval.probes), logreg_raw is the paper's")
     image_size: Optional[int] = _f(None, min=8, doc="evaluation image size; default: data.image_size")
+    center_crop: Optional[float] = _f(None, gt=0.0, max=1.0, doc="share of each side kept, centred, before the "
+                                      "resize; default: data.center_crop")
     batch_size: int = _f(128, min=1)
     bootstrap: int = _f(1000, min=10)
     at_end: bool = _f(True)

@@ -62,19 +62,31 @@ def crop_box(w: int, h: int, scale: tuple, rng: np.random.Generator, ratio: tupl
     return (x, y, x + cw, y + ch)
 
 
+def center_box(w: int, h: int, center: float = 1.0) -> tuple:
+    """The centred ``(left, top, right, bottom)`` box keeping ``center`` of each side of a ``w x h``
+    field (1.0: the whole field). Single-cell crops from analysers (CellaVision: PBC) centre the cell
+    in a field of red cells, where a random crop of the whole field mostly cuts the cell away."""
+    cw, ch = max(1, round(w * center)), max(1, round(h * center))
+    x, y = (w - cw) // 2, (h - ch) // 2
+    return (x, y, x + cw, y + ch)
+
+
 def plan_views(w: int, h: int, rng: np.random.Generator, global_size: int, global_scale: tuple, local_number: int,
-               local_size: int, local_scale: tuple, supervised: bool) -> list[View]:
+               local_size: int, local_scale: tuple, supervised: bool, center: float = 1.0) -> list[View]:
     """The views of one ``w x h`` image: 2 global crops, ``local_number`` local crops (each a
     random-resized crop, flipped left-right with p=0.5), then, when ``supervised``, the paper's mild
-    view of a labelled image (the whole image resized, h/v flips and rot90 each with p=0.5)."""
+    view of a labelled image (the whole field resized, h/v flips and rot90 each with p=0.5). Every
+    view is cut from the centred ``center`` share of each side (``center_box``), as if the image
+    were that box."""
+    x0, y0, x1, y1 = center_box(w, h, center)
     views = []
     for size, scale, n in ((global_size, global_scale, 2), (local_size, local_scale, local_number)):
         for _ in range(n):
-            box = crop_box(w, h, scale, rng)
-            views.append(View(box, size, hflip=bool(rng.random() < 0.5)))
+            l, t, r, b = crop_box(x1 - x0, y1 - y0, scale, rng)
+            views.append(View((l + x0, t + y0, r + x0, b + y0), size, hflip=bool(rng.random() < 0.5)))
     if supervised:
         flips = [bool(rng.random() < 0.5) for _ in range(3)]
-        views.append(View((0, 0, w, h), global_size, *flips))
+        views.append(View((x0, y0, x1, y1), global_size, *flips))
     return views
 
 
@@ -114,8 +126,9 @@ def load_rgb(im: Image.Image, reduce: int = 1) -> tuple[Image.Image, float]:
 
 
 def decode(data: bytes) -> Image.Image:
-    """Full-size RGB decode (evaluation resizes whole images)."""
+    """Full-size RGB decode (evaluation resizes whole fields or their centre, ``center_box``)."""
     return load_rgb(open_image(data))[0]
+
 
 
 def render(im: Image.Image, view: View, factor: float = 1.0) -> np.ndarray:

@@ -55,6 +55,7 @@ class CropSpec:
     seed: int = 0
     jpeg_draft: bool = True
     decode: str = "cpu"
+    center_crop: float = 1.0
 
     @classmethod
     def from_config(cls, cfg) -> "CropSpec":
@@ -62,7 +63,7 @@ class CropSpec:
         sup = cfg.loss.supervised.kind != "none" and d.supervised_view == "separate"
         return cls(d.image_size, tuple(d.global_crops_scale), d.local_crops_number, d.local_crops_size,
                    tuple(d.local_crops_scale), sup, d.shuffle_seed + cfg.train.seed, d.jpeg_draft,
-                   d.decode)
+                   d.decode, d.center_crop)
 
 
 def multicrop(batch: dict, crops: CropSpec, label_index: dict, epoch: int, splits: tuple = ("train",)) -> dict:
@@ -91,7 +92,8 @@ def multicrop(batch: dict, crops: CropSpec, label_index: dict, epoch: int, split
     for j, i in enumerate(keep):
         rng = row_rng(crops.seed, str(batch["image_id"][i]), epoch)
         plan = dict(global_size=S, global_scale=crops.global_scale, local_number=crops.local_number, local_size=s,
-                    local_scale=crops.local_scale, supervised=crops.supervised and out["label"][j] >= 0)
+                    local_scale=crops.local_scale, supervised=crops.supervised and out["label"][j] >= 0,
+                    center=crops.center_crop)
         try:
             if crops.decode == "device":
                 _plan_row(out, j, batch["image"][i], rng, plan)

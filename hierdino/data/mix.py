@@ -29,6 +29,81 @@ def mix_proportions(sizes: Sequence[int], weights: Sequence[float] | None = None
     return [w / total for w in raw]
 
 
+# The start-up check of the labelled rows a mix gives the supervised loss (``labelled_rows_warning``).
+# The supervised term is a mean over a worker's labelled rows, so its scale does not depend on how
+# many there are; what starves it is a worker batch that holds none (that worker's term is then
+# zero). Each worker cuts its own batches with ``MixSchedule``, which spreads a dataset's rows evenly
+# over the steps: with 1 labelled row expected per worker batch every worker step can hold a label;
+# with r < 1, at least a share 1 - r of the worker steps holds none (60% at the 0.4 rows of 240,000
+# unlabelled images beside 3,000 labelled at batch 32). The floor is in rows, not a share of the
+# batch: 1% of a 4,096-image batch is 41 labelled rows a step, plenty, while 3% of 16 is none.
+LABELLED_ROWS_FLOOR = 1.0
+# What the suggested ``data.weights`` aim at: 4 expected labelled rows per worker batch (a margin
+# over the floor, for labelled sets that hold unlabelled rows too), at most half of the batch (the
+# other half stays self-supervised only), and never below the floor.
+SUGGESTED_LABELLED_ROWS = 4.0
+SUGGESTED_MAX_SHARE = 0.5
+
+
+def expected_labelled_rows(proportions: Sequence[float], sizes: Sequence[int], labelled: Sequence[int],
+                           batch_size: int) -> float:
+    """Labelled rows expected in a batch: ``batch_size x sum_d p_d x labelled_d / size_d``.
+
+    ``sizes`` and ``labelled``: each dataset's train-split rows and how many of them have a label.
+    """
+    return batch_size * sum(p * lab / n for p, lab, n in zip(proportions, labelled, sizes) if n > 0)
+
+
+def weights_for_labelled_share(proportions: Sequence[float], sizes: Sequence[int], labelled: Sequence[int],
+                               share: float) -> list[float]:
+    """Mix proportions that give labelled rows an expected ``share`` of each batch.
+
+    The datasets with labels together take ``share / f`` of the batch, where ``f`` is the labelled
+    share of their rows under the current proportions (capped at all of it), among themselves in
+    their current proportions (by size if those are all 0); the datasets without labels share the
+    rest in theirs. Where the labelled datasets hold unlabelled rows too, the cap can leave the
+    labelled share below ``share``.
+    """
+    has = [lab > 0 for lab in labelled]
+    inner = [p if h else 0.0 for p, h in zip(proportions, has)]
+    if sum(inner) <= 0:
+        inner = [float(n) if h else 0.0 for n, h in zip(sizes, has)]
+    inner = [w / sum(inner) for w in inner]
+    f = sum(w * lab / n for w, lab, n in zip(inner, labelled, sizes) if w > 0)
+    if f <= 0:
+        raise ValueError("weights_for_labelled_share: no dataset has labelled rows")
+    rest = [0.0 if h else p for p, h in zip(proportions, has)]
+    if sum(rest) <= 0:  # nothing without labels to take rows from
+        return inner
+    group = min(1.0, share / f)
+    return [w * group + r / sum(rest) * (1 - group) for w, r in zip(inner, rest)]
+
+
+def labelled_rows_warning(sizes: Sequence[int], labelled: Sequence[int], proportions: Sequence[float],
+                          per_worker_batch: int) -> str | None:
+    """One or two lines when a worker's batch is expected to hold fewer than ``LABELLED_ROWS_FLOOR``
+    labelled rows (None otherwise), naming the ``data.weights`` that would restore them.
+
+    For a run whose supervised loss is on: a large unlabelled pool beside small labelled sets, mixed
+    by size (``data.weights`` null), leaves the supervised loss almost never a label.
+    """
+    rows = expected_labelled_rows(proportions, sizes, labelled, per_worker_batch)
+    if rows >= LABELLED_ROWS_FLOOR:
+        return None
+    if sum(labelled) == 0:
+        return ("no training dataset has labelled train rows: the supervised loss never sees a label "
+                "(loss.supervised.kind=none turns it off)")
+    head = (f"the data mix gives {rows:.2f} labelled rows per batch of {per_worker_batch} per worker "
+            f"({100 * rows / per_worker_batch:.2f}%), under the floor of {LABELLED_ROWS_FLOOR:g}: the supervised "
+            "loss rarely sees a label")
+    target = max(LABELLED_ROWS_FLOOR, min(SUGGESTED_LABELLED_ROWS, SUGGESTED_MAX_SHARE * per_worker_batch))
+    weights = [float(f"{w:.3g}") for w in weights_for_labelled_share(proportions, sizes, labelled,
+                                                                     min(1.0, target / per_worker_batch))]
+    after = expected_labelled_rows(mix_proportions(sizes, weights), sizes, labelled, per_worker_batch)
+    return (head + f".\n  --set data.weights=[{','.join(f'{w:g}' for w in weights)}] (data.train order) gives "
+            f"{after:.1f} labelled rows per worker batch ({100 * after / per_worker_batch:.1f}%)")
+
+
 class MixSchedule:
     """Rows per dataset for each step of batch size ``batch_size`` (deterministic, step-indexed)."""
 

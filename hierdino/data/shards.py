@@ -5,7 +5,8 @@ Columns: ``image`` (PNG/JPEG bytes), ``image_id``, ``source`` (dataset name), ``
 resolved to indices against the run's hierarchy at train time.
 
 Writers here are pure pyarrow; ``jobs/make_shards.py`` is the CLI over them (image folders,
-``path,label[,split]`` CSVs, the synthetic suite).
+``path,label[,split]`` CSVs, the public layouts of ``data/layouts.py``, the synthetic suite). Datasets
+without splits of their own get them from ``SplitSpec``: a hash of (seed, image id), per image.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import collections
 import csv
 import functools
+import hashlib
 import io
 import json
 import os
@@ -20,8 +22,9 @@ import re
 import secrets
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
@@ -214,6 +217,18 @@ def read_table(uri: str, columns: list[str] | None = None, split: str | None = N
 
 # -- adapters: image folders and CSVs ------------------------------------------------------------
 
+class Item(NamedTuple):
+    """One image to write. ``image`` is its file, or its pixels for datasets stored as arrays;
+    ``split`` is ``None`` while the dataset gives none (``finish_splits`` then chooses one);
+    ``image_id`` is the path relative to the dataset's root (the same wherever the root sits)."""
+
+    image: Path | np.ndarray
+    raw_label: str | None
+    label: str | None
+    split: str | None
+    image_id: str
+
+
 def _check_image(path: Path) -> bytes:
     """Bytes of an image that PIL can decode: PNG/JPEG kept as they are, other formats (TIFF, BMP,
     WebP, GIF) and 16-bit images re-encoded as 8-bit PNG (``crops.to_8bit``)."""
@@ -222,27 +237,39 @@ def _check_image(path: Path) -> bytes:
         im.load()
         if im.format in ("PNG", "JPEG") and im.mode not in HIGH_DEPTH_MODES + ("F",):
             return data
-        im8 = to_8bit(im)
-        buf = io.BytesIO()
-        (im8 if im8.mode in ("L", "RGB") else im8.convert("RGB")).save(buf, format="PNG")
-        return buf.getvalue()
+        return _png(im)
 
 
-def _load_images(items: list[tuple[Path, str | None, str | None, str]], source: str, skip_bad: bool,
-                 uri: str = "") -> Iterator[Record]:
+def _png(im: Image.Image) -> bytes:
+    """``im`` as 8-bit grey or RGB PNG bytes."""
+    im8 = to_8bit(im)
+    buf = io.BytesIO()
+    (im8 if im8.mode in ("L", "RGB") else im8.convert("RGB")).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _image_bytes(item: Item) -> bytes:
+    """The encoded image of an item: its file's bytes, or its pixel array as PNG."""
+    if isinstance(item.image, np.ndarray):
+        return _png(Image.fromarray(item.image))
+    return _check_image(item.image)
+
+
+def _load_images(items: list[Item], source: str, skip_bad: bool, uri: str = "") -> Iterator[Record]:
     """Records of the readable images, streamed (one image in memory at a time).
 
     Unreadable images are collected; at the end they fail the dataset (after its shards, before its
     manifest, so the incomplete dataset is refused by readers) or, with ``skip_bad``, are listed.
     """
     bad: list[str] = []
-    for path, raw, label, split in items:
+    for item in items:
         try:
-            data = _check_image(path)
+            data = _image_bytes(item)
         except Exception as e:  # PIL raises many types for broken files
-            bad.append(f"{path} ({type(e).__name__}: {re.sub(r'<_io.BytesIO object at 0x[0-9a-f]+>', 'the file', str(e))})")
+            where = item.image if isinstance(item.image, Path) else item.image_id
+            bad.append(f"{where} ({type(e).__name__}: {re.sub(r'<_io.BytesIO object at 0x[0-9a-f]+>', 'the file', str(e))})")
             continue
-        yield Record(data, str(path), source, raw, label, split)
+        yield Record(data, item.image_id, source, item.raw_label, item.label, item.split)
     if bad and not skip_bad:
         raise ShardError(f"{len(bad)} unreadable image(s), so nothing was written to {uri or 'the dataset'} (a dataset "
                          "already there is unchanged); fix them or pass --skip-bad to skip them:\n  " + "\n  ".join(bad))
@@ -271,37 +298,38 @@ def _walk_files(top: Path) -> tuple[list[Path], list[Path]]:
     return files, hidden
 
 
-def folder_items(root: str | Path, label_map: LabelMap, split: str | None = None) -> list[tuple]:
-    """(path, raw label, node, split) for an image folder, as torchvision's ImageFolder reads one:
-    ``root/<class>/.../<image>``, the class being the folder right under ``root`` (images may sit
-    in deeper folders, e.g. one per patient; symlinked folders are followed). A root whose folders
-    are all split names (``train``, ``val``/``valid``/``validation``, ``test``) is read as
-    ``root/<split>/<class>/...``, each image in its folder's split; ``split`` names the split of a
-    root without split folders (default train) and must not be given for one with them.
+def visible_folders(root: Path) -> list[str]:
+    """Names of the folders right under ``root``, sorted, without hidden ones and ``__MACOSX``."""
+    return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name != "__MACOSX")
 
-    Raw labels are mapped before any image is read, so unknown labels fail first. Files that are
-    not images, and images outside a class folder, are counted and listed, never dropped silently.
-    """
-    root = Path(root)
+
+def check_folder(root: Path) -> None:
+    """Fail unless ``root`` is a local folder."""
     if not root.is_dir():
         raise ShardError(f"image folder {root} does not exist" if not str(root).startswith("s3:")
                          else f"image folder {root}: make_shards reads image folders from local disk, not S3; "
                               "copy them locally first (e.g. aws s3 sync)")
-    tops = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name != "__MACOSX")
+
+
+def _class_roots(root: Path) -> list[tuple[Path, str | None]]:
+    """(folder of class folders, its split): ``root/<split>`` for a root of split folders, else
+    ``root`` itself with no split of its own."""
+    tops = visible_folders(root)
     split_tops = [t for t in tops if t.lower() in SPLIT_FOLDERS]
     if split_tops and len(split_tops) == len(tops):
         loose = [p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")]
         if loose:
             print(f"make_shards: skipped {len(loose)} file(s) directly in {root}, beside its split folders")
-        if split is not None:
-            raise ShardError(f"{root} holds split folders {split_tops}, so each image takes its folder's split; "
-                             f"drop --split {split}")
-        class_roots = [(root / t, SPLIT_FOLDERS[t.lower()]) for t in split_tops]
-    elif split_tops:
+        return [(root / t, SPLIT_FOLDERS[t.lower()]) for t in split_tops]
+    if split_tops:
         raise ShardError(f"{root} mixes split folders {split_tops} with other folders "
                          f"{[t for t in tops if t not in split_tops]}: use root/<class>/... or root/<split>/<class>/...")
-    else:
-        class_roots = [(root, split or "train")]
+    return [(root, None)]
+
+
+def class_files(class_roots: list[tuple[Path, str | None]], root: Path) -> list[tuple[Path, str, str | None]]:
+    """(image, class folder, split) for the images under each ``<base>/<class>/...``. Files that are
+    not images, hidden files and images outside a class folder are counted and printed."""
     entries, skipped, hidden = [], collections.Counter(), []
     for base, split_of in class_roots:
         files, hid = _walk_files(base)
@@ -319,13 +347,54 @@ def folder_items(root: str | Path, label_map: LabelMap, split: str | None = None
         print(f"make_shards: skipped {', '.join(what)} under {root} (images: {', '.join(IMAGE_SUFFIXES)})")
     if not entries:
         raise ShardError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in class sub-folders of {root}")
-    nodes = label_map.map([raw for _, raw, _ in entries])
-    return [(p, raw, node, s) for (p, raw, s), node in zip(entries, nodes)]
+    return entries
 
 
-def csv_items(csv_path: str | Path, label_map: LabelMap, default_split: str = "train") -> list[tuple]:
-    """(path, raw label, node, split) from a CSV with columns ``path,label[,split]`` (paths relative to
-    the CSV; an empty label is an unlabelled image). A UTF-8 byte-order mark (Excel) is accepted."""
+def folder_files(root: str | Path) -> list[tuple[Path, str, str | None]]:
+    """(image, class folder, split folder's split or ``None``) for an image folder (see ``folder_items``)."""
+    root = Path(root)
+    check_folder(root)
+    return class_files(_class_roots(root), root)
+
+
+def items_from_files(entries: list[tuple[Path, str, str | None]], root: Path, label_map: LabelMap,
+                     fold_case: bool = False) -> list[Item]:
+    """Items of (image, raw label, split) entries, their ids relative to ``root``. Raw labels are
+    mapped before any image is read, so unknown ones fail first; with ``fold_case`` they match the
+    map's labels whatever their case (the raw label is kept as written)."""
+    raws = [raw for _, raw, _ in entries]
+    if fold_case:
+        spelled = {k.lower(): k for k in [*label_map.mapping, *label_map.unlabeled]}
+        nodes = label_map.map([spelled.get(r.lower(), r) for r in raws])
+    else:
+        nodes = label_map.map(raws)
+    return [Item(p, raw, node, split, p.relative_to(root).as_posix())
+            for (p, raw, split), node in zip(entries, nodes)]
+
+
+def read_folder(root: str | Path, label_map: LabelMap) -> list[Item]:
+    """``folder_items`` before splits are chosen: items of a root without split folders have none."""
+    return items_from_files(folder_files(root), Path(root), label_map)
+
+
+def folder_items(root: str | Path, label_map: LabelMap, split: str | None = None,
+                 spec: SplitSpec | None = None) -> list[Item]:
+    """Items of an image folder, as torchvision's ImageFolder reads one: ``root/<class>/.../<image>``,
+    the class being the folder right under ``root`` (images may sit in deeper folders, e.g. one per
+    patient; symlinked folders are followed). A root whose folders are all split names (``train``,
+    ``val``/``valid``/``validation``, ``test``) is read as ``root/<split>/<class>/...``, each image in
+    its folder's split; other roots take ``split`` (default train) or splits drawn by ``spec``.
+
+    Raw labels are mapped before any image is read, so unknown labels fail first. Files that are
+    not images, and images outside a class folder, are counted and listed, never dropped silently.
+    """
+    return finish_splits(read_folder(root, label_map), f"image folder {root}", split, spec)
+
+
+def read_csv(csv_path: str | Path, label_map: LabelMap) -> list[Item]:
+    """Items of a CSV with columns ``path,label[,split]`` (paths relative to the CSV, which are also
+    the image ids; an empty label is an unlabelled image, an empty split none yet). A UTF-8 byte-order
+    mark (Excel) is accepted."""
     csv_path = Path(csv_path)
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
@@ -333,7 +402,7 @@ def csv_items(csv_path: str | Path, label_map: LabelMap, default_split: str = "t
         if missing:
             raise ShardError(f"{csv_path}: missing column(s) {sorted(missing)}; expected path,label[,split], got {reader.fieldnames}")
         rows = list(reader)
-    items = []
+    entries = []
     for i, row in enumerate(rows, start=2):
         if None in row:  # DictReader's key for fields beyond the header
             raise ShardError(f"{csv_path}:{i}: {len(row[None])} more field(s) than the header has: {row[None]!r}")
@@ -343,16 +412,106 @@ def csv_items(csv_path: str | Path, label_map: LabelMap, default_split: str = "t
         path = (row["path"] or "").strip()
         if not path:
             raise ShardError(f"{csv_path}:{i}: empty path")
-        split = (row.get("split") or default_split).strip()
-        if split not in SPLITS:
+        split = (row.get("split") or "").strip() or None
+        if split is not None and split not in SPLITS:
             raise ShardError(f"{csv_path}:{i}: split {split!r} is not one of {SPLITS}")
-        raw = row["label"].strip() or None
-        items.append((csv_path.parent / path, raw, split))
-    nodes = label_map.map([raw for _, raw, _ in items])
-    return [(p, raw, node, split) for (p, raw, split), node in zip(items, nodes)]
+        entries.append((path, row["label"].strip() or None, split))
+    nodes = label_map.map([raw for _, raw, _ in entries])
+    return [Item(csv_path.parent / path, raw, node, split, Path(path).as_posix())
+            for (path, raw, split), node in zip(entries, nodes)]
 
 
-def write_items(items: list[tuple], uri: str, name: str, label_map: LabelMap, skip_bad: bool = False,
+def csv_items(csv_path: str | Path, label_map: LabelMap, default_split: str | None = None,
+              spec: SplitSpec | None = None) -> list[Item]:
+    """Items of a CSV ``path,label[,split]`` (``read_csv``); rows without a split take
+    ``default_split`` (default train) or splits drawn by ``spec``."""
+    return finish_splits(read_csv(csv_path, label_map), f"CSV {csv_path}", default_split, spec)
+
+
+# -- splits: a pure function of (image id or group, seed) -----------------------------------------
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """Fractions of train/val/test for a dataset without splits of its own. Each image's split is a
+    function of its id (or its ``group_by`` group) and ``seed`` only, so adding images moves none."""
+
+    fractions: tuple[float, float, float]
+    seed: int = 0
+    group_by: str | None = None
+
+
+def parse_split_fractions(text: str) -> tuple[float, float, float]:
+    """``"0.6,0.2,0.2"`` -> (0.6, 0.2, 0.2): three fractions in [0, 1] that sum to 1."""
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise ShardError(f"--split-fractions {text!r}: expected three numbers TRAIN,VAL,TEST, e.g. 0.6,0.2,0.2")
+    if not all(0.0 <= v <= 1.0 for v in values):
+        raise ShardError(f"--split-fractions {text!r}: each fraction must lie between 0 and 1")
+    if abs(sum(values) - 1.0) > 1e-6:
+        raise ShardError(f"--split-fractions {text!r}: the fractions sum to {sum(values):g}, not 1")
+    return values  # type: ignore[return-value]
+
+
+def split_point(key: str, seed: int) -> float:
+    """A uniform number in [0, 1) from a hash of (seed, key): the same on every machine and run."""
+    digest = hashlib.blake2b(f"{seed}\0{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0 ** 64
+
+
+def split_at(point: float, fractions: tuple[float, float, float]) -> str:
+    """The split whose share of [0, 1) holds ``point`` (train first); the last split with a
+    non-zero fraction takes the rounding remainder, so a zero fraction is never drawn."""
+    last = max(i for i, f in enumerate(fractions) if f > 0)
+    edge = 0.0
+    for i, (name, fraction) in enumerate(zip(SPLITS, fractions)):
+        edge += fraction
+        if fraction > 0 and (point < edge or i == last):
+            return name
+    raise AssertionError("unreachable: some fraction is positive")
+
+
+def group_key(image_id: str, pattern: re.Pattern, where: Path | str) -> str:
+    """The group of an image: the first capture group of ``pattern`` searched in its id, or the
+    whole match for a pattern without groups."""
+    m = pattern.search(image_id)
+    if m is None:
+        raise ShardError(f"{where}: --group-by {pattern.pattern!r} does not match its id {image_id!r}")
+    return m.group(1) if pattern.groups and m.group(1) is not None else m.group(0)
+
+
+def assign_splits(items: list[Item], spec: SplitSpec) -> list[Item]:
+    """Items with their splits drawn by ``spec`` (per image, or per group with ``group_by``)."""
+    try:
+        pattern = re.compile(spec.group_by) if spec.group_by is not None else None
+    except re.error as e:
+        raise ShardError(f"--group-by {spec.group_by!r} is not a regular expression ({e})") from None
+    out = []
+    for item in items:
+        key = group_key(item.image_id, pattern, item.image if isinstance(item.image, Path) else item.image_id) \
+            if pattern is not None else item.image_id
+        out.append(item._replace(split=split_at(split_point(key, spec.seed), spec.fractions)))
+    return out
+
+
+def finish_splits(items: list[Item], where: str, split: str | None = None,
+                  spec: SplitSpec | None = None) -> list[Item]:
+    """Items all with a split: a dataset's own splits are kept (and then ``split`` or ``spec`` is an
+    error), others take ``split``, or splits drawn by ``spec``, or train."""
+    if split is not None and spec is not None:
+        raise ShardError(f"{where}: give --split {split} or --split-fractions, not both")
+    own = sorted({item.split for item in items if item.split is not None}, key=SPLITS.index)
+    if own and (split is not None or spec is not None):
+        flag = f"--split {split}" if split is not None else "--split-fractions"
+        raise ShardError(f"{where} has splits of its own ({', '.join(own)}), so each image keeps its split: drop {flag}")
+    if spec is not None:
+        return assign_splits(items, spec)
+    return [item if item.split is not None else item._replace(split=split or "train") for item in items]
+
+
+def write_items(items: list[Item], uri: str, name: str, label_map: LabelMap, skip_bad: bool = False,
                 hierarchy=None, target_file_mb: float = 128.0,
                 options: StorageOptions | None = None) -> Manifest:
     """Images and their tree nodes as a dataset; the manifest holds the ``Hierarchy`` the labels were

@@ -189,9 +189,16 @@ def suite_dir(cfg) -> str:
     return c if storage.is_s3(c) else os.path.expanduser(c)
 
 
+TRAINING_SETS = "train"  # in eval.datasets: the run's own training sets (data.train), scored on their eval.split
+
+
 def eval_set_uris(cfg) -> list[str]:
-    """The URIs of ``eval.datasets`` (suite names under ``suite_dir``)."""
-    return [resolve_dataset(d, suite_dir(cfg)) for d in cfg.eval.datasets]
+    """The URIs of ``eval.datasets``: suite names under ``suite_dir``, ``train`` for the sets of
+    ``data.train`` (a real dataset's own val/test split: the ``pbc-cpu`` preset), URIs as they are."""
+    uris = []
+    for d in cfg.eval.datasets:
+        uris += list(cfg.data.train) if d == TRAINING_SETS else [resolve_dataset(d, suite_dir(cfg))]
+    return list(dict.fromkeys(uris))
 
 
 def runs_evaluation(cfg) -> bool:

@@ -31,7 +31,7 @@ from torch.nn import functional as F
 from hierdino import storage
 from hierdino.data import shards
 from hierdino.data.augment import to_model_input
-from hierdino.data.crops import decode
+from hierdino.data.crops import center_box, decode
 from hierdino.eval import EvalDataError
 
 PIXEL_SIZE = 16
@@ -48,6 +48,12 @@ class ModelSpec:
     weights: str | None = None
     key: str = ""
     options: storage.StorageOptions | None = None  # where weights on S3 are read (endpoint, region)
+    center_crop: float | None = None  # the share of each side the run trained on (model.json), None: unknown
+
+
+def eval_center_crop(cfg) -> float:
+    """The centred share of each side evaluated: ``eval.center_crop``, else the run's ``data.center_crop``."""
+    return cfg.eval.center_crop if cfg.eval.center_crop is not None else cfg.data.center_crop
 
 
 def _sha(data: bytes | str) -> str:
@@ -90,7 +96,8 @@ def resolve_model(spec: str, default_img_size: int = 224, options: storage.Stora
     else:
         name = parts[-3] if len(parts) >= 3 and parts[-2] == "export" else parts[-1].removesuffix(".safetensors")
     key = _sha(f"{info['arch']}:{info['img_size']}:{_sha(storage.read_bytes(weights, options))}")
-    return ModelSpec(spec, name, "backbone", info["arch"], int(info["img_size"]), weights, key, options)
+    return ModelSpec(spec, name, "backbone", info["arch"], int(info["img_size"]), weights, key, options,
+                     info.get("center_crop"))
 
 
 def load_backbone(m: ModelSpec):
@@ -129,22 +136,24 @@ def pixel_features(images: np.ndarray) -> np.ndarray:
     return F.interpolate(x, size=(PIXEL_SIZE, PIXEL_SIZE), mode="area").flatten(1).numpy()
 
 
-def decode_images(blobs, size: int, ids=None) -> np.ndarray:
-    """Encoded images -> uint8 ``[N, size, size, 3]`` (bicubic resize). An image that does not decode
-    raises (``EvalDataError`` naming it by ``ids`` when given): scored as a blank image under its
-    label, it would bias the evaluation without a word."""
-    out, errors = _decode(blobs, size)
+def decode_images(blobs, size: int, ids=None, center: float = 1.0) -> np.ndarray:
+    """Encoded images -> uint8 ``[N, size, size, 3]``: the centred ``center`` share of each side
+    (``crops.center_box``), bicubic resize. An image that does not decode raises (``EvalDataError``
+    naming it by ``ids`` when given): scored as a blank image under its label, it would bias the
+    evaluation without a word."""
+    out, errors = _decode(blobs, size, center)
     _raise_undecodable(errors, ids)
     return out
 
 
-def _decode(blobs, size: int) -> tuple[np.ndarray, list[str]]:
+def _decode(blobs, size: int, center: float = 1.0) -> tuple[np.ndarray, list[str]]:
     """The images (blank where one does not decode) and, per image, why it does not ("" when it does)."""
     out = np.zeros((len(blobs), size, size, 3), np.uint8)
     errors = [""] * len(blobs)
     for i, b in enumerate(blobs):
         try:
-            out[i] = np.asarray(decode(b).resize((size, size), Image.BICUBIC))
+            im = decode(b)
+            out[i] = np.asarray(im.resize((size, size), Image.BICUBIC, box=center_box(*im.size, center)))
         except Exception as e:  # PIL raises many types for broken files
             errors[i] = f"{type(e).__name__}: {e}"
     return out, errors
@@ -160,8 +169,8 @@ def _raise_undecodable(errors, ids=None, where: str = "") -> None:
 class _Extractor:
     """Ray Data actor: loads the model once, then maps batches of shard rows to features."""
 
-    def __init__(self, model: ModelSpec, patch_mean: bool, batch_size: int):
-        self.model, self.patch_mean, self.batch_size = model, patch_mean, batch_size
+    def __init__(self, model: ModelSpec, patch_mean: bool, batch_size: int, center: float = 1.0):
+        self.model, self.patch_mean, self.batch_size, self.center = model, patch_mean, batch_size, center
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.backbone = load_backbone(model).to(self.device) if model.kind == "backbone" else None
 
@@ -170,7 +179,7 @@ class _Extractor:
         ``decode_error`` (raised by ``dataset_features`` for the whole dataset: an error raised in a
         Ray Data task reaches the driver as text only)."""
         size = self.model.img_size or 64
-        images, errors = _decode(batch["image"], size)
+        images, errors = _decode(batch["image"], size, self.center)
         if self.backbone is None:
             feats = pixel_features(images)
         else:
@@ -192,7 +201,7 @@ class DatasetFeatures:
 
 
 def _extract_with_ray_data(model: ModelSpec, dataset_uri: str, patch_mean: bool, batch_size: int, actors: int,
-                           options) -> list[dict]:
+                           options, center: float = 1.0) -> list[dict]:
     """Feature batches from Ray Data batch inference: an actor pool (a GPU each when the cluster has one)."""
     import ray  # heavy: only features not already in the cache need Ray
     import ray.data  # likewise heavy, only without a cache hit
@@ -200,18 +209,20 @@ def _extract_with_ray_data(model: ModelSpec, dataset_uri: str, patch_mean: bool,
     fs, _ = storage.resolve(dataset_uri, options)
     ds = ray.data.read_parquet(shards.shard_paths(dataset_uri, options), filesystem=fs)
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 and model.kind == "backbone" else 0
-    ds = ds.map_batches(_Extractor, fn_constructor_kwargs={"model": model, "patch_mean": patch_mean, "batch_size": batch_size},
+    ds = ds.map_batches(_Extractor, fn_constructor_kwargs={"model": model, "patch_mean": patch_mean, "batch_size": batch_size,
+                                                                 "center": center},
                         batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
                         num_gpus=gpus, num_cpus=0 if gpus else 1)
     return list(ds.iter_batches(batch_size=None, batch_format="numpy"))
 
 
-def _extract_in_process(model: ModelSpec, dataset_uri: str, patch_mean: bool, batch_size: int, options) -> list[dict]:
+def _extract_in_process(model: ModelSpec, dataset_uri: str, patch_mean: bool, batch_size: int, options,
+                        center: float = 1.0) -> list[dict]:
     """Feature batches computed in this process, shard by shard (no Ray: no actor start-up per dataset)."""
     import pyarrow.parquet as pq  # only this path reads the shards itself
 
     fs, _ = storage.resolve(dataset_uri, options)
-    extractor = _Extractor(model, patch_mean, batch_size)
+    extractor = _Extractor(model, patch_mean, batch_size, center)
     parts = []
     for path in shards.shard_paths(dataset_uri, options):
         with fs.open_input_file(path) as f:
@@ -233,13 +244,14 @@ def features_in_process(where: str) -> bool:
 
 def dataset_features(model: ModelSpec, dataset_uri: str, cache_dir: str | None = None, patch_mean: bool = False,
                      batch_size: int = 128, actors: int = 1, options=None, in_process: bool = False,
-                     log=print) -> DatasetFeatures:
+                     center: float = 1.0, log=print) -> DatasetFeatures:
     """Features of every row of a dataset; read from / written to the cache when ``cache_dir`` is given.
+    ``center``: the centred share of each side of an image the model sees (``crops.center_box``).
 
     ``in_process``: compute them here instead of with Ray Data, for many small evaluations on one
     machine, where starting an actor pool per model and dataset costs more than the features."""
     manifest = shards.read_manifest(dataset_uri, options)
-    key = f"{model.key}-{_sha(manifest.to_json())}-{int(patch_mean)}"
+    key = f"{model.key}-{_sha(manifest.to_json())}-{int(patch_mean)}" + (f"-c{center:g}" if center != 1.0 else "")
     cache = storage.join(cache_dir, f"{manifest.name}-{key}.npz") if cache_dir else None
     if cache and storage.exists(cache):
         try:
@@ -248,12 +260,12 @@ def dataset_features(model: ModelSpec, dataset_uri: str, cache_dir: str | None =
         except (ValueError, KeyError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as e:  # damaged since written
             log(f"[hierdino] feature cache {cache} is unreadable ({type(e).__name__}: {e}): computing the features again")
     if in_process:
-        parts = _extract_in_process(model, dataset_uri, patch_mean, batch_size, options)
+        parts = _extract_in_process(model, dataset_uri, patch_mean, batch_size, options, center)
     else:
         if model.weights is not None and model.key not in _LOADED:  # an actor that cannot load them dies with a
             load_backbone(model)  # Ray error that keeps only their message: here they raise WeightsError
             _LOADED.add(model.key)
-        parts = _extract_with_ray_data(model, dataset_uri, patch_mean, batch_size, actors, options)
+        parts = _extract_with_ray_data(model, dataset_uri, patch_mean, batch_size, actors, options, center)
     _raise_undecodable([e for p in parts for e in p["decode_error"]], [i for p in parts for i in p["image_id"]],
                        f" of {dataset_uri}")
     out = DatasetFeatures(np.concatenate([p["features"] for p in parts]).astype(np.float32),

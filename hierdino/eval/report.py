@@ -8,31 +8,33 @@ import time
 
 from hierdino import storage
 from hierdino.data import shards
-from hierdino.data.suite import resolve_dataset
+from hierdino.data.suite import eval_set_uris
 from hierdino.eval import check_probe_sets, set_hierarchy
-from hierdino.eval.features import dataset_features, features_in_process, resolve_model
+from hierdino.eval.features import dataset_features, eval_center_crop, features_in_process, resolve_model
 from hierdino.eval.metrics import EncodedPredictions, bootstrap, tree_feature_spearman
 from hierdino.eval.plots import write_plots
-from hierdino.eval.probes import PROBES, fit_predict
+from hierdino.eval.probes import PROBES, PROTOCOLS, run_probe
 from hierdino.storage import StorageOptions
 from hierdino.train.tracking import RunLog
 
 def evaluate(models: list[str], datasets: list[str], out: str, split: str = "test", probes: tuple = PROBES,
              bootstrap_n: int = 1000, seed: int = 0, metric: str = "euclidean", patch_mean: bool = False,
              default_img_size: int = 224, plots: bool = True, options=None, keep_predictions: bool = False,
-             in_process: bool = False, hierarchies: tuple[str, ...] = (), log=print) -> dict:
+             in_process: bool = False, hierarchies: tuple[str, ...] = (), center_crop: float = 1.0, log=print) -> dict:
     """Every model x dataset x probe: metrics with bootstrap intervals; writes results.json, results.md and PNGs.
 
     ``keep_predictions``: also ``results["predictions"][dataset] = {"y_true": [...], model: {probe: [...]}}``
     on the scored split, written to predictions.json (what paired comparisons resample).
     ``in_process``: features computed in this process, not with Ray Data (``dataset_features``).
     ``hierarchies``: YAML files (or names) of trees that sets' manifests name without holding them.
+    ``center_crop``: every model sees the centred share of each side of the images (``crops.center_box``).
     """
     specs = [resolve_model(m, default_img_size, options) for m in models]
     names = [s.name for s in specs]
     if len(set(names)) != len(names):  # two runs with the same directory name
         specs = [type(s)(**{**s.__dict__, "name": f"{s.name}#{i}"}) for i, s in enumerate(specs)]
-    results = {"split": split, "probes": list(probes), "bootstrap": bootstrap_n, "seed": seed, "metric": metric,
+    results = {"split": split, "probes": list(probes), "protocols": {p: PROTOCOLS[p] for p in probes if p in PROTOCOLS},
+               "bootstrap": bootstrap_n, "seed": seed, "metric": metric,
                "models": {s.name: s.spec for s in specs}, "datasets": {}, "rows": []}
     predictions: dict = {}
     cache = storage.join(out, "features")
@@ -59,19 +61,24 @@ def evaluate(models: list[str], datasets: list[str], out: str, split: str = "tes
         if clamped:  # k-NN over every training row: a majority vote, the same for every image
             log(f"[hierdino] note: {set_name} has {n_train} labelled train rows: {', '.join(clamped)} vote over all of "
                 "them")
+        if "logreg" in probes and split != "val" and manifest.num_labeled("val") == 0:
+            log(f"[hierdino] note: {set_name} has no labelled 'val' rows: logreg chooses C by cross-validation on 'train'")
         for spec in specs:
             t0 = time.time()
-            feats = dataset_features(spec, uri, cache, patch_mean, options=options, in_process=in_process, log=log)
+            feats = dataset_features(spec, uri, cache, patch_mean, options=options, in_process=in_process,
+                                     center=center_crop, log=log)
             x_tr, y_tr = feats.split("train")
             x_ev, y_ev = feats.split(split)
+            x_val, y_val = feats.split("val") if split != "val" else (None, None)  # val scored: C from train CV
             rho = tree_feature_spearman(x_ev, list(y_ev), h)
             for probe in probes:
-                pred = fit_predict(probe, x_tr, y_tr, x_ev, metric)
+                fitted = run_probe(probe, x_tr, y_tr, x_ev, metric, x_val, y_val)
+                pred = fitted.predictions
                 point = EncodedPredictions(list(y_ev), list(pred), h).metrics()
                 ci = bootstrap(list(y_ev), list(pred), h, bootstrap_n, seed)
                 results["rows"].append({"model": spec.name, "dataset": set_name, "probe": probe, "n": int(len(y_ev)),
                                         "metrics": {k: {"value": v, "ci95": list(ci[k])} for k, v in point.items()},
-                                        "tree_feature_spearman": rho})
+                                        "tree_feature_spearman": rho, "fit": fitted.info})
                 if keep_predictions:
                     kept = predictions.setdefault(set_name, {"y_true": [str(y) for y in y_ev]})
                     kept.setdefault(spec.name, {})[probe] = [str(y) for y in pred]
@@ -114,6 +121,8 @@ def markdown_table(results: dict) -> str:
              f"severity and lineage bAcc of the `{probes[-1]}` probe.", "",
              "| model | dataset | " + " | ".join(f"bAcc {p}" for p in probes) + " | severity | lineage bAcc | hF1 |",
              "|---|---|" + "---|" * (len(probes) + 3)]
+    protocols = results.get("protocols", {})
+    notes = [f"- `{p}`: {protocols[p]}" for p in probes if p in protocols]
     rows = results["rows"]
     keys = sorted({(r["model"], r["dataset"]) for r in rows}, key=lambda k: (k[1], k[0]))
     for model, dataset in keys:
@@ -121,18 +130,19 @@ def markdown_table(results: dict) -> str:
         last = by_probe[probes[-1]]["metrics"]
         lines.append(f"| {model} | {dataset} | " + " | ".join(_cell(by_probe[p]["metrics"]["bacc"]) for p in probes)
                      + f" | {_cell(last['severity'], False)} | {_cell(last['lineage_bacc'])} | {_cell(last['hF1'])} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
 def evaluate_run_at_end(cfg, run_dir: str, log=print) -> dict:
     """What ``jobs/pretrain.py`` runs after training: the configured external sets, the bAcc table printed."""
-    datasets = [resolve_dataset(d, cfg.data.synth_cache) for d in cfg.eval.datasets]
+    datasets = eval_set_uris(cfg)
     out = storage.join(run_dir, "eval")
-    log(f"[hierdino] evaluating {run_dir} on {', '.join(cfg.eval.datasets)} ({cfg.eval.split} split)")
+    log(f"[hierdino] evaluating {run_dir} on {', '.join(datasets)} ({cfg.eval.split} split)")
     options = StorageOptions.from_config(cfg)
     res = evaluate([run_dir], datasets, out, cfg.eval.split, bootstrap_n=cfg.eval.bootstrap,
                    default_img_size=cfg.eval.image_size or cfg.data.image_size, options=options,
-                   in_process=features_in_process(cfg.eval.features), hierarchies=(cfg.hierarchy.name,), log=log)
+                   in_process=features_in_process(cfg.eval.features), hierarchies=(cfg.hierarchy.name,),
+                   center_crop=eval_center_crop(cfg), log=log)
     log(markdown_table(res))
     log(f"[hierdino] evaluation report: {storage.join(out, 'results.md')}")
     tb = RunLog(run_dir, jsonl=False, options=options)  # the external scores beside the training curves in TensorBoard

@@ -8,6 +8,14 @@ logits ``s_j`` (every crop) give::
 
 where the pairs are global-global (i != j) and, when local crops are given, global-local.
 
+Scale, kept on purpose: the MEAN over the pairs, ``2 (n_crops - 1)`` of them for 2 global crops and
+``n_crops`` student crops. DINOv2 (``dinov2/train/ssl_meta_arch.py``) divides the SUM of the same
+cross-entropies by ``n_global_terms + max(n_local * n_global, 1)`` = ``2 + max(2 n_local, 1)``. With
+local crops that is the number of pairs and the two agree; with none (every preset) it is 3 for 2
+pairs, so this loss is 1.5x DINOv2's there. The presets were tuned on the mean, whose scale does not
+depend on a denominator term for crops that do not exist. To reproduce DINOv2 without local crops,
+multiply ``loss.dino_weight`` by 2/3 (DINOv2's 1.0 is 0.667 here). ``tests/test_ssl_losses.py`` pins it.
+
 Example::
 
     center = TeacherCentering(65536, "sinkhorn")
@@ -101,7 +109,8 @@ def cross_entropy_soft(student_logits: torch.Tensor, targets: torch.Tensor, stud
 
 
 def dino_loss(student_logits: list[torch.Tensor], teacher_targets: list[torch.Tensor], student_temp: float) -> torch.Tensor:
-    """Mean DINO cross-entropy over pairs (teacher global crop i, student crop j), ``j != i``.
+    """Mean DINO cross-entropy over pairs (teacher global crop i, student crop j), ``j != i``: not
+    DINOv2's sum / 3 without local crops (the module docstring says why and how to convert).
 
     ``student_logits``: global crops first (same order as ``teacher_targets``), then local crops.
     """

@@ -169,6 +169,8 @@ class StudentTeacher(nn.Module):
             s_logits = list(self._logits(self.student["dino_head"], s_cls).chunk(n_global))
             if l_cls is not None:
                 s_logits += list(self._logits(self.student["dino_head"], l_cls).chunk(self.cfg.data.local_crops_number))
+            # The mean over all (teacher crop, other student crop) pairs: without local crops 1.5x DINOv2's
+            # term (its sum / 3), kept on purpose (hierdino.losses.dino says why).
             terms["dino"] = self.dino_loss(s_logits, list(t_targets.chunk(n_global)), lc.student_temp)
             s_patch_logits = self._logits(self.ibot_head(self.student), s_patch.flatten(0, 1).index_select(0, mask_index))
             terms["ibot"] = self.ibot_loss(s_patch_logits, t_patch_targets, masks, lc.student_temp, crop_of_patch)

@@ -498,8 +498,10 @@ def _set_rng_state(s: dict) -> None:
     random.setstate(tuple(s["python"][:1]) + (tuple(s["python"][1]),) + tuple(s["python"][2:]))
 
 
-def export_teacher(model, run_uri: str, rank: int, hierarchy_name: str, image_size: int, options=None) -> str | None:
-    """Write the teacher backbone as timm-format safetensors plus ``model.json``; collective over ranks."""
+def export_teacher(model, run_uri: str, rank: int, hierarchy_name: str, image_size: int, options=None,
+                   center_crop: float = 1.0) -> str | None:
+    """Write the teacher backbone as timm-format safetensors plus ``model.json`` (with the input
+    geometry it was trained on: size and centred share of each side); collective over ranks."""
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     sd = get_model_state_dict(model.teacher["backbone"], options=opts)
     if rank != 0:
@@ -509,7 +511,7 @@ def export_teacher(model, run_uri: str, rank: int, hierarchy_name: str, image_si
     uri = storage.join(run_uri, "export", "teacher_backbone.safetensors")
     storage.write_bytes(uri, safetensors.torch.save(tensors), options)
     info = {
-        "arch": backbone.arch, "img_size": image_size, "patch_size": backbone.patch_size,
+        "arch": backbone.arch, "img_size": image_size, "center_crop": center_crop, "patch_size": backbone.patch_size,
         "embed_dim": backbone.embed_dim, "depth": len(backbone.blocks), "hierarchy": hierarchy_name,
         "timm_kwargs": {"img_size": image_size, "num_classes": 0, "dynamic_img_size": True},
         "tiny_arch": TINY_ARCHS.get(backbone.arch),

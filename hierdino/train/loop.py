@@ -369,7 +369,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         if saving or evaluating:  # every rank: a report is a barrier
             ray.train.report(dict({k: v for k, v in last.items() if isinstance(v, float) and math.isfinite(v)}, step=step))
     metrics.close()
-    export = (export_teacher(model, run_uri, rank, model.hierarchy.name, cfg.data.image_size, options)
+    export = (export_teacher(model, run_uri, rank, model.hierarchy.name, cfg.data.image_size, options,
+                             cfg.data.center_crop)
               if step >= cfg.train.steps else None)
     return dict(last, step=step, start_step=start, images_per_s=metrics.images_per_s(), worker_nodes=worker_nodes(world),
                 start_checksum=start_checksum, final_checksum=param_checksum(model.student), export=export,
