@@ -35,6 +35,10 @@ class DataConfig:
     center_crop: float = _f(1.0, gt=0.0, max=1.0, doc="share of each side of an image kept, centred, before any "
                             "crop (training and evaluation): single-cell fields (PBC, CellaVision) centre the cell")
     global_crops_scale: list[float] = _f(factory=lambda: [0.32, 1.0], doc="random-resized-crop area range")
+    color_jitter: list[float] = _f(factory=lambda: [0.4, 0.4, 0.2, 0.1], doc="colour jitter of the SSL views (p=0.8): "
+                                   "brightness, contrast, saturation, hue bounds (DINOv2); the supervised view never "
+                                   "shifts hue")
+    grayscale_p: float = _f(0.2, min=0.0, max=1.0, doc="probability that an SSL view is made grey (DINOv2: 0.2)")
     local_crops_number: int = _f(8, min=0, doc="local crops per image (0 disables them)")
     local_crops_size: int = _f(98, min=8, doc="local crop size in pixels (a multiple of the patch size: 98 = 7 x 14)")
     local_crops_scale: list[float] = _f(factory=lambda: [0.05, 0.32])

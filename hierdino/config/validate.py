@@ -25,6 +25,10 @@ def validate(cfg: Config) -> None:
         lo_hi = cfg.get(key)
         if len(lo_hi) != 2 or not (0 <= lo_hi[0] <= lo_hi[1] <= 1):
             raise ConfigError(f"{key}: {lo_hi} must be [low, high] with 0 <= low <= high <= 1")
+    cj = cfg.data.color_jitter
+    if len(cj) != 4 or not all(0 <= v <= 1 for v in cj[:3]) or not 0 <= cj[3] <= 0.5:
+        raise ConfigError(f"data.color_jitter: {cj} must be [brightness, contrast, saturation, hue] with the first "
+                          "three in [0, 1] and hue in [0, 0.5]")
     if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
         raise ConfigError(f"optim.betas: {cfg.optim.betas} must be two numbers in [0, 1)")
     if cfg.data.weights is not None and len(cfg.data.weights) != len(cfg.data.train):

@@ -34,7 +34,8 @@ def _bernoulli(gen: torch.Generator, n: int, p: float | torch.Tensor, device) ->
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
-    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+    """Luma ``[B, 1, H, W]`` of ``x[B, 3, H, W]`` (three passes over one plane each)."""
+    return x[:, 0].mul(0.299).add_(x[:, 1], alpha=0.587).add_(x[:, 2], alpha=0.114).unsqueeze(1)
 
 
 # RGB -> YIQ and its inverse, as constants (no matrix inverse on the device: it would sync).
@@ -59,7 +60,7 @@ def _hue_rotate(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
     one, zero = torch.ones_like(c), torch.zeros_like(c)
     rot = torch.stack([one, zero, zero, zero, c, -s, zero, s, c], dim=1).view(-1, 3, 3)
     m = from_yiq @ rot @ to_yiq  # [B, 3, 3]
-    return torch.einsum("bij,bjhw->bihw", m, x)
+    return (m @ x.reshape(*x.shape[:2], -1)).view(x.shape)  # one batched product (einsum: 2.5x the time on a CPU)
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float | None = None) -> torch.Tensor:
@@ -127,7 +128,8 @@ def _where_rows(mask: torch.Tensor, fn, x: torch.Tensor) -> torch.Tensor:
 
 
 def augment_views(global_crops: torch.Tensor, local_crops: torch.Tensor | None, sup: torch.Tensor | None,
-                  gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+                  gen: torch.Generator, jitter: tuple = (0.4, 0.4, 0.2, 0.1), gray_p: float = 0.2,
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """DINOv2's photometric recipe for one batch's views (uint8, on the training device):
     ``global_crops[B, 2, S, S, 3]``, ``local_crops[B, N, s, s, 3]`` and the supervised views
     ``sup[L, S, S, 3]`` -> float ``[2B, 3, S, S]`` (crop-major: crop 1 of every image, then crop 2),
@@ -136,6 +138,8 @@ def augment_views(global_crops: torch.Tensor, local_crops: torch.Tensor | None, 
     The views of size S go through one ``photometric`` call with per-row probabilities (global crop
     1 always blurred; crop 2 blurred with p=0.1 and solarized with p=0.2; the supervised view
     blurred with p=0.5 and its hue left alone), the local crops (blurred with p=0.5) through a second.
+    ``jitter`` (brightness, contrast, saturation, hue bounds) and ``gray_p`` are DINOv2's by default
+    (``data.color_jitter``, ``data.grayscale_p``).
     """
     b, dev = global_crops.shape[0], global_crops.device
     views = [global_crops[:, 0], global_crops[:, 1]] + ([sup] if sup is not None else [])
@@ -145,11 +149,13 @@ def augment_views(global_crops: torch.Tensor, local_crops: torch.Tensor | None, 
         return torch.cat([torch.full((n,), p, device=dev) for n, p in zip(counts, ps)])
 
     # The supervised view's colour jitter is the paper's (0.4, 0.4, 0.2): no hue shift of the stain colours.
+    bright, contrast, saturation, hue = jitter
     out = photometric(torch.cat(views), gen, blur_p=per_row([1.0, 0.1, 0.5]), solarize_p=per_row([0.0, 0.2, 0.0]),
-                      jitter=(0.4, 0.4, 0.2, per_row([0.1, 0.1, 0.0])))
+                      gray_p=gray_p, jitter=(bright, contrast, saturation, per_row([hue, hue, 0.0])))
     local = None
     if local_crops is not None:
-        local = photometric(local_crops.transpose(0, 1).reshape(-1, *local_crops.shape[2:]), gen, blur_p=0.5)
+        local = photometric(local_crops.transpose(0, 1).reshape(-1, *local_crops.shape[2:]), gen, blur_p=0.5,
+                            gray_p=gray_p, jitter=tuple(jitter))
     return out[:2 * b], local, (out[2 * b:] if sup is not None else None)
 
 
@@ -191,9 +197,10 @@ def _draw(gen: torch.Generator, n: int, size: int, dev, blur_p, solarize_p, jitt
     return _Draws(j, b, cf, s, hshift, gray, blur, sigma, 2.0 * scale, sol)
 
 
-# Rows per step of the CPU path: as many as keep one float copy of the step near 1.2 MB, within a
-# core's L2 cache, so that the ~20 passes of the recipe read the cache instead of memory.
-CPU_STEP_PIXELS = 1 << 17
+# Rows per step of the CPU path: as many as keep one float copy of the step near 3 MB, within the
+# L2 and L3 caches, so that the ~20 passes of the recipe read the caches instead of memory (measured:
+# 1 << 18 pixels per step, 5 images of 224 px, beat 1 << 14 to 1 << 17 and the whole batch at once).
+CPU_STEP_PIXELS = 1 << 18
 
 
 def photometric(images: torch.Tensor, gen: torch.Generator, blur_p: float | torch.Tensor,
@@ -216,9 +223,9 @@ def photometric(images: torch.Tensor, gen: torch.Generator, blur_p: float | torc
     step = max(1, CPU_STEP_PIXELS // (h * w))
     for i in range(0, n, step):
         x = _apply(images[i:i + step], draws.rows(slice(i, i + step)))
-        if normalize:  # (x - mean) / std as one pass, written straight into the output
-            torch.addcmul(_constant(_NORM_SHIFT, x).view(1, 3, 1, 1), x, _constant(_NORM_SCALE, x).view(1, 3, 1, 1),
-                          out=out[i:i + step])
+        if normalize:  # (x - mean) / std as x * (1 / std) - mean / std, written straight into the output
+            torch.mul(x, _constant(_NORM_SCALE, x).view(1, 3, 1, 1), out=out[i:i + step])
+            out[i:i + step].add_(_constant(_NORM_SHIFT, x).view(1, 3, 1, 1))
         else:
             out[i:i + step] = x
     return out
@@ -232,12 +239,11 @@ def _apply(images: torch.Tensor, d: _Draws) -> torch.Tensor:
     else:
         x = images.permute(0, 3, 1, 2).float().div_(255.0)
 
-    def jitter_rows(t, i):
+    def jitter_rows(t, i):  # each blend with grey, (y - grey) * f + grey, as one pass: y * f + grey * (1 - f)
         y = (t * d.brightness[i]).clamp_(0, 1)  # in place on fresh tensors: fewer passes over the images
-        mean = _gray(y).mean(dim=(2, 3), keepdim=True)
-        y = (y - mean).mul_(d.contrast[i]).add_(mean).clamp_(0, 1)
-        g = _gray(y)
-        y = (y - g).mul_(d.saturation[i]).add_(g).clamp_(0, 1)
+        c, s = d.contrast[i], d.saturation[i]
+        y = y.mul(c).add_(_gray(y).mean(dim=(2, 3), keepdim=True) * (1 - c)).clamp_(0, 1)
+        y = y.mul(s).add_(_gray(y).mul_(1 - s)).clamp_(0, 1)
         return _hue_rotate(y, d.hue[i]).clamp_(0, 1)
 
     x = _where_rows(d.jitter, jitter_rows, x)
@@ -245,7 +251,7 @@ def _apply(images: torch.Tensor, d: _Draws) -> torch.Tensor:
     if d.blur is not None:
         x = _where_rows(d.blur, lambda t, i: gaussian_blur(t, d.sigma[i], max_sigma=d.max_sigma), x)
     if d.solarize is not None:
-        x = _where_rows(d.solarize, lambda t, i: torch.where(t >= 0.5, 1 - t, t), x)
+        x = _where_rows(d.solarize, lambda t, i: torch.minimum(t, 1 - t), x)  # 1 - t where t >= 0.5, else t
     return x
 
 

@@ -77,7 +77,7 @@ def _make_step_batch(raw, cfg, gen, device, grid, dgen) -> StepBatch:
         has = host_labels >= 0
         sup_labels = to_device(host_labels[has], device)
         sup = to_device(select_rows(rows(raw["sup"]), has), device)
-    crops, local, sup_images = augment_views(g, loc, sup, dgen)
+    crops, local, sup_images = augment_views(g, loc, sup, dgen, tuple(cfg.data.color_jitter), cfg.data.grayscale_p)
     masks = ibot_masks(2 * b, grid, cfg.data.mask_sample_prob, tuple(cfg.data.mask_ratio), gen)
     mask_index = to_device(masks.flatten().nonzero().squeeze(1), device)
     return StepBatch(crops, local, to_device(masks, device), labels, sup_images, sup_labels, mask_index)
