@@ -321,3 +321,17 @@ def test_input_errors_met_by_ray_data_actors_and_tasks_are_said_as_in_process(ra
                      "--out", str(tmp_path / "w"), "--features", "ray", "--no-plots"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {tmp_path / 'cut.safetensors'}: not a safetensors file") and "Traceback" not in err, err
+
+
+def test_per_class_recall_is_each_class_share_predicted_as_itself():
+    """Hand counts: 3 of 4 'a' right, 0 of 2 'b', 1 of 1 'c'; bAcc is their mean; the interval of a
+    class predicted always (or never) right has no width."""
+    from hierdino.eval.metrics import per_class_recall
+
+    y_true = ["a", "a", "a", "a", "b", "b", "c"]
+    y_pred = ["a", "a", "a", "b", "a", "c", "c"]
+    r = per_class_recall(y_true, y_pred, n=200)
+    assert {c: r[c]["value"] for c in r} == {"a": 0.75, "b": 0.0, "c": 1.0}
+    assert {c: r[c]["n_images"] for c in r} == {"a": 4, "b": 2, "c": 1}
+    assert r["b"]["ci95"] == [0.0, 0.0] and r["c"]["ci95"] == [1.0, 1.0]
+    assert 0.0 <= r["a"]["ci95"][0] < 0.75 < r["a"]["ci95"][1] <= 1.0

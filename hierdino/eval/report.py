@@ -11,7 +11,7 @@ from hierdino.data import shards
 from hierdino.data.suite import eval_set_uris
 from hierdino.eval import check_probe_sets, set_hierarchy
 from hierdino.eval.features import dataset_features, eval_center_crop, features_in_process, resolve_model
-from hierdino.eval.metrics import EncodedPredictions, bootstrap, tree_feature_spearman
+from hierdino.eval.metrics import EncodedPredictions, bootstrap, per_class_recall, tree_feature_spearman
 from hierdino.eval.plots import write_plots
 from hierdino.eval.probes import PROBES, PROTOCOLS, run_probe
 from hierdino.storage import StorageOptions
@@ -78,7 +78,8 @@ def evaluate(models: list[str], datasets: list[str], out: str, split: str = "tes
                 ci = bootstrap(list(y_ev), list(pred), h, bootstrap_n, seed)
                 results["rows"].append({"model": spec.name, "dataset": set_name, "probe": probe, "n": int(len(y_ev)),
                                         "metrics": {k: {"value": v, "ci95": list(ci[k])} for k, v in point.items()},
-                                        "tree_feature_spearman": rho, "fit": fitted.info})
+                                        "tree_feature_spearman": rho, "fit": fitted.info,
+                                        "per_class_recall": per_class_recall(list(y_ev), list(pred), bootstrap_n, seed)})
                 if keep_predictions:
                     kept = predictions.setdefault(set_name, {"y_true": [str(y) for y in y_ev]})
                     kept.setdefault(spec.name, {})[probe] = [str(y) for y in pred]
@@ -130,7 +131,24 @@ def markdown_table(results: dict) -> str:
         last = by_probe[probes[-1]]["metrics"]
         lines.append(f"| {model} | {dataset} | " + " | ".join(_cell(by_probe[p]["metrics"]["bacc"]) for p in probes)
                      + f" | {_cell(last['severity'], False)} | {_cell(last['lineage_bacc'])} | {_cell(last['hF1'])} |")
-    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+    return "\n".join(lines + ([""] + notes if notes else []) + _per_class_lines(rows, probes[-1])) + "\n"
+
+
+def _per_class_lines(rows: list[dict], probe: str) -> list[str]:
+    """Per dataset, the recall (%) of each class under ``probe``, one column per model."""
+    lines = []
+    for dataset in sorted({r["dataset"] for r in rows}):
+        by_model = {r["model"]: r["per_class_recall"] for r in rows
+                    if r["dataset"] == dataset and r["probe"] == probe and "per_class_recall" in r}
+        if not by_model:
+            continue
+        classes = sorted({c for per in by_model.values() for c in per})
+        lines += ["", f"Recall per class (%) of `{probe}` on {dataset}, 95% intervals over the class's images:", "",
+                  "| class | n | " + " | ".join(by_model) + " |", "|---|---|" + "---|" * len(by_model)]
+        for c in classes:
+            n = next(per[c]["n_images"] for per in by_model.values() if c in per)
+            lines.append(f"| {c} | {n} | " + " | ".join(_cell(per[c]) if c in per else "-" for per in by_model.values()) + " |")
+    return lines
 
 
 def evaluate_run_at_end(cfg, run_dir: str, log=print) -> dict:
