@@ -11,11 +11,16 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.fs as pafs
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")  # names that may become one part of a path (name_problem)
 
 
 class StorageError(OSError):
@@ -192,21 +197,63 @@ def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
 
 
 def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) -> None:
-    """Write a whole object; local files go through a temporary name so readers never see half a file."""
+    """Write a whole file or object atomically: a reader sees the earlier contents or all of ``data``,
+    never part of it, and after a crash the file holds one or the other. Local files go through
+    ``_replace_local``; on S3 a single PUT is already atomic. The one writer of results, plans, plots
+    and markers."""
     fs, path = resolve(uri, options)
 
     def write():
-        parent = path.rsplit("/", 1)[0]
         if isinstance(fs, pafs.LocalFileSystem):
-            fs.create_dir(parent, recursive=True)
-            tmp = f"{path}.tmp-{os.getpid()}"
-            with fs.open_output_stream(tmp) as f:
-                f.write(data)
-            os.replace(tmp, path)
+            _replace_local(path, data)
         else:
             with fs.open_output_stream(path) as f:
                 f.write(data)
     with_retries(write, uri, "write")
+
+
+def _replace_local(path: str, data: bytes) -> None:
+    """``data`` as the local file ``path``: written to a temporary file in the same directory, flushed
+    and fsynced, renamed over ``path`` (``os.replace``), then the directory fsynced so the rename
+    itself survives a power loss. On any failure the temporary file is removed and ``path`` is as it was."""
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as to any new file
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+    _fsync_dir(parent)
+
+
+def _fsync_dir(path: str) -> None:
+    """Make the directory entries of ``path`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. Windows: directories cannot be opened this way
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on a directory; the rename is done either way
+        pass
+    finally:
+        os.close(fd)
+
+
+def name_problem(name) -> str | None:
+    """Why ``name`` (a dataset, run, variant or sweep name that becomes part of a path) is not safe,
+    or None: it must be letters, digits, ``.``, ``_`` and ``-`` only, with no ``..`` in it (so never
+    ``.`` or ``..`` and never a way out of the directory it is joined to)."""
+    if isinstance(name, str) and _SAFE_NAME.fullmatch(name) and name != "." and ".." not in name:
+        return None
+    return "is not a safe name: use only A-Z a-z 0-9 . _ - (not '.', and no '..')"
 
 
 def upload_file(local_path: str, uri: str, options: StorageOptions | None = None) -> None:

@@ -80,6 +80,127 @@ def test_launcher_configs_pass_ray_validation(path):
     assert check_launcher(bad)
 
 
+LAUNCHERS = sorted((REPO / "cluster" / "launcher").glob("*.yaml"))
+SECRET_NAMES = ("secret-s3.yaml", "prod.secret.yaml")  # the names .gitignore and rsync_exclude must cover
+
+
+def _cluster_specs(doc: dict) -> list[dict]:
+    """The RayCluster specs of a KubeRay manifest: a RayCluster's spec, a RayJob's rayClusterSpec."""
+    if doc.get("kind") == "RayCluster":
+        return [doc["spec"]]
+    if doc.get("kind") == "RayJob":
+        return [doc["spec"]["rayClusterSpec"]]
+    return []
+
+
+def _safety_problems(doc: dict) -> list[str]:
+    """What keeps a KubeRay manifest from being safe by default: token auth off, or a Ray container
+    (head, workers, autoscaler sidecar) without the non-root, no-escalation, no-capabilities context."""
+    problems = []
+    for spec in _cluster_specs(doc):
+        if (spec.get("authOptions") or {}).get("mode") != "token":
+            problems.append(f"authOptions: {spec.get('authOptions')!r}, want {{mode: token}}")
+        groups = [spec["headGroupSpec"]] + spec.get("workerGroupSpecs", [])
+        contexts = [(c["name"], c.get("securityContext") or {}) for g in groups for c in g["template"]["spec"]["containers"]]
+        if spec.get("enableInTreeAutoscaling"):
+            contexts.append(("autoscaler", (spec.get("autoscalerOptions") or {}).get("securityContext") or {}))
+        for name, sc in contexts:
+            if not (sc.get("runAsNonRoot") is True and sc.get("runAsUser") == 1000 and sc.get("allowPrivilegeEscalation") is False
+                    and "ALL" in (sc.get("capabilities") or {}).get("drop", [])):
+                problems.append(f"{name}: securityContext {sc!r}")
+    return problems
+
+
+@pytest.mark.parametrize("path", KUBERAY, ids=lambda p: p.name)
+def test_kuberay_manifests_use_token_auth_and_a_restricted_security_context(path):
+    doc = yaml.safe_load(path.read_text())
+    if doc.get("kind") == "Secret":
+        return
+    assert _cluster_specs(doc) and _safety_problems(doc) == []
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda s: s.pop("authOptions"), "authOptions: None"),
+    (lambda s: s.__setitem__("authOptions", {"mode": "disabled"}), "authOptions: {'mode': 'disabled'}"),
+    (lambda s: s["headGroupSpec"]["template"]["spec"]["containers"][0].pop("securityContext"), "ray-head: securityContext {}"),
+    (lambda s: s["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["securityContext"].__setitem__("runAsUser", 0),
+     "ray-worker: securityContext"),
+    (lambda s: s["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["securityContext"].pop("capabilities"),
+     "ray-worker: securityContext"),
+    (lambda s: s["headGroupSpec"]["template"]["spec"]["containers"][0]["securityContext"].__setitem__("allowPrivilegeEscalation", True),
+     "ray-head: securityContext"),
+])
+def test_safety_check_catches_an_unsafe_manifest(mutate, message):
+    doc = _job()
+    mutate(doc["spec"]["rayClusterSpec"])
+    assert any(message in p for p in _safety_problems(doc)), _safety_problems(doc)
+    cluster = yaml.safe_load((REPO / "cluster/kuberay/raycluster.yaml").read_text())
+    cluster["spec"]["autoscalerOptions"].pop("securityContext")
+    assert _safety_problems(cluster) == ["autoscaler: securityContext {}"]
+
+
+def test_safe_settings_sit_where_the_kuberay_crds_take_them():
+    """authOptions belongs to the cluster spec (a RayJob's rayClusterSpec, not its spec): the strict
+    CRD check accepts it there and refuses it one level up."""
+    doc = _job()
+    doc["spec"]["authOptions"] = doc["spec"]["rayClusterSpec"].pop("authOptions")
+    errs = check_custom_resource(doc, load_schemas(SCHEMA_DIR))
+    assert any("'authOptions' was unexpected" in e for e in errs), errs
+
+
+@pytest.mark.parametrize("path", LAUNCHERS, ids=lambda p: p.name)
+def test_launcher_heads_keep_the_dashboard_on_localhost_and_sync_no_secrets(path):
+    import fnmatch
+
+    text = path.read_text()
+    assert "0.0.0.0" not in text
+    cfg = yaml.safe_load(text)
+    head_start = " ".join(cfg["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head_start
+    excludes = cfg.get("rsync_exclude", [])
+    for name in SECRET_NAMES:
+        assert any(fnmatch.fnmatch(name, pattern) for pattern in excludes), (name, excludes)
+    assert ".gitignore" in cfg.get("rsync_filter", [])
+
+
+def test_a_secret_file_in_the_repository_root_is_neither_committed_nor_uploaded(tmp_path):
+    """`secret-s3.yaml` (and `*.secret.yaml`) in the repository root: git ignores it, and the zip that
+    `ray job submit --working-dir .` uploads leaves it out (Ray's own packaging, honouring .gitignore
+    as the job SDK does unless RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1), on a copy of the tracked tree."""
+    import shutil
+    import zipfile
+
+    from ray._private.runtime_env.packaging import create_package
+
+    for name in SECRET_NAMES:  # not ignored, or already committed: check-ignore exits 1
+        r = subprocess.run(["git", "check-ignore", "-q", name], cwd=REPO)
+        assert r.returncode == 0, f"git does not ignore {name}"
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout.decode().split("\0")
+    tree = tmp_path / "repo"
+    for rel in filter(None, tracked):
+        if (REPO / rel).is_file():
+            (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(REPO / rel, tree / rel)
+    assert (tree / ".gitignore").is_file()
+    for name in SECRET_NAMES:
+        (tree / name).write_text("stringData: {AWS_SECRET_ACCESS_KEY: not-a-real-key}\n")
+    package = tmp_path / "working_dir.zip"
+    create_package(str(tree), package, include_gitignore=True)
+    names = set(zipfile.ZipFile(package).namelist())
+    assert "jobs/pretrain.py" in names and "cluster/kuberay/secret-s3.example.yaml" in names
+    assert not names & set(SECRET_NAMES), sorted(names & set(SECRET_NAMES))
+
+
+def test_docs_keep_the_secret_file_outside_the_repository():
+    import re
+
+    for doc in ("cluster/README.md", "cluster/kuberay/secret-s3.example.yaml"):
+        targets = re.findall(r"cp cluster/kuberay/secret-s3\.example\.yaml (\S+)", (REPO / doc).read_text())
+        assert targets, doc
+        for target in targets:
+            assert target.startswith(("~/", "$HOME/", "/")), (doc, target)
+
+
 def _free_ports(n: int) -> list[int]:
     """``n`` distinct free ports (all held open together while picked, so none is handed out twice)."""
     socks = []

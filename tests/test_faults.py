@@ -128,43 +128,63 @@ def test_a_step_saved_again_in_place_is_not_vouched_for_by_its_old_marker(tmp_pa
     assert verify(str(ckpt)) == "no commit marker (interrupted while being written)"
 
 
-def _wait_for(p, text, lines, timeout=300):
-    deadline = time.time() + timeout
-    for line in p.stdout:
-        lines.append(line)
-        if text in line:
-            return
-        assert time.time() < deadline, "".join(lines)[-3000:]
-    raise AssertionError("".join(lines)[-3000:])
+def _drain(p, lines):
+    """Read the run's output into ``lines`` on a thread (so the pipe never fills while a test waits on
+    something else); returns the thread."""
+    import threading
+
+    def read():
+        for line in p.stdout:
+            lines.append(line)
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    return t
+
+
+def _until(cond, p, lines, what, timeout=300):
+    """Wait for ``cond()``; fail naming ``what`` (with the output's tail) if the run ends first or the
+    hang guard ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert p.poll() is None and time.monotonic() < deadline, f"{what}: " + "".join(lines)[-3000:]
+        time.sleep(0.05)
 
 
 def test_object_store_outage_during_a_run(s3_server, synth_suite, tmp_path):
-    """One run on S3 storage (run.storage_retry_s=30): SeaweedFS stopped after step 5 and restarted
-    (down for 2 s plus its stop and restart, which took up to ~10 s on a busy 2-core machine): the run
-    goes on, every step logged and checkpointed. Stopped again for good after step 14: the run stops
-    with an error naming the URI and the operation, without the secret, and its last checkpoint (12)
-    is complete and loads."""
+    """One run on S3 storage (run.storage_retry_s=30). SeaweedFS is stopped exactly as checkpoint 8
+    begins (the test-only HIERDINO_TEST_PAUSE_BEFORE_CHECKPOINT hook holds the worker there until the
+    store is down: no timing window) and restarted once the run said it is retrying a checkpoint-8
+    call: the run goes on, every step logged and checkpointed. Stopped again for good after step 14:
+    the run stops with an error naming the URI and the operation, without the secret, and its last
+    checkpoint (12) is complete and loads."""
     s3_server.create_bucket("outage")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(AWS_ACCESS_KEY_ID=s3_server.access_key, AWS_SECRET_ACCESS_KEY=s3_server.secret_key,
-               AWS_ENDPOINT_URL=s3_server.endpoint, AWS_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
+               AWS_ENDPOINT_URL=s3_server.endpoint, AWS_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true",
+               HIERDINO_TEST_PAUSE_BEFORE_CHECKPOINT="8", HIERDINO_TEST_PAUSE_BEFORE_CHECKPOINT_DIR=str(tmp_path))
+    reached, go = (tmp_path / f"HIERDINO_TEST_PAUSE_BEFORE_CHECKPOINT.8.{x}" for x in ("reached", "go"))
     opts = storage.StorageOptions(**s3_server.storage_options())
     lines: list[str] = []
     p = _pretrain(tmp_path, synth_suite, "run.storage=s3://outage/runs", "run.name=flaky", "checkpoint.every_steps=4",
                   "train.steps=40", "run.storage_retry_s=30", "scaling.max_failures=0", env=env, local=True)
+    reader = _drain(p, lines)
+    retry = re.compile(r"storage: cannot \w+( \w+)? s3://outage/runs/flaky/checkpoint_0000008\b.*retrying for up to 30 s")
     try:
-        _wait_for(p, "step 5/40 | loss", lines)
-        s3_server.outage()
-        time.sleep(2)  # the checkpoint of step 8 (or 12) meets it: steps take ~0.3 s
+        _until(reached.exists, p, lines, "checkpoint 8 never began")
+        s3_server.outage()  # down before checkpoint 8's first storage call
+        go.touch()
+        _until(lambda: any(retry.search(x) for x in lines), p, lines, "checkpoint 8 did not meet the outage")
         s3_server.back()
-        _wait_for(p, "step 14/40 | loss", lines)
+        _until(lambda: any("step 14/40 | loss" in x for x in lines), p, lines, "the run did not go on to step 14")
         s3_server.outage()
-        rest, _ = p.communicate(timeout=300)
+        p.wait(timeout=300)
+        reader.join(timeout=60)
     finally:
         if p.poll() is None:
             p.kill()
         s3_server.back()
-    out = "".join(lines) + rest
+    out = "".join(lines)
     assert "retrying for up to 30 s" in out, out[-4000:]  # the first outage was met, and waited out
     assert p.returncode == 2, out[-4000:]  # the worker's StorageError, reported as the driver's own would be
     # the first storage call of the next checkpoint names itself: the stale-marker check or a write

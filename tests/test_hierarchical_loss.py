@@ -30,6 +30,39 @@ def slow_reference(h, logits, target, weights):
     return sum(out) / len(out)
 
 
+def reference_weights(h, alpha=None, level_weights=None, normalize="none"):
+    """Edge weight per depth, computed here edge by edge (never through ``level_weights_for``):
+    exp(-alpha * d) (all ones without alpha) or the given list; 'tree' divides by the sum over every
+    edge of the tree, 'path' by the mean over leaves of the average weight on the leaf's root path."""
+    def depth(node):  # counted by walking up, not read from h.depth
+        d = 0
+        while node != "root":
+            node, d = h.parent(node), d + 1
+        return d
+
+    n_levels = max(depth(n) for n in h.nodes)
+    if level_weights is not None:
+        raw = [float(x) for x in level_weights]
+    else:
+        raw = [math.exp(-(alpha or 0.0) * d) for d in range(1, n_levels + 1)]
+    if normalize == "tree":
+        scale = 0.0
+        for node in h.nodes:  # one edge (node -> its parent) per non-root node
+            scale += raw[depth(node) - 1]
+    elif normalize == "path":
+        per_leaf = []
+        for leaf in h.leaves:
+            node, edges = leaf, []
+            while node != "root":
+                edges.append(raw[depth(node) - 1])
+                node = h.parent(node)
+            per_leaf.append(sum(edges) / len(edges))
+        scale = sum(per_leaf) / len(per_leaf)
+    else:
+        scale = 1.0
+    return [x / scale for x in raw]
+
+
 @pytest.mark.parametrize("name", ["wbc-h1", "wbc-h2"])
 @pytest.mark.parametrize("kwargs", [{}, {"alpha": 0.5}, {"alpha": 0.5, "normalize": "tree"}, {"alpha": 2.0},
                                     {"alpha": 0.5, "normalize": "path"},
@@ -43,9 +76,65 @@ def test_matches_slow_reference_for_leaf_and_internal_targets(name, kwargs):
     target = torch.tensor([0, 5, h.num_leaves - 1, h.index("neutrophil"), h.index("lymphocyte_mature"),
                            h.index("granulopoiesis"), -1, len(h.nodes) - 1, 3, h.index("lymphocyte_atypical"), 7, -1])
     fn = HierarchicalCrossEntropy(h, **kwargs)
-    weights = level_weights_for(h, **kwargs)
+    weights = reference_weights(h, **kwargs)  # independent of level_weights_for
+    assert level_weights_for(h, **kwargs) == pytest.approx(weights, rel=1e-12)
     ref = slow_reference(h, logits, target, weights)
     assert fn(logits, target).item() == pytest.approx(ref, rel=1e-9, abs=1e-9)
+
+
+# A small tree with leaves at depths 1, 2 and 3 and two edges per level:
+#   root -> a (1), b (1, leaf);  a -> c (2), z (2, leaf);  c -> x (3, leaf), y (3, leaf)
+# Leaf order (depth-first): x, y, z, b.
+HAND_TREE = {"name": "hand", "root": {"a": {"c": ["x", "y"], "z": None}, "b": None}}
+LN2 = math.log(2.0)
+# alpha = ln 2 makes exp(-alpha * d) = 1/2, 1/4, 1/8.
+#  tree: edge total = 2 * (1/2 + 1/4 + 1/8) = 7/4 -> [2/7, 1/7, 1/14]
+#  path: per-leaf mean edge weight x, y: (7/8)/3 = 7/24; z: (3/4)/2 = 9/24; b: 12/24;
+#        mean over the 4 leaves = 35/96 -> [48/35, 24/35, 12/35]
+HAND_WEIGHTS = [
+    ({"alpha": LN2}, [1 / 2, 1 / 4, 1 / 8]),
+    ({"alpha": LN2, "normalize": "none"}, [1 / 2, 1 / 4, 1 / 8]),
+    ({"alpha": LN2, "normalize": "tree"}, [2 / 7, 1 / 7, 1 / 14]),
+    ({"alpha": LN2, "normalize": "path"}, [48 / 35, 24 / 35, 12 / 35]),
+    ({"alpha": 1.0}, [math.exp(-1), math.exp(-2), math.exp(-3)]),
+    ({"alpha": 0.0}, [1.0, 1.0, 1.0]),
+    ({}, [1.0, 1.0, 1.0]),
+    ({"normalize": "tree"}, [1 / 6, 1 / 6, 1 / 6]),  # 6 edges
+    ({"normalize": "path"}, [1.0, 1.0, 1.0]),
+    ({"level_weights": [3.0, 2.0, 1.0], "normalize": "tree"}, [3 / 12, 2 / 12, 1 / 12]),
+]
+
+
+@pytest.mark.parametrize("kwargs,expected", HAND_WEIGHTS)
+def test_level_weights_match_hand_values(kwargs, expected):
+    h = hierarchy_from_dict(HAND_TREE)
+    assert h.leaves == ["x", "y", "z", "b"] and h.max_depth == 3
+    assert level_weights_for(h, **kwargs) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("kwargs,expected", HAND_WEIGHTS)
+def test_hand_tree_loss_matches_hand_formula(kwargs, expected):
+    """Every target of the hand tree against its root path written out by hand, weighted by the hand
+    values above (level_weights_for is not called)."""
+    h = hierarchy_from_dict(HAND_TREE)
+    w1, w2, w3 = expected
+    logits = torch.tensor([[0.3, -1.2, 2.0, 0.5], [1.5, 0.1, -0.7, -2.0], [-0.4, 0.9, 0.2, 1.1]],
+                          dtype=torch.float64)
+    fn = HierarchicalCrossEntropy(h, **kwargs)
+    for row in logits:
+        px, py, pz, pb = torch.softmax(row, 0).tolist()
+        pa, pc = px + py + pz, px + py
+        by_hand = {
+            "x": -w1 * math.log(pa) - w2 * math.log(pc / pa) - w3 * math.log(px / pc),
+            "y": -w1 * math.log(pa) - w2 * math.log(pc / pa) - w3 * math.log(py / pc),
+            "z": -w1 * math.log(pa) - w2 * math.log(pz / pa),
+            "b": -w1 * math.log(pb),
+            "c": -w1 * math.log(pa) - w2 * math.log(pc / pa),
+            "a": -w1 * math.log(pa),
+        }
+        for node, want in by_hand.items():
+            got = fn(row[None], torch.tensor([h.index(node)])).item()
+            assert got == pytest.approx(want, rel=1e-12), node
 
 
 def test_path_normalisation_has_the_scale_of_flat_ce():

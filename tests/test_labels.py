@@ -12,19 +12,40 @@ def test_maps_raw_labels_and_unlabeled():
     assert map_labels("raabin_wbc", ["Neutrophil", "Lymphocyte"], h) == ["neutrophil", "lymphocyte_mature"]
 
 
+# Every packaged source and its number of raw labels (mapped + unlabeled), counted from the datasets'
+# published class lists (and label_maps.yaml's comments): a map lost or truncated on packaging shows here.
+KNOWN_SOURCES = {"matek_aml_2019": 15, "bone_marrow_2021": 21, "raabin_wbc": 5, "mll_german_codes": 17,
+                 "pbc": 13, "pbc_h1": 13, "bloodmnist": 8, "bloodmnist_h1": 8, "kaggle_blood_cells": 4, "lisc": 6}
+KNOWN_LAYOUTS = {"pbc": ("pbc_h1", "pbc"), "kaggle-blood-cells": ("kaggle_blood_cells",) * 2,
+                 "raabin": ("raabin_wbc",) * 2, "lisc": ("lisc",) * 2, "bloodmnist": ("bloodmnist_h1", "bloodmnist"),
+                 "matek": ("matek_aml_2019",) * 2}  # layout -> (its map on wbc-h1, on wbc-h2)
+
+
 def test_every_packaged_map_targets_wbc_h1_nodes_and_each_layout_has_a_map_per_tree():
     h1, h2 = load_hierarchy("wbc-h1"), load_hierarchy("wbc-h2")
     maps = load_label_maps()
+    assert {name: len(lm.mapping) + len(lm.unlabeled) for name, lm in maps.items()} == KNOWN_SOURCES
+    assert (len(maps["bone_marrow_2021"].unlabeled), len(maps["lisc"].unlabeled)) == (3, 1)
     h2_only = {"pbc", "bloodmnist"}  # immature granulocytes under wbc-h2's granulocytic_normal_immature
+    checked = []
     for name, lm in maps.items():
         if name not in h2_only:
             lm.check_hierarchy(h1)
+            checked.append(name)
+    assert sorted(checked) == sorted(set(KNOWN_SOURCES) - h2_only)
     for name in h2_only:
         with pytest.raises(LabelMapError, match="granulocytic_normal_immature"):
             maps[name].check_hierarchy(h1)
+        # the wbc-h1 twin reads the same raw labels
+        assert set(maps[f"{name}_h1"].mapping) == set(maps[name].mapping)
+    assert {layout: tuple(layouts.source_for(layout, t) for t in ("wbc-h1", "wbc-h2"))
+            for layout in layouts.LAYOUTS} == KNOWN_LAYOUTS
     for layout in layouts.LAYOUTS:
         for h in (h1, h2):
-            maps[layouts.source_for(layout, h.name)].check_hierarchy(h)
+            lm = maps[layouts.source_for(layout, h.name)]
+            lm.check_hierarchy(h)
+            # every raw label lands on a node of the tree (or is explicitly unlabeled)
+            assert all(h.index(node) >= 0 for node in lm.map(sorted(lm.mapping)))
 
 
 def test_unknown_labels_all_named_with_counts():

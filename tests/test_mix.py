@@ -16,6 +16,14 @@ def test_mix_schedule_counts_by_hand():
     assert [s.counts(n).tolist() for n in range(3)] == [[2, 1, 1]] * 3
     s = MixSchedule([0.4, 0.3, 0.3], 10)  # owed 4, 3, 3 exactly
     assert s.counts(0).tolist() == [4, 3, 3]
+    # B = 32: 12.8, 9.6, 9.6 owed per step; floors, then the leftover rows to the largest remainders
+    # (ties to the lower index), the rest carried. By hand: 12.8/9.6/9.6 -> 13,10,9 (carry -.2,-.4,.6);
+    # 12.6/9.2/10.2 -> 13,9,10 (-.4,.2,.2); 12.4/9.8/9.8 -> 12,10,10 (.4,-.2,-.2); 13.2/9.4/9.4 ->
+    # 13,10,9 (.2,-.6,.4); 13/9/10 -> 13,9,10 (0,0,0): a 5-step cycle taking 64, 48, 48 = 5 * p * 32 rows.
+    s = MixSchedule([0.4, 0.3, 0.3], 32)
+    cycle = [[13, 10, 9], [13, 9, 10], [12, 10, 10], [13, 10, 9], [13, 9, 10]]
+    assert [s.counts(n).tolist() for n in range(30)] == cycle * 6
+    assert s.consumed(30).tolist() == [384, 288, 288]
     s = MixSchedule([1 / 3, 1 / 3, 1 / 3], 4)  # 4/3 each: the leftover row rotates
     rows = np.array([s.counts(n) for n in range(3)])
     assert (rows.sum(1) == 4).all() and rows.sum(0).tolist() == [4, 4, 4]
@@ -48,6 +56,18 @@ def _batches(data, crops, steps, start=0, batch=32):
     return [next(it) for _ in range(steps)]
 
 
+def _assert_exact_mix(counts: np.ndarray, proportions, batch: int) -> None:
+    """Row counts per batch (steps x datasets) are exact by design: each is floor or ceil of p_k * B,
+    every batch is full, and the rows taken by the first n steps stay within one row of n * p_k * B
+    (the remainders are carried, never lost), for every n. Checked against the rule, not the schedule."""
+    p = np.asarray(proportions, dtype=np.float64)
+    owed = p * batch
+    assert (counts.sum(1) == batch).all()
+    assert ((counts == np.floor(owed + 1e-9)) | (counts == np.ceil(owed - 1e-9))).all(), (counts, owed)
+    steps = np.arange(1, len(counts) + 1)[:, None]
+    assert (np.abs(np.cumsum(counts, 0) - steps * owed) < 1 + 1e-9).all()
+
+
 def test_every_batch_mixes_all_datasets_in_proportion(ray_cluster, synth_suite):
     from ray.data import DataContext
 
@@ -64,15 +84,18 @@ def test_every_batch_mixes_all_datasets_in_proportion(ray_cluster, synth_suite):
         assert (counts.sum(1) == 32).all()
         expected = 32 * np.array(data.proportions)
         assert (counts[:, expected >= 4] > 0).all()                     # every dataset in every batch
-        assert np.abs(counts.mean(0) / 32 - data.proportions).max() < 0.05
+        _assert_exact_mix(counts, data.proportions, 32)
         labelled = np.array([(b["label"] >= 0).sum() for b in batches])
         assert (labelled > 0).all() and (labelled < 32).all()          # the unlabelled set is in every batch too
         # the source column is right: only the unlabelled set's rows carry -1
         assert all(((b["label"] == -1) == (b["source"] == 2)).all() for b in batches)
 
-        heavy = _batches(describe_train_data(uris, h, [2.0, 1.0, 1.0]), crops, 30)
-        heavy_share = np.mean([np.mean(b["source"] == 0) for b in heavy])
-        assert heavy_share == pytest.approx(0.5, abs=0.05) and heavy_share > counts.mean(0)[0] / 32 + 0.05
+        heavy_data = describe_train_data(uris, h, [2.0, 1.0, 1.0])
+        heavy = _batches(heavy_data, crops, 30)
+        assert heavy_data.proportions[0] == pytest.approx(0.5, abs=1e-3)
+        heavy_counts = np.array([np.bincount(b["source"], minlength=3) for b in heavy])
+        _assert_exact_mix(heavy_counts, heavy_data.proportions, 32)
+        assert heavy_counts[:, 0].tolist() == [16] * 30                       # half of every batch
 
         again = _batches(data, crops, 30)                               # same seed: the same batches
         assert all(np.array_equal(a["global"], b["global"]) for a, b in zip(batches, again))

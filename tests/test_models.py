@@ -4,6 +4,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hierdino.config import load_config
@@ -17,16 +18,85 @@ from hierdino.models.student_teacher import StudentTeacher, param_groups
 from hierdino.train.loop import TrainStep, make_step_batch
 
 
+def _randomise(module: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """Random values for every parameter (norm gains near 1, LayerScale gammas ~0.5, so that every block
+    counts; at the init gammas of 1e-5 a forward that skipped the blocks would pass). Returns them."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            std = 0.5 if ("gamma" in name or "pos_embed" in name or "mask_token" in name) else 0.1
+            p.copy_(torch.randn(p.shape, generator=g) * std + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def vit_by_hand(sd, x, dim, heads, depth, patch, masks=None, antialias=True, mask_after_pos=False):
+    """A pre-norm ViT forward written from its definition (shares no code with Backbone or timm's
+    modules): patch conv; masked patch embeddings replaced by the mask token; CLS prepended; position
+    embeddings (bicubic-resized, as timm's dynamic image size, when the grid differs) added; blocks
+    t + ls1 * attn(LN(t)), t + ls2 * fc2(GELU(fc1(LN(t)))); final LN. -> (CLS, patch tokens)."""
+    b = x.shape[0]
+    t = F.conv2d(x, sd["vit.patch_embed.proj.weight"], sd["vit.patch_embed.proj.bias"], stride=patch)
+    h, w = t.shape[-2:]
+    t = t.flatten(2).transpose(1, 2)  # [B, h*w, D], row-major patches
+    if masks is not None and not mask_after_pos:
+        t = torch.where(masks[..., None], sd["mask_token"].view(1, 1, dim), t)
+    t = torch.cat([sd["vit.cls_token"].expand(b, -1, -1), t], 1)
+    pos = sd["vit.pos_embed"]
+    m = math.isqrt(pos.shape[1] - 1)
+    if (m, m) != (h, w):
+        grid = pos[:, 1:].reshape(1, m, m, dim).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(h, w), mode="bicubic", antialias=antialias)
+        pos = torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, h * w, dim)], 1)
+    t = t + pos
+    if masks is not None and mask_after_pos:  # a negative control: the wrong place for the mask token
+        t = torch.cat([t[:, :1], torch.where(masks[..., None], sd["mask_token"].view(1, 1, dim), t[:, 1:])], 1)
+    n = t.shape[1]
+    for i in range(depth):
+        p = f"vit.blocks.{i}."
+        y = F.layer_norm(t, (dim,), sd[p + "norm1.weight"], sd[p + "norm1.bias"], eps=1e-6)
+        q, k, v = F.linear(y, sd[p + "attn.qkv.weight"], sd[p + "attn.qkv.bias"]).reshape(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)
+        a = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(dim // heads), -1) @ v
+        t = t + sd[p + "ls1.gamma"] * F.linear(a.transpose(1, 2).reshape(b, n, dim), sd[p + "attn.proj.weight"],
+                                               sd[p + "attn.proj.bias"])
+        y = F.layer_norm(t, (dim,), sd[p + "norm2.weight"], sd[p + "norm2.bias"], eps=1e-6)
+        y = F.linear(F.gelu(F.linear(y, sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"])), sd[p + "mlp.fc2.weight"],
+                     sd[p + "mlp.fc2.bias"])
+        t = t + sd[p + "ls2.gamma"] * y
+    t = F.layer_norm(t, (dim,), sd["vit.norm.weight"], sd["vit.norm.bias"], eps=1e-6)
+    return t[:, 0], t[:, 1:]
+
+
+def _close(a, b, tol=1e-4):
+    return (a - b).abs().max().item() <= tol
+
+
 def test_backbone_shapes_masking_and_bad_arch():
-    bb = build_backbone("vit_tiny_cpu", 64)
-    x = torch.randn(2, 3, 64, 64)
-    cls, patches = bb(x)
-    assert cls.shape == (2, 96) and patches.shape == (2, 64, 96)
+    """vit_tiny_cpu (patch 8, 96 wide, 4 blocks of 3 heads: stated here, not read from the model) computes
+    the hand-written ViT forward with random weights: plain, with iBOT masks, and on 32 px local crops."""
+    bb = build_backbone("vit_tiny_cpu", 64).eval()
+    sd = _randomise(bb, seed=0)
+    arch = dict(dim=96, heads=3, depth=4, patch=8)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     masks = torch.zeros(2, 64, dtype=torch.bool)
     masks[0, :10] = True
-    cls_m, patches_m = bb(x, masks)
-    assert torch.allclose(cls_m[1], cls[1], atol=1e-5) and not torch.allclose(cls_m[0], cls[0])
-    assert bb(torch.randn(1, 3, 32, 32))[1].shape == (1, 16, 96)  # local crops: interpolated position embeddings
+    masks[0, 40:43] = True
+    with torch.no_grad():
+        cls, patches = bb(x)
+        cls_m, patches_m = bb(x, masks)
+        small_cls, small_patches = bb(x[:, :, ::2, ::2])  # local crops: interpolated position embeddings
+    assert cls.shape == (2, 96) and patches.shape == (2, 64, 96) and small_patches.shape == (2, 16, 96)
+    ref_cls, ref_patches = vit_by_hand(sd, x, **arch)
+    assert _close(cls, ref_cls) and _close(patches, ref_patches)
+    ref_cls_m, ref_patches_m = vit_by_hand(sd, x, **arch, masks=masks)
+    assert _close(cls_m, ref_cls_m) and _close(patches_m, ref_patches_m)
+    ref_small = vit_by_hand(sd, x[:, :, ::2, ::2], **arch)
+    assert _close(small_cls, ref_small[0]) and _close(small_patches, ref_small[1])
+    # negative controls: each would be missed by a forward that ignored masks, masked after the position
+    # embeddings, or resized them without antialiasing
+    assert torch.allclose(cls_m[1], cls[1], atol=1e-5) and not _close(cls_m[0], cls[0], 1e-2)
+    wrong = vit_by_hand(sd, x, **arch, masks=masks, mask_after_pos=True)
+    assert not _close(cls_m, wrong[0], 1e-2) and not _close(patches_m, wrong[1], 1e-2)
+    assert not _close(small_patches, vit_by_hand(sd, x[:, :, ::2, ::2], **arch, antialias=False)[1], 1e-3)
     with pytest.raises(ValueError, match="vit_small_patch14_dinov2"):
         build_backbone("vit_smal_patch14_dinov2", 224)
     with pytest.raises(ValueError, match="multiple"):
@@ -34,8 +104,19 @@ def test_backbone_shapes_masking_and_bad_arch():
 
 
 def test_timm_dinov2_arch_builds_without_download():
-    bb = build_backbone("vit_small_patch14_dinov2", 56)
+    """vit_small_patch14_dinov2 is DINOv2's ViT-S/14 (384 wide, 12 blocks of 6 heads, MLP 1536, LayerScale):
+    with random weights it computes the hand-written forward with those numbers, at 56 px (a 4 x 4 grid)."""
+    bb = build_backbone("vit_small_patch14_dinov2", 56).eval()
     assert bb.patch_size == 14 and bb.embed_dim == 384 and bb.vit.pos_embed.shape[1] == 1 + 16
+    sd = _randomise(bb, seed=2)
+    assert sd["vit.blocks.11.mlp.fc1.weight"].shape == (1536, 384) and "vit.blocks.12.norm1.weight" not in sd
+    x = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        cls, patches = bb(x)
+    ref_cls, ref_patches = vit_by_hand(sd, x, dim=384, heads=6, depth=12, patch=14)
+    assert _close(cls, ref_cls, 1e-3) and _close(patches, ref_patches, 1e-3)
+    # another head count gives other features: the check sees the attention layout
+    assert not _close(cls, vit_by_hand(sd, x, dim=384, heads=12, depth=12, patch=14)[0], 1e-2)
 
 
 def test_loads_dinov2_and_dinobloom_formats_with_pos_embed_interpolation(tmp_path):
@@ -63,8 +144,39 @@ def test_loads_dinov2_and_dinobloom_formats_with_pos_embed_interpolation(tmp_pat
 
 def test_dino_head_normalised_prototypes():
     head = DINOHead(16, 32, hidden=24, bottleneck=8, layers=3)
-    out = head(torch.randn(5, 16))
-    assert out.shape == (5, 32) and out.abs().max() <= 1.0 + 1e-5  # cosine similarities
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = head(x)
+    assert out.shape == (5, 32) and out.abs().max() <= 1.0 + 1e-5  # cosine similarities at gains 1
+    # against the definition with the head's own (random) weights and gains other than 1:
+    # z = L(GELU(L(GELU(L(x))))), z / |z|, logits_k = g_k * <z, v_k> / |v_k|
+    sd = _randomise(head, seed=4)
+    lin = [m for m in head.mlp if isinstance(m, torch.nn.Linear)]
+    assert len(lin) == 3 and [m.out_features for m in lin] == [24, 24, 8]
+    z = x
+    for i, m in enumerate(lin):
+        z = z @ m.weight.detach().T + m.bias.detach()
+        z = F.gelu(z) if i < 2 else z
+    z = z / z.norm(dim=1, keepdim=True)
+    v, gain = sd["last_layer.weight"], sd["last_layer.weight_g"]
+    expected = gain.view(1, -1) * (z @ v.T) / v.norm(dim=1).view(1, -1)
+    with torch.no_grad():
+        assert torch.allclose(head(x), expected, atol=1e-5)
+        # weight norm: scaling a prototype's direction changes nothing, its gain scales its logit
+        head.last_layer.weight[3] *= 7.0
+        head.last_layer.weight_g[5] *= 2.0
+        out2 = head(x)
+    assert torch.allclose(out2[:, 3], expected[:, 3], atol=1e-5) and torch.allclose(out2[:, 5], 2 * expected[:, 5], atol=1e-5)
+    # known output for known weights: one identity linear layer; x = (3, 4) -> z = (0.6, 0.8);
+    # directions (5, 0), (0, 2), (1, 1) with gains 1, 2, 3 -> 0.6, 2 * 0.8, 3 * 1.4 / sqrt(2)
+    small = DINOHead(2, 3, bottleneck=2, layers=1)
+    with torch.no_grad():
+        small.mlp[0].weight.copy_(torch.eye(2))
+        small.mlp[0].bias.zero_()
+        small.last_layer.weight.copy_(torch.tensor([[5.0, 0.0], [0.0, 2.0], [1.0, 1.0]]))
+        small.last_layer.weight_g.copy_(torch.tensor([[1.0], [2.0], [3.0]]))
+        got = small(torch.tensor([[3.0, 4.0]]))
+    assert got[0].tolist() == pytest.approx([0.6, 1.6, 3 * 1.4 / math.sqrt(2)], rel=1e-6)
 
 
 def test_ema_update_maths():

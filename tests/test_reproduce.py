@@ -222,6 +222,42 @@ def test_v2_report_renders_base_variants_and_paired_contrasts_from_stored_result
     assert md.count("| (b) flat CE - (a) SSL only |") == 2 and "| (b) flat CE - (a) SSL only | logreg |" in md
 
 
+def test_mde_is_the_power_formula_on_a_hand_case():
+    """MDE = (z_0.975 + z_0.80) x SE, with SE known in closed form here (not read from the code).
+
+    Every image is of one class, so bAcc is plain accuracy, a mean over images. Y is right on every
+    image; X's seed 0 misses the first half of each set, seed 1 the first quarter. The seed-averaged
+    per-image difference d is -1 on a quarter of the images, -1/2 on a quarter and 0 on half:
+    mean -3/8, mean of squares 5/16, variance 5/16 - 9/64 = 11/64. The bootstrap resamples m images,
+    so SE = sqrt(11/64 / m) on one set and, pooled (the mean of three independently resampled sets),
+    sqrt(sum_d 11/64 / m_d) / 3."""
+    from statistics import NormalDist
+
+    sizes = dict(zip(compare.EXTERNAL_SETS, (200, 300, 400)))
+    runs = {"hxe-path": ["/r/hxe-path-s0", "/r/hxe-path-s1"], "flat": ["/r/flat-s0", "/r/flat-s1"]}
+    preds = {}
+    for ds, m in sizes.items():
+        miss = lambda k, m=m: ["b"] * k + ["a"] * (m - k)  # noqa: E731
+        preds[ds] = {"y_true": ["a"] * m, "hxe-path-s0": {"logreg": miss(m // 2)}, "hxe-path-s1": {"logreg": miss(m // 4)},
+                     "flat-s0": {"logreg": miss(0)}, "flat-s1": {"logreg": miss(0)}}
+    rows = {r["dataset"]: r for r in paired.paired_contrasts(preds, runs, ["logreg"], n=4000)}
+    assert set(rows) == {*compare.EXTERNAL_SETS, paired.POOLED}
+    z = NormalDist().inv_cdf(0.975) + NormalDist().inv_cdf(0.80)  # 1.960 + 0.842
+    var = 11 / 64
+    hand_se = {ds: (var / m) ** 0.5 for ds, m in sizes.items()}
+    hand_se[paired.POOLED] = sum(var / m for m in sizes.values()) ** 0.5 / 3
+    for ds, r in rows.items():
+        assert r["diff"] == pytest.approx(-3 / 8, abs=1e-12), ds
+        # 4000 resamples estimate an SE to ~1.1% (relative s.d. 1/sqrt(2n)); 5% is > 4 s.d.
+        assert r["se"] == pytest.approx(hand_se[ds], rel=0.05), ds
+        assert r["mde"] == pytest.approx(z * hand_se[ds], rel=0.05), ds
+        assert r["mde"] / r["se"] == pytest.approx(z, rel=2e-3), ds  # the factor itself, free of resampling noise
+    # the report's MDE column shows the pooled row's value in points: ~4.0 by hand
+    md = "\n".join(paired.contrast_table({"paired": list(rows.values()), "variants": paired.VARIANTS}, ["logreg"]))
+    line = next(x for x in md.splitlines() if x.startswith("| (c) HXE alpha=0.5, path - (b) flat CE | logreg |"))
+    assert float(line.rstrip(" |").rsplit("|", 1)[-1]) == pytest.approx(100 * z * hand_se[paired.POOLED], abs=0.25)
+
+
 def test_a_rerun_asking_other_steps_does_not_reuse_the_finished_runs(tmp_path):
     """A comparison's run with an export is reused only for the same config: a smoke test's 40-step
     runs in the same --out are refused by name, before anything trains."""

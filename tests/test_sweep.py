@@ -164,9 +164,23 @@ def test_pooled_interval_matches_a_hand_computation():
     assert pooled_bacc_interval([(["a"] * 50 + ["b"] * 50, ["a"] * 50 + ["b"] * 50)], n=50)[1:] == (1.0, 1.0)
 
 
-def test_optuna_search_runs_a_small_sweep(ray_cluster, tmp_path):
-    pytest.importorskip("optuna", reason="the optuna extra is not installed (CI installs it with the test extra)")
+def test_optuna_search_runs_a_small_sweep(ray_cluster, tmp_path, monkeypatch):
+    """--search optuna: the searcher Tune ran is Optuna's (TPE, seed 0), identified by its own state: its
+    study was told every trial's objective, and it proposed the values a fresh Optuna study with the
+    same sampler proposes (Tune's random search would propose others and tell no study anything)."""
+    optuna = pytest.importorskip("optuna", reason="the optuna extra is not installed (CI installs it with the test extra)")
+    from ray.tune.search.optuna import OptunaSearch
+
     from hierdino.tune import sweep
+
+    made = []
+
+    def spy(*a, **k):
+        made.append(real_searcher(*a, **k))
+        return made[-1]
+
+    real_searcher = sweep.searcher
+    monkeypatch.setattr(sweep, "searcher", spy)
 
     def trainable(config):
         from ray import tune
@@ -179,6 +193,22 @@ def test_optuna_search_runs_a_small_sweep(ray_cluster, tmp_path):
                           trainable=trainable)
     xs = [float(r["loss.supervised.alpha"]) for r in res["rows"]]
     assert len(xs) == 3 and len(set(xs)) == 3 and all(0 <= x <= 1 for x in xs)
+    [alg] = made
+    assert isinstance(alg, OptunaSearch) and isinstance(alg._sampler, optuna.samplers.TPESampler)
+    # every trial was told to the searcher's study, with the objective the trainable reported
+    told = alg._ot_study.trials
+    assert [t.state for t in told] == [optuna.trial.TrialState.COMPLETE] * 3
+    told_x = [next(iter(t.params.values())) for t in told]
+    assert sorted(told_x) == pytest.approx(sorted(xs), rel=1e-6)
+    assert [t.value for t in told] == pytest.approx([1 - (x - 0.3) ** 2 for x in told_x], rel=1e-9)
+    # the proposals are TPE(seed=0)'s: a fresh study asks the same three values in the same order
+    fresh = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))
+    asked = []
+    for x in told_x:
+        t = fresh.ask()
+        asked.append(t.suggest_float("alpha", 0.0, 1.0))
+        fresh.tell(t, 1 - (asked[-1] - 0.3) ** 2)
+    assert asked == pytest.approx(told_x, rel=1e-9)
     with pytest.raises(SpaceError, match="grid"):
         sweep.searcher("optuna", load_space(_space(tmp_path, "train.seed", {"dist": "grid", "values": [1, 2]})))
 

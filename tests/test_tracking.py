@@ -100,26 +100,58 @@ def test_a_worker_that_cannot_see_the_run_directory_stops_naming_it(tmp_path):
     check_shared_run_dir(str(tmp_path / "r"), None)
 
 
-def test_a_first_batch_that_does_not_come_is_said_with_the_free_cpus(ray_cluster, tmp_path, capsys):
+def test_a_first_batch_that_does_not_come_is_said_with_the_free_cpus(ray_cluster, tmp_path, capsys, monkeypatch):
     """While the first batch is awaited longer than ``first_batch_warn_s``, rank 0 says so with the
-    cluster's free CPUs (the session cluster's 2 here); once it came, nothing more is said."""
+    cluster's free CPUs (the session cluster's 2 here); once it came, nothing more is said.
+    Driven by events, not sleeps: the batch comes only after the second warning was said, and the
+    watcher thread must have ended once the batch came (joined: nothing can be said after that)."""
+    import threading
     import time as _time
+    import types
 
     from hierdino.config import load_config
+    from hierdino.train import metrics as metrics_mod
     from hierdino.train.metrics import TrainMetrics
 
+    watchers = []
+
+    class RecordedThread(threading.Thread):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            watchers.append(self)
+
+    # only metrics.py's view of the threading module: Ray's own threads stay untouched
+    monkeypatch.setattr(metrics_mod, "threading", types.SimpleNamespace(Thread=RecordedThread, Event=threading.Event))
     metrics = TrainMetrics(load_config("tiny-cpu"), str(tmp_path), 0, _time.perf_counter())
-    metrics.first_batch_warn_s = 0.3
+    metrics.first_batch_warn_s = 0.05
+    warned_twice = threading.Event()
+    lines = []
+    say = metrics.say
 
-    def slow():
-        _time.sleep(1.0)
+    def recording_say(text):
+        say(text)
+        lines.append(text)
+        if sum("no batch yet" in x for x in lines) >= 2:
+            warned_twice.set()
+
+    metrics.say = recording_say
+
+    def gated():
+        assert warned_twice.wait(30), "no second 'no batch yet' line while the first batch was held back"
         yield {"ok": np.ones(2, dtype=bool)}
         yield {"ok": np.ones(2, dtype=bool)}
 
-    batches = slow()
+    batches = gated()
     metrics.next_batch(batches, 0, 2)
+    [watcher] = watchers
+    watcher.join(timeout=30)  # a hang guard: it ends as soon as the batch came
+    assert not watcher.is_alive()
     first = capsys.readouterr().out
-    assert first.count("no batch yet") >= 2 and "of 2 CPUs free" in first and "num_cpus_per_map=0.5" in first, first
+    warnings = [x for x in lines if "no batch yet" in x]
+    assert len(warnings) >= 2 and all("of 2 CPUs free" in x and "num_cpus_per_map=0.5" in x for x in warnings), lines
+    assert first.count("no batch yet") == len(warnings)  # said on rank 0's stdout
+    came = next(i for i, x in enumerate(lines) if x.startswith("[hierdino] first batch "))
+    assert len(lines) - 1 - came <= 1  # after the batch came, at most the one line in flight as it came
     metrics.next_batch(batches, 1, 2)
-    _time.sleep(0.5)
+    assert len(watchers) == 1  # no new watcher for later batches
     assert "no batch yet" not in capsys.readouterr().out

@@ -99,8 +99,7 @@ def _common_overrides(args, suite: str, log=print) -> list[str]:
         log(f"[reproduce] steps per variant fixed by the first start of this run: {args.steps} ({plan})")
     elif not args.steps and args.time_budget_min:
         args.steps = calibrate_steps(args, common, len(args.variants) * len(args.seeds), log)
-        plan.parent.mkdir(parents=True, exist_ok=True)
-        plan.write_text(json.dumps({"steps": args.steps}))
+        storage.write_bytes(str(plan), json.dumps({"steps": args.steps}).encode())
     if args.steps:
         common += [f"train.steps={args.steps}", f"checkpoint.every_steps={max(1, args.steps // 2)}"]
     args.steps = load_config("repro/base", common).train.steps
@@ -228,13 +227,13 @@ def _parser() -> argparse.ArgumentParser:
 def _write_markdown(out: str, summary: dict, probes: tuple[str, ...]) -> str:
     """Write OUT/results.md (v1 or v2 layout, as the summary says) and return its text."""
     md = v2_markdown(summary, probes) if summary.get("design") == "v2" else markdown(summary, probes)
-    Path(out, "results.md").write_text(md)
+    storage.write_bytes(storage.join(out, "results.md"), md.encode())
     return md
 
 
 def write_results(args, summary: dict, probes: tuple[str, ...]) -> int:
     """OUT/results.json, results.md and plots/ of a finished comparison; prints the table."""
-    Path(args.out, "results.json").write_text(json.dumps(summary, indent=2))
+    storage.write_bytes(storage.join(args.out, "results.json"), json.dumps(summary, indent=2).encode())
     md = _write_markdown(args.out, summary, probes)
     plots(summary, args.out, probes)
     print(md)

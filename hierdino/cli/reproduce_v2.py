@@ -64,8 +64,7 @@ def _steps(args, common: list[str], log=print) -> tuple[int, int]:
         steps = load_config(f"{PREFIX}/base", common).train.steps
     base_steps = fixed.get("base_steps", BASE_FACTOR * steps)
     history = fixed.get("history", []) + ([{"steps": fixed["steps"], "replaced_by": steps}] if fixed and fixed["steps"] != steps else [])
-    plan.parent.mkdir(parents=True, exist_ok=True)
-    plan.write_text(json.dumps({"steps": steps, "base_steps": base_steps, "history": history}))
+    storage.write_bytes(str(plan), json.dumps({"steps": steps, "base_steps": base_steps, "history": history}).encode())
     return steps, base_steps
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from hierdino import storage
 from hierdino.config.schema import Config, ConfigError
 from hierdino.models.archs import patch_size
 from hierdino.hierarchy import load_hierarchy
@@ -25,6 +26,10 @@ def validate(cfg: Config) -> None:
         lo_hi = cfg.get(key)
         if len(lo_hi) != 2 or not (0 <= lo_hi[0] <= lo_hi[1] <= 1):
             raise ConfigError(f"{key}: {lo_hi} must be [low, high] with 0 <= low <= high <= 1")
+    if "train" in cfg.eval.datasets and not cfg.data.train and (cfg.eval.at_end or cfg.eval.every_steps):
+        raise ConfigError("eval.datasets: 'train' scores the run's own data.train sets, but data.train is empty "
+                          "(the synthetic suite); give --set data.train=[<shards>] (the pbc-cpu preset needs the PBC "
+                          "shards) or name the sets to score")
     cj = cfg.data.color_jitter
     if len(cj) != 4 or not all(0 <= v <= 1 for v in cj[:3]) or not 0 <= cj[3] <= 0.5:
         raise ConfigError(f"data.color_jitter: {cj} must be [brightness, contrast, saturation, hue] with the first "
@@ -53,8 +58,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"not a multiple of model.arch={cfg.model.arch!r}'s patch size {patch}: {'; '.join(bad)}")
     if cfg.train.stop_at_step is not None and cfg.train.stop_at_step > cfg.train.steps:
         raise ConfigError(f"train.stop_at_step={cfg.train.stop_at_step} exceeds train.steps={cfg.train.steps}")
-    if not cfg.run.name or "/" in cfg.run.name:
-        raise ConfigError(f"run.name: {cfg.run.name!r} must be a non-empty name without '/'")
+    problem = storage.name_problem(cfg.run.name)  # the run directory's name, under run.storage
+    if problem:
+        raise ConfigError(f"run.name: {cfg.run.name!r} {problem}")
     if cfg.optim.momentum_teacher > cfg.optim.momentum_teacher_end:
         raise ConfigError(
             f"optim.momentum_teacher={cfg.optim.momentum_teacher} exceeds optim.momentum_teacher_end={cfg.optim.momentum_teacher_end}"

@@ -109,6 +109,9 @@ def read_manifest(uri: str, options: StorageOptions | None = None) -> Manifest:
         raise ShardError(f"{where}: " + "; ".join(
             ([f"missing key(s) {missing}"] if missing else [])
             + ([f"unknown key(s) {unknown} (free-form entries belong under 'extra')"] if unknown else [])))
+    problem = storage.name_problem(data["name"])  # the name becomes part of output paths (feature caches, plots)
+    if problem:
+        raise ShardError(f"{where}: dataset name {data['name']!r} {problem}")
     return Manifest(**data)
 
 

@@ -9,13 +9,13 @@ variants, the Markdown results table and the PNG plots of balanced accuracy and 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
+from hierdino import storage
 from hierdino.data import shards
 from hierdino.data.suite import EXTERNAL_SETS
-from hierdino.eval.plots import pyplot
+from hierdino.eval.plots import pyplot, save_png
 
 VARIANTS = {"ssl": "(a) SSL only", "flat": "(b) flat CE", "hxe-alpha0.5": "(c) HXE alpha=0.5",
             "hxe-sweep": "(d) HXE swept level weights"}
@@ -180,8 +180,8 @@ def markdown(summary: dict, probes: Sequence[str]) -> str:
 
 
 def _save(plt, fig, out: str, name: str) -> None:
-    """Write ``fig`` as OUT/plots/NAME and close it."""
-    fig.savefig(Path(out, "plots", name), dpi=110, bbox_inches="tight")
+    """Write ``fig`` as OUT/plots/NAME (atomically: ``storage.write_bytes``) and close it."""
+    save_png(fig, storage.join(out, "plots", name))
     plt.close(fig)
 
 
@@ -226,6 +226,5 @@ def _severity_plot(plt, summary: dict, out: str, probe: str) -> None:
 def plots(summary: dict, out: str, probes: Sequence[str]) -> None:
     """Write OUT/plots/bacc.png and OUT/plots/severity.png (severity under the last probe)."""
     plt = pyplot()
-    Path(out, "plots").mkdir(parents=True, exist_ok=True)
     _bacc_plot(plt, summary, out, probes)
     _severity_plot(plt, summary, out, probes[-1])

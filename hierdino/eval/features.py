@@ -19,7 +19,6 @@ import hashlib
 import io
 import json
 import os
-import pickle
 import zipfile
 from dataclasses import dataclass
 
@@ -200,6 +199,32 @@ class DatasetFeatures:
         return self.features[sel], self.labels[sel]
 
 
+def _cache_bytes(feats: DatasetFeatures) -> bytes:
+    """``feats`` as a feature cache (``.npz``) that loads without pickle: ids, labels and splits as
+    fixed-width unicode arrays, and ``unlabeled`` marking the rows whose label is None."""
+    unlabeled = np.array([lab is None for lab in feats.labels], dtype=bool)
+    labels = np.array(["" if lab is None else str(lab) for lab in feats.labels], dtype=str)
+    buf = io.BytesIO()
+    np.savez(buf, features=feats.features, labels=labels, unlabeled=unlabeled,
+             splits=np.asarray(feats.splits, dtype=str), image_ids=np.asarray(feats.image_ids, dtype=str))
+    return buf.getvalue()
+
+
+def _read_cache(cache: str, log=print) -> DatasetFeatures | None:
+    """The features of the cache file ``cache``, or None (logged) when it cannot be used: damaged, or
+    written by an older hierdino with object arrays, which would need pickle to load. Nothing in a
+    cache is unpickled, so a cache on shared storage cannot run code here."""
+    try:
+        z = np.load(io.BytesIO(storage.read_bytes(cache)))
+        labels = z["labels"].astype(object)
+        labels[z["unlabeled"]] = None
+        return DatasetFeatures(z["features"], labels, z["splits"].astype(object), z["image_ids"].astype(object))
+    except (ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # damaged, or an old (pickled) format
+        log(f"[hierdino] feature cache {cache} is unreadable or in an old format ({type(e).__name__}: {e}): "
+            "computing the features again")
+        return None
+
+
 def _extract_with_ray_data(model: ModelSpec, dataset_uri: str, patch_mean: bool, batch_size: int, actors: int,
                            options, center: float = 1.0) -> list[dict]:
     """Feature batches from Ray Data batch inference: an actor pool (a GPU each when the cluster has one)."""
@@ -253,12 +278,9 @@ def dataset_features(model: ModelSpec, dataset_uri: str, cache_dir: str | None =
     manifest = shards.read_manifest(dataset_uri, options)
     key = f"{model.key}-{_sha(manifest.to_json())}-{int(patch_mean)}" + (f"-c{center:g}" if center != 1.0 else "")
     cache = storage.join(cache_dir, f"{manifest.name}-{key}.npz") if cache_dir else None
-    if cache and storage.exists(cache):
-        try:
-            z = np.load(io.BytesIO(storage.read_bytes(cache)), allow_pickle=True)
-            return DatasetFeatures(z["features"], z["labels"], z["splits"], z["image_ids"])
-        except (ValueError, KeyError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as e:  # damaged since written
-            log(f"[hierdino] feature cache {cache} is unreadable ({type(e).__name__}: {e}): computing the features again")
+    cached = _read_cache(cache, log) if cache and storage.exists(cache) else None
+    if cached is not None:
+        return cached
     if in_process:
         parts = _extract_in_process(model, dataset_uri, patch_mean, batch_size, options, center)
     else:
@@ -273,8 +295,6 @@ def dataset_features(model: ModelSpec, dataset_uri: str, cache_dir: str | None =
                           np.concatenate([p["split"] for p in parts]).astype(object),
                           np.concatenate([p["image_id"] for p in parts]).astype(object))
     if cache:
-        buf = io.BytesIO()
-        np.savez(buf, features=out.features, labels=out.labels, splits=out.splits, image_ids=out.image_ids)
-        storage.write_bytes(cache, buf.getvalue())
+        storage.write_bytes(cache, _cache_bytes(out))
     log(f"  features: {model.name} x {manifest.name}: {out.features.shape}")
     return out

@@ -20,9 +20,10 @@ def pyplot():
     return plt
 
 
-def _save(fig, uri: str) -> str:
+def save_png(fig, uri: str, dpi: int = 110) -> str:
+    """``fig`` as a PNG at ``uri``: rendered to bytes, then written atomically (``storage.write_bytes``)."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     storage.write_bytes(uri, buf.getvalue())
     return uri
 
@@ -54,7 +55,7 @@ def write_plots(items, out: str) -> list[str]:
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         ax.set_title(f"{model} on {dataset} ({probe}), rows normalised, tree order", fontsize=9)
-        written.append(_save(fig, storage.join(out, "plots", f"confusion-{model}-{dataset}.png")))
+        written.append(save_png(fig, storage.join(out, "plots", f"confusion-{model}-{dataset}.png")))
         plt.close(fig)
 
         z = PCA(2, random_state=0).fit_transform(feats) if len(feats) > 2 else np.zeros((len(feats), 2))
@@ -65,7 +66,7 @@ def write_plots(items, out: str) -> list[str]:
             ax.scatter(z[sel, 0], z[sel, 1], s=6, label=lin)
         ax.legend(fontsize=7, markerscale=2)
         ax.set_title(f"{model} on {dataset}: PCA of features by lineage", fontsize=9)
-        written.append(_save(fig, storage.join(out, "plots", f"embedding-{model}-{dataset}.png")))
+        written.append(save_png(fig, storage.join(out, "plots", f"embedding-{model}-{dataset}.png")))
         plt.close(fig)
         severity.setdefault(dataset, []).append((model, mistake_severity(y_true, y_pred, h)[1]))
     for dataset, per_model in severity.items():
@@ -77,6 +78,6 @@ def write_plots(items, out: str) -> list[str]:
         ax.set_ylabel("errors")
         ax.legend(fontsize=7)
         ax.set_title(f"mistake severity on {dataset}", fontsize=9)
-        written.append(_save(fig, storage.join(out, "plots", f"severity-{dataset}.png")))
+        written.append(save_png(fig, storage.join(out, "plots", f"severity-{dataset}.png")))
         plt.close(fig)
     return written

@@ -474,7 +474,7 @@ def _fault_hook(var: str, step: int) -> None:
     marker = os.path.join(os.environ.get(f"{var}_DIR", tempfile.gettempdir()), f"{var}.{step}.done")
     if os.path.exists(marker):
         return
-    open(marker, "w").close()
+    storage.write_bytes(marker, b"")  # durable before the kill below
     os.kill(os.getpid(), 9)
 
 

@@ -277,6 +277,19 @@ def open_batches(loop_config: dict, cfg: Config, rank: int, per_worker: int, sta
                         streams_start=launched)
 
 
+def _test_pause(var: str, step: int) -> None:
+    """Test-only event: ``VAR=<step>`` touches ``<VAR_DIR>/<VAR>.<step>.reached`` just before that step's
+    checkpoint and waits (at most 10 min) for ``<VAR_DIR>/<VAR>.<step>.go``, so a test can act exactly
+    as the checkpoint write begins (an object-store outage that must meet it), with no timing window."""
+    if os.environ.get(var) != str(step):
+        return
+    base = os.path.join(os.environ[f"{var}_DIR"], f"{var}.{step}")
+    open(base + ".reached", "w").close()
+    deadline = time.monotonic() + 600
+    while not os.path.exists(base + ".go") and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def worker_nodes(world: int) -> list:
     """The Ray node of every rank (the two-node checks read it)."""
     node = ray.get_runtime_context().get_node_id()
@@ -364,6 +377,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         if logging:
             metrics.log_step(step, stop, last)
         if saving:
+            _test_pause("HIERDINO_TEST_PAUSE_BEFORE_CHECKPOINT", step)  # test-only: a test acts as this checkpoint starts
             ckpt.save(step)  # committed before Ray hears of it: a report never names a partial checkpoint
             metrics.flush()
         if saving or evaluating:  # every rank: a report is a barrier

@@ -91,10 +91,7 @@ class RunLog:
                 lines = f.read().splitlines()
             keep = kept(lines)
             if len(keep) != len(lines):
-                tmp = self.uri + ".tmp"
-                with open(tmp, "w") as f:
-                    f.write("".join(ln + "\n" for ln in keep))
-                os.replace(tmp, self.uri)
+                storage.write_bytes(self.uri, "".join(ln + "\n" for ln in keep).encode())
         self.writer.close()
         self.writer = self._new_writer(purge_step=step + 1)
 

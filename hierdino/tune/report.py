@@ -13,7 +13,7 @@ import re
 from hierdino import storage
 from hierdino.config import load_config, override_text
 from hierdino.eval import OBJECTIVE
-from hierdino.eval.plots import pyplot
+from hierdino.eval.plots import pyplot, save_png
 from hierdino.tune.space import Space, trial_overrides
 
 RESULT_KEYS = ("trial", OBJECTIVE, "ci_lo", "ci_hi", "step", "stopped_early", "chosen", "evaluations", "error")
@@ -187,10 +187,8 @@ def plot_objective(rows: list[dict], params: list[str], uri: str) -> None:
     for ax, p in zip(axes[0], params):
         _plot_parameter(ax, rows, p)
     fig.suptitle("sweep objective with 95% bootstrap intervals (red x: stopped early by ASHA)", fontsize=9)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    save_png(fig, uri, dpi=100)
     plt.close(fig)
-    storage.write_bytes(uri, buf.getvalue())
 
 
 def _plot_parameter(ax, rows: list[dict], p: str) -> None:

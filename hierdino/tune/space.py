@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from hierdino import storage
 from hierdino.config import ConfigError, load_config, override_text
 from hierdino.hierarchy import load_hierarchy
 
@@ -83,7 +84,11 @@ def load_space(path: str | Path) -> Space:
     fixed = data.get("fixed") or {}
     if not isinstance(fixed, dict):
         raise SpaceError(f"{path}: 'fixed' must map config keys to values (e.g. loss.supervised.kind: hxe), got {fixed!r}")
-    return Space(str(data.get("name") or path.stem), dict(data["params"]), dict(fixed), str(path))
+    name = str(data.get("name") or path.stem)
+    problem = storage.name_problem(name)  # the sweep's directory under the Tune experiment path
+    if problem:
+        raise SpaceError(f"{path}: name {name!r} {problem}")
+    return Space(name, dict(data["params"]), dict(fixed), str(path))
 
 
 def _check_param(where: str, key: str, p) -> None:
