@@ -5,9 +5,8 @@ from hierdino.config import Config, ConfigError, list_presets, load_config
 
 def test_presets_load_and_round_trip(tmp_path):
     assert {"tiny-cpu", "pbc-cpu", "vits14", "vitb14", "vitl14"} <= set(list_presets())
-    needs_data = {"pbc-cpu": ["data.train=[/data/pbc]"]}  # scores its own sets: refused without them (below)
     for name in list_presets():
-        cfg = load_config(name, needs_data.get(name, []))
+        cfg = load_config(name)
         assert isinstance(cfg, Config)
         f = tmp_path / f"{name}.yaml"
         f.write_text(cfg.to_yaml())
@@ -93,13 +92,16 @@ def test_inherit_reads_a_relative_parent_beside_its_file_and_an_empty_section_ch
             load_config("cfgs/sub/child.yaml")
 
 
-def test_eval_on_the_runs_own_sets_needs_them():
-    """pbc-cpu scores its own data.train sets (eval.datasets: [train]): without them the config says so."""
-    from hierdino.config import ConfigError, load_config
+def test_eval_on_the_runs_own_sets_needs_them(tmp_path):
+    """pbc-cpu scores its own data.train sets (eval.datasets: [train]): without them the run says so
+    before any cluster work (the preset itself loads: runs diff their config against it)."""
+    from hierdino.config import load_config
     from hierdino.data.suite import eval_set_uris
+    from hierdino.eval import EvalDataError
+    from hierdino.train.inputs import check_inputs
 
-    with pytest.raises(ConfigError, match="data.train is empty"):
-        load_config("pbc-cpu")
+    with pytest.raises(EvalDataError, match="data.train is empty"):
+        check_inputs(load_config("pbc-cpu", [f"data.synth_cache={tmp_path}"]), unbuilt_suite_ok=True)
     cfg = load_config("pbc-cpu", ["data.train=[/data/pbc,s3://b/more]", "eval.datasets=[train,synth-ext-1,/data/pbc]"])
     assert eval_set_uris(cfg)[:2] == ["/data/pbc", "s3://b/more"] and len(eval_set_uris(cfg)) == 3
     assert eval_set_uris(cfg)[2].endswith("/synth-ext-1")

@@ -39,7 +39,7 @@ def _slice(dst: Path, per_prefix: int = 16) -> int:
 
 @pytest.mark.skipif(not PBC.is_dir(), reason=f"the shared PBC images are not at {PBC} (set HIERDINO_PBC_ROOT)")
 def test_pbc_slice_makes_shards_trains_pbc_cpu_and_evaluates(ray_cluster, tmp_path):
-    import pyarrow.parquet as pq
+    from hierdino.data import shards
 
     root = tmp_path / "PBC_dataset_normal_DIB"
     n = _slice(root)
@@ -48,7 +48,7 @@ def test_pbc_slice_makes_shards_trains_pbc_cpu_and_evaluates(ray_cluster, tmp_pa
     r = subprocess.run([sys.executable, str(REPO / "jobs/make_shards.py"), "pbc", "--root", str(root), "--out", str(out),
                         "--split-fractions", "0.6,0.2,0.2"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    rows = pq.read_table(str(out), columns=["image_id", "label", "split"]).to_pylist()
+    rows = shards.read_table(str(out), columns=["image_id", "label", "split"]).to_pylist()
     assert len(rows) == n
     for row in rows:  # every label from its file name's prefix, checked against PROVENANCE's table
         assert row["label"] == PREFIX_NODE[Path(row["image_id"]).name.split("_")[0]], row

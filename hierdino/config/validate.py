@@ -26,10 +26,6 @@ def validate(cfg: Config) -> None:
         lo_hi = cfg.get(key)
         if len(lo_hi) != 2 or not (0 <= lo_hi[0] <= lo_hi[1] <= 1):
             raise ConfigError(f"{key}: {lo_hi} must be [low, high] with 0 <= low <= high <= 1")
-    if "train" in cfg.eval.datasets and not cfg.data.train and (cfg.eval.at_end or cfg.eval.every_steps):
-        raise ConfigError("eval.datasets: 'train' scores the run's own data.train sets, but data.train is empty "
-                          "(the synthetic suite); give --set data.train=[<shards>] (the pbc-cpu preset needs the PBC "
-                          "shards) or name the sets to score")
     cj = cfg.data.color_jitter
     if len(cj) != 4 or not all(0 <= v <= 1 for v in cj[:3]) or not 0 <= cj[3] <= 0.5:
         raise ConfigError(f"data.color_jitter: {cj} must be [brightness, contrast, saturation, hue] with the first "

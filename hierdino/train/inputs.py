@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from hierdino import storage
 from hierdino.data.ingest import TrainData, describe_train_data
-from hierdino.data.suite import (TRAIN_SETS, eval_set_uris, resolve_dataset, runs_evaluation, suite_dir, suite_ready,
+from hierdino.data.suite import (TRAIN_SETS, TRAINING_SETS, eval_set_uris, resolve_dataset, runs_evaluation, suite_dir, suite_ready,
                                  suite_sets_needed)
-from hierdino.eval import check_probe_sets
+from hierdino.eval import EvalDataError, check_probe_sets
 from hierdino.hierarchy import load_hierarchy
 from hierdino.storage import StorageOptions
 
@@ -35,6 +35,10 @@ def check_inputs(cfg, options: StorageOptions | None = None, unbuilt_suite_ok: b
         name = uri.rstrip("/").rsplit("/", 1)[-1]
         return name in to_build and uri == resolve_dataset(name, cache) and not suite_ready(cache, (name,), options)
 
+    if evaluates and TRAINING_SETS in cfg.eval.datasets and not cfg.data.train:
+        raise EvalDataError("eval.datasets: 'train' scores the run's own data.train sets, but data.train is empty "
+                            "(the synthetic suite); give --set data.train=[<shards>] (the pbc-cpu preset needs the "
+                            "PBC shards) or name the sets to score")
     with storage.retry_window(retry_s):
         uris = cfg.data.train or [storage.join(cache, n) for n in TRAIN_SETS]
         data = None

@@ -13,6 +13,7 @@ import math
 import os
 import socket
 import time
+from pathlib import Path
 
 import ray
 import ray.train
@@ -284,7 +285,7 @@ def _test_pause(var: str, step: int) -> None:
     if os.environ.get(var) != str(step):
         return
     base = os.path.join(os.environ[f"{var}_DIR"], f"{var}.{step}")
-    open(base + ".reached", "w").close()
+    Path(base + ".reached").touch()
     deadline = time.monotonic() + 600
     while not os.path.exists(base + ".go") and time.monotonic() < deadline:
         time.sleep(0.05)
