@@ -164,3 +164,12 @@ def test_reproduction_variants_are_the_designs_safe_names_and_others_are_refused
     with pytest.raises(SystemExit) as stop:
         reproduce.main(["--variants", "../../x", "--out", str(tmp_path / "out"), "--render"])
     assert stop.value.code == 2 and not (tmp_path / "out").exists()
+
+
+def test_a_dataset_whose_name_readers_would_refuse_is_not_written(tmp_path):
+    """make_shards' default name is the last part of --out: a name a run would refuse fails before any shard."""
+    from hierdino.data.shards import Record, ShardError, write_dataset
+
+    with pytest.raises(ShardError, match="'my set' .* pass --name"):
+        write_dataset([Record(b"x", "i0", "s", None, None)], str(tmp_path / "my set"), "my set", "s")
+    assert not (tmp_path / "my set").exists()

@@ -132,6 +132,9 @@ def write_dataset(records: Iterable[Record], uri: str, name: str, source: str, l
     the manifest is replaced last: a write that fails (a bad image, a cut connection) leaves the
     earlier dataset whole and its own shards deleted; one that succeeds deletes the earlier shards.
     """
+    problem = storage.name_problem(name)  # refused here, not only when a run reads the manifest
+    if problem:
+        raise ShardError(f"dataset name {name!r} (from --name or the last part of --out) {problem}; pass --name")
     fs, root = storage.resolve(uri, options)
     if isinstance(fs, storage.pafs.LocalFileSystem):
         os.makedirs(root, exist_ok=True)
