@@ -16,6 +16,7 @@ from hierdino.models.weights import WeightsError
 from hierdino.models.heads import DINOHead
 from hierdino.models.student_teacher import StudentTeacher, param_groups
 from hierdino.train.loop import TrainStep, make_step_batch
+import vit_reference
 
 
 def _randomise(module: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
@@ -50,18 +51,8 @@ def vit_by_hand(sd, x, dim, heads, depth, patch, masks=None, antialias=True, mas
     t = t + pos
     if masks is not None and mask_after_pos:  # a negative control: the wrong place for the mask token
         t = torch.cat([t[:, :1], torch.where(masks[..., None], sd["mask_token"].view(1, 1, dim), t[:, 1:])], 1)
-    n = t.shape[1]
     for i in range(depth):
-        p = f"vit.blocks.{i}."
-        y = F.layer_norm(t, (dim,), sd[p + "norm1.weight"], sd[p + "norm1.bias"], eps=1e-6)
-        q, k, v = F.linear(y, sd[p + "attn.qkv.weight"], sd[p + "attn.qkv.bias"]).reshape(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)
-        a = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(dim // heads), -1) @ v
-        t = t + sd[p + "ls1.gamma"] * F.linear(a.transpose(1, 2).reshape(b, n, dim), sd[p + "attn.proj.weight"],
-                                               sd[p + "attn.proj.bias"])
-        y = F.layer_norm(t, (dim,), sd[p + "norm2.weight"], sd[p + "norm2.bias"], eps=1e-6)
-        y = F.linear(F.gelu(F.linear(y, sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"])), sd[p + "mlp.fc2.weight"],
-                     sd[p + "mlp.fc2.bias"])
-        t = t + sd[p + "ls2.gamma"] * y
+        t = vit_reference.block(t, sd, f"vit.blocks.{i}.", heads)
     t = F.layer_norm(t, (dim,), sd["vit.norm.weight"], sd["vit.norm.bias"], eps=1e-6)
     return t[:, 0], t[:, 1:]
 

@@ -19,6 +19,7 @@ from hierdino.hierarchy import load_hierarchy
 from hierdino.models.backbone import build_backbone, check, load_pretrained
 from hierdino.models.student_teacher import StudentTeacher
 from hierdino.models.weights import WeightsError
+import vit_reference
 
 DIM, DEPTH, HEADS, PATCH = 48, 2, 2, 8  # vit_micro_cpu and its _reg4 / _swiglu variants
 
@@ -68,20 +69,8 @@ def dinov2_forward(sd: dict, x: torch.Tensor, offset: float, antialias: bool) ->
     regs = sd.get("register_tokens")
     if regs is not None:
         t = torch.cat([t[:, :1], regs.expand(b, -1, -1), t[:, 1:]], 1)
-    n = t.shape[1]
     for i in range(DEPTH):
-        p = f"blocks.{i}."
-        y = F.layer_norm(t, (DIM,), sd[p + "norm1.weight"], sd[p + "norm1.bias"], eps=1e-6)
-        q, k, v = F.linear(y, sd[p + "attn.qkv.weight"], sd[p + "attn.qkv.bias"]).reshape(b, n, 3, HEADS, -1).permute(2, 0, 3, 1, 4)
-        a = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(DIM // HEADS), -1) @ v
-        t = t + sd[p + "ls1.gamma"] * F.linear(a.transpose(1, 2).reshape(b, n, DIM), sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"])
-        y = F.layer_norm(t, (DIM,), sd[p + "norm2.weight"], sd[p + "norm2.bias"], eps=1e-6)
-        if p + "mlp.w12.weight" in sd:
-            x1, x2 = F.linear(y, sd[p + "mlp.w12.weight"], sd[p + "mlp.w12.bias"]).chunk(2, -1)
-            y = F.linear(F.silu(x1) * x2, sd[p + "mlp.w3.weight"], sd[p + "mlp.w3.bias"])
-        else:
-            y = F.linear(F.gelu(F.linear(y, sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"])), sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"])
-        t = t + sd[p + "ls2.gamma"] * y
+        t = vit_reference.block(t, sd, f"blocks.{i}.", HEADS)
     t = F.layer_norm(t, (DIM,), sd["norm.weight"], sd["norm.bias"], eps=1e-6)
     skip = 1 + (0 if regs is None else regs.shape[1])
     return t[:, 0], t[:, skip:]
