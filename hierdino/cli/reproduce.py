@@ -2,6 +2,7 @@
 
   python jobs/reproduce.py                       # 4 variants x 3 seeds, then evaluation on the test splits
   python jobs/reproduce.py --design v2 --time-budget-min 120   # v2: shared SSL base, 5 variants x 3 seeds, paired
+  python jobs/reproduce.py --design v3 --pbc .../PBC_dataset_normal_DIB   # v3: real cells, labels at mixed depths
   python jobs/reproduce.py --seeds 0 --steps 40 --sweep-trials 2 --out runs/repro-smoke   # a quick check
   python jobs/reproduce.py --scale vits14-gpu --time-budget-min 7 --seeds 0 1 \
       --level-weights 0.25,0.3,0.28,0.16 --out runs/repro-vits14   # 224 px ViT-S/14 on one GPU
@@ -37,6 +38,7 @@ from hierdino.data.suite import EXTERNAL_SETS, ensure_synthetic_suite
 from hierdino.eval.compare import VARIANTS, labelled_counts, markdown, plots, summarise
 from hierdino.eval.paired import VARIANTS as V2_VARIANTS
 from hierdino.eval.paired import markdown as v2_markdown
+from hierdino.cli.reproduce_v3 import VARIANTS as V3_VARIANTS
 from hierdino.runtime import init_ray
 
 
@@ -202,9 +204,12 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reproduce.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help="default: runs/repro (v1), runs/repro-v2 (v2)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--design", choices=("v1", "v2"), default="v1",
+    p.add_argument("--design", choices=("v1", "v2", "v3"), default="v1",
                    help="v1: hierdino/configs/repro/ (from scratch); v2: hierdino/configs/repro/v2/ (continued from a "
-                        "shared SSL base model, >= 1,500 test images per set, paired bootstrap)")
+                        "shared SSL base model, >= 1,500 test images per set, paired bootstrap); v3: "
+                        "hierdino/configs/repro/v3/ (real PBC cells, labels at mixed depths; needs --pbc)")
+    p.add_argument("--pbc", default=None, help="v3: PBC's published folder (PBC_dataset_normal_DIB) or shards made from it")
+    p.add_argument("--base-steps", type=int, default=None, help="v3: override the base model's 1,200 steps (smoke checks only)")
     p.add_argument("--variants", nargs="+", default=None,
                    help="a subset of the design's variants (smoke checks; the comparison needs all of them)")
     p.add_argument("--eval-size", choices=("small", "default"), default="default",
@@ -275,14 +280,14 @@ def main(argv=None) -> int:
     """Run the comparison (or, with ``--render``, only rewrite its table); returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
-    designs = {"v1": VARIANTS, "v2": V2_VARIANTS}
+    designs = {"v1": VARIANTS, "v2": V2_VARIANTS, "v3": V3_VARIANTS}
     args.variants = args.variants or list(designs[args.design])
     unknown = [v for v in args.variants if v not in designs[args.design]]
     if unknown:
         parser.error(f"--variants {' '.join(unknown)}: not in design {args.design} ({', '.join(designs[args.design])})")
     if args.eval_reserve_s is None:
         args.eval_reserve_s = 120 if args.design == "v1" else 1500
-    args.out = args.out or {"v1": "runs/repro", "v2": "runs/repro-v2"}[args.design]
+    args.out = args.out or {"v1": "runs/repro", "v2": "runs/repro-v2", "v3": "runs/repro-v3"}[args.design]
     problem = upload_dir_problem(args.out, "--out")  # under `ray job submit --working-dir .`
     if problem:
         parser.error(problem)
@@ -293,6 +298,10 @@ def main(argv=None) -> int:
     if args.render:
         return _render(args, PROBES)
     try:
+        if args.design == "v3":
+            from hierdino.cli.reproduce_v3 import reproduce_v3
+
+            return reproduce_v3(args, PROBES)
         if args.design == "v2":
             from hierdino.cli.reproduce_v2 import reproduce_v2  # imports this module: loaded on demand
 

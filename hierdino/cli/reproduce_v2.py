@@ -20,7 +20,7 @@ from hierdino.cli.reproduce import (_device_name, _level_weights_d, calibrate_st
                                     scale_overrides, train_once, train_variants, write_results)
 from hierdino.config import load_config
 from hierdino.data import shards
-from hierdino.data.suite import EXTERNAL_SETS, build_suite, ensure_synthetic_suite, suite_ready
+from hierdino.data.suite import EXTERNAL_SETS, ensure_eval_suite, ensure_synthetic_suite
 from hierdino.eval import paired
 from hierdino.eval.compare import labelled_counts, summarise
 from hierdino.hierarchy import load_hierarchy
@@ -28,17 +28,6 @@ from hierdino.runtime import init_ray
 
 PREFIX = "repro/v2"
 BASE_FACTOR = 2  # the base model trains for twice a variant's steps
-
-
-def ensure_eval_suite(train_suite: str, size: str, image_size: int, log=print) -> str:
-    """The external sets at ``size`` next to the training suite (``<suite>-eval-<size>``); the small suite itself for 'small'."""
-    if size == "small":
-        return train_suite
-    out = f"{train_suite}-eval-{size}"
-    if not suite_ready(out, EXTERNAL_SETS):
-        log(f"[reproduce] building the external sets at the {size!r} size into {out}")
-        build_suite(out, size, image_size, seed=0, names=EXTERNAL_SETS, log=log)
-    return out
 
 
 def _steps(args, common: list[str], log=print) -> tuple[int, int]:

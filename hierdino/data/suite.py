@@ -224,3 +224,14 @@ def ensure_synthetic_suite(cfg, log=print, evaluates: bool | None = None) -> Non
         log(f"[hierdino] building the small synthetic suite ({cfg.data.image_size} px) into {cache}")
         build_suite(cache, "small", cfg.data.image_size, seed=0, names=needed, log=log)
     cfg.data.synth_cache = cache
+
+
+def ensure_eval_suite(train_suite: str, size: str, image_size: int, log=print) -> str:
+    """The external sets at ``size`` next to the training suite (``<suite>-eval-<size>``); the small suite itself for 'small'."""
+    if size == "small":
+        return train_suite
+    out = f"{train_suite}-eval-{size}"
+    if not suite_ready(out, EXTERNAL_SETS):
+        log(f"[hierdino] building the external sets at the {size!r} size into {out}")
+        build_suite(out, size, image_size, seed=0, names=EXTERNAL_SETS, log=log)
+    return out

@@ -40,21 +40,23 @@ def _sets(predictions: dict, runs: dict, x: str, y: str, probe: str, datasets: S
 
 
 def paired_contrasts(predictions: dict, runs: dict, probes: Sequence[str], contrasts=CONTRASTS,
-                     n: int = 1000, seed: int = 0, hierarchies: dict | None = None) -> list[dict]:
-    """Every contrast x probe x (each external dataset, then pooled): the paired bootstrap's result and its MDE.
+                     n: int = 1000, seed: int = 0, hierarchies: dict | None = None,
+                     groups: dict[str, Sequence[str]] | None = None) -> list[dict]:
+    """Every contrast x probe x group of datasets: the paired bootstrap's result and its MDE.
 
     ``predictions``: ``evaluate(..., keep_predictions=True)["predictions"]``; ``runs``: variant -> run
-    URIs, seed-ordered alike for every variant. Rows of ``metric`` "bacc"; with ``hierarchies``
-    (dataset -> its tree) also "severity" rows for the last probe. Contrasts whose variants did not
-    both run are skipped.
+    URIs, seed-ordered alike for every variant. ``groups``: row name -> the datasets it pools
+    (default: each external set alone, then the three ``POOLED``). Rows of ``metric`` "bacc"; with
+    ``hierarchies`` (dataset -> its tree) also "severity" rows for the last probe. Contrasts whose
+    variants did not both run are skipped.
     """
+    groups = groups or {**{d: (d,) for d in EXTERNAL_SETS}, POOLED: EXTERNAL_SETS}
     rows = []
     for x, y in contrasts:
         if x not in runs or y not in runs:
             continue
         for metric, probe in [("bacc", p) for p in probes] + ([("severity", probes[-1])] if hierarchies else []):
-            for ds in (*EXTERNAL_SETS, POOLED):
-                datasets = EXTERNAL_SETS if ds == POOLED else (ds,)
+            for ds, datasets in groups.items():
                 if metric == "bacc":
                     r = paired_bacc_difference(_sets(predictions, runs, x, y, probe, datasets), n, seed)
                 else:

@@ -1,0 +1,263 @@
+"""``jobs/reproduce.py --design v3``: the pre-registered v3 comparison on real cells (hierdino/configs/repro/v3/base.yaml).
+
+Stages, each resumable (a dataset with a manifest, a run with an export, a finished sweep are kept):
+  1. the PBC shards (``--pbc``: shards, or the published folder, which make_shards cuts 0.6/0.2/0.2),
+     its train split cut into fine / coarse / unlabelled parts (``hierdino.data.parts``), the
+     leaf-labelled evaluation set, and the synthetic external sets at the default size;
+  2. the shared SSL base model on the three parts (labels unused);
+  3. variant (d)'s level weights (a sweep on the PBC val split, continuing from the base model);
+  4. every variant x seed, continuing from the base model's teacher backbone;
+  5. the probes on the PBC test split and the synthetic test splits, the paired contrasts (pooled,
+     fine-level classes, per class), OUT/results.{json,md} and plots.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from hierdino import storage
+from hierdino.config import load_config, override_text
+from hierdino.data import shards
+from hierdino.data.parts import PARTS, assign_parts, part_label
+from hierdino.data.suite import EXTERNAL_SETS
+from hierdino.eval.report_v3 import PBC, PBC_FINE
+from hierdino.hierarchy import load_hierarchy
+
+PREFIX = "repro/v3"
+HIERARCHY = "wbc-h2"
+COARSE_DEPTH = 3                 # the maturity level: granulocytic_normal_mature, lymphocyte_mature, ...
+PART_FRACTIONS = (0.2, 0.4)      # fine, coarse shares of each leaf's train images; the rest unlabelled
+PART_SEED = 0
+FINE_CLASSES = ("neutrophil_band", "neutrophil_segmented", "metamyelocyte", "myelocyte", "promyelocyte")
+VARIANTS = {"ssl": "(a) SSL only", "flat": "(b) flat CE, fine labels", "hxe": "(c) HXE, fine + coarse labels",
+            "hxe-fine": "(c0) HXE, fine labels only", "hxe-sweep": "(d) HXE swept level weights, fine + coarse"}
+# which dataset carries the coarse part: its labels, or the same images without them
+COARSE_DATA = {"ssl": "pbc-coarse", "flat": "pbc-coarse-unlabelled", "hxe": "pbc-coarse",
+               "hxe-fine": "pbc-coarse-unlabelled", "hxe-sweep": "pbc-coarse"}
+CONTRASTS = (("hxe", "flat"), ("hxe", "hxe-fine"), ("hxe-fine", "flat"), ("hxe-sweep", "hxe"), ("flat", "ssl"),
+             ("hxe", "ssl"))
+SYNTH_POOLED = "synthetic pooled"
+
+
+def variant_data(data_dir: str, variant: str) -> list[str]:
+    """The training sets of a variant (``data.train``): the three parts, the coarse one with or without labels."""
+    return [f"{data_dir}/pbc-fine", f"{data_dir}/{COARSE_DATA[variant]}", f"{data_dir}/pbc-unlabelled"]
+
+
+def _copy(rows: list[dict], label, split=None) -> list[shards.Record]:
+    return [shards.Record(r["image"], r["image_id"], r["source"], r["raw_label"], label(r), split or r["split"]) for r in rows]
+
+
+def write_parts(pbc: str, data_dir: str, log=print) -> dict:
+    """OUT/data/pbc-{fine,coarse,coarse-unlabelled,unlabelled} from ``pbc``'s train split, and
+    OUT/data/pbc-eval (every split, leaf-labelled rows only); returns and keeps the part counts."""
+    summary_path = f"{data_dir}/parts.json"
+    if storage.exists(summary_path):
+        return json.loads(storage.read_bytes(summary_path))
+    h = load_hierarchy(HIERARCHY)
+    manifest = shards.read_manifest(pbc)
+    rows = shards.read_table(pbc).to_pylist()
+    train = [r for r in rows if r["split"] == "train"]
+    parts = assign_parts([r["image_id"] for r in train], [r["label"] for r in train], h, PART_FRACTIONS, PART_SEED)
+    by_part = {p: [r for r, q in zip(train, parts) if q == p] for p in PARTS}
+    kw = dict(hierarchy=HIERARCHY, label_map=manifest.label_map, extra={"hierarchy_tree": h.to_dict()})
+
+    def write(name: str, recs: list[shards.Record]) -> dict:
+        m = shards.write_dataset(recs, f"{data_dir}/{name}", name, manifest.source, **kw)
+        return m.counts
+
+    counts = {
+        "pbc-fine": write("pbc-fine", _copy(by_part["fine"], lambda r: r["label"])),
+        "pbc-coarse": write("pbc-coarse", _copy(by_part["coarse"],
+                                                lambda r: part_label(r["label"], "coarse", h, COARSE_DEPTH))),
+        "pbc-coarse-unlabelled": write("pbc-coarse-unlabelled", _copy(by_part["coarse"], lambda r: None)),
+        "pbc-unlabelled": write("pbc-unlabelled", _copy(by_part["unlabelled"], lambda r: None)),
+        PBC: write(PBC, _copy([r for r in rows if r["label"] is not None and h.is_leaf(r["label"])], lambda r: r["label"])),
+    }
+    summary = {"source": pbc, "fractions": {"fine": PART_FRACTIONS[0], "coarse": PART_FRACTIONS[1],
+                                            "unlabelled": round(1 - sum(PART_FRACTIONS), 6)},
+               "seed": PART_SEED, "coarse_depth": COARSE_DEPTH, "counts": counts}
+    storage.write_bytes(summary_path, json.dumps(summary, indent=2).encode())
+    for name in ("pbc-fine", "pbc-coarse", "pbc-unlabelled"):
+        log(f"[reproduce] {name}: {sum(counts[name]['train'].values())} images, " +
+            ", ".join(f"{k} {v}" for k, v in sorted(counts[name]["train"].items())))
+    return summary
+
+
+def pbc_shards(source: str, data_dir: str, log=print) -> str:
+    """The PBC shards: ``source`` itself when it holds a manifest, else the published folder written
+    by make_shards' pbc layout with the design's 0.6/0.2/0.2 split (seed 0) into OUT/data/pbc."""
+    if storage.exists(storage.join(source, "manifest.json")):
+        return source
+    out = f"{data_dir}/pbc"
+    if not storage.exists(f"{out}/manifest.json"):
+        from hierdino.cli.make_shards import main as make_shards
+
+        log(f"[reproduce] writing the PBC shards from {source} into {out}")
+        if make_shards(["pbc", "--root", source, "--out", out, "--split-fractions", "0.6,0.2,0.2", "--split-seed", "0"]):
+            raise SystemExit(f"reproduce.py: make_shards could not read {source} as PBC's published folder")
+    return out
+
+
+def _subset(pred: dict, keep: np.ndarray) -> dict:
+    """A predictions entry (``y_true`` and model -> probe -> predictions) restricted to the rows ``keep``."""
+    idx = np.flatnonzero(keep)
+    out = {"y_true": [pred["y_true"][i] for i in idx]}
+    for model, per_probe in pred.items():
+        if model != "y_true":
+            out[model] = {p: [v[i] for i in idx] for p, v in per_probe.items()}
+    return out
+
+
+def scored_sets(predictions: dict) -> dict:
+    """``predictions`` plus the PBC fine-level classes and each PBC class as sets of their own (their
+    bAcc: the mean recall over those classes; one class: its recall)."""
+    pbc = predictions[PBC]
+    y = np.array(pbc["y_true"])
+    out = dict(predictions)
+    out[PBC_FINE] = _subset(pbc, np.isin(y, FINE_CLASSES))
+    for c in sorted(set(y)):
+        out[f"pbc:{c}"] = _subset(pbc, y == c)
+    return out
+
+
+def bacc(y_true, y_pred) -> float:
+    """Mean over the classes present in ``y_true`` of their recall (a prediction outside them is an error)."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    return float(np.mean([np.mean(y_pred[y_true == c] == c) for c in np.unique(y_true)]))
+
+
+def variant_table(sets: dict, runs: dict, probes, names: list[str]) -> dict:
+    """variant -> dataset -> probe -> per-seed bAcc (PBC, its fine classes, the synthetic sets)."""
+    from hierdino.eval.paired import run_name
+
+    return {v: {d: {p: [bacc(sets[d]["y_true"], sets[d][run_name(u)][p]) for u in uris] for p in probes} for d in names}
+            for v, uris in runs.items()}
+
+
+def variant_steps(args, common: list[str], base_steps: int, data: list[str], log=print) -> int:
+    """Steps of every variant: ``--steps``, else those of an earlier start (OUT/plan.json), else what fits
+    ``--time-budget-min`` (a timed run of (c); the base model counts as base_steps / 300 runs), else the
+    design's 300; kept in OUT/plan.json before any variant trains."""
+    from hierdino.cli.reproduce import calibrate_steps
+
+    plan = Path(args.out, "plan.json")
+    if args.steps:
+        steps = args.steps
+    elif plan.exists():
+        steps = json.loads(plan.read_text())["steps"]
+        log(f"[reproduce] steps per variant fixed by the first start of this run: {steps} ({plan})")
+    elif args.time_budget_min:
+        sweep_runs = 0 if args.level_weights else args.sweep_trials / 2
+        n_runs = len(args.variants) * len(args.seeds) + sweep_runs + base_steps / 300
+        steps = calibrate_steps(args, common + [f"data.train={override_text(data)}"], n_runs, log, preset=f"{PREFIX}/hxe")
+    else:
+        steps = load_config(f"{PREFIX}/base", common).train.steps
+    storage.write_bytes(str(plan), json.dumps({"steps": steps, "base_steps": base_steps}).encode())
+    return steps
+
+
+def _stage_runs(args, common: list[str], data_dir: str, log=print) -> tuple[str, int, list[float] | None, dict]:
+    """The base model (URI, steps), (d)'s level weights and every variant x seed's run (each skipped when done)."""
+    from hierdino.cli.reproduce import _level_weights_d, train_once
+
+    base_steps = args.base_steps or load_config(f"{PREFIX}/pretrain", common).train.steps
+    args.steps = variant_steps(args, common, base_steps, variant_data(data_dir, "hxe"), log)
+    base_uri = train_once(f"{PREFIX}/pretrain", common + [f"data.train={override_text(variant_data(data_dir, 'ssl'))}",
+                                                          f"train.steps={base_steps}", f"checkpoint.every_steps={base_steps}",
+                                                          "run.name=base"], log)
+    common = common + [f"train.steps={args.steps}", f"checkpoint.every_steps={max(1, args.steps // 2)}",
+                       f"model.init_weights={storage.join(base_uri, 'export', 'teacher_backbone.safetensors')}"]
+    level_weights = None
+    if "hxe-sweep" in args.variants:
+        level_weights = _level_weights_d(args, common + [f"data.train={override_text(variant_data(data_dir, 'hxe-sweep'))}"],
+                                         log, preset=f"{PREFIX}/hxe-sweep")
+    runs: dict[str, list[str]] = {}
+    for variant in args.variants:
+        for seed in args.seeds:
+            over = common + [f"data.train={override_text(variant_data(data_dir, variant))}", f"train.seed={seed}",
+                             f"run.name={variant}-s{seed}"]
+            if variant == "hxe-sweep":
+                over.append(f"loss.supervised.level_weights={override_text(level_weights)}")
+            runs.setdefault(variant, []).append(train_once(f"{PREFIX}/{variant}", over, log))
+    return base_uri, base_steps, level_weights, runs
+
+
+def _evaluate(args, models: list[str], data_dir: str, eval_suite: str, probes, center: float) -> dict:
+    """Probes on the PBC test split (the run's centre crop) and the synthetic test splits (whole images)."""
+    from hierdino.eval.report import evaluate
+
+    kw = dict(split="test", probes=probes, bootstrap_n=args.bootstrap, plots=False, keep_predictions=True,
+              in_process=True, log=lambda *_: None)
+    pbc = evaluate(models, [f"{data_dir}/{PBC}"], f"{args.out}/report-pbc", center_crop=center, **kw)
+    synth = evaluate(models, [f"{eval_suite}/{d}" for d in EXTERNAL_SETS], f"{args.out}/report-synthetic", **kw)
+    return {"rows": pbc["rows"] + synth["rows"], "predictions": pbc["predictions"] | synth["predictions"],
+            "datasets": pbc["datasets"] | synth["datasets"]}
+
+
+def _tree_rho(rows: list[dict], runs: dict, probe: str) -> dict:
+    """variant -> dataset -> per-seed Spearman correlation of feature distance with tree distance."""
+    from hierdino.eval.paired import run_name
+
+    rho = {(r["model"], r["dataset"]): r["tree_feature_spearman"] for r in rows if r["probe"] == probe}
+    return {v: {d: [rho[(run_name(u), d)] for u in uris] for d in (PBC, *EXTERNAL_SETS)} for v, uris in runs.items()}
+
+
+def summarise_v3(args, results: dict, runs: dict, base_uri: str, arch: str, probes, level_weights, parts: dict,
+                 setup: dict) -> dict:
+    """results.json's content: setup, parts, base vs random, the variant table, paired contrasts."""
+    from hierdino.eval import paired
+    from hierdino.eval.metrics import mistake_severity
+
+    sets = scored_sets(results["predictions"])
+    names = [PBC, PBC_FINE, *EXTERNAL_SETS]
+    trees = {d: load_hierarchy(results["datasets"][d]["hierarchy"]) for d in (PBC, *EXTERNAL_SETS)}
+    trees |= {d: trees[PBC] for d in sets if d.startswith("pbc:") or d == PBC_FINE}
+    main_groups = {**{d: (d,) for d in names}, SYNTH_POOLED: EXTERNAL_SETS}
+    contrasts = paired.paired_contrasts(sets, runs, probes, CONTRASTS, args.bootstrap, hierarchies=trees, groups=main_groups)
+    per_class = paired.paired_contrasts(sets, runs, (probes[-1],), CONTRASTS, args.bootstrap,
+                                        groups={d: (d,) for d in sets if d.startswith("pbc:")})
+    random = f"random-{arch}"
+    base = {who: {d: {p: bacc(sets[d]["y_true"], sets[d][name][p]) for p in probes} for d in names}
+            for who, name in (("base", paired.run_name(base_uri)), ("random", random))}
+    severity = {v: {d: [mistake_severity(sets[d]["y_true"], sets[d][paired.run_name(u)][probes[-1]], trees[d])[0]
+                        for u in uris] for d in (PBC, PBC_FINE, *EXTERNAL_SETS)} for v, uris in runs.items()}
+    return {"design": "v3", "setup": setup, "probes": list(probes), "variants": {v: VARIANTS[v] for v in runs},
+            "runs": runs, "level_weights": level_weights, "parts": parts, "base": base,
+            "bacc": variant_table(sets, runs, probes, names), "severity": severity,
+            "tree_rho": _tree_rho(results["rows"], runs, probes[-1]),
+            "test_images": {d: len(sets[d]["y_true"]) for d in names}, "paired": contrasts, "paired_per_class": per_class,
+            "hours": (time.time() - args.t0) / 3600}
+
+
+def reproduce_v3(args, probes, log=print) -> int:
+    """Run the v3 design end to end; writes OUT/results.json, results.md and plots/."""
+    from hierdino.cli.reproduce import _device_name
+    from hierdino.data.suite import ensure_eval_suite
+    from hierdino.eval.report_v3 import write_report  # matplotlib: only once the runs are done
+    from hierdino.runtime import init_ray
+
+    if not args.pbc:
+        raise SystemExit("reproduce.py --design v3: give --pbc (PBC_dataset_normal_DIB, or shards made from it)")
+    data_dir = f"{args.out}/data"
+    pbc = pbc_shards(args.pbc, data_dir, log)
+    parts = write_parts(pbc, data_dir, log)
+    cfg = load_config(f"{PREFIX}/base")
+    eval_suite = ensure_eval_suite(str(Path(cfg.data.synth_cache).expanduser()), "default", cfg.data.image_size, log)
+    init_ray()
+    common = [f"run.storage={args.out}", f"eval.datasets=[{data_dir}/{PBC}]"]
+    base_uri, base_steps, level_weights, runs = _stage_runs(args, common, data_dir, log)
+    t_eval = time.time()
+    models = [base_uri, f"random:{cfg.model.arch}@{cfg.data.image_size}"] + [u for uris in runs.values() for u in uris]
+    results = _evaluate(args, models, data_dir, eval_suite, probes, cfg.data.center_crop)
+    log(f"[reproduce] evaluation in {time.time() - t_eval:.0f}s")
+    setup = {"arch": cfg.model.arch, "image_size": cfg.data.image_size, "center_crop": cfg.data.center_crop,
+             "steps": args.steps, "base_steps": base_steps, "batch_size": cfg.train.batch_size, "seeds": args.seeds,
+             "device": _device_name(cfg), "bootstrap": args.bootstrap, "eval_suite": eval_suite, "pbc": pbc,
+             "level_weights_source": "given with --level-weights" if args.level_weights else "from the val-split sweep"}
+    summary = summarise_v3(args, results, runs, base_uri, cfg.model.arch, probes, level_weights, parts, setup)
+    return write_report(args.out, summary, t0=args.t0)
