@@ -41,6 +41,8 @@ COARSE_DATA = {"ssl": "pbc-coarse", "flat": "pbc-coarse-unlabelled", "hxe": "pbc
 CONTRASTS = (("hxe", "flat"), ("hxe", "hxe-fine"), ("hxe-fine", "flat"), ("hxe-sweep", "hxe"), ("flat", "ssl"),
              ("hxe", "ssl"))
 SYNTH_POOLED = "synthetic pooled"
+SYNTH_PROBES = ("knn20",)  # the synthetic sets: a domain-shift check, scored without logreg's C search (budget)
+SYNTH_SEEDS = 1            # ... and for the first seed of each variant (features of 3 x 6,100 images per model)
 
 
 def variant_data(data_dir: str, variant: str) -> list[str]:
@@ -131,12 +133,24 @@ def bacc(y_true, y_pred) -> float:
     return float(np.mean([np.mean(y_pred[y_true == c] == c) for c in np.unique(y_true)]))
 
 
-def variant_table(sets: dict, runs: dict, probes, names: list[str]) -> dict:
+def _probes_of(sets: dict, d: str) -> list[str]:
+    """The probes that scored dataset ``d`` (PBC: all; the synthetic sets: ``SYNTH_PROBES``)."""
+    return list(next(v for k, v in sets[d].items() if k != "y_true"))
+
+
+def _scored_runs(sets: dict, d: str, uris: list[str]) -> list[str]:
+    """The runs of ``uris`` that scored dataset ``d`` (every seed on PBC, ``SYNTH_SEEDS`` on the synthetic sets)."""
+    from hierdino.eval.paired import run_name
+
+    return [u for u in uris if run_name(u) in sets[d]]
+
+
+def variant_table(sets: dict, runs: dict, names: list[str]) -> dict:
     """variant -> dataset -> probe -> per-seed bAcc (PBC, its fine classes, the synthetic sets)."""
     from hierdino.eval.paired import run_name
 
-    return {v: {d: {p: [bacc(sets[d]["y_true"], sets[d][run_name(u)][p]) for u in uris] for p in probes} for d in names}
-            for v, uris in runs.items()}
+    return {v: {d: {p: [bacc(sets[d]["y_true"], sets[d][run_name(u)][p]) for u in _scored_runs(sets, d, uris)]
+                    for p in _probes_of(sets, d)} for d in names} for v, uris in runs.items()}
 
 
 def variant_steps(args, common: list[str], base_steps: int, data: list[str], log=print) -> int:
@@ -187,24 +201,28 @@ def _stage_runs(args, common: list[str], data_dir: str, log=print) -> tuple[str,
     return base_uri, base_steps, level_weights, runs
 
 
-def _evaluate(args, models: list[str], data_dir: str, eval_suite: str, probes, center: float) -> dict:
-    """Probes on the PBC test split (the run's centre crop) and the synthetic test splits (whole images)."""
+def _evaluate(args, models: list[str], synth_models: list[str], data_dir: str, eval_suite: str, probes,
+              center: float) -> dict:
+    """Probes on the PBC test split (the run's centre crop) and ``SYNTH_PROBES`` of ``synth_models`` on
+    the synthetic test splits (whole images)."""
     from hierdino.eval.report import evaluate
 
-    kw = dict(split="test", probes=probes, bootstrap_n=args.bootstrap, plots=False, keep_predictions=True,
-              in_process=True, log=lambda *_: None)
-    pbc = evaluate(models, [f"{data_dir}/{PBC}"], f"{args.out}/report-pbc", center_crop=center, **kw)
-    synth = evaluate(models, [f"{eval_suite}/{d}" for d in EXTERNAL_SETS], f"{args.out}/report-synthetic", **kw)
+    kw = dict(split="test", bootstrap_n=args.bootstrap, plots=False, keep_predictions=True, in_process=True,
+              log=lambda *_: None)
+    pbc = evaluate(models, [f"{data_dir}/{PBC}"], f"{args.out}/report-pbc", probes=probes, center_crop=center, **kw)
+    synth = evaluate(synth_models, [f"{eval_suite}/{d}" for d in EXTERNAL_SETS], f"{args.out}/report-synthetic",
+                     probes=SYNTH_PROBES, **kw)
     return {"rows": pbc["rows"] + synth["rows"], "predictions": pbc["predictions"] | synth["predictions"],
             "datasets": pbc["datasets"] | synth["datasets"]}
 
 
-def _tree_rho(rows: list[dict], runs: dict, probe: str) -> dict:
+def _tree_rho(rows: list[dict], runs: dict) -> dict:
     """variant -> dataset -> per-seed Spearman correlation of feature distance with tree distance."""
     from hierdino.eval.paired import run_name
 
-    rho = {(r["model"], r["dataset"]): r["tree_feature_spearman"] for r in rows if r["probe"] == probe}
-    return {v: {d: [rho[(run_name(u), d)] for u in uris] for d in (PBC, *EXTERNAL_SETS)} for v, uris in runs.items()}
+    rho = {(r["model"], r["dataset"]): r["tree_feature_spearman"] for r in rows}
+    return {v: {d: [rho[(run_name(u), d)] for u in uris if (run_name(u), d) in rho] for d in (PBC, *EXTERNAL_SETS)}
+            for v, uris in runs.items()}
 
 
 def summarise_v3(args, results: dict, runs: dict, base_uri: str, arch: str, probes, level_weights, parts: dict,
@@ -217,20 +235,25 @@ def summarise_v3(args, results: dict, runs: dict, base_uri: str, arch: str, prob
     names = [PBC, PBC_FINE, *EXTERNAL_SETS]
     trees = {d: load_hierarchy(results["datasets"][d]["hierarchy"]) for d in (PBC, *EXTERNAL_SETS)}
     trees |= {d: trees[PBC] for d in sets if d.startswith("pbc:") or d == PBC_FINE}
-    main_groups = {**{d: (d,) for d in names}, SYNTH_POOLED: EXTERNAL_SETS}
-    contrasts = paired.paired_contrasts(sets, runs, probes, CONTRASTS, args.bootstrap, hierarchies=trees, groups=main_groups)
-    per_class = paired.paired_contrasts(sets, runs, (probes[-1],), CONTRASTS, args.bootstrap,
-                                        groups={d: (d,) for d in sets if d.startswith("pbc:")})
-    random = f"random-{arch}"
-    base = {who: {d: {p: bacc(sets[d]["y_true"], sets[d][name][p]) for p in probes} for d in names}
-            for who, name in (("base", paired.run_name(base_uri)), ("random", random))}
-    severity = {v: {d: [mistake_severity(sets[d]["y_true"], sets[d][paired.run_name(u)][probes[-1]], trees[d])[0]
-                        for u in uris] for d in (PBC, PBC_FINE, *EXTERNAL_SETS)} for v, uris in runs.items()}
+
+    def contrasts(groups: dict, probes_here, severity: bool, runs_here=runs) -> list[dict]:
+        return paired.paired_contrasts(sets, runs_here, probes_here, CONTRASTS, args.bootstrap,
+                                       hierarchies=trees if severity else None, groups=groups)
+
+    synth_runs = {v: uris[:SYNTH_SEEDS] for v, uris in runs.items()}
+    rows = (contrasts({PBC: (PBC,), PBC_FINE: (PBC_FINE,)}, probes, True)
+            + contrasts({**{d: (d,) for d in EXTERNAL_SETS}, SYNTH_POOLED: EXTERNAL_SETS}, SYNTH_PROBES, True, synth_runs))
+    per_class = contrasts({d: (d,) for d in sets if d.startswith("pbc:")}, (probes[-1],), False)
+    who = (("base", paired.run_name(base_uri)), ("random", f"random-{arch}"))
+    base = {w: {d: {p: bacc(sets[d]["y_true"], sets[d][name][p]) for p in _probes_of(sets, d)} for d in names}
+            for w, name in who}
+    severity = {v: {d: [mistake_severity(sets[d]["y_true"], sets[d][paired.run_name(u)][_probes_of(sets, d)[-1]],
+                                         trees[d])[0] for u in _scored_runs(sets, d, uris)] for d in names}
+                for v, uris in runs.items()}
     return {"design": "v3", "setup": setup, "probes": list(probes), "variants": {v: VARIANTS[v] for v in runs},
             "runs": runs, "level_weights": level_weights, "parts": parts, "base": base,
-            "bacc": variant_table(sets, runs, probes, names), "severity": severity,
-            "tree_rho": _tree_rho(results["rows"], runs, probes[-1]),
-            "test_images": {d: len(sets[d]["y_true"]) for d in names}, "paired": contrasts, "paired_per_class": per_class,
+            "bacc": variant_table(sets, runs, names), "severity": severity, "tree_rho": _tree_rho(results["rows"], runs),
+            "test_images": {d: len(sets[d]["y_true"]) for d in names}, "paired": rows, "paired_per_class": per_class,
             "hours": (time.time() - args.t0) / 3600}
 
 
@@ -252,8 +275,10 @@ def reproduce_v3(args, probes, log=print) -> int:
     common = [f"run.storage={args.out}", f"eval.datasets=[{data_dir}/{PBC}]"]
     base_uri, base_steps, level_weights, runs = _stage_runs(args, common, data_dir, log)
     t_eval = time.time()
-    models = [base_uri, f"random:{cfg.model.arch}@{cfg.data.image_size}"] + [u for uris in runs.values() for u in uris]
-    results = _evaluate(args, models, data_dir, eval_suite, probes, cfg.data.center_crop)
+    fixed = [base_uri, f"random:{cfg.model.arch}@{cfg.data.image_size}"]
+    models = fixed + [u for uris in runs.values() for u in uris]
+    synth_models = fixed + [u for uris in runs.values() for u in uris[:SYNTH_SEEDS]]
+    results = _evaluate(args, models, synth_models, data_dir, eval_suite, probes, cfg.data.center_crop)
     log(f"[reproduce] evaluation in {time.time() - t_eval:.0f}s")
     setup = {"arch": cfg.model.arch, "image_size": cfg.data.image_size, "center_crop": cfg.data.center_crop,
              "steps": args.steps, "base_steps": base_steps, "batch_size": cfg.train.batch_size, "seeds": args.seeds,

@@ -19,6 +19,11 @@ from hierdino.eval.paired import POOLED, _contrast_cell, _severity_cell
 PBC, PBC_FINE = "pbc-eval", "pbc-fine-classes"
 
 
+def _get(table: dict, d: str, p: str, fmt) -> str:
+    """``fmt(table[d][p])``, or '-' where probe ``p`` did not score dataset ``d`` (the synthetic sets: kNN only)."""
+    return fmt(table[d][p]) if p in table.get(d, {}) else "-"
+
+
 def _mean_sd(values) -> str:
     v = 100 * np.asarray(values, dtype=float)
     return f"{v.mean():.1f} ± {v.std(ddof=1):.1f}" if len(v) > 1 else f"{v.mean():.1f}"
@@ -43,8 +48,8 @@ def _base_lines(s: dict, probes) -> list[str]:
              "", "| model | dataset | " + " | ".join(f"bAcc {p}" for p in probes) + " |", "|---|---|" + "---|" * len(probes)]
     for who in ("base", "random"):
         for d in sets:
-            lines.append(f"| {who} | {d} | " + " | ".join(f"{100 * b[who][d][p]:.1f}" for p in probes) + " |")
-    gaps = "; ".join(f"{d}: " + ", ".join(f"{p} {100 * (b['base'][d][p] - b['random'][d][p]):+.1f}" for p in probes)
+            lines.append(f"| {who} | {d} | " + " | ".join(_get(b[who], d, p, lambda v: f"{100 * v:.1f}") for p in probes) + " |")
+    gaps = "; ".join(f"{d}: " + ", ".join(f"{p} {100 * (b['base'][d][p] - b['random'][d][p]):+.1f}" for p in b["base"][d])
                      for d in sets)
     return lines + ["", f"Trained minus random (points): {gaps}."]
 
@@ -53,7 +58,7 @@ def _variant_lines(s: dict, probes) -> list[str]:
     sets = list(next(iter(s["bacc"].values())))
     lines = ["", "## Variants (test splits)", "",
              "bAcc (%) mean ± seed s.d.; severity: mean tree edges from the true leaf to the LCA over errors "
-             f"({probes[-1]}; lower is milder); rho: Spearman correlation of feature distance with tree distance "
+             f"({probes[-1]} on PBC, the last probe run elsewhere; lower is milder); rho: Spearman correlation of feature distance with tree distance "
              "(higher: the feature space follows the tree).", "",
              "| variant | dataset | " + " | ".join(f"bAcc {p}" for p in probes) + " | severity | rho |",
              "|---|---|" + "---|" * (len(probes) + 2)]
@@ -61,7 +66,7 @@ def _variant_lines(s: dict, probes) -> list[str]:
         for d in sets:
             sev = s["severity"][v].get(d)
             rho = s["tree_rho"][v].get(d)
-            lines.append(f"| {label} | {d} | " + " | ".join(_mean_sd(s["bacc"][v][d][p]) for p in probes)
+            lines.append(f"| {label} | {d} | " + " | ".join(_get(s["bacc"][v], d, p, _mean_sd) for p in probes)
                          + f" | {np.mean(sev):.2f} | " + (f"{np.mean(rho):.3f} |" if rho else "- |"))
     return lines
 
@@ -78,15 +83,17 @@ def _contrast_lines(s: dict, probes) -> list[str]:
     for x, y in dict.fromkeys((r["x"], r["y"]) for r in rows):
         for p in probes:
             cells = {r["dataset"]: r for r in rows if (r["x"], r["y"], r["probe"]) == (x, y, p)}
-            lines.append(f"| {s['variants'][x]} - {s['variants'][y]} | {p} | " + " | ".join(_contrast_cell(cells[c]) for c in cols)
+            lines.append(f"| {s['variants'][x]} - {s['variants'][y]} | {p} | "
+                         + " | ".join(_contrast_cell(cells[c]) if c in cells else "-" for c in cols)
                          + f" | {100 * cells[PBC]['mde']:.1f} | {100 * cells[PBC_FINE]['mde']:.1f} |")
     sev = [r for r in s["paired"] if r["metric"] == "severity"]
     if sev:
-        lines += ["", f"Mistake severity X - Y ({sev[0]['probe']}; tree edges; negative: X's mistakes are milder; seeds "
+        lines += ["", f"Mistake severity X - Y ({', '.join(sorted({r['probe'] for r in sev}))}: the last probe run on each set; tree edges; negative: X's mistakes are milder; seeds "
                   "where X is milder).", "", "| X - Y | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
         for x, y in dict.fromkeys((r["x"], r["y"]) for r in sev):
             cells = {r["dataset"]: r for r in sev if (r["x"], r["y"]) == (x, y)}
-            lines.append(f"| {s['variants'][x]} - {s['variants'][y]} | " + " | ".join(_severity_cell(cells[c]) for c in cols) + " |")
+            lines.append(f"| {s['variants'][x]} - {s['variants'][y]} | "
+                         + " | ".join(_severity_cell(cells[c]) if c in cells else "-" for c in cols) + " |")
     return lines
 
 
@@ -139,7 +146,9 @@ def plot(s: dict, out: str) -> list[str]:
         ticks = []
         for i, (x, y) in enumerate(pairs):
             for j, g in enumerate(groups):
-                r = next(r for r in rows if (r["x"], r["y"], r["probe"], r["dataset"]) == (x, y, p, g))
+                r = next((r for r in rows if (r["x"], r["y"], r["probe"], r["dataset"]) == (x, y, p, g)), None)
+                if r is None:  # a probe that did not score this group
+                    continue
                 pos = -(i * (len(groups) + 1) + j)
                 ax.errorbar(100 * r["diff"], pos, xerr=[[100 * (r["diff"] - r["ci95"][0])], [100 * (r["ci95"][1] - r["diff"])]],
                             fmt="o", color=f"C{j}", label=g if i == 0 else None)
