@@ -184,7 +184,9 @@ def _stage_runs(args, common: list[str], data_dir: str, log=print) -> tuple[str,
     base_uri = train_once(f"{PREFIX}/pretrain", common + [f"data.train={override_text(variant_data(data_dir, 'ssl'))}",
                                                           f"train.steps={base_steps}", f"checkpoint.every_steps={base_steps}",
                                                           "run.name=base"], log)
+    warmup = min(load_config(f"{PREFIX}/base", common).optim.warmup_steps, max(1, args.steps // 5))
     common = common + [f"train.steps={args.steps}", f"checkpoint.every_steps={max(1, args.steps // 2)}",
+                       f"optim.warmup_steps={warmup}",  # short continuations: a fifth of the steps at most
                        f"model.init_weights={storage.join(base_uri, 'export', 'teacher_backbone.safetensors')}"]
     level_weights = None
     if "hxe-sweep" in args.variants:
