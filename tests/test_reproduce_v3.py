@@ -132,3 +132,60 @@ def test_fine_class_scores_are_the_mean_recall_over_those_classes():
     assert v3.bacc(y, pred) == pytest.approx((3 / 4 + 1 / 2 + 1) / 3)
     assert v3.bacc(sets["pbc:myelocyte"]["y_true"], sets["pbc:myelocyte"]["m"]["logreg"]) == 0.5
     assert np.array_equal(sets["pbc:monocyte"]["y_true"], ["monocyte"] * 4)
+
+
+def test_report_renders_every_contrast_from_predictions(tmp_path):
+    """summarise_v3 + the report on hand-made predictions: PBC with every probe and seed, the synthetic sets
+    with knn20 and seed 0 only; (c) is right wherever (b) errs on the fine classes, so (c) - (b) > 0 there."""
+    from types import SimpleNamespace
+
+    from hierdino.data.suite import EXTERNAL_SETS
+    from hierdino.eval import report_v3
+
+    rng = np.random.default_rng(0)
+    leaves = ["neutrophil_band", "neutrophil_segmented", "myelocyte", "monocyte", "platelet"]
+    y = [leaves[i % 5] for i in range(100)]
+    runs = {v: [f"/r/{v}-s{s}" for s in range(3)] for v in ("ssl", "flat", "hxe", "hxe-fine")}
+    probes = ("knn20", "logreg")
+
+    def preds(y_true, labels, wrong):
+        return [labels[(labels.index(t) + 1) % len(labels)] if rng.random() < wrong else t for t in y_true]
+
+    pbc = {"y_true": y, "base": {p: preds(y, leaves, 0.3) for p in probes},
+           "random-vit_tiny_cpu": {p: preds(y, leaves, 0.6) for p in probes}}
+    for v, uris in runs.items():
+        for u in uris:
+            pbc[u.rsplit("/", 1)[-1]] = {p: preds(y, leaves, 0.0 if v == "hxe" else 0.3) for p in probes}
+    predictions, rows = {v3.PBC: pbc}, []
+    trees = {"synth-ext-1": "wbc-h1", "synth-ext-2": "wbc-h1", "synth-ood": "synth-ood"}
+    for d in EXTERNAL_SETS:
+        labels = load_hierarchy(trees[d]).leaves[:3]
+        yt = [labels[i % 3] for i in range(60)]
+        entry = {"y_true": yt}
+        for name in ["base", "random-vit_tiny_cpu"] + [uris[0].rsplit("/", 1)[-1] for uris in runs.values()]:
+            entry[name] = {"knn20": preds(yt, labels, 0.2)}
+        predictions[d] = entry
+    for d, entry in predictions.items():
+        rows += [{"model": m, "dataset": d, "probe": p, "tree_feature_spearman": 0.1}
+                 for m, per in entry.items() if m != "y_true" for p in per]
+    results = {"predictions": predictions, "rows": rows,
+               "datasets": {v3.PBC: {"hierarchy": "wbc-h2"}} | {d: {"hierarchy": trees[d]} for d in EXTERNAL_SETS}}
+    args = SimpleNamespace(bootstrap=50, t0=0.0)
+    setup = {"arch": "vit_tiny_cpu", "image_size": 64, "center_crop": 0.5, "steps": 60, "base_steps": 300,
+             "batch_size": 32, "seeds": [0, 1, 2], "device": "2 CPUs", "bootstrap": 50,
+             "level_weights_source": "from the val-split sweep"}
+    parts = {"seed": 0, "coarse_depth": 3, "fractions": {"fine": 0.2, "coarse": 0.4, "unlabelled": 0.4},
+             "counts": {n: {"train": {"x": 1}} for n in ("pbc-fine", "pbc-coarse", "pbc-unlabelled")}}
+    s = v3.summarise_v3(args, results, runs, "/r/base", "vit_tiny_cpu", probes, None, parts, setup)
+    fine = next(r for r in s["paired"] if (r["x"], r["y"], r["probe"], r["dataset"], r["metric"]) ==
+                ("hxe", "flat", "logreg", v3.PBC_FINE, "bacc"))
+    assert fine["diff"] > 0.15 and fine["ci95"][0] > 0 and len(fine["per_seed"]) == 3
+    synth = [r for r in s["paired"] if r["dataset"] in EXTERNAL_SETS]
+    assert synth and all(r["probe"] == "knn20" and len(r["per_seed"]) == 1 for r in synth)
+    assert len(s["bacc"]["hxe"]["synth-ood"]["knn20"]) == 1 and len(s["bacc"]["hxe"][v3.PBC]["logreg"]) == 3
+    assert s["bacc"]["hxe"][v3.PBC]["logreg"] == [1.0, 1.0, 1.0]
+    assert {r["dataset"] for r in s["paired_per_class"]} == {f"pbc:{c}" for c in leaves}
+    report_v3.write_report(str(tmp_path), s)
+    md = (tmp_path / "results.md").read_text()
+    assert "| (c) HXE, fine + coarse labels - (b) flat CE, fine labels | logreg |" in md
+    assert (tmp_path / "plots" / "contrasts.png").stat().st_size > 1000
