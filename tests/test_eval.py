@@ -79,19 +79,9 @@ def test_probes_separate_clusters():
 @pytest.fixture(scope="module")
 def tiny_export(tmp_path_factory):
     """A tiny untrained model exported in the run-directory layout."""
-    import torch
-    from safetensors.torch import save_file
+    from exports import write_tiny_export
 
-    from hierdino.models.backbone import build_backbone
-
-    run = tmp_path_factory.mktemp("runs") / "tiny"
-    (run / "export").mkdir(parents=True)
-    torch.manual_seed(1)
-    bb = build_backbone("vit_micro_cpu", 64)
-    save_file({k.removeprefix("vit."): v.contiguous() for k, v in bb.state_dict().items() if k.startswith("vit.")},
-              run / "export" / "teacher_backbone.safetensors")
-    (run / "export" / "model.json").write_text(json.dumps({"arch": "vit_micro_cpu", "img_size": 64}))
-    return run
+    return write_tiny_export(tmp_path_factory.mktemp("runs") / "tiny")
 
 
 def test_end_to_end_evaluation_with_plots_and_cache(ray_cluster, synth_suite, tiny_export, tmp_path):

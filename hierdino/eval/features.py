@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import zipfile
 from dataclasses import dataclass
 
@@ -154,7 +155,7 @@ def _decode(blobs, size: int, center: float = 1.0) -> tuple[np.ndarray, list[str
             im = decode(b)
             out[i] = np.asarray(im.resize((size, size), Image.BICUBIC, box=center_box(*im.size, center)))
         except Exception as e:  # PIL raises many types for broken files
-            errors[i] = f"{type(e).__name__}: {e}"
+            errors[i] = f"{type(e).__name__}: " + re.sub(r"<_io.BytesIO object at 0x[0-9a-f]+>", "the file", str(e))
     return out, errors
 
 
@@ -176,15 +177,28 @@ class _Extractor:
     def __call__(self, batch: dict) -> dict:
         """Features of a batch of rows; an image that does not decode is said in its row's
         ``decode_error`` (raised by ``dataset_features`` for the whole dataset: an error raised in a
-        Ray Data task reaches the driver as text only)."""
+        Ray Data task reaches the driver as text only). The other columns pass through; a batch
+        already decoded by ``decode_batch`` (``pixels`` + ``decode_error``) is not decoded again."""
         size = self.model.img_size or 64
-        images, errors = _decode(batch["image"], size, self.center)
+        rest = {k: v for k, v in batch.items() if k not in ("image", "pixels", "decode_error")}
+        if "pixels" in batch:
+            images, errors = batch["pixels"], list(batch["decode_error"])
+        else:
+            images, errors = _decode(batch["image"], size, self.center)
         if self.backbone is None:
             feats = pixel_features(images)
         else:
             feats = backbone_features(self.backbone, images, size, self.batch_size, self.device, self.patch_mean)
-        return {"features": feats, "label": batch["label"], "split": batch["split"], "image_id": batch["image_id"],
-                "decode_error": np.array(errors, dtype=object)}
+        return rest | {"features": feats, "decode_error": np.array(errors, dtype=object)}
+
+
+def decode_batch(batch: dict, size: int, center: float = 1.0) -> dict:
+    """A batch of rows with ``image`` bytes -> the same rows with ``pixels`` (uint8 ``[N, size, size,
+    3]``) and ``decode_error`` instead: the CPU half of ``_Extractor``, for a stage of its own when
+    the model runs on GPUs."""
+    images, errors = _decode(batch["image"], size, center)
+    rest = {k: v for k, v in batch.items() if k != "image"}
+    return rest | {"pixels": images, "decode_error": np.array(errors, dtype=object)}
 
 
 @dataclass

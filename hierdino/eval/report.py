@@ -13,6 +13,7 @@ from hierdino.eval import check_probe_sets, set_hierarchy
 from hierdino.eval.features import dataset_features, eval_center_crop, features_in_process, resolve_model
 from hierdino.eval.metrics import EncodedPredictions, bootstrap, per_class_recall, tree_feature_spearman
 from hierdino.eval.plots import write_plots
+from hierdino.eval.predict import coverage_markdown, head_report, model_head
 from hierdino.eval.probes import PROBES, PROTOCOLS, run_probe
 from hierdino.storage import StorageOptions
 from hierdino.train.tracking import RunLog
@@ -37,6 +38,7 @@ def evaluate(models: list[str], datasets: list[str], out: str, split: str = "tes
                "bootstrap": bootstrap_n, "seed": seed, "metric": metric,
                "models": {s.name: s.spec for s in specs}, "datasets": {}, "rows": []}
     predictions: dict = {}
+    heads = {s.name: model_head(s, options) for s in specs}  # supervised heads exported with runs: hierarchical calls
     cache = storage.join(out, "features")
     per_plot = []
     check_probe_sets(datasets, split, options, hierarchies)  # every set, before any feature is computed
@@ -85,6 +87,9 @@ def evaluate(models: list[str], datasets: list[str], out: str, split: str = "tes
                     kept.setdefault(spec.name, {})[probe] = [str(y) for y in pred]
                 if probe == probes[-1]:
                     per_plot.append((spec.name, set_name, h, list(y_ev), list(pred), x_ev, probe))
+            if heads[spec.name] is not None and (t := head_report(heads[spec.name], feats, spec.name, set_name, split,
+                                                                 out if plots else None, log)):
+                results.setdefault("hierarchical_calls", []).append(t)
             log(f"  {spec.name} x {set_name}: {time.time() - t0:.1f}s")
     storage.write_bytes(storage.join(out, "results.json"), json_text(results).encode())
     storage.write_bytes(storage.join(out, "results.md"), markdown_table(results).encode())
@@ -131,7 +136,8 @@ def markdown_table(results: dict) -> str:
         last = by_probe[probes[-1]]["metrics"]
         lines.append(f"| {model} | {dataset} | " + " | ".join(_cell(by_probe[p]["metrics"]["bacc"]) for p in probes)
                      + f" | {_cell(last['severity'], False)} | {_cell(last['lineage_bacc'])} | {_cell(last['hF1'])} |")
-    return "\n".join(lines + ([""] + notes if notes else []) + _per_class_lines(rows, probes[-1])) + "\n"
+    calls = [x for t in results.get("hierarchical_calls", []) for x in coverage_markdown(t["model"], t["dataset"], t)]
+    return "\n".join(lines + ([""] + notes if notes else []) + _per_class_lines(rows, probes[-1]) + calls) + "\n"
 
 
 def _per_class_lines(rows: list[dict], probe: str) -> list[str]:

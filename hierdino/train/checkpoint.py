@@ -45,7 +45,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from hierdino import storage
+from hierdino.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from hierdino.models.archs import TINY_ARCHS
+from hierdino.models.head_export import write_head
 from hierdino.storage import StorageOptions
 
 COMMIT = "COMMITTED.json"
@@ -504,6 +506,8 @@ def export_teacher(model, run_uri: str, rank: int, hierarchy_name: str, image_si
     geometry it was trained on: size and centred share of each side); collective over ranks."""
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     sd = get_model_state_dict(model.teacher["backbone"], options=opts)
+    head = model.sup_head
+    head_sd = get_model_state_dict(head, options=opts) if head is not None else None  # collective, like the above
     if rank != 0:
         return None
     backbone = model.student["backbone"]
@@ -517,5 +521,10 @@ def export_teacher(model, run_uri: str, rank: int, hierarchy_name: str, image_si
         "tiny_arch": TINY_ARCHS.get(backbone.arch),
         "weights": "teacher_backbone.safetensors",
     }
+    if head_sd is not None:  # the supervised head, its tree and the preprocessing: what predictions need
+        info["head"] = write_head(storage.join(run_uri, "export"), head_sd["linear.weight"], head_sd["linear.bias"],
+                                  model.hierarchy, {"img_size": image_size, "center_crop": center_crop,
+                                                    "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+                                  options).rsplit("/", 1)[-1]
     storage.write_bytes(storage.join(run_uri, "export", "model.json"), json.dumps(info, indent=2).encode(), options)
     return uri
