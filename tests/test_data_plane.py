@@ -8,7 +8,7 @@ import torch
 from hierdino.data import shards
 from hierdino.data.augment import gaussian_blur, photometric
 from hierdino.data.ingest import CorruptCounter, CropSpec, IngestError, dataset_stream, describe_train_data, multicrop
-from hierdino.data.masking import block_mask, ibot_masks
+from hierdino.data.masking import block_mask, ibot_masks, max_masked_patches, padded_mask_index
 from hierdino.data.shards import Record
 from hierdino.data.suite import TRAIN_SETS, plan, SUITE
 from hierdino.data.synth import DOMAINS, leaf_spec, render_cell
@@ -142,6 +142,25 @@ def test_weighted_mix_proportions_and_labelled_share(synth_suite):
     assert by_size.proportions == pytest.approx([1600 / 2800, 1200 / 2800], abs=0.01)
     with pytest.raises(IngestError, match="not all 0"):
         describe_train_data(uris, H1, [0.0, 0.0])
+
+
+def test_masked_patches_fit_the_buffer_the_config_sizes():
+    """``max_masked_patches`` bounds every draw (8 masked crops of at most round(0.5 * 64) = 32 patches);
+    the padded index lists the masked patches in ``nonzero`` order, then zeros weighed 0."""
+    size = max_masked_patches(16, 8, 0.5, (0.1, 0.5))
+    assert size == 8 * 32
+    gen, counts = torch.Generator().manual_seed(0), set()
+    for _ in range(50):
+        m = ibot_masks(16, 8, 0.5, (0.1, 0.5), gen)
+        index, weight = padded_mask_index(m, size)
+        n = int(m.sum())
+        counts.add(n)
+        assert index.shape == weight.shape == (size,) and n <= size
+        assert torch.equal(index[:n], m.flatten().nonzero().squeeze(1)) and (index[n:] == 0).all()
+        assert weight[:n].eq(1).all() and weight[n:].eq(0).all()
+    assert len(counts) > 10  # the count varies, the buffer does not
+    with pytest.raises(ValueError, match="exceed the buffer"):
+        padded_mask_index(torch.ones(2, 4, dtype=torch.bool), 7)
 
 
 def test_ibot_masks_counts_and_ratios():

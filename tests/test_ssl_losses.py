@@ -99,6 +99,43 @@ def test_ibot_loss_against_loop():
     assert out.item() == 0.0 and out.requires_grad
 
 
+def test_padded_ibot_loss_is_the_loss_over_the_masked_patches_alone():
+    """A fixed-size buffer: the real rows, then padding rows (any finite values) weighed 0. The loss is
+    the hand loop over the truly masked patches: per-crop means, summed, over all 3 crops."""
+    torch.manual_seed(3)
+    masks = torch.zeros(3, 5, dtype=torch.bool)
+    masks[0, [1, 2]] = True
+    masks[2, [0, 1, 3, 4]] = True
+    m, pad = int(masks.sum()), 4
+    s, t = torch.randn(m + pad, 7), torch.softmax(torch.randn(m + pad, 7), -1)
+    crop = torch.cat([masks.nonzero()[:, 0], torch.zeros(pad, dtype=torch.long)])  # padding points at crop 0
+    weight = torch.cat([torch.ones(m), torch.zeros(pad)])
+    ref = (sum(-(t[i] * torch.log_softmax(s[i] / 0.1, -1)).sum() for i in range(2)) / 2
+           + sum(-(t[i] * torch.log_softmax(s[i] / 0.1, -1)).sum() for i in range(2, 6)) / 4) / 3
+    assert ibot_patch_loss(s, t, masks, 0.1, crop, weight).item() == pytest.approx(ref.item(), rel=1e-6)
+    none = torch.zeros(3, 5, dtype=torch.bool)  # nothing masked, a buffer of padding: zero with a live graph
+    out = ibot_patch_loss(s.requires_grad_(), t, none, 0.1, crop, torch.zeros(m + pad))
+    assert out.item() == 0.0 and out.requires_grad
+
+
+def test_padding_rows_change_neither_sinkhorn_targets_nor_the_centre():
+    """``valid``: the real rows' Sinkhorn-Knopp targets are those of the real rows alone (padding rows
+    get zeros), and the EMA centre moves by the real rows' mean alone."""
+    torch.manual_seed(4)
+    real, pad = torch.randn(6, 16) * 3, torch.randn(3, 16) * 50
+    logits, valid = torch.cat([real, pad]), torch.tensor([True] * 6 + [False] * 3)
+    got = sinkhorn_knopp(logits, 0.07, valid=valid)
+    assert torch.allclose(got[:6], sinkhorn_knopp(real, 0.07), rtol=1e-5, atol=1e-7)
+    assert (got[6:] == 0).all()
+    nothing = sinkhorn_knopp(logits, 0.07, valid=torch.zeros(9, dtype=torch.bool))  # no real row: zeros, not NaN
+    assert (nothing == 0).all()
+    a, b = TeacherCentering(16, "ema", 0.5), TeacherCentering(16, "ema", 0.5)
+    a.update(logits, valid)
+    b.update(real)
+    assert torch.allclose(a.center, 0.5 * real.mean(0, keepdim=True), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(a.center, b.center, rtol=1e-6, atol=1e-7)
+
+
 def test_ibot_loss_hand_computed():
     """Two crops, one masked with patches whose CE are hand-computable: (ln 2 + ln 2) / 2 / 2 crops."""
     masks = torch.tensor([[True, True, False], [False, False, False]])

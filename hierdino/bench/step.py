@@ -10,6 +10,10 @@ the overhead of 2 Ray Train workers (FSDP2), all in one run.
   FLOP ratio of the two (the full/bare time ratio a step as efficient as the bare one would have);
 - Ray overhead: step time with 2 workers (FSDP2, each with half the batch) over the
   single-process full step (CPU only; on one GPU the multi-worker part is skipped).
+- compiled: the full step with ``train.compile`` (the whole step as one graph,
+  ``hierdino.train.loop.compile_model``; under ``--fsdp`` compiled blocks), and on a GPU also with
+  CUDA graphs (``mode="reduce-overhead"``), each timed in the same process as the eager step and
+  given as a ratio to it (``--no-compile`` skips them: minutes of compilation on a CPU).
 
 - breakdown: the time of each named part of the full step (augmentation, teacher, student
   forwards, heads + losses, backward, clipping + optimizer, EMA) from ``torch.profiler``; on a GPU
@@ -17,7 +21,7 @@ the overhead of 2 Ray Train workers (FSDP2), all in one run.
   ATen operations one step dispatches (the host's work: a GPU step waits for the host when that
   work outlasts the kernels).
 
-  python -m hierdino.bench.step [--config tiny-cpu] [--steps 10] [--batch 32] [--no-ray]
+  python -m hierdino.bench.step [--config tiny-cpu] [--steps 10] [--batch 32] [--no-ray] [--no-compile]
   python -m hierdino.bench.step --config vits14 --batch 64     # on a GPU, bf16
   python -m hierdino.bench.step --config vitl14 --batch 64 --fsdp   # the full step as each GPU of a multi-GPU run
 """
@@ -86,9 +90,10 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int | None = None, 
     return 2 * n ** 3 * reps / (time.perf_counter() - t0)
 
 
-def full_step(cfg, batch: int, device: torch.device, dtype: torch.dtype, fsdp: bool = False):
+def full_step(cfg, batch: int, device: torch.device, dtype: torch.dtype, fsdp: bool = False, mode: str = "eager"):
     """The trainer's step on one synthetic batch: ``(step_fn, next_batch)``, where
-    ``step_fn(next_batch(), step, sync=...)`` runs one full training step.
+    ``step_fn(next_batch(), step, sync=...)`` runs one full training step; ``mode``: "eager",
+    "compiled" (``compile_model``, without CUDA graphs) or "graphs" (with them).
 
     As the trainer on one worker: bf16 autocast of the backbone and head forwards (logits, targets and
     losses fp32); with ``fsdp``, as on several: FSDP2 (here over one rank) with ``dtype`` parameters.
@@ -100,8 +105,8 @@ def full_step(cfg, batch: int, device: torch.device, dtype: torch.dtype, fsdp: b
 
     torch.manual_seed(0)
     model = StudentTeacher(cfg, load_hierarchy(cfg.hierarchy.name)).to(device)
-    if cfg.train.compile:
-        compile_model(model)
+    if mode != "eager":
+        compile_model(model, whole_step=not fsdp, graphs=mode == "graphs")
     if fsdp:
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
@@ -115,7 +120,23 @@ def full_step(cfg, batch: int, device: torch.device, dtype: torch.dtype, fsdp: b
     return TrainStep(model, cfg), lambda: make_step_batch(raw, cfg, gen, device, grid, dgen)
 
 
+def time_compiled_step(cfg, batch: int, steps: int, device: torch.device, dtype: torch.dtype, fsdp: bool,
+                       mode: str) -> float:
+    """Seconds per full step compiled (``mode``: "compiled" or "graphs"), after 3 warm-up steps (the
+    first compiles, and prints how long; CUDA graphs record on the next ones)."""
+    step_fn, next_batch = full_step(cfg, batch, device, dtype, fsdp, mode)
+    for i in range(3):
+        step_fn(next_batch(), 1000 + i, sync=True)
+    _sync(device)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        step_fn(next_batch(), 1000 + i, sync=i == steps - 1)
+    _sync(device)
+    return (time.perf_counter() - t0) / steps
+
+
 def time_full_step(cfg, batch: int, steps: int, device: torch.device, dtype: torch.dtype, fsdp: bool = False):
+    """The eager full step: seconds per step, its FLOPs, its ``Traffic`` and a profiler breakdown."""
     step_fn, next_batch = full_step(cfg, batch, device, dtype, fsdp)
 
     def one(i: int, sync: bool = False):
@@ -290,6 +311,15 @@ def time_ray_step(cfg, batch: int, steps: int, workers: int = 2) -> float:
         ray.shutdown()
 
 
+def print_compiled(compiled: dict[str, float], eager_s: float, bare_s: float, peak_s: float, fsdp: bool) -> None:
+    """One line per compiled step: its time, against the bare and the eager step's, and its MFU
+    (``peak_s``: the full step's FLOPs over the matmul peak, in seconds)."""
+    for mode, step_s in compiled.items():
+        name = {"compiled": "blocks compiled" if fsdp else "step compiled", "graphs": "compiled + CUDA graphs"}[mode]
+        print(f"  full step, {name:22s}     {1000 * step_s:6.1f} ms   ratio full/bare {step_s / bare_s:5.2f}x"
+              f"   {step_s / eager_s:5.2f}x the eager step's time, MFU {100 * peak_s / step_s:.1f}%")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m hierdino.bench.step")
     p.add_argument("--config", default="tiny-cpu")
@@ -297,6 +327,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=None, help="images per step (default: train.batch_size)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--no-ray", action="store_true")
+    p.add_argument("--no-compile", action="store_true", help="skip the compiled steps (eager only)")
     p.add_argument("--fsdp", action="store_true", help="the full step under FSDP2 over one rank (parameters in the "
                    "training dtype, as a multi-worker run) instead of bf16 autocast of the backbones and heads")
     args = p.parse_args(argv)
@@ -310,10 +341,14 @@ def main(argv=None) -> None:
     peak, bandwidth = matmul_peak(device, dtype), copy_bandwidth(device)
     full_s, flops, traffic, parts = time_full_step(cfg, batch, args.steps, device, dtype, args.fsdp)
     bare_s, bare_flops, bare_bytes = time_bare_step(cfg, batch, args.steps, device, dtype)
+    modes = [] if args.no_compile else ["compiled", "graphs"] if device.type == "cuda" else ["compiled"]
+    compiled = {mode: time_compiled_step(cfg, batch, args.steps, device, dtype, args.fsdp, mode) for mode in modes}
     print(f"{args.config} ({cfg.model.arch}, {cfg.data.image_size} px, batch {batch}, {device}, {dtype}"
           f"{', full step under FSDP2 on one rank' if args.fsdp else ''})")
     print(f"  bare step (backbone fwd/bwd + AdamW)     {1000 * bare_s:9.1f} ms")
-    print(f"  full step (teacher, student, 4 losses, EMA) {1000 * full_s:6.1f} ms   ratio full/bare {full_s / bare_s:5.2f}x")
+    print(f"  full step (teacher, student, 4 losses, EMA) {1000 * full_s:6.1f} ms   ratio full/bare {full_s / bare_s:5.2f}x"
+          f"   (eager)")
+    print_compiled(compiled, full_s, bare_s, flops / peak, args.fsdp)
     print(f"  full step FLOPs {flops / 1e9:.1f} GFLOP -> {flops / full_s / 1e12:.3f} TFLOP/s; matmul peak "
           f"{peak / 1e12:.3f} TFLOP/s; MFU {100 * flops / full_s / peak:.1f}%")
     # The full step also runs the student on the local crops and the supervised view, the teacher and
@@ -321,11 +356,10 @@ def main(argv=None) -> None:
     print(f"  bare step FLOPs {bare_flops / 1e9:.1f} GFLOP -> {bare_flops / bare_s / 1e12:.3f} TFLOP/s, MFU "
           f"{100 * bare_flops / bare_s / peak:.1f}%; FLOPs full/bare {flops / bare_flops:.2f}x (the time ratio at equal "
           f"FLOP rates), measured {full_s / bare_s:.2f}x")
-    print(f"  ATen operations dispatched by one full step between log steps: {traffic.ops}"
-          f"{' (eager: counted under a dispatch mode)' if cfg.train.compile else ''}")
+    print(f"  ATen operations dispatched by one eager full step between log steps: {traffic.ops}")
     print(f"  memory-bound operations' traffic per full step: {traffic.bytes / 1e9:.2f} GB, of which "
-          f"{traffic.bytes_on_last_dim / 1e9:.2f} GB over [rows, {traffic.on_last_dim}] prototype tensors"
-          f"{' (of the eager step: under a dispatch mode compiled code runs eagerly)' if cfg.train.compile else ''}; at the "
+          f"{traffic.bytes_on_last_dim / 1e9:.2f} GB over [rows, {traffic.on_last_dim}] prototype tensors "
+          f"(the eager step's); at the "
           f"measured copy bandwidth of {bandwidth / 1e9:.0f} GB/s at least {1000 * traffic.bytes / bandwidth:.1f} ms "
           f"({1000 * traffic.bytes_on_last_dim / bandwidth:.1f} ms over the prototypes); the bare step's "
           f"{bare_bytes / 1e9:.2f} GB: traffic full/bare {traffic.bytes / max(bare_bytes, 1):.2f}x")
@@ -335,7 +369,7 @@ def main(argv=None) -> None:
         busy = breakdown.pop("gpu_busy")
         print(f"  GPU busy (kernels and copies, profiled) {busy:.1f} ms per step = {100 * busy / (1000 * full_s):.0f}% "
               f"of the unprofiled step: the rest the GPU waits for the host")
-    print(f"  full step by part (torch.profiler, {'device' if device.type == 'cuda' else 'CPU'} time, ms per step; "
+    print(f"  eager full step by part (torch.profiler, {'device' if device.type == 'cuda' else 'CPU'} time, ms per step; "
           f"profiled wall {wall:.1f} ms, shares of it):")
     for name, ms in breakdown.items():
         print(f"    {name:16s} {ms:8.1f} ms  {100 * ms / wall:5.1f}%")

@@ -141,9 +141,11 @@ class TrainConfig:
     stop_at_step: Optional[int] = _f(None, min=1, doc="stop early (schedules still span `steps`); for tests and resume")
     skip_nonfinite_steps: int = _f(0, min=0, doc="steps with a non-finite loss or gradient that may be skipped "
                                    "(a warning each) before the run stops with an error naming the step")
-    compile: bool = _f(False, doc="torch.compile each transformer block of student and teacher, "
-                                  "the teacher targets and the DINO/iBOT losses (GPU runs; the first steps are "
-                                  "slower while it compiles)")
+    compile: bool = _f(False, doc="torch.compile the whole step (teacher, student, heads, losses, and their "
+                                  "backward) as one graph of fixed shapes, compiled once (fullgraph, dynamic=False), "
+                                  "with CUDA graphs on a GPU (mode reduce-overhead); with several workers (FSDP2) each "
+                                  "transformer block and the targets and losses instead. The first step is slower "
+                                  "while it compiles (its time is printed)")
     freeze_backbone_steps: int = _f(0, min=0, doc="the backbone stays fixed for the first N steps while the "
                                     "heads warm up (for pretrained weights without DINO/iBOT heads)")
     stop_on_collapse: bool = _f(False, doc="stop with an error when the DINO targets stay near uniform after warm-up")

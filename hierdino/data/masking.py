@@ -4,6 +4,10 @@ A fraction ``sample_prob`` of the crops in a batch is masked; their mask ratios 
 over ``ratio`` (crop i of n draws from the i-th of n equal sub-intervals), and each mask is grown
 from random rectangles (at least 4 patches, aspect ratio log-uniform in [0.3, 3.3]) until it
 reaches its target count; never more than half the patches when ``ratio[1] <= 0.5``.
+
+The step takes the masked patches as a fixed-size buffer (``padded_mask_index``): their flat
+indices padded to ``max_masked_patches``, an upper bound set by the config alone, with a validity
+weight (1 real, 0 padding), as DINOv2 pads them; every shape of the step is then fixed by the config.
 """
 
 from __future__ import annotations
@@ -66,3 +70,21 @@ def ibot_masks(batch: int, grid: int, sample_prob: float, ratio: tuple, gen: tor
         r = rng.uniform(edges[i], edges[i + 1])
         masks[i] = block_mask(grid, int(round(r * n_patches)), rng)
     return torch.from_numpy(masks[rng.permutation(batch)])
+
+
+def max_masked_patches(batch: int, grid: int, sample_prob: float, ratio: tuple) -> int:
+    """Upper bound on the masked patches of any ``ibot_masks(batch, grid, sample_prob, ratio, ...)``:
+    ``round(batch * sample_prob)`` masked crops of ``round(r * grid**2) <= round(ratio[1] * grid**2)`` patches."""
+    n_patches = grid * grid
+    return int(round(batch * sample_prob)) * min(n_patches, int(round(ratio[1] * n_patches)))
+
+
+def padded_mask_index(masks: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(index[size], weight[size])``: the flat indices of ``masks``' True entries (``nonzero`` order)
+    followed by padding (index 0), and a float weight 1 for each real entry, 0 for the padding."""
+    index = masks.flatten().nonzero().squeeze(1)
+    if len(index) > size:
+        raise ValueError(f"{len(index)} masked patches exceed the buffer of {size} (max_masked_patches)")
+    padded, weight = torch.zeros(size, dtype=torch.long), torch.zeros(size)
+    padded[:len(index)], weight[:len(index)] = index, 1.0
+    return padded, weight

@@ -41,7 +41,8 @@ def _all_reduce(x: torch.Tensor, op=None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float | torch.Tensor, iterations: int = 3) -> torch.Tensor:
+def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float | torch.Tensor, iterations: int = 3,
+                   valid: torch.Tensor | None = None) -> torch.Tensor:
     """Teacher targets ``[B, K]`` whose prototype marginals are uniform over the global batch.
 
     With ``Q = exp(logits / T)`` (``[B, K]``), the targets are ``P = B * diag(v) Q diag(u)``, where
@@ -53,19 +54,33 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float | torch.Ten
     reads ``Q`` twice (two matrix-vector products) instead of rewriting it, which is what costs on
     a GPU with 65,536 prototypes and thousands of masked patches. Prototype sums, the maximum
     logit and the sample count are all-reduced across ranks.
+
+    ``valid[B]`` (bool) marks the real rows of a fixed-size buffer (padded masked patches): the
+    others take no part (``Q`` and ``v`` are 0 there, ``B`` counts the real rows) and get all-zero
+    targets, so the real rows' targets are those of the real rows alone.
     """
     if iterations < 1:
         raise ValueError(f"sinkhorn_knopp: iterations must be >= 1, got {iterations}")
     logits = teacher_logits.float()
+    if valid is not None:
+        logits = logits.masked_fill(~valid[:, None], float("-inf"))  # out of the maximum
     local_max = logits.max() if logits.numel() else logits.new_full((), float("-inf"))  # empty: no masked patch here
     gmax = _all_reduce(local_max.clone(), dist.ReduceOp.MAX if _dist() else None)
     q = logits.sub(gmax).div_(teacher_temp).exp_().clamp_min_(1e-30)  # [B, K]; the floor keeps far-off prototypes finite
     b, k = q.shape
-    b_global = _all_reduce(q.new_full((), float(b)))  # a fill on the device: no host copy
+    if valid is None:
+        b_global = _all_reduce(q.new_full((), float(b)))  # a fill on the device: no host copy
+    else:
+        q = torch.where(valid[:, None], q, 0.0)
+        b_global = _all_reduce(valid.sum().float())
     v = q.new_ones(b)
     for _ in range(iterations):
         u = _all_reduce(v @ q).mul_(k).reciprocal_()
+        if valid is not None:  # no real row anywhere: 0, not 1/0
+            u = torch.where(torch.isinf(u), 0.0, u)
         v = (q @ u).mul_(b_global).reciprocal_()
+        if valid is not None:  # padding rows: Q u = 0 there
+            v = torch.where(valid, v, 0.0)
     return q.mul_(u).mul_((v * b_global)[:, None])
 
 
@@ -74,6 +89,9 @@ class TeacherCentering(nn.Module):
 
     With ``mode="ema"``, ``update(teacher_logits)`` moves ``c`` towards the batch mean (all-reduced),
     ``c <- m * c + (1 - m) * mean(t)``; call it after computing the targets of the step.
+
+    ``valid[B]`` (bool, both methods): the real rows of a fixed-size buffer; the mean is over them
+    alone, and the other rows get finite targets that the loss weighs 0.
     """
 
     def __init__(self, dim: int, mode: str = "ema", momentum: float = 0.9, sinkhorn_iterations: int = 3):
@@ -86,17 +104,22 @@ class TeacherCentering(nn.Module):
         self.register_buffer("center", torch.zeros(1, dim))
 
     @torch.no_grad()
-    def targets(self, teacher_logits: torch.Tensor, teacher_temp: float | torch.Tensor) -> torch.Tensor:
+    def targets(self, teacher_logits: torch.Tensor, teacher_temp: float | torch.Tensor,
+                valid: torch.Tensor | None = None) -> torch.Tensor:
         if self.mode == "sinkhorn":
-            return sinkhorn_knopp(teacher_logits, teacher_temp, self.iterations)
+            return sinkhorn_knopp(teacher_logits, teacher_temp, self.iterations, valid)
         return torch.softmax((teacher_logits.float() - self.center) / teacher_temp, dim=-1)
 
     @torch.no_grad()
-    def update(self, teacher_logits: torch.Tensor) -> None:
+    def update(self, teacher_logits: torch.Tensor, valid: torch.Tensor | None = None) -> None:
         if self.mode != "ema":
             return
-        total = _all_reduce(teacher_logits.float().sum(dim=0, keepdim=True))
-        count = _all_reduce(teacher_logits.new_full((), float(teacher_logits.shape[0])))  # a fill: no host copy
+        logits = teacher_logits.float()
+        if valid is None:
+            count = _all_reduce(teacher_logits.new_full((), float(teacher_logits.shape[0])))  # a fill: no host copy
+        else:
+            logits, count = torch.where(valid[:, None], logits, 0.0), _all_reduce(valid.sum().float())
+        total = _all_reduce(logits.sum(dim=0, keepdim=True))
         moved = self.center * self.momentum + total / count.clamp_min(1.0) * (1 - self.momentum)
         # No host read (no stall on GPUs); a batch with non-finite logits (a step that will be
         # skipped) leaves the centre as it was.

@@ -33,15 +33,16 @@ class StepBatch:
     local_crops: torch.Tensor | None    # [N*B, 3, s, s] or None
     masks: torch.Tensor                 # [2B, n_patches] bool
     labels: torch.Tensor                # [B] node indices, -1 = unlabelled
-    sup_images: torch.Tensor | None     # [L, 3, S, S] labelled images' supervised view, or None
-    sup_labels: torch.Tensor | None     # [L]
-    mask_index: torch.Tensor | None = None  # [M] flat indices of the masked patches into [2B * n_patches],
-    # computed on the host where the masks are drawn (None: from ``masks``, a device sync on GPUs)
+    sup_images: torch.Tensor | None     # [B, 3, S, S] supervised views (unlabelled images': zeros, out of the loss), or None
+    mask_index: torch.Tensor | None = None  # [M_max] flat indices of the masked patches into [2B * n_patches], padded
+    # to a size set by the config (hierdino.data.masking.padded_mask_index), computed on the host where the masks
+    # are drawn (None: from ``masks``, with a length that depends on them and a device sync on GPUs)
+    mask_weight: torch.Tensor | None = None  # [M_max] 1.0 for a masked patch, 0.0 for padding (None: no padding)
 
-    def masked(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(flat indices of the masked patches, the crop of each), in ``masks.nonzero()`` order."""
+    def masked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(flat indices of the masked patches, the crop of each, their weights), in ``masks.nonzero()`` order."""
         index = self.mask_index if self.mask_index is not None else self.masks.flatten().nonzero().squeeze(1)
-        return index, index // self.masks.shape[1]
+        return index, index // self.masks.shape[1], self.mask_weight if self.mask_index is not None else None
 
 
 def _tower(cfg, backbone: Backbone) -> nn.ModuleDict:
@@ -93,19 +94,21 @@ class StudentTeacher(nn.Module):
         self.patch_size = backbone.patch_size
         # The maths over [rows, prototypes] tensors: teacher targets (centring or Sinkhorn-Knopp) and the
         # student's cross-entropies. Memory-bound on a GPU (each eager op one pass over 65,536
-        # prototypes per row); ``compile_losses`` swaps in compiled versions that fuse them.
+        # prototypes per row); ``compile_losses`` swaps in compiled versions that fuse them (several
+        # workers; on one, ``train.compile`` compiles the whole ``step_losses``).
         self.dino_targets, self.ibot_targets = self.dino_center.targets, self.ibot_center.targets
         self.dino_loss, self.ibot_loss = dino_loss, ibot_patch_loss
         self.autocast = False  # bf16 autocast of backbones and DINO/iBOT heads: set by the trainer for bf16 on one
         # worker (FSDP2 casts the parameters themselves on several)
+        self.compiled: str | None = None  # train.compile: "step", "graphs" (CUDA graphs) or "blocks" (compile_model)
 
     def compile_losses(self) -> None:
         """``torch.compile`` the teacher targets and the DINO / iBOT losses (forward and backward): each
         becomes a few fused kernels instead of one pass over its [rows, prototypes] tensor per
-        operation. Shapes that change every step (masked patches, labelled rows) and the teacher
-        temperature are dynamic: one compilation serves the whole run."""
+        operation. Every shape is fixed by the config and the teacher temperature is a tensor: one
+        compilation serves the whole run."""
         for name in ("dino_targets", "ibot_targets", "dino_loss", "ibot_loss"):
-            setattr(self, name, torch.compile(getattr(self, name), dynamic=True))
+            setattr(self, name, torch.compile(getattr(self, name), dynamic=False))
 
     def ibot_head(self, tower: nn.ModuleDict) -> nn.Module:
         return tower["ibot_head"] if "ibot_head" in tower else tower["dino_head"]
@@ -115,55 +118,67 @@ class StudentTeacher(nn.Module):
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             return tower["backbone"](images, masks)
 
-    def _logits(self, head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _logits(self, head: nn.Module, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """A DINO / iBOT head's prototype logits, in fp32 for the targets and losses: its matmuls run in
-        bf16 under ``autocast`` (one worker) or on bf16 parameters (FSDP2), in fp32 otherwise."""
+        bf16 under ``autocast`` (one worker) or on bf16 parameters (FSDP2), in fp32 otherwise. ``valid``:
+        the real rows of a padded buffer (the head's BatchNorm, if any, normalises over them alone)."""
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            return head(x).float()
+            return (head(x) if valid is None else head(x, valid)).float()
 
     def losses(self, batch: StepBatch, teacher_temp: float,
                monitor: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, float]]:
         """Weighted total, each term, and (with ``monitor``) the collapse statistics of this batch.
 
-        In bf16 training the backbones and the DINO / iBOT heads compute in bf16, and the heads'
-        logits are cast to fp32 before any softmax: targets, Sinkhorn-Knopp and losses run in fp32
-        (softmaxes over 65k prototypes lose too much in bf16). The supervised head (a few thousand
-        multiply-adds per image) stays in fp32 on one worker.
+        The maths is ``step_losses``, whose every shape is fixed by the config (the whole of it is
+        compiled as one graph with ``train.compile``); the statistics read values back, outside it.
         """
-        lc = self.cfg.loss
-        masks = batch.masks
-        n_global = 2
-        mask_index, crop_of_patch = batch.masked()
-        # The temperature as a device scalar (a fill, no host copy): compiled targets take it as an input
+        mask_index, crop_of_patch, mask_weight = batch.masked()
+        # The temperature as a device scalar (a fill, no host copy): a compiled step takes it as an input
         # instead of compiling again for each value of its warm-up schedule.
-        teacher_temp = batch.global_crops.new_full((), teacher_temp, dtype=torch.float32)
+        temp = batch.global_crops.new_full((), teacher_temp, dtype=torch.float32)
+        total, terms, (t_targets, t_patch_targets, s_cls) = self.step_losses(
+            batch.global_crops, batch.local_crops, batch.masks, mask_index, crop_of_patch, mask_weight, batch.labels,
+            batch.sup_images, temp)
+        if not monitor:
+            return total, terms, {}
+        real = t_patch_targets if mask_weight is None else t_patch_targets[mask_weight > 0]
+        return total, terms, collapse_stats(t_targets, real, s_cls, batch.labels)
+
+    def step_losses(self, global_crops: torch.Tensor, local_crops: torch.Tensor | None, masks: torch.Tensor,
+                    mask_index: torch.Tensor, crop_of_patch: torch.Tensor, mask_weight: torch.Tensor | None,
+                    labels: torch.Tensor, sup_images: torch.Tensor | None, teacher_temp: torch.Tensor):
+        """``(total, terms, (teacher DINO targets, teacher iBOT targets, student global CLS))`` of one
+        batch (``StepBatch``'s fields). No shape depends on the batch's content: the masked patches are
+        a fixed-size buffer (``mask_index``, padding weighed 0 by ``mask_weight``), and the supervised
+        views are one per image, the unlabelled (label -1) out of the loss's mean. In bf16 training the
+        backbones and DINO / iBOT heads compute in bf16, their logits cast to fp32 before any softmax
+        (targets, Sinkhorn-Knopp and losses in fp32: softmaxes over 65k prototypes lose too much in
+        bf16); the supervised head (a few thousand multiply-adds per image) stays in fp32 on one worker."""
+        lc = self.cfg.loss
+        n_global = 2
+        valid = None if mask_weight is None else mask_weight > 0  # the real rows of the masked-patch buffer
         # Named regions (torch.profiler): hierdino.bench.step prints the time of each.
         with record_function("teacher"), torch.no_grad():  # targets for the global crops and their masked patches
-            t_cls, t_patch = self._encode(self.teacher, batch.global_crops)
+            t_cls, t_patch = self._encode(self.teacher, global_crops)
             t_logits = self._logits(self.teacher["dino_head"], t_cls)
             t_targets = self.dino_targets(t_logits, teacher_temp)
-            t_patch_logits = self._logits(self.ibot_head(self.teacher), t_patch.flatten(0, 1).index_select(0, mask_index))
-            t_patch_targets = self.ibot_targets(t_patch_logits, teacher_temp)
-        # Every rank runs the same forwards (FSDP2 forwards are collectives), even with no masked
-        # patch or no labelled image locally; empty inputs then contribute a zero with a live graph.
+            t_patch_logits = self._logits(self.ibot_head(self.teacher), t_patch.flatten(0, 1).index_select(0, mask_index),
+                                          valid)
+            t_patch_targets = self.ibot_targets(t_patch_logits, teacher_temp, valid)
+        # Every rank runs the same forwards (FSDP2 forwards are collectives), whatever its batch's labels and masks.
         with record_function("student_forward"):
-            # The supervised views have the global crops' size: one forward for both (unmasked rows
-            # appended), so the student runs the same forwards whatever the batch's labels.
-            n_crops = batch.global_crops.shape[0]
-            separate_sup = self.sup_head is not None and batch.sup_images is not None
-            images, student_masks = batch.global_crops, masks
-            if separate_sup and batch.sup_images.shape[0] > 0:
-                images = torch.cat([images, batch.sup_images])
-                student_masks = torch.cat([masks, masks.new_zeros(batch.sup_images.shape[0], masks.shape[1])])
+            # The supervised views have the global crops' size: one forward for both (unmasked rows appended).
+            n_crops = global_crops.shape[0]
+            separate_sup = self.sup_head is not None and sup_images is not None
+            images, student_masks = global_crops, masks
+            if separate_sup:
+                images = torch.cat([images, sup_images])
+                student_masks = torch.cat([masks, masks.new_zeros(sup_images.shape[0], masks.shape[1])])
             cls, patch = self._encode(self.student, images, student_masks)
             s_cls, s_patch = cls[:n_crops].float(), patch[:n_crops]
-            l_cls = sup_cls = None
-            if batch.local_crops is not None and lc.dino_local:
-                l_cls = self._encode(self.student, batch.local_crops)[0].float()
-            if separate_sup:
-                sup_cls, sup_labels = cls[n_crops:].float(), batch.sup_labels
-                if sup_cls.shape[0] == 0:  # no labelled image here: one ignored stand-in keeps a zero loss with a graph
-                    sup_cls, sup_labels = s_cls[:1], batch.labels.new_full((1,), -1)
+            l_cls = None
+            if local_crops is not None and lc.dino_local:
+                l_cls = self._encode(self.student, local_crops)[0].float()
         with record_function("heads_losses"):
             terms: dict[str, torch.Tensor] = {}
             s_logits = list(self._logits(self.student["dino_head"], s_cls).chunk(n_global))
@@ -172,22 +187,23 @@ class StudentTeacher(nn.Module):
             # The mean over all (teacher crop, other student crop) pairs: without local crops 1.5x DINOv2's
             # term (its sum / 3), kept on purpose (hierdino.losses.dino says why).
             terms["dino"] = self.dino_loss(s_logits, list(t_targets.chunk(n_global)), lc.student_temp)
-            s_patch_logits = self._logits(self.ibot_head(self.student), s_patch.flatten(0, 1).index_select(0, mask_index))
-            terms["ibot"] = self.ibot_loss(s_patch_logits, t_patch_targets, masks, lc.student_temp, crop_of_patch)
+            s_patch_logits = self._logits(self.ibot_head(self.student), s_patch.flatten(0, 1).index_select(0, mask_index),
+                                          valid)
+            terms["ibot"] = self.ibot_loss(s_patch_logits, t_patch_targets, masks, lc.student_temp, crop_of_patch,
+                                           mask_weight)
             # DINOv2 sums KoLeo over the global crops (not a mean).
             terms["koleo"] = sum(koleo_loss(c) for c in s_cls.chunk(n_global)) if lc.koleo_weight > 0 else s_cls.sum() * 0.0
-            if sup_cls is not None:
-                terms["sup"] = self.sup_loss(self.sup_head(sup_cls), sup_labels)
+            if separate_sup:  # one view per image; the unlabelled ones (-1) are out of the mean
+                terms["sup"] = self.sup_loss(self.sup_head(cls[n_crops:].float()), labels)
             elif self.sup_head is not None:  # reuse the global crops
-                terms["sup"] = self.sup_loss(self.sup_head(s_cls), batch.labels.repeat(n_global))
+                terms["sup"] = self.sup_loss(self.sup_head(s_cls), labels.repeat(n_global))
             total = lc.dino_weight * terms["dino"] + lc.ibot_weight * terms["ibot"] + lc.koleo_weight * terms["koleo"]
             if "sup" in terms:
                 total = total + lc.supervised.weight * terms["sup"]
             with torch.no_grad():
                 self.dino_center.update(t_logits)
-                self.ibot_center.update(t_patch_logits)
-        stats = collapse_stats(t_targets, t_patch_targets, s_cls, batch.labels) if monitor else {}
-        return total, terms, stats
+                self.ibot_center.update(t_patch_logits, valid)
+        return total, terms, (t_targets, t_patch_targets, s_cls)
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:

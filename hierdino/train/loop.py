@@ -27,7 +27,7 @@ from hierdino import storage
 from hierdino.config import Config, config_from_dict
 from hierdino.data.augment import augment_views
 from hierdino.data.ingest import stream_name
-from hierdino.data.masking import ibot_masks
+from hierdino.data.masking import ibot_masks, max_masked_patches, padded_mask_index
 from hierdino.data.mix import MixedBatches, MixSchedule
 from hierdino.data.transfer import select_rows, to_device
 from hierdino.hierarchy import load_hierarchy
@@ -73,25 +73,50 @@ def _make_step_batch(raw, cfg, gen, device, grid, dgen) -> StepBatch:
     loc = to_device(rows(raw["local"]), device) if "local" in raw and cfg.data.local_crops_number > 0 else None
     host_labels = rows(raw["label"])
     labels = to_device(host_labels, device)
-    sup = sup_labels = None
+    sup = None
     if "sup" in raw:
         has = host_labels >= 0
-        sup_labels = to_device(host_labels[has], device)
         sup = to_device(select_rows(rows(raw["sup"]), has), device)
     crops, local, sup_images = augment_views(g, loc, sup, dgen, tuple(cfg.data.color_jitter), cfg.data.grayscale_p)
-    masks = ibot_masks(2 * b, grid, cfg.data.mask_sample_prob, tuple(cfg.data.mask_ratio), gen)
-    mask_index = to_device(masks.flatten().nonzero().squeeze(1), device)
-    return StepBatch(crops, local, to_device(masks, device), labels, sup_images, sup_labels, mask_index)
+    if sup_images is not None:  # one view per image (zeros where unlabelled: out of the loss), a shape fixed by the batch size
+        sup_images = _rows_into(sup_images, has, device)
+    p, ratio = cfg.data.mask_sample_prob, tuple(cfg.data.mask_ratio)
+    masks = ibot_masks(2 * b, grid, p, ratio, gen)
+    mask_index, mask_weight = padded_mask_index(masks, max_masked_patches(2 * b, grid, p, ratio))
+    return StepBatch(crops, local, to_device(masks, device), labels, sup_images, to_device(mask_index, device),
+                     to_device(mask_weight, device))
 
 
-def compile_model(model: StudentTeacher) -> None:
-    """``train.compile``: ``torch.compile`` each transformer block of both towers in place, before FSDP
-    wraps them (as torchtitan does: one small graph compiled once and reused by every block of the
-    same shape), and the teacher targets and DINO / iBOT losses (``StudentTeacher.compile_losses``)."""
+def _rows_into(t: torch.Tensor, where: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``[len(where), ...]`` zeros with ``t``'s rows at the rows where the host bool ``where`` holds."""
+    if bool(where.all()):  # a host read: free
+        return t
+    out = t.new_zeros(len(where), *t.shape[1:])
+    return out.index_copy_(0, to_device(where.nonzero().squeeze(1), device), t)
+
+
+def compile_model(model: StudentTeacher, whole_step: bool = True, graphs: bool | None = None,
+                  backend: str = "inductor") -> None:
+    """``train.compile``. One worker (``whole_step``): ``torch.compile`` the whole step's maths
+    (``StudentTeacher.step_losses``: teacher, student, heads, targets, losses; AOTAutograd compiles its
+    backward) as one graph, ``fullgraph=True`` (a graph break is an error) and ``dynamic=False``:
+    every shape is fixed by the config, so it compiles once for the run. With ``graphs`` (default: on
+    a GPU) ``mode="reduce-overhead"``: CUDA graphs replay the step's kernels without launching each.
+    Several workers (FSDP2, whose hooks break a whole-model graph): each transformer block of both
+    towers, before FSDP wraps them (as torchtitan does), and the targets and losses (``compile_losses``).
+    ``backend``: of the whole step (tests: "aot_eager" traces forward and backward as inductor does,
+    without its minutes of code generation on a CPU)."""
+    if whole_step:
+        graphs = next(model.parameters()).device.type == "cuda" if graphs is None else graphs
+        model.step_losses = torch.compile(model.step_losses, fullgraph=True, dynamic=False, backend=backend,
+                                          mode="reduce-overhead" if graphs else None)
+        model.compiled = "graphs" if graphs else "step"
+        return
     for tower in (model.student, model.teacher):
         for block in tower["backbone"].blocks:
             block.compile()
     model.compile_losses()
+    model.compiled = "blocks"
 
 
 def supervised_summary(model: StudentTeacher) -> str:
@@ -131,6 +156,7 @@ class TrainStep:
         self._bad: list[tuple[int, torch.Tensor, torch.Tensor, list[str]]] = []
         self.skipped = 0  # non-finite steps skipped so far (this process)
         self._nan_at = int(os.environ.get("HIERDINO_TEST_NAN_AT_STEP", -1))  # test-only fault injection
+        self._compiling = model.compiled is not None  # the first step compiles: its time is printed once
 
     def __call__(self, batch: StepBatch, step: int, monitor: bool = False, sync: bool = True,
                  stop_vote: bool = False) -> dict[str, float] | None:
@@ -144,6 +170,9 @@ class TrainStep:
         for g in self.optimizer.param_groups:
             g["lr"] = s["lr"] * g["lr_mult"]
             g["weight_decay"] = s["wd"] * g["wd_mult"]
+        t0 = time.perf_counter()
+        if self.model.compiled == "graphs":  # a new step: the CUDA graphs may reuse the last step's output memory
+            torch.compiler.cudagraph_mark_step_begin()
         loss, terms, stats = self.model.losses(batch, s["teacher_temp"], monitor=monitor)
         if step + 1 == self._nan_at:  # steps are named as the progress line counts them (1-based)
             loss = loss * float("nan")
@@ -157,6 +186,10 @@ class TrainStep:
             self._votes = votes if self._votes is None else self._votes + votes
         with record_function("backward"):
             loss.backward()  # outside autocast: only the backbone and head forwards run in bf16
+        if self._compiling:  # the forward's graph compiles at the first call, the backward's at the first backward
+            self._compiling = False
+            print(f"[hierdino] train.compile ({self.model.compiled}): the first step compiled in "
+                  f"{time.perf_counter() - t0:.1f} s", flush=True)
         self._drop_frozen_grads(step, s["freeze_last_layer"])
         with record_function("clip_optimizer"):
             norms = self._clip()
@@ -248,7 +281,7 @@ def build_model(cfg: Config, device: torch.device, world: int, say, resuming: bo
             say(f"[hierdino] {line}")
     model.to(device)
     if cfg.train.compile:
-        compile_model(model)
+        compile_model(model, whole_step=world == 1)
     dtype = param_dtype_for(cfg.train.precision, device)
     if world > 1:
         apply_fsdp(model, init_device_mesh(device.type, (world,)), dtype, torch.float32)
