@@ -16,13 +16,16 @@ from typing import Iterable
 import yaml
 
 from hierdino import packaged
+from hierdino.errors import UserError
 from hierdino.hierarchy import HIERARCHIES, Hierarchy
 
 PACKAGED = "hierdino/hierarchies/label_maps.yaml"
 
 
-class LabelMapError(ValueError):
+class LabelMapError(UserError, ValueError):
     """Unknown raw labels, unknown sources, or a map whose targets are not nodes of the hierarchy."""
+
+    kind = "label map"
 
 
 @dataclass

@@ -19,13 +19,17 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from hierdino.errors import UserError
+
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")  # names that may become one part of a path (name_problem)
 
 
-class StorageError(OSError):
+class StorageError(UserError, OSError):
     """A URI that cannot be read or written: bad credentials, missing bucket, missing path, or an
     object store that did not answer within the retry window."""
+
+    kind = "storage"
 
 
 # -- retries ---------------------------------------------------------------------------------------

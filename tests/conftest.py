@@ -46,3 +46,19 @@ def synth_suite(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
     build_suite(str(out), "small", 64, seed=0, workers=2, log=lambda *_: None)
     return str(out)
+
+
+# Markers (pyproject.toml): `ray`, `s3` and `slow` follow from the fixtures a test uses; `SLOW` names the
+# tests that take seconds without them (measured on 2 cores). `python -m pytest -m "not slow"` is the fast
+# subset; `gpu` tests skip without CUDA.
+FIXTURE_MARKS = {"ray_cluster": ("ray", "slow"), "s3_server": ("s3", "slow"), "synth_suite": ("slow",)}
+SLOW: set[str] = set()
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        marks = {m for f in getattr(item, "fixturenames", ()) for m in FIXTURE_MARKS.get(f, ())}
+        if item.originalname in SLOW or item.name in SLOW:
+            marks.add("slow")
+        for m in sorted(marks):
+            item.add_marker(getattr(pytest.mark, m))

@@ -140,8 +140,9 @@ def test_external_sets_the_probes_cannot_use_and_undecodable_images_are_named(tm
     from PIL import Image
 
     from hierdino.data.shards import Record, write_dataset
-    from hierdino.eval import EvalDataError, check_probe_sets
+    from hierdino.eval import EvalDataError
     from hierdino.eval.features import decode_images, resolve_model
+    from hierdino.eval.sets import check_probe_sets
 
     buf = _io.BytesIO()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buf, format="PNG")
@@ -187,8 +188,9 @@ def test_a_set_written_with_a_tree_of_ones_own_is_scored_on_that_tree(tmp_path):
     user's own is evaluated without the file (lineage bAcc on that tree, by hand); a set written
     before trees were stored needs the file (--hierarchy), said before any feature is computed."""
     from hierdino.cli import make_shards
-    from hierdino.eval import EvalDataError, check_probe_sets
+    from hierdino.eval import EvalDataError
     from hierdino.eval.report import evaluate
+    from hierdino.eval.sets import check_probe_sets
 
     (tmp_path / "tree.yaml").write_text("name: my-tree\nroot:\n  red: [r1, r2]\n  blue: [b1]\n")
     (tmp_path / "maps.yaml").write_text("mine:\n  R1: r1\n  R2: r2\n  B1: b1\n")

@@ -8,7 +8,7 @@ import pytest
 from hierdino.config import load_config
 
 from hierdino.cli import reproduce
-from hierdino.eval import compare
+from hierdino.experiments import compare, stages
 
 
 def _without_supervised(cfg) -> dict:
@@ -19,7 +19,7 @@ def _without_supervised(cfg) -> dict:
 
 @pytest.mark.parametrize("scale", [None, "vits14-gpu"])
 def test_variants_differ_only_in_the_supervised_loss(scale):
-    over = reproduce.scale_overrides(scale)
+    over = stages.scale_overrides(scale)
     cfgs = {v: load_config(f"repro/{v}", over) for v in compare.VARIANTS}
     base = _without_supervised(cfgs["ssl"])
     for v, cfg in cfgs.items():
@@ -31,7 +31,7 @@ def test_variants_differ_only_in_the_supervised_loss(scale):
 
 def test_scale_overlay_changes_the_model_and_keeps_the_losses():
     plain = load_config("repro/flat")
-    gpu = load_config("repro/flat", reproduce.scale_overrides("vits14-gpu"))
+    gpu = load_config("repro/flat", stages.scale_overrides("vits14-gpu"))
     assert (plain.model.arch, plain.data.image_size, plain.scaling.use_gpu) == ("vit_tiny_cpu", 64, False)
     assert (gpu.model.arch, gpu.data.image_size, gpu.scaling.use_gpu) == ("vit_small_patch14_dinov2", 224, True)
     assert gpu.model.dino_head.prototypes == 65536 and gpu.data.local_crops_number == 0 and gpu.loss.dino_local is False
@@ -41,7 +41,7 @@ def test_scale_overlay_changes_the_model_and_keeps_the_losses():
 
 def test_unknown_scale_names_the_known_ones():
     with pytest.raises(SystemExit, match=r"unknown --scale 'vitg'.*known: vits14-gpu"):
-        reproduce.scale_overrides("vitg")
+        stages.scale_overrides("vitg")
 
 
 def _row(model, dataset, probe, bacc, severity, ci):
@@ -83,7 +83,7 @@ def test_time_budget_uses_the_steady_state_step_and_counts_the_start_up_per_run(
     # metrics.jsonl of a 40-step calibration run on an H100: the first batch waited ~40 s for the pipeline
     recs = [{"step": 20, "images_per_s": 29.708831}, {"step": 30, "images_per_s": 42.386667},
             {"step": 40, "images_per_s": 53.937707}]
-    steps, step_s, overhead = reproduce.steps_for_budget(recs, 64, wall_s=80.5, left_s=300.0, n_runs=2)
+    steps, step_s, overhead = stages.steps_for_budget(recs, 64, wall_s=80.5, left_s=300.0, n_runs=2)
     e30, e40 = 30 * 64 / 42.386667, 40 * 64 / 53.937707
     assert step_s == pytest.approx((e40 - e30) / 10)
     assert overhead == pytest.approx(80.5 - 40 * step_s)
@@ -92,7 +92,7 @@ def test_time_budget_uses_the_steady_state_step_and_counts_the_start_up_per_run(
 
 # ---- design v2 (issue #16) ----
 
-from hierdino.eval import paired  # noqa: E402
+from hierdino.experiments import paired  # noqa: E402
 from hierdino.eval.metrics import bootstrap, mistake_severity, paired_bacc_difference  # noqa: E402
 from hierdino.hierarchy import load_hierarchy  # noqa: E402
 
@@ -261,7 +261,7 @@ def test_mde_is_the_power_formula_on_a_hand_case():
 def test_a_rerun_asking_other_steps_does_not_reuse_the_finished_runs(tmp_path):
     """A comparison's run with an export is reused only for the same config: a smoke test's 40-step
     runs in the same --out are refused by name, before anything trains."""
-    from hierdino.cli.reproduce import train_once
+    from hierdino.experiments.stages import train_once
     from hierdino.config import load_config
     from hierdino.train.resume import ResumeError
 

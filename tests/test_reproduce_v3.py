@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hierdino.cli import reproduce_v3 as v3
 from hierdino.config import load_config, override_text
 from hierdino.data import shards
 from hierdino.data.parts import assign_parts
+from hierdino.experiments import v3
 from hierdino.hierarchy import load_hierarchy
 
 
@@ -140,7 +140,7 @@ def test_report_renders_every_contrast_from_predictions(tmp_path):
     from types import SimpleNamespace
 
     from hierdino.data.suite import EXTERNAL_SETS
-    from hierdino.eval import report_v3
+    from hierdino.experiments.stages import write_results
 
     rng = np.random.default_rng(0)
     leaves = ["neutrophil_band", "neutrophil_segmented", "myelocyte", "monocyte", "platelet"]
@@ -185,7 +185,34 @@ def test_report_renders_every_contrast_from_predictions(tmp_path):
     assert len(s["bacc"]["hxe"]["synth-ood"]["knn20"]) == 1 and len(s["bacc"]["hxe"][v3.PBC]["logreg"]) == 3
     assert s["bacc"]["hxe"][v3.PBC]["logreg"] == [1.0, 1.0, 1.0]
     assert {r["dataset"] for r in s["paired_per_class"]} == {f"pbc:{c}" for c in leaves}
-    report_v3.write_report(str(tmp_path), s)
+    write_results(SimpleNamespace(out=str(tmp_path), t0=0.0), s, probes)
     md = (tmp_path / "results.md").read_text()
     assert "| (c) HXE, fine + coarse labels - (b) flat CE, fine labels | logreg |" in md
     assert (tmp_path / "plots" / "contrasts.png").stat().st_size > 1000
+    # --render rewrites the same report from the stored results.json
+    from hierdino.cli import reproduce
+
+    (tmp_path / "results.md").unlink()
+    assert reproduce.main(["--design", "v3", "--render", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "results.md").read_text() == md
+
+
+def test_a_published_pbc_folder_is_cut_as_make_shards_cuts_it(tmp_path):
+    """v3 writes PBC's published folder with the data layer: the same rows, labels and splits as
+    ``make_shards pbc --split-fractions 0.6,0.2,0.2 --split-seed 0``."""
+    from hierdino.cli.make_shards import main as make_shards
+
+    root = tmp_path / "PBC_dataset_normal_DIB"
+    files = [f"{folder}/{prefix}_{i}.jpg" for i, (folder, prefix) in
+             enumerate([("neutrophil", "BNE"), ("neutrophil", "SNE"), ("ig", "MY"), ("lymphocyte", "LY"),
+                        ("platelet", "PLATELET")] * 6)]
+    for i, rel in enumerate(files):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((6, 6, 3), i, np.uint8)).save(root / rel, format="JPEG")
+    assert make_shards(["pbc", "--root", str(root), "--out", str(tmp_path / "cli" / "pbc"), "--split-fractions",
+                        "0.6,0.2,0.2", "--split-seed", "0"]) == 0
+    out = v3.pbc_shards(str(root), str(tmp_path / "v3"), log=lambda *_: None)
+    assert out == str(tmp_path / "v3" / "pbc")
+    assert sorted(_rows(out), key=str) == sorted(_rows(str(tmp_path / "cli" / "pbc")), key=str)
+    assert shards.read_manifest(out).counts == shards.read_manifest(str(tmp_path / "cli" / "pbc")).counts
+    assert v3.pbc_shards(out, str(tmp_path / "other")) == out  # shards already: used as they are

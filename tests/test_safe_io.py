@@ -157,8 +157,8 @@ def test_a_sweep_space_named_out_of_its_directory_is_refused(tmp_path):
 
 def test_reproduction_variants_are_the_designs_safe_names_and_others_are_refused(tmp_path):
     from hierdino.cli import reproduce
-    from hierdino.eval.compare import VARIANTS
-    from hierdino.eval.paired import VARIANTS as V2_VARIANTS
+    from hierdino.experiments.compare import VARIANTS
+    from hierdino.experiments.paired import VARIANTS as V2_VARIANTS
 
     assert [v for v in [*VARIANTS, *V2_VARIANTS] if storage.name_problem(v)] == []
     with pytest.raises(SystemExit) as stop:

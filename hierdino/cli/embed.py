@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hierdino.cli import user_errors
+from hierdino.errors import user_errors
 from hierdino.cli.evaluate import _positive
 from hierdino.eval.embed import DTYPES, EmbedOptions, check_writable, run_embed, summary_text
 from hierdino.eval.features import resolve_model

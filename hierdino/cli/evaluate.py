@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 
-from hierdino.cli import user_errors
+from hierdino.errors import user_errors
 from hierdino.eval.probes import ALL_PROBES, PROBES
 from hierdino.data.suite import EXTERNAL_SETS, resolve_dataset
 from hierdino.eval.features import features_in_process, resolve_model

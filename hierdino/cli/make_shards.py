@@ -24,7 +24,7 @@ import sys
 import time
 
 
-from hierdino.cli import user_errors
+from hierdino.errors import user_errors
 from hierdino.data import layouts, shards, suite
 from hierdino.storage import StorageOptions
 from hierdino.hierarchy import load_hierarchy

@@ -18,6 +18,7 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 from hierdino.config import ConfigError, load_config
 from hierdino.data.suite import ensure_synthetic_suite
+from hierdino.errors import user_errors
 from hierdino.runtime import init_ray, positive_int, upload_dir_problem
 
 
@@ -58,38 +59,77 @@ def supervision_warning(cfg, data) -> str | None:
     return labelled_rows_warning(data.sizes, data.labeled, data.proportions, per_worker)
 
 
+def check_before_cluster(args, cfg):
+    """What can be said before any cluster work (``--validate-only`` too): a run directory this config
+    would not continue, inputs it cannot read (``UserError``). Returns the training data's description
+    (None: not checked, or the synthetic suite, built later) and where the run would start."""
+    problem = upload_dir_problem(cfg.run.storage, "run.storage")  # `ray job submit --working-dir .`
+    if problem:
+        raise ConfigError(problem)
+    # pyarrow and torch.distributed.checkpoint: not for --help or a config error
+    from hierdino.train.inputs import check_inputs
+    from hierdino.train.resume import check_resume
+
+    retry_s = 10 if args.validate_only else cfg.run.storage_retry_s  # --validate-only: no run's window
+    where, resumes = (("run directory not checked (--offline)", 0) if args.offline
+                      else check_resume(cfg, retry_s=retry_s, unreachable_ok=args.validate_only))
+    data = None
+    if not args.offline:  # the synthetic suite, when missing, is built before training
+        data = check_inputs(cfg, unbuilt_suite_ok=True, resuming=resumes > 0, retry_s=retry_s)
+    return data, where
+
+
+def evaluate_at_end(cfg, run_dir: str) -> dict:
+    """After training: the configured external sets, the bAcc table printed, the scores beside the
+    training curves in TensorBoard (``final_<dataset>_<probe>_bacc``)."""
+    # heavy (scikit-learn, torch): only the evaluation at the end
+    from hierdino import storage
+    from hierdino.data.suite import eval_set_uris
+    from hierdino.eval.features import eval_center_crop, features_in_process
+    from hierdino.eval.report import evaluate, markdown_table
+    from hierdino.train.tracking import RunLog
+
+    datasets = eval_set_uris(cfg)
+    out = storage.join(run_dir, "eval")
+    print(f"[hierdino] evaluating {run_dir} on {', '.join(datasets)} ({cfg.eval.split} split)")
+    options = storage.StorageOptions.from_config(cfg)
+    res = evaluate([run_dir], datasets, out, cfg.eval.split, bootstrap_n=cfg.eval.bootstrap,
+                   default_img_size=cfg.eval.image_size or cfg.data.image_size, options=options,
+                   in_process=features_in_process(cfg.eval.features), hierarchies=(cfg.hierarchy.name,),
+                   center_crop=eval_center_crop(cfg))
+    print(markdown_table(res))
+    print(f"[hierdino] evaluation report: {storage.join(out, 'results.md')}")
+    tb = RunLog(run_dir, jsonl=False, options=options)
+    run = [r for r in res["rows"] if r["model"] not in ("pixels",) and not r["model"].startswith("random")]
+    tb.write({f"final_{r['dataset']}_{r['probe']}_bacc": r["metrics"]["bacc"]["value"] for r in run}, step=cfg.train.steps)
+    tb.close()
+    return res
+
+
+def say_finished(final: dict, t0: float) -> None:
+    print(f"[hierdino] finished    step {final.get('step')} in {(time.time() - t0) / 60:.1f} min; "
+          f"{final.get('images_per_s', 0):.1f} images/s in the training loop")
+    print(f"[hierdino] checkpoint  {final.get('checkpoint')}")
+    nodes = final.get("worker_nodes") or []
+    print(f"[hierdino] workers     {len(nodes)} on {len(set(nodes))} node(s); student parameter checksum "
+          f"{final.get('start_checksum', float('nan')):.17g} at step {final.get('start_step', 0)}, "
+          f"{final.get('final_checksum', float('nan')):.17g} at step {final.get('step')}")
+    print(f"[hierdino] metrics     {final['run_dir']}/metrics.jsonl; tensorboard --logdir {final['run_dir']}/tb")
+    print(f"[hierdino] run         {final['run_dir']}")
+    print(f"[hierdino] export      {final.get('export') or 'none (the run stopped before train.steps)'}")
+
+
+@user_errors(named=True)  # a UserError, also from inside Ray's errors: "<kind> error: ..." and exit 2
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    # heavy (torch.distributed.checkpoint): not for --help or a config error
-    from hierdino.train.resume import check_resume
-
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
     if args.offline and not args.validate_only:
         print("usage error: --offline only goes with --validate-only", file=sys.stderr)
         return 2
-    problem = upload_dir_problem(cfg.run.storage, "run.storage")  # `ray job submit --working-dir .`
-    if problem:
-        print(f"config error: {problem}", file=sys.stderr)
-        return 2
-    from hierdino import storage
-    from hierdino.train.inputs import check_inputs, error_kind, input_error  # pyarrow: not for --help or a config error
-
-    retry_s = 10 if args.validate_only else cfg.run.storage_retry_s  # --validate-only: no run's window
-    try:  # a run directory this config would not continue, or inputs it cannot read: said before any cluster work
-        where, resumes = (("run directory not checked (--offline)", 0) if args.offline
-                          else check_resume(cfg, retry_s=retry_s, unreachable_ok=args.validate_only))
-        data = None
-        if not args.offline:  # the synthetic suite, when missing, is built below
-            data = check_inputs(cfg, unbuilt_suite_ok=True, resuming=resumes > 0, retry_s=retry_s)
-    except Exception as e:  # an input error is named (exit 2); anything else is a bug, with its traceback
-        if error_kind(e) is None:
-            raise
-        print(f"{error_kind(e)} error: {e}", file=sys.stderr)
-        return 2
+    data, where = check_before_cluster(args, cfg)
     if warning := supervision_warning(cfg, data):  # said before any cluster work (--validate-only too)
         print(f"[hierdino] WARNING: {warning}")
     if args.validate_only:
@@ -104,12 +144,8 @@ def main(argv=None) -> int:
         launch.preflight(cfg, log=lambda line: print(line) if "waiting" in line else None)
         ensure_synthetic_suite(cfg)
         final = launch.train(cfg, preset=args.config)
-    except Exception as e:  # as above, also from inside Ray's errors
-        if (err := input_error(e)) is None:
-            raise
-        print(f"{error_kind(err)} error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:  # a second SIGTERM / SIGINT (or one before the run started): no graceful stop
+        from hierdino import storage
         from hierdino.train.checkpoint import latest_complete, run_uri
 
         with storage.retry_window(5):  # a store that does not answer must not hold the exit for minutes
@@ -122,19 +158,8 @@ def main(argv=None) -> int:
               f"{final.get('checkpoint')}. Run the same command again to resume from it.")
         return 0
     if final.get("export") and cfg.eval.at_end and not args.no_eval:
-        from hierdino.eval.report import evaluate_run_at_end  # heavy (scikit-learn): only the evaluation at the end
-
-        evaluate_run_at_end(cfg, final["run_dir"])
-    print(f"[hierdino] finished    step {final.get('step')} in {(time.time() - t0) / 60:.1f} min; "
-          f"{final.get('images_per_s', 0):.1f} images/s in the training loop")
-    print(f"[hierdino] checkpoint  {final.get('checkpoint')}")
-    nodes = final.get("worker_nodes") or []
-    print(f"[hierdino] workers     {len(nodes)} on {len(set(nodes))} node(s); student parameter checksum "
-          f"{final.get('start_checksum', float('nan')):.17g} at step {final.get('start_step', 0)}, "
-          f"{final.get('final_checksum', float('nan')):.17g} at step {final.get('step')}")
-    print(f"[hierdino] metrics     {final['run_dir']}/metrics.jsonl; tensorboard --logdir {final['run_dir']}/tb")
-    print(f"[hierdino] run         {final['run_dir']}")
-    print(f"[hierdino] export      {final.get('export') or 'none (the run stopped before train.steps)'}")
+        evaluate_at_end(cfg, final["run_dir"])
+    say_finished(final, t0)
     return 0
 
 

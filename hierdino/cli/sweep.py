@@ -17,14 +17,11 @@ import os
 import sys
 
 from hierdino.config import ConfigError, load_config
-from hierdino.data.ingest import IngestError
-from hierdino.data.shards import ShardError
 from hierdino.data.suite import ensure_synthetic_suite
-from hierdino.eval import EvalDataError
+from hierdino.errors import user_errors
 from hierdino.runtime import init_ray, positive_int, upload_dir_problem
-from hierdino.storage import StorageError
 from hierdino.train.inputs import check_inputs
-from hierdino.train.preflight import ResourcesError, plan_resources, trials_at_once
+from hierdino.train.preflight import plan_resources, trials_at_once
 from hierdino.tune.space import SpaceError, check_space, load_space
 from hierdino.tune.sweep import default_out, run_sweep, searcher, sweep_overrides
 
@@ -102,13 +99,10 @@ def trials_to_run(cfg, max_concurrent: int | None, grows: bool) -> int:
     return concurrent
 
 
+@user_errors(named=True)  # a config, space, data or resources error: "<kind> error: ..." and exit 2
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    try:
-        cfg, space = load_checked(args)
-    except (ConfigError, SpaceError, EvalDataError, StorageError, ShardError, IngestError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg, space = load_checked(args)
     if args.offline and not args.validate_only:
         print("usage error: --offline only goes with --validate-only", file=sys.stderr)
         return 2
@@ -119,17 +113,9 @@ def main(argv=None) -> int:
     ensure_synthetic_suite(cfg, evaluates=True)  # every trial evaluates (eval.every_steps, set by the sweep)
     args.overrides.append(f"data.synth_cache={cfg.data.synth_cache}")
     init_ray()  # with the dashboard: without it a trial stopped by ASHA can keep its resources (ray #54305)
-    try:
-        concurrent = trials_to_run(cfg, args.max_concurrent, grows=bool(os.environ.get("RAY_ADDRESS")))
-    except ResourcesError as e:
-        print(f"resources error: {e}", file=sys.stderr)
-        return 2
-    try:
-        res = run_sweep(args.config, args.space, args.trials, out, args.scheduler, concurrent, args.overrides,
-                        search=args.search, seeds_per_trial=args.seeds_per_trial)
-    except SpaceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    concurrent = trials_to_run(cfg, args.max_concurrent, grows=bool(os.environ.get("RAY_ADDRESS")))
+    res = run_sweep(args.config, args.space, args.trials, out, args.scheduler, concurrent, args.overrides,
+                    search=args.search, seeds_per_trial=args.seeds_per_trial)
     if res.get("interrupted"):
         return 130
     failed = sum(bool(r["error"]) for r in res["rows"])

@@ -13,11 +13,16 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from hierdino.data.suite import EXTERNAL_SETS
+from hierdino.errors import UserError
+
+# The synthetic suite's external sets (built by hierdino.data.suite): eval.datasets' default.
+EXTERNAL_SETS = ("synth-ext-1", "synth-ext-2", "synth-ood")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value or key that cannot be used; the message names the key and value."""
+
+    kind = "config"
 
 
 def _f(default=dataclasses.MISSING, *, min=None, max=None, gt=None, doc="", factory=None):

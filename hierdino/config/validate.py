@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from hierdino import storage
+from hierdino.archs import patch_size
 from hierdino.config.schema import Config, ConfigError
-from hierdino.models.archs import patch_size
-from hierdino.hierarchy import load_hierarchy
+from hierdino.hierarchy import level_weights_for, load_hierarchy
 
 
 def validate(cfg: Config) -> None:
@@ -15,10 +15,7 @@ def validate(cfg: Config) -> None:
     except Exception as e:
         raise ConfigError(f"hierarchy.name: {cfg.hierarchy.name!r}: {e}") from None
     sup = cfg.loss.supervised
-    # torch (via the losses package): Ray Data workers and `--help` load the config without it
-    from hierdino.losses.hierarchical import level_weights_for
-
-    try:  # the rule for alpha / level_weights lives with the loss that uses them
+    try:  # the rule for alpha / level_weights (hierarchy.py; the hierarchical loss applies it)
         level_weights_for(h, sup.alpha, sup.level_weights, sup.normalize)
     except ValueError as e:
         raise ConfigError(f"loss.supervised: {e}") from None

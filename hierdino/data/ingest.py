@@ -36,12 +36,15 @@ from hierdino import storage
 from hierdino.data import shards
 from hierdino.data.crops import open_image, plan_views, render_views, row_rng
 from hierdino.data.mix import MixSchedule, mix_proportions
+from hierdino.errors import UserError
 from hierdino.storage import StorageOptions
 from hierdino.hierarchy import Hierarchy
 
 
-class IngestError(ValueError):
+class IngestError(UserError, ValueError):
     """Datasets that cannot feed a run: labels outside the hierarchy, too many corrupt images."""
+
+    kind = "data"
 
 
 @dataclass(frozen=True)

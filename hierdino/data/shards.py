@@ -31,6 +31,7 @@ from PIL import Image
 
 from hierdino import storage
 from hierdino.data.crops import HIGH_DEPTH_MODES, to_8bit
+from hierdino.errors import UserError
 from hierdino.storage import StorageOptions
 from hierdino.labels import LabelMap
 
@@ -47,8 +48,10 @@ SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".tif", ".tiff", ".bmp", ".webp", ".gif")
 
 
-class ShardError(ValueError):
+class ShardError(UserError, ValueError):
     """Bad input to the shard writers (unreadable images, bad CSV rows, bad splits)."""
+
+    kind = "data"
 
 
 @dataclass

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from hierdino import storage
+from hierdino.config.schema import EXTERNAL_SETS  # the default of eval.datasets
 from hierdino.data import shards
 from hierdino.data.shards import Record
 from hierdino.data.synth import DOMAINS, render_encoded
@@ -70,7 +71,6 @@ MIN_PER_CLASS = {"train": 20, "val": 10, "test": 10}
 # Written into every manifest; a cached suite of another version is rebuilt (2: plan() changed;
 # 3: same images, manifests that list each shard's row groups for the ingest's first task).
 SUITE_VERSION = 3
-EXTERNAL_SETS = ("synth-ext-1", "synth-ext-2", "synth-ood")
 
 
 def class_frequencies(n_classes: int, rng: np.random.Generator) -> np.ndarray:

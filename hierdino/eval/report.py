@@ -8,15 +8,13 @@ import time
 
 from hierdino import storage
 from hierdino.data import shards
-from hierdino.data.suite import eval_set_uris
-from hierdino.eval import check_probe_sets, set_hierarchy
-from hierdino.eval.features import dataset_features, eval_center_crop, features_in_process, resolve_model
+from hierdino.eval.features import dataset_features, resolve_model
 from hierdino.eval.metrics import EncodedPredictions, bootstrap, per_class_recall, tree_feature_spearman
 from hierdino.eval.plots import write_plots
 from hierdino.eval.predict import coverage_markdown, head_report, model_head
 from hierdino.eval.probes import PROBES, PROTOCOLS, run_probe
-from hierdino.storage import StorageOptions
-from hierdino.train.tracking import RunLog
+from hierdino.eval.sets import check_probe_sets, set_hierarchy
+
 
 def evaluate(models: list[str], datasets: list[str], out: str, split: str = "test", probes: tuple = PROBES,
              bootstrap_n: int = 1000, seed: int = 0, metric: str = "euclidean", patch_mean: bool = False,
@@ -155,22 +153,3 @@ def _per_class_lines(rows: list[dict], probe: str) -> list[str]:
             n = next(per[c]["n_images"] for per in by_model.values() if c in per)
             lines.append(f"| {c} | {n} | " + " | ".join(_cell(per[c]) if c in per else "-" for per in by_model.values()) + " |")
     return lines
-
-
-def evaluate_run_at_end(cfg, run_dir: str, log=print) -> dict:
-    """What ``jobs/pretrain.py`` runs after training: the configured external sets, the bAcc table printed."""
-    datasets = eval_set_uris(cfg)
-    out = storage.join(run_dir, "eval")
-    log(f"[hierdino] evaluating {run_dir} on {', '.join(datasets)} ({cfg.eval.split} split)")
-    options = StorageOptions.from_config(cfg)
-    res = evaluate([run_dir], datasets, out, cfg.eval.split, bootstrap_n=cfg.eval.bootstrap,
-                   default_img_size=cfg.eval.image_size or cfg.data.image_size, options=options,
-                   in_process=features_in_process(cfg.eval.features), hierarchies=(cfg.hierarchy.name,),
-                   center_crop=eval_center_crop(cfg), log=log)
-    log(markdown_table(res))
-    log(f"[hierdino] evaluation report: {storage.join(out, 'results.md')}")
-    tb = RunLog(run_dir, jsonl=False, options=options)  # the external scores beside the training curves in TensorBoard
-    run = [r for r in res["rows"] if r["model"] not in ("pixels",) and not r["model"].startswith("random")]
-    tb.write({f"final_{r['dataset']}_{r['probe']}_bacc": r["metrics"]["bacc"]["value"] for r in run}, step=cfg.train.steps)
-    tb.close()
-    return res

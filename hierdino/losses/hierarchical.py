@@ -7,53 +7,12 @@ Both losses take ``logits[B, n_leaves]`` (leaf order of ``Hierarchy.leaves``) an
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from hierdino.hierarchy import Hierarchy
-
-
-def level_weights_for(hierarchy: Hierarchy, alpha: float | None = None,
-                      level_weights: Sequence[float] | None = None, normalize: str = "none") -> list[float]:
-    """Edge weight per depth ``[w1, ..., wD]`` (an edge's depth is the depth of its child node).
-
-    ``alpha`` gives ``w[d] = exp(-alpha * d)``; ``level_weights`` are used as given; neither means
-    all ones (alpha = 0). ``normalize="tree"`` divides by the sum of the edge weights over the whole
-    tree, i.e. ``sum over non-root nodes n of w[depth(n)]`` (Bertinetto et al.; the paper's setting).
-    ``normalize="path"`` divides by the mean over leaves l of the average edge weight on the path
-    from the root to l, ``mean_l (1/depth(l)) sum_{d=1..depth(l)} w[d]``: equal weights then become
-    all 1, so HXE at alpha = 0 is exactly flat CE on leaf targets, and any alpha keeps that scale.
-    """
-    if alpha is not None and level_weights is not None:
-        raise ValueError(f"give either alpha or level_weights, not both: alpha={alpha} and level_weights="
-                         f"{list(level_weights)} are both set (set alpha=null to use level weights)")
-    depth_count = hierarchy.max_depth
-    if level_weights is not None:
-        w = [float(x) for x in level_weights]
-        if len(w) != depth_count:
-            raise ValueError(
-                f"level_weights has {len(w)} entries but hierarchy {hierarchy.name!r} has {depth_count} levels"
-            )
-        if any(not math.isfinite(x) or x < 0 for x in w) or sum(w) == 0:
-            raise ValueError(f"level_weights must be finite, >= 0 and not all 0, got {w}")
-    else:
-        a = 0.0 if alpha is None else float(alpha)
-        if not math.isfinite(a):
-            raise ValueError(f"alpha must be finite, got {alpha}")
-        w = [math.exp(-a * d) for d in range(1, depth_count + 1)]
-    if normalize == "tree":
-        total = sum(w[hierarchy.depth(n) - 1] for n in hierarchy.nodes)
-        w = [x / total for x in w]
-    elif normalize == "path":
-        leaf_depths = [hierarchy.depth(leaf) for leaf in hierarchy.leaves]
-        mean_edge = sum(sum(w[:d]) / d for d in leaf_depths) / len(leaf_depths)
-        w = [x / mean_edge for x in w]
-    elif normalize != "none":
-        raise ValueError(f"normalize must be 'none', 'tree' or 'path', got {normalize!r}")
-    return w
+from hierdino.hierarchy import Hierarchy, level_weights_for  # beside the tree: the config checks it
 
 
 def _masked_mean(per_sample: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -21,8 +21,8 @@ from timm.models import build_model_with_cfg, register_model
 from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
-from hierdino.cli import user_errors
-from hierdino.models.archs import TINY_ARCHS
+from hierdino.archs import TINY_ARCHS
+from hierdino.errors import user_errors
 from hierdino.models.weights import Checkpoint, WeightsError, parse, read_object, to_timm
 
 
@@ -243,7 +243,7 @@ def load_pretrained(backbone: Backbone, source: str | Checkpoint, strict: bool =
     return report
 
 
-@user_errors(WeightsError, OSError)  # StorageError is an OSError: a missing file, a directory, no credentials
+@user_errors(OSError)  # WeightsError and StorageError are UserErrors; also a missing local file or a directory
 def check(argv: list[str] | None = None) -> int:
     """``python -m hierdino.models.backbone check <weights> [--arch A] [--img-size S] [--tower T]``."""
     ap = argparse.ArgumentParser(prog="python -m hierdino.models.backbone check",

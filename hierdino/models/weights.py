@@ -33,14 +33,17 @@ import torch
 from torch.nn import functional as F
 
 from hierdino import storage
+from hierdino.errors import UserError
 
 WRAPPERS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.", "module.")
 HEADS = ("dino_head", "ibot_head")
 CHUNKED_BLOCK = re.compile(r"^blocks\.(\d+)\.(\d+)\.")
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
     """A checkpoint that cannot be loaded as asked; the message names the file and the keys."""
+
+    kind = "weights"
 
 
 @dataclass

@@ -45,8 +45,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from hierdino import storage
+from hierdino.archs import TINY_ARCHS
 from hierdino.data.augment import IMAGENET_MEAN, IMAGENET_STD
-from hierdino.models.archs import TINY_ARCHS
 from hierdino.models.head_export import write_head
 from hierdino.storage import StorageOptions
 

@@ -12,7 +12,8 @@ from hierdino import storage
 from hierdino.data.ingest import TrainData, describe_train_data
 from hierdino.data.suite import (TRAIN_SETS, TRAINING_SETS, eval_set_uris, resolve_dataset, runs_evaluation, suite_dir, suite_ready,
                                  suite_sets_needed)
-from hierdino.eval import EvalDataError, check_probe_sets
+from hierdino.eval import EvalDataError
+from hierdino.eval.sets import check_probe_sets
 from hierdino.hierarchy import load_hierarchy
 from hierdino.storage import StorageOptions
 
@@ -51,38 +52,3 @@ def check_inputs(cfg, options: StorageOptions | None = None, unbuilt_suite_ok: b
         if w and not resuming and not storage.exists(w, options):
             raise storage.StorageError(f"model.init_weights: no file at {w}")
     return data
-
-
-def error_kind(e: BaseException) -> str | None:
-    """How an error a user fixes through a run's inputs is named on stderr (``<kind> error: ...``);
-    None for any other error."""
-    from hierdino.data.ingest import IngestError
-    from hierdino.data.shards import ShardError
-    from hierdino.eval import EvalDataError
-    from hierdino.models.weights import WeightsError  # torch: only once an error is named
-    from hierdino.train.preflight import ResourcesError
-    from hierdino.train.resume import ResumeError  # torch.distributed.checkpoint, likewise
-
-    kinds = {WeightsError: "weights", ResourcesError: "resources", ResumeError: "resume", EvalDataError: "eval data",
-             storage.StorageError: "storage", IngestError: "data", ShardError: "data"}
-    return next((k for cls, k in kinds.items() if isinstance(e, cls)), None)
-
-
-def input_error(e: BaseException) -> BaseException | None:
-    """The error behind ``e`` that a user fixes through the inputs (``error_kind``): ``e`` itself, or
-    one it wraps: a Ray Train worker's (first rank first), a Ray task's cause, or the error it was
-    raised from (``raise ... from``). None when there is none (a bug: its traceback is shown)."""
-    todo, seen = [e], set()
-    while todo:
-        x = todo.pop(0)
-        if x is None or id(x) in seen:
-            continue
-        seen.add(id(x))
-        cause = getattr(x, "cause", None)  # a RayTaskError's (its class is also the cause's: "RayTaskError(X)")
-        cause = cause if isinstance(cause, BaseException) else None
-        if error_kind(x) is not None:
-            return cause if cause is not None and error_kind(cause) is not None else x
-        failures = getattr(x, "worker_failures", None) or {}
-        todo += [getattr(f, "_base_exc", f) for _, f in sorted(failures.items())]  # Ray Train keeps the user's error
-        todo += [cause, x.__cause__]  # not __context__: an error raised while handling another is not caused by it
-    return None

@@ -13,11 +13,12 @@ from hierdino import storage
 from hierdino.config import Config, config_diff, load_config
 from hierdino.data.ingest import CropSpec, build_train_datasets
 from hierdino.data.suite import eval_set_uris
+from hierdino.errors import user_error
 from hierdino.hierarchy import load_hierarchy
 from hierdino.runtime import quiet_ray_data
 from hierdino.storage import StorageOptions
 from hierdino.train.checkpoint import latest_complete, run_uri
-from hierdino.train.inputs import check_inputs, input_error
+from hierdino.train.inputs import check_inputs
 from hierdino.train.preflight import check_nodes_see, preflight
 from hierdino.train.resume import plan_start
 from hierdino.train.stop import GracefulStop
@@ -170,7 +171,7 @@ def train(cfg: Config, log=print, preset: str | None = None, graceful: bool = Tr
                 result = _fit_beside_the_main_thread(build_trainer(cfg, log, preset=preset, stop_flag=stop.flag))
             stopped_by = stop.signal
     except ray.train.TrainingFailedError as e:
-        raise input_error(e) or e  # a worker's input error reported as the driver's own would be
+        raise user_error(e) or e  # a worker's input error reported as the driver's own would be
     ckpt = latest_complete(run_uri(cfg), StorageOptions.from_config(cfg)).uri
     final = result.return_value or {}
     if final.get("step", 0) >= cfg.train.steps:  # the signal came too late to cut the run short: it finished

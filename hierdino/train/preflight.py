@@ -16,10 +16,13 @@ import time
 from dataclasses import dataclass
 
 from hierdino import storage
+from hierdino.errors import UserError
 
 
-class ResourcesError(RuntimeError):
+class ResourcesError(UserError, RuntimeError):
     """The cluster cannot run this configuration; the message names the numbers and the fix."""
+
+    kind = "resources"
 
 
 @dataclass

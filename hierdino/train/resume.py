@@ -32,6 +32,8 @@ RESUMABLE = (
 class ResumeError(ConfigError):
     """The run directory holds a run that this config would not continue."""
 
+    kind = "resume"
+
 
 @dataclass
 class Start:

@@ -25,14 +25,17 @@ import yaml
 
 from hierdino import storage
 from hierdino.config import ConfigError, load_config, override_text
+from hierdino.errors import UserError
 from hierdino.hierarchy import load_hierarchy
 
 DISTS = {"uniform": ("low", "high"), "loguniform": ("low", "high"), "randint": ("low", "high"),
          "choice": ("values",), "grid": ("values",), "level_weights": ("low", "high")}
 
 
-class SpaceError(ValueError):
+class SpaceError(UserError, ValueError):
     """A search-space file that cannot be used; the message names the file, parameter and field."""
+
+    kind = "sweep space"
 
 
 @dataclass

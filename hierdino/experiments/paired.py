@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from hierdino.data.suite import EXTERNAL_SETS
-from hierdino.eval.compare import table_foot, table_head, variant_rows
 from hierdino.eval.metrics import paired_bacc_difference, paired_severity_difference
+from hierdino.experiments.compare import table_foot, table_head, variant_rows
 
 VARIANTS = {"ssl": "(a) SSL only", "flat": "(b) flat CE", "hxe-path": "(c) HXE alpha=0.5, path",
             "hxe-tree": "(c') HXE alpha=0.5, tree", "hxe-sweep": "(d) HXE swept level weights"}
@@ -70,7 +70,7 @@ def _pct(v: float) -> str:
     return f"{100 * v:+.1f}"
 
 
-def _contrast_cell(r: dict) -> str:
+def contrast_cell(r: dict) -> str:
     """'+1.2 [-0.3, +2.6] sd 0.8, 2/3' (pp): the paired difference, its interval over test images, the s.d.
     of the per-seed differences and the seeds where X is ahead; bold when the interval excludes 0."""
     seeds = r["per_seed"]
@@ -97,7 +97,7 @@ def contrast_table(summary: dict, probes: Sequence[str]) -> list[str]:
         for p in probes:
             cells = {r["dataset"]: r for r in rows if (r["x"], r["y"], r["probe"]) == (x, y, p)}
             if cells:
-                lines.append(f"| {variants[x]} - {variants[y]} | {p} | " + " | ".join(_contrast_cell(cells[c]) for c in cols)
+                lines.append(f"| {variants[x]} - {variants[y]} | {p} | " + " | ".join(contrast_cell(cells[c]) for c in cols)
                              + f" | {100 * cells[POOLED]['mde']:.1f} |")
     mdes = [r["mde"] for r in rows if r["dataset"] == POOLED]
     per_ds = [r["mde"] for r in rows if r["dataset"] != POOLED]
@@ -108,7 +108,7 @@ def contrast_table(summary: dict, probes: Sequence[str]) -> list[str]:
     return lines + severity_table(summary)
 
 
-def _severity_cell(r: dict) -> str:
+def severity_cell(r: dict) -> str:
     """'-0.05 [-0.12, +0.02] 2/3': severity difference (tree edges), its paired interval, seeds where X is milder."""
     text = f"{r['diff']:+.2f} [{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}] {sum(v < 0 for v in r['per_seed'])}/{len(r['per_seed'])}"
     return f"**{text}**" if r["ci95"][0] > 0 or r["ci95"][1] < 0 else text
@@ -127,7 +127,7 @@ def severity_table(summary: dict) -> list[str]:
     for x, y in CONTRASTS:
         cells = {r["dataset"]: r for r in rows if (r["x"], r["y"]) == (x, y)}
         if cells:
-            lines.append(f"| {variants[x]} - {variants[y]} | " + " | ".join(_severity_cell(cells[c]) for c in cols) + " |")
+            lines.append(f"| {variants[x]} - {variants[y]} | " + " | ".join(severity_cell(cells[c]) for c in cols) + " |")
     return lines
 
 

@@ -1,7 +1,7 @@
 """``jobs/reproduce.py --design v3``: the pre-registered v3 comparison on real cells (hierdino/configs/repro/v3/base.yaml).
 
 Stages, each resumable (a dataset with a manifest, a run with an export, a finished sweep are kept):
-  1. the PBC shards (``--pbc``: shards, or the published folder, which make_shards cuts 0.6/0.2/0.2),
+  1. the PBC shards (``--pbc``: shards, or the published folder, cut 0.6/0.2/0.2 as make_shards does),
      its train split cut into fine / coarse / unlabelled parts (``hierdino.data.parts``), the
      leaf-labelled evaluation set, and the synthetic external sets at the default size;
   2. the shared SSL base model on the three parts (labels unused);
@@ -21,11 +21,23 @@ import numpy as np
 
 from hierdino import storage
 from hierdino.config import load_config, override_text
-from hierdino.data import shards
+from hierdino.data import layouts, shards
 from hierdino.data.parts import PARTS, assign_parts, part_label
-from hierdino.data.suite import EXTERNAL_SETS
-from hierdino.eval.report_v3 import PBC, PBC_FINE
+from hierdino.data.suite import EXTERNAL_SETS, ensure_eval_suite
+from hierdino.eval.metrics import mistake_severity
+from hierdino.experiments import paired
+from hierdino.experiments.paired import run_name
+from hierdino.experiments.report_v3 import PBC, PBC_FINE
+from hierdino.experiments.stages import (
+    calibrate_steps,
+    device_name,
+    level_weights_d,
+    train_once,
+    write_results,
+)
 from hierdino.hierarchy import load_hierarchy
+from hierdino.labels import get_label_map
+from hierdino.runtime import init_ray
 
 PREFIX = "repro/v3"
 HIERARCHY = "wbc-h2"
@@ -40,6 +52,7 @@ COARSE_DATA = {"ssl": "pbc-coarse", "flat": "pbc-coarse-unlabelled", "hxe": "pbc
                "hxe-fine": "pbc-coarse-unlabelled", "hxe-sweep": "pbc-coarse"}
 CONTRASTS = (("hxe", "flat"), ("hxe", "hxe-fine"), ("hxe-fine", "flat"), ("hxe-sweep", "hxe"), ("flat", "ssl"),
              ("hxe", "ssl"))
+PBC_SPLIT = (0.6, 0.2, 0.2)  # train/val/test of PBC's published folder (seed 0), which has no splits
 SYNTH_POOLED = "synthetic pooled"
 SYNTH_PROBES = ("knn20",)  # the synthetic sets: a domain-shift check, scored without logreg's C search (budget)
 SYNTH_SEEDS = 1            # ... and for the first seed of each variant (features of 3 x 6,100 images per model)
@@ -92,16 +105,21 @@ def write_parts(pbc: str, data_dir: str, log=print) -> dict:
 
 def pbc_shards(source: str, data_dir: str, log=print) -> str:
     """The PBC shards: ``source`` itself when it holds a manifest, else the published folder written
-    by make_shards' pbc layout with the design's 0.6/0.2/0.2 split (seed 0) into OUT/data/pbc."""
+    by make_shards' pbc layout with the design's ``PBC_SPLIT`` (seed 0) into OUT/data/pbc."""
     if storage.exists(storage.join(source, "manifest.json")):
         return source
     out = f"{data_dir}/pbc"
     if not storage.exists(f"{out}/manifest.json"):
-        from hierdino.cli.make_shards import main as make_shards
-
         log(f"[reproduce] writing the PBC shards from {source} into {out}")
-        if make_shards(["pbc", "--root", source, "--out", out, "--split-fractions", "0.6,0.2,0.2", "--split-seed", "0"]):
-            raise SystemExit(f"reproduce.py: make_shards could not read {source} as PBC's published folder")
+        h = load_hierarchy(layouts.LAYOUTS["pbc"].hierarchy)
+        label_map = get_label_map(layouts.source_for("pbc", h.name), h)
+        try:  # what `make_shards pbc --root SOURCE --split-fractions 0.6,0.2,0.2 --split-seed 0` writes
+            items = shards.finish_splits(layouts.READERS["pbc"](source, label_map), f"pbc {source}", None,
+                                         shards.SplitSpec(PBC_SPLIT, 0))
+            m = shards.write_items(items, out, "pbc", label_map, hierarchy=h)
+        except (ValueError, OSError) as e:
+            raise SystemExit(f"reproduce.py: could not read {source} as PBC's published folder: {e}") from e
+        log(f"[reproduce] wrote {m.num_images} images of pbc to {out}")
     return out
 
 
@@ -140,15 +158,11 @@ def _probes_of(sets: dict, d: str) -> list[str]:
 
 def _scored_runs(sets: dict, d: str, uris: list[str]) -> list[str]:
     """The runs of ``uris`` that scored dataset ``d`` (every seed on PBC, ``SYNTH_SEEDS`` on the synthetic sets)."""
-    from hierdino.eval.paired import run_name
-
     return [u for u in uris if run_name(u) in sets[d]]
 
 
 def variant_table(sets: dict, runs: dict, names: list[str]) -> dict:
     """variant -> dataset -> probe -> per-seed bAcc (PBC, its fine classes, the synthetic sets)."""
-    from hierdino.eval.paired import run_name
-
     return {v: {d: {p: [bacc(sets[d]["y_true"], sets[d][run_name(u)][p]) for u in _scored_runs(sets, d, uris)]
                     for p in _probes_of(sets, d)} for d in names} for v, uris in runs.items()}
 
@@ -157,8 +171,6 @@ def variant_steps(args, common: list[str], base_steps: int, data: list[str], log
     """Steps of every variant: ``--steps``, else those of an earlier start (OUT/plan.json), else what fits
     ``--time-budget-min`` (a timed run of (c); the base model counts as base_steps / 300 runs), else the
     design's 300; kept in OUT/plan.json before any variant trains."""
-    from hierdino.cli.reproduce import calibrate_steps
-
     plan = Path(args.out, "plan.json")
     if args.steps:
         steps = args.steps
@@ -177,8 +189,6 @@ def variant_steps(args, common: list[str], base_steps: int, data: list[str], log
 
 def _stage_runs(args, common: list[str], data_dir: str, log=print) -> tuple[str, int, list[float] | None, dict]:
     """The base model (URI, steps), (d)'s level weights and every variant x seed's run (each skipped when done)."""
-    from hierdino.cli.reproduce import _level_weights_d, train_once
-
     base_steps = args.base_steps or load_config(f"{PREFIX}/pretrain", common).train.steps
     args.steps = variant_steps(args, common, base_steps, variant_data(data_dir, "hxe"), log)
     base_uri = train_once(f"{PREFIX}/pretrain", common + [f"data.train={override_text(variant_data(data_dir, 'ssl'))}",
@@ -190,7 +200,7 @@ def _stage_runs(args, common: list[str], data_dir: str, log=print) -> tuple[str,
                        f"model.init_weights={storage.join(base_uri, 'export', 'teacher_backbone.safetensors')}"]
     level_weights = None
     if "hxe-sweep" in args.variants:
-        level_weights = _level_weights_d(args, common + [f"data.train={override_text(variant_data(data_dir, 'hxe-sweep'))}"],
+        level_weights = level_weights_d(args, common + [f"data.train={override_text(variant_data(data_dir, 'hxe-sweep'))}"],
                                          log, preset=f"{PREFIX}/hxe-sweep")
     runs: dict[str, list[str]] = {}
     for variant in args.variants:
@@ -220,8 +230,6 @@ def _evaluate(args, models: list[str], synth_models: list[str], data_dir: str, e
 
 def _tree_rho(rows: list[dict], runs: dict) -> dict:
     """variant -> dataset -> per-seed Spearman correlation of feature distance with tree distance."""
-    from hierdino.eval.paired import run_name
-
     rho = {(r["model"], r["dataset"]): r["tree_feature_spearman"] for r in rows}
     return {v: {d: [rho[(run_name(u), d)] for u in uris if (run_name(u), d) in rho] for d in (PBC, *EXTERNAL_SETS)}
             for v, uris in runs.items()}
@@ -230,9 +238,6 @@ def _tree_rho(rows: list[dict], runs: dict) -> dict:
 def summarise_v3(args, results: dict, runs: dict, base_uri: str, arch: str, probes, level_weights, parts: dict,
                  setup: dict) -> dict:
     """results.json's content: setup, parts, base vs random, the variant table, paired contrasts."""
-    from hierdino.eval import paired
-    from hierdino.eval.metrics import mistake_severity
-
     sets = scored_sets(results["predictions"])
     names = [PBC, PBC_FINE, *EXTERNAL_SETS]
     trees = {d: load_hierarchy(results["datasets"][d]["hierarchy"]) for d in (PBC, *EXTERNAL_SETS)}
@@ -246,10 +251,10 @@ def summarise_v3(args, results: dict, runs: dict, base_uri: str, arch: str, prob
     rows = (contrasts({PBC: (PBC,), PBC_FINE: (PBC_FINE,)}, probes, True)
             + contrasts({**{d: (d,) for d in EXTERNAL_SETS}, SYNTH_POOLED: EXTERNAL_SETS}, SYNTH_PROBES, True, synth_runs))
     per_class = contrasts({d: (d,) for d in sets if d.startswith("pbc:")}, (probes[-1],), False)
-    who = (("base", paired.run_name(base_uri)), ("random", f"random-{arch}"))
+    who = (("base", run_name(base_uri)), ("random", f"random-{arch}"))
     base = {w: {d: {p: bacc(sets[d]["y_true"], sets[d][name][p]) for p in _probes_of(sets, d)} for d in names}
             for w, name in who}
-    severity = {v: {d: [mistake_severity(sets[d]["y_true"], sets[d][paired.run_name(u)][_probes_of(sets, d)[-1]],
+    severity = {v: {d: [mistake_severity(sets[d]["y_true"], sets[d][run_name(u)][_probes_of(sets, d)[-1]],
                                          trees[d])[0] for u in _scored_runs(sets, d, uris)] for d in names}
                 for v, uris in runs.items()}
     return {"design": "v3", "setup": setup, "probes": list(probes), "variants": {v: VARIANTS[v] for v in runs},
@@ -259,13 +264,8 @@ def summarise_v3(args, results: dict, runs: dict, base_uri: str, arch: str, prob
             "hours": (time.time() - args.t0) / 3600}
 
 
-def reproduce_v3(args, probes, log=print) -> int:
+def reproduce(args, probes, log=print) -> int:
     """Run the v3 design end to end; writes OUT/results.json, results.md and plots/."""
-    from hierdino.cli.reproduce import _device_name
-    from hierdino.data.suite import ensure_eval_suite
-    from hierdino.eval.report_v3 import write_report  # matplotlib: only once the runs are done
-    from hierdino.runtime import init_ray
-
     if not args.pbc:
         raise SystemExit("reproduce.py --design v3: give --pbc (PBC_dataset_normal_DIB, or shards made from it)")
     data_dir = f"{args.out}/data"
@@ -284,7 +284,7 @@ def reproduce_v3(args, probes, log=print) -> int:
     log(f"[reproduce] evaluation in {time.time() - t_eval:.0f}s")
     setup = {"arch": cfg.model.arch, "image_size": cfg.data.image_size, "center_crop": cfg.data.center_crop,
              "steps": args.steps, "base_steps": base_steps, "batch_size": cfg.train.batch_size, "seeds": args.seeds,
-             "device": _device_name(cfg), "bootstrap": args.bootstrap, "eval_suite": eval_suite, "pbc": pbc,
+             "device": device_name(cfg), "bootstrap": args.bootstrap, "eval_suite": eval_suite, "pbc": pbc,
              "level_weights_source": "given with --level-weights" if args.level_weights else "from the val-split sweep"}
     summary = summarise_v3(args, results, runs, base_uri, cfg.model.arch, probes, level_weights, parts, setup)
-    return write_report(args.out, summary, t0=args.t0)
+    return write_results(args, summary, probes)

@@ -14,7 +14,7 @@ KubeRay custom resources are validated the way the API server would, but strictl
 
 Launcher YAMLs go through Ray's own ``prepare_config`` and ``validate_config`` (no cloud calls).
 
-  python -m hierdino.manifests cluster/kuberay/*.yaml cluster/launcher/*.yaml   # bundled KubeRay v1.7.0 schemas
+  python -m hierdino.cluster_check cluster/kuberay/*.yaml cluster/launcher/*.yaml   # bundled KubeRay v1.7.0 schemas
 """
 
 from __future__ import annotations
@@ -233,7 +233,7 @@ def check_file(path: str | Path, schemas: dict[str, dict] | None) -> list[str]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hierdino.manifests")
+    p = argparse.ArgumentParser(prog="python -m hierdino.cluster_check")
     p.add_argument("--schemas", default=str(BUNDLED_SCHEMAS),
                    help="directory with rayjobs.v1.schema.json and rayclusters.v1.schema.json (default: the bundled "
                         "KubeRay v1.7.0 schemas)")

@@ -1,20 +1,18 @@
-"""The v3 comparison's report (issue #36): results.json, results.md and plots of ``jobs/reproduce.py --design v3``.
+"""The v3 comparison's report (issue #36): results.md and plots of ``jobs/reproduce.py --design v3``
+(``hierdino.experiments.stages.write_results`` writes them with results.json).
 
-The summary it renders comes from ``hierdino.cli.reproduce_v3.summarise_v3``: the data parts, the
+The summary it renders comes from ``hierdino.experiments.v3.summarise_v3``: the data parts, the
 shared base model against a random backbone, bAcc per variant (mean +- seed s.d.), the paired
-contrasts (``hierdino.eval.paired``) on PBC, its fine-level classes, each PBC class and the synthetic
+contrasts (``hierdino.experiments.paired``) on PBC, its fine-level classes, each PBC class and the synthetic
 sets, mistake severity and the tree-distance correlation of the feature space.
 """
 
 from __future__ import annotations
 
-import json
-import time
-
 import numpy as np
 
 from hierdino import storage
-from hierdino.eval.paired import POOLED, _contrast_cell, _severity_cell
+from hierdino.experiments.paired import POOLED, contrast_cell, severity_cell
 
 PBC, PBC_FINE = "pbc-eval", "pbc-fine-classes"
 
@@ -84,7 +82,7 @@ def _contrast_lines(s: dict, probes) -> list[str]:
         for p in probes:
             cells = {r["dataset"]: r for r in rows if (r["x"], r["y"], r["probe"]) == (x, y, p)}
             lines.append(f"| {s['variants'][x]} - {s['variants'][y]} | {p} | "
-                         + " | ".join(_contrast_cell(cells[c]) if c in cells else "-" for c in cols)
+                         + " | ".join(contrast_cell(cells[c]) if c in cells else "-" for c in cols)
                          + f" | {100 * cells[PBC]['mde']:.1f} | {100 * cells[PBC_FINE]['mde']:.1f} |")
     sev = [r for r in s["paired"] if r["metric"] == "severity"]
     if sev:
@@ -93,7 +91,7 @@ def _contrast_lines(s: dict, probes) -> list[str]:
         for x, y in dict.fromkeys((r["x"], r["y"]) for r in sev):
             cells = {r["dataset"]: r for r in sev if (r["x"], r["y"]) == (x, y)}
             lines.append(f"| {s['variants'][x]} - {s['variants'][y]} | "
-                         + " | ".join(_severity_cell(cells[c]) if c in cells else "-" for c in cols) + " |")
+                         + " | ".join(severity_cell(cells[c]) if c in cells else "-" for c in cols) + " |")
     return lines
 
 
@@ -109,7 +107,7 @@ def _per_class_lines(s: dict) -> list[str]:
              "|---|" + "---|" * len(dict.fromkeys((r["x"], r["y"]) for r in rows))]
     for c in classes:
         cells = [r for r in rows if r["dataset"] == c]
-        lines.append(f"| {c[4:]} | " + " | ".join(_contrast_cell(r) for r in cells) + " |")
+        lines.append(f"| {c[4:]} | " + " | ".join(contrast_cell(r) for r in cells) + " |")
     return lines
 
 
@@ -162,14 +160,3 @@ def plot(s: dict, out: str) -> list[str]:
     plt.close(fig)
     return [path]
 
-
-def write_report(out: str, summary: dict, t0: float | None = None) -> int:
-    """OUT/results.json, results.md and plots/ of a finished v3 comparison; prints the report."""
-    storage.write_bytes(storage.join(out, "results.json"), json.dumps(summary, indent=2).encode())
-    md = markdown(summary)
-    storage.write_bytes(storage.join(out, "results.md"), md.encode())
-    plot(summary, out)
-    print(md)
-    if t0 is not None:
-        print(f"[reproduce] wrote {out}/results.md, results.json and plots/ in {(time.time() - t0) / 60:.1f} min")
-    return 0

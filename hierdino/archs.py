@@ -1,5 +1,6 @@
-"""The ViTs this project defines beside timm's, by name (kept free of torch and timm: the config
-validation reads their patch sizes)."""
+"""The ViTs this project defines beside timm's, by name, and the patch size of any arch name (kept
+free of torch and timm, below the config layer: the config validation reads the patch sizes;
+``models/backbone.py`` registers these archs with timm)."""
 
 from __future__ import annotations
 

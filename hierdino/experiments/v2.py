@@ -16,15 +16,26 @@ import time
 from pathlib import Path
 
 from hierdino import storage
-from hierdino.cli.reproduce import (_device_name, _level_weights_d, calibrate_steps, describe_setup,
-                                    scale_overrides, train_once, train_variants, write_results)
 from hierdino.config import load_config
 from hierdino.data import shards
 from hierdino.data.suite import EXTERNAL_SETS, ensure_eval_suite, ensure_synthetic_suite
-from hierdino.eval import paired
-from hierdino.eval.compare import labelled_counts, summarise
+from hierdino.experiments import paired
+from hierdino.experiments.compare import labelled_counts, summarise
+from hierdino.experiments.paired import VARIANTS
+from hierdino.experiments.stages import (
+    calibrate_steps,
+    describe_setup,
+    device_name,
+    level_weights_d,
+    scale_overrides,
+    train_once,
+    train_variants,
+    write_results,
+)
 from hierdino.hierarchy import load_hierarchy
 from hierdino.runtime import init_ray
+
+__all__ = ["VARIANTS", "reproduce"]
 
 PREFIX = "repro/v2"
 BASE_FACTOR = 2  # the base model trains for twice a variant's steps
@@ -72,7 +83,7 @@ def _test_images(eval_suite: str) -> dict[str, int]:
     return {d: shards.read_manifest(f"{eval_suite}/{d}").num_labeled("test") for d in EXTERNAL_SETS}
 
 
-def reproduce_v2(args, probes, log=print) -> int:
+def reproduce(args, probes, log=print) -> int:
     """Run the v2 design end to end; writes OUT/results.json, results.md and plots/."""
     cfg = load_config(f"{PREFIX}/base", scale_overrides(args.scale))
     ensure_synthetic_suite(cfg, log)
@@ -85,15 +96,15 @@ def reproduce_v2(args, probes, log=print) -> int:
                                                           "run.name=base"], log)
     common += [f"train.steps={args.steps}", f"checkpoint.every_steps={max(1, args.steps // 2)}",
                f"model.init_weights={storage.join(base_uri, 'export', 'teacher_backbone.safetensors')}"]
-    level_weights = _level_weights_d(args, common, log, preset=f"{PREFIX}/hxe-sweep")
+    level_weights = level_weights_d(args, common, log, preset=f"{PREFIX}/hxe-sweep")
     runs = train_variants(args, common, level_weights, prefix=PREFIX, log=log)
     t_eval = time.time()
     results = _evaluate(args, base_uri, runs, eval_suite, cfg.model.arch, cfg.data.image_size, probes)
     log(f"[reproduce] evaluation in {time.time() - t_eval:.0f}s")
-    setup = describe_setup(args, cfg, _device_name(cfg)) | {"base_steps": base_steps, "test_images": _test_images(eval_suite),
+    setup = describe_setup(args, cfg, device_name(cfg)) | {"base_steps": base_steps, "test_images": _test_images(eval_suite),
                                                             "bootstrap": args.bootstrap, "eval_suite": eval_suite}
     summary = summarise(results, runs, labelled_counts(suite), level_weights, (time.time() - args.t0) / 3600, setup,
-                        variants={v: paired.VARIANTS[v] for v in args.variants})
+                        variants={v: VARIANTS[v] for v in args.variants})
     summary["design"], summary["probes"] = "v2", list(probes)
     summary["base"] = paired.base_summary(results["rows"], paired.run_name(base_uri), f"random-{cfg.model.arch}",
                                           probes, base_steps)
