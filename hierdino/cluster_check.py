@@ -205,7 +205,10 @@ def check_custom_resource(doc: dict, schemas: dict[str, dict]) -> list[str]:
 
 
 def check_launcher(config: dict) -> list[str]:
-    from ray.autoscaler._private.util import prepare_config, validate_config  # heavy: only launcher configs need Ray
+    from ray.autoscaler._private.util import (  # heavy: only launcher configs need Ray
+        prepare_config,
+        validate_config,
+    )
 
     try:
         validate_config(prepare_config(copy.deepcopy(config)))

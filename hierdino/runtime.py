@@ -23,7 +23,9 @@ def quiet_train_reports() -> None:
     """In a worker started by a quiet ``init_ray``: Ray Train's echo of every reported metric off (the
     progress line says it)."""
     if os.environ.get("HIERDINO_QUIET"):
-        from ray.train.v2._internal.execution import context as train_context  # heavy: only Ray Train workers need it
+        from ray.train.v2._internal.execution import (
+            context as train_context,  # heavy: only Ray Train workers need it
+        )
 
         logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 

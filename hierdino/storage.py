@@ -21,7 +21,6 @@ import pyarrow.fs as pafs
 
 from hierdino.errors import UserError
 
-
 _SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")  # names that may become one part of a path (name_problem)
 
 

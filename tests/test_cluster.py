@@ -13,9 +13,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO
-from hierdino.cluster_check import BUNDLED_SCHEMAS, check_custom_resource, check_file, check_launcher, load_schemas
+
+from hierdino.cluster_check import (
+    BUNDLED_SCHEMAS,
+    check_custom_resource,
+    check_file,
+    check_launcher,
+    load_schemas,
+)
 
 RAY_CLI = str(Path(sys.executable).parent / "ray")
 SCHEMA_DIR = BUNDLED_SCHEMAS  # what users get: the schemas shipped in the package

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from hierdino.losses.collapse import CollapseWatch, TrainingCollapsedError, distinct_argmax, entropy_ratio, feature_spread
+from hierdino.losses.collapse import (
+    CollapseWatch,
+    TrainingCollapsedError,
+    distinct_argmax,
+    entropy_ratio,
+    feature_spread,
+)
 from hierdino.losses.dino import TeacherCentering, dino_loss
 from hierdino.models.heads import DINOHead
 

@@ -14,12 +14,12 @@ def test_presets_load_and_round_trip(tmp_path):
 
 
 def test_paper_defaults_in_gpu_presets():
-    s, l = load_config("vits14"), load_config("vitl14")
+    s, large = load_config("vits14"), load_config("vitl14")
     assert (s.loss.dino_weight, s.loss.ibot_weight, s.loss.koleo_weight, s.loss.supervised.weight) == (0.5, 1.0, 0.0, 0.5)
     assert s.loss.supervised.alpha == 0.5 and s.optim.momentum_teacher == 0.994
-    assert l.model.arch == "vit_large_patch14_dinov2" and l.model.dino_head.prototypes == 131072
-    assert l.optim.layerwise_decay == 1.0 and l.model.drop_path_rate == 0.4
-    assert l.loss.centering == "sinkhorn" and l.scaling.use_gpu
+    assert large.model.arch == "vit_large_patch14_dinov2" and large.model.dino_head.prototypes == 131072
+    assert large.optim.layerwise_decay == 1.0 and large.model.drop_path_rate == 0.4
+    assert large.loss.centering == "sinkhorn" and large.scaling.use_gpu
 
 
 def test_overrides_convert_types():

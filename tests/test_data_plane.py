@@ -7,10 +7,17 @@ import torch
 
 from hierdino.data import shards
 from hierdino.data.augment import gaussian_blur, photometric
-from hierdino.data.ingest import CorruptCounter, CropSpec, IngestError, dataset_stream, describe_train_data, multicrop
+from hierdino.data.ingest import (
+    CorruptCounter,
+    CropSpec,
+    IngestError,
+    dataset_stream,
+    describe_train_data,
+    multicrop,
+)
 from hierdino.data.masking import block_mask, ibot_masks, max_masked_patches, padded_mask_index
 from hierdino.data.shards import Record
-from hierdino.data.suite import TRAIN_SETS, plan, SUITE
+from hierdino.data.suite import SUITE, TRAIN_SETS, plan
 from hierdino.data.synth import DOMAINS, leaf_spec, render_cell
 from hierdino.hierarchy import hierarchy_from_dict, load_hierarchy
 
@@ -435,9 +442,9 @@ def test_center_crop_cuts_every_view_from_the_centred_box():
     for i in range(200):
         views = plan_views(360, 363, row_rng(0, f"i{i}", 0), center=0.5, **plan)
         for v in views:
-            l, t, r, b = v.box
-            assert 90 <= l < r <= 270 and 90 <= t < b <= 272, v
-            lo_x.append(l), lo_y.append(t)
+            left, top, right, bottom = v.box
+            assert 90 <= left < right <= 270 and 90 <= top < bottom <= 272, v
+            lo_x.append(left), lo_y.append(top)
         assert views[-1].box == (90, 90, 270, 272)
     assert min(lo_x) < 100 and max(lo_x) > 200  # the crops still move over the whole box
     whole = plan_views(360, 363, row_rng(0, "i0", 0), **plan)

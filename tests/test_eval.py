@@ -5,8 +5,15 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
-from hierdino.eval.metrics import (EncodedPredictions, all_metrics, bootstrap, hierarchical_prf, lineage_bacc,
-                                   mistake_severity, tree_feature_spearman)
+from hierdino.eval.metrics import (
+    EncodedPredictions,
+    all_metrics,
+    bootstrap,
+    hierarchical_prf,
+    lineage_bacc,
+    mistake_severity,
+    tree_feature_spearman,
+)
 from hierdino.eval.probes import fit_predict
 from hierdino.hierarchy import hierarchy_from_dict, load_hierarchy
 
@@ -262,9 +269,9 @@ def test_plain_vits_load_without_layerscale_and_other_model_families_are_named()
     import safetensors.torch
     import torch
 
+    from hierdino.eval.features import load_backbone, resolve_model
     from hierdino.models.backbone import build_backbone, load_pretrained
     from hierdino.models.weights import WeightsError
-    from hierdino.eval.features import load_backbone, resolve_model
 
     plain = build_backbone("vit_micro_cpu", 32, 0.0, None).eval()
     assert not any("ls1" in k for k in plain.vit.state_dict())

@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
-from hierdino.config import load_config
+
 from hierdino import storage
+from hierdino.config import load_config
 from hierdino.train.checkpoint import COMMIT, CORRUPT, latest_complete, verify
 from hierdino.train.resume import ResumeError, check_compatible, plan_start
 

@@ -5,8 +5,20 @@ import re
 import numpy as np
 import pytest
 
-from hierdino.data.ingest import CropSpec, build_train_datasets, describe_train_data, resume_position, stream_name
-from hierdino.data.mix import LABELLED_ROWS_FLOOR, MixedBatches, MixSchedule, labelled_rows_warning, mix_proportions
+from hierdino.data.ingest import (
+    CropSpec,
+    build_train_datasets,
+    describe_train_data,
+    resume_position,
+    stream_name,
+)
+from hierdino.data.mix import (
+    LABELLED_ROWS_FLOOR,
+    MixedBatches,
+    MixSchedule,
+    labelled_rows_warning,
+    mix_proportions,
+)
 from hierdino.data.suite import TRAIN_SETS
 from hierdino.hierarchy import load_hierarchy
 

@@ -4,6 +4,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+import vit_reference
 from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -12,11 +13,10 @@ from hierdino.data.augment import augment_views
 from hierdino.data.synth import DOMAINS, leaf_spec, render_cell
 from hierdino.hierarchy import load_hierarchy
 from hierdino.models.backbone import build_backbone, load_pretrained
-from hierdino.models.weights import WeightsError
 from hierdino.models.heads import DINOHead
 from hierdino.models.student_teacher import StudentTeacher, param_groups
+from hierdino.models.weights import WeightsError
 from hierdino.train.loop import TrainStep, make_step_batch
-import vit_reference
 
 
 def _randomise(module: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:

@@ -8,11 +8,10 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO
 
 from hierdino.config import load_config
 from hierdino.train.preflight import ResourcesError, plan_resources, preflight
-
-from conftest import REPO
 
 
 def _cfg(*over):

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 
 PBC = Path(os.environ.get("HIERDINO_PBC_ROOT", REPO.parent / "shared/data/real-wbc/pbc/PBC_dataset_normal_DIB"))

@@ -5,9 +5,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from hierdino.config import load_config
-
 from hierdino.cli import reproduce
+from hierdino.config import load_config
 from hierdino.experiments import compare, stages
 
 
@@ -92,8 +91,8 @@ def test_time_budget_uses_the_steady_state_step_and_counts_the_start_up_per_run(
 
 # ---- design v2 (issue #16) ----
 
-from hierdino.experiments import paired  # noqa: E402
 from hierdino.eval.metrics import bootstrap, mistake_severity, paired_bacc_difference  # noqa: E402
+from hierdino.experiments import paired  # noqa: E402
 from hierdino.hierarchy import load_hierarchy  # noqa: E402
 
 
@@ -261,8 +260,8 @@ def test_mde_is_the_power_formula_on_a_hand_case():
 def test_a_rerun_asking_other_steps_does_not_reuse_the_finished_runs(tmp_path):
     """A comparison's run with an export is reused only for the same config: a smoke test's 40-step
     runs in the same --out are refused by name, before anything trains."""
-    from hierdino.experiments.stages import train_once
     from hierdino.config import load_config
+    from hierdino.experiments.stages import train_once
     from hierdino.train.resume import ResumeError
 
     sets = [f"run.storage={tmp_path}", "run.name=ssl-s0"]

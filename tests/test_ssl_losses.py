@@ -1,7 +1,7 @@
 import math
 
-import pytest
 import numpy as np
+import pytest
 import torch
 
 from hierdino.losses.dino import TeacherCentering, cross_entropy_soft, dino_loss, sinkhorn_knopp

@@ -9,8 +9,8 @@ from PIL import Image
 from hierdino import storage
 from hierdino.data import shards
 from hierdino.data.shards import Record, ShardError
-from hierdino.storage import StorageError, StorageOptions
 from hierdino.labels import LabelMapError, get_label_map
+from hierdino.storage import StorageError, StorageOptions
 
 
 def _png(color) -> bytes:

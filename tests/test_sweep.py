@@ -2,8 +2,8 @@ import json
 
 import pytest
 import yaml
-
 from conftest import REPO
+
 from hierdino.config import load_config
 from hierdino.tune.space import SpaceError, check_space, load_space, trial_overrides
 from hierdino.tune.sweep import run_sweep

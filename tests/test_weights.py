@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+import vit_reference
 from torch.nn import functional as F
 
 from hierdino.config import load_config
@@ -19,7 +20,6 @@ from hierdino.hierarchy import load_hierarchy
 from hierdino.models.backbone import build_backbone, check, load_pretrained
 from hierdino.models.student_teacher import StudentTeacher
 from hierdino.models.weights import WeightsError
-import vit_reference
 
 DIM, DEPTH, HEADS, PATCH = 48, 2, 2, 8  # vit_micro_cpu and its _reg4 / _swiglu variants
 

@@ -32,8 +32,8 @@ import argparse
 import time
 
 import torch
-from torch.distributed.device_mesh import init_device_mesh
 from torch.autograd import DeviceType
+from torch.distributed.device_mesh import init_device_mesh
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -100,8 +100,14 @@ def full_step(cfg, batch: int, device: torch.device, dtype: torch.dtype, fsdp: b
     """
     import torch.distributed as dist
 
-    from hierdino.models.student_teacher import StudentTeacher  # heavy (timm): not for --help or a config error
-    from hierdino.train.loop import TrainStep, compile_model, make_step_batch  # heavy (Ray Train, timm), likewise
+    from hierdino.models.student_teacher import (
+        StudentTeacher,  # heavy (timm): not for --help or a config error
+    )
+    from hierdino.train.loop import (  # heavy (Ray Train, timm), likewise
+        TrainStep,
+        compile_model,
+        make_step_batch,
+    )
 
     torch.manual_seed(0)
     model = StudentTeacher(cfg, load_hierarchy(cfg.hierarchy.name)).to(device)
@@ -275,7 +281,9 @@ def time_bare_step(cfg, batch: int, steps: int, device: torch.device, dtype: tor
 def _ray_worker(config: dict) -> dict:
     import ray.train  # heavy: only the Ray part (skipped with --no-ray) needs Ray Train
 
-    from hierdino.models.student_teacher import StudentTeacher  # heavy (timm): not for --help or a config error
+    from hierdino.models.student_teacher import (
+        StudentTeacher,  # heavy (timm): not for --help or a config error
+    )
     from hierdino.train.loop import TrainStep, make_step_batch  # heavy (Ray Train, timm), likewise
 
     torch.set_num_threads(1)

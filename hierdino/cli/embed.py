@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hierdino.errors import user_errors
 from hierdino.cli.evaluate import _positive
+from hierdino.errors import user_errors
 from hierdino.eval.embed import DTYPES, EmbedOptions, check_writable, run_embed, summary_text
 from hierdino.eval.features import resolve_model
 from hierdino.runtime import init_ray

@@ -16,11 +16,10 @@ import os
 import sys
 from pathlib import Path
 
-
-from hierdino.errors import user_errors
-from hierdino.eval.probes import ALL_PROBES, PROBES
 from hierdino.data.suite import EXTERNAL_SETS, resolve_dataset
+from hierdino.errors import user_errors
 from hierdino.eval.features import features_in_process, resolve_model
+from hierdino.eval.probes import ALL_PROBES, PROBES
 from hierdino.eval.report import evaluate, markdown_table
 from hierdino.runtime import init_ray
 

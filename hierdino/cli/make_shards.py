@@ -23,12 +23,11 @@ import argparse
 import sys
 import time
 
-
-from hierdino.errors import user_errors
 from hierdino.data import layouts, shards, suite
-from hierdino.storage import StorageOptions
+from hierdino.errors import user_errors
 from hierdino.hierarchy import load_hierarchy
 from hierdino.labels import get_label_map
+from hierdino.storage import StorageOptions
 
 
 def _add_synth(sub) -> None:

@@ -7,8 +7,15 @@ preset (or a YAML file), then the overrides, and checks everything before any cl
 Every error names the key and the value.
 """
 
-from hierdino.config.load import (config_diff, config_from_dict, list_presets, load_config, override_text,
-                                  parse_override, preset_overrides)
+from hierdino.config.load import (
+                                  config_diff,
+                                  config_from_dict,
+                                  list_presets,
+                                  load_config,
+                                  override_text,
+                                  parse_override,
+                                  preset_overrides,
+)
 from hierdino.config.schema import Config, ConfigError
 from hierdino.config.validate import validate
 

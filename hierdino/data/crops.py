@@ -82,8 +82,8 @@ def plan_views(w: int, h: int, rng: np.random.Generator, global_size: int, globa
     views = []
     for size, scale, n in ((global_size, global_scale, 2), (local_size, local_scale, local_number)):
         for _ in range(n):
-            l, t, r, b = crop_box(x1 - x0, y1 - y0, scale, rng)
-            views.append(View((l + x0, t + y0, r + x0, b + y0), size, hflip=bool(rng.random() < 0.5)))
+            left, top, right, bottom = crop_box(x1 - x0, y1 - y0, scale, rng)
+            views.append(View((left + x0, top + y0, right + x0, bottom + y0), size, hflip=bool(rng.random() < 0.5)))
     if supervised:
         flips = [bool(rng.random() < 0.5) for _ in range(3)]
         views.append(View((x0, y0, x1, y1), global_size, *flips))

@@ -37,8 +37,8 @@ from hierdino.data import shards
 from hierdino.data.crops import open_image, plan_views, render_views, row_rng
 from hierdino.data.mix import MixSchedule, mix_proportions
 from hierdino.errors import UserError
-from hierdino.storage import StorageOptions
 from hierdino.hierarchy import Hierarchy
+from hierdino.storage import StorageOptions
 
 
 class IngestError(UserError, ValueError):

@@ -32,8 +32,8 @@ from PIL import Image
 from hierdino import storage
 from hierdino.data.crops import HIGH_DEPTH_MODES, to_8bit
 from hierdino.errors import UserError
-from hierdino.storage import StorageOptions
 from hierdino.labels import LabelMap
+from hierdino.storage import StorageOptions
 
 SCHEMA_VERSION = 1
 SCHEMA = pa.schema([

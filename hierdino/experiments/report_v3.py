@@ -155,7 +155,8 @@ def plot(s: dict, out: str) -> list[str]:
         ax.set_title(p)
         ax.set_xlabel("bAcc difference X - Y (points)")
         ax.set_yticks([t for t, _ in ticks], [n for _, n in ticks])
-    np.atleast_1d(axes)[0].legend(fontsize=7, loc="lower left")
+    fullest = max(np.atleast_1d(axes), key=lambda a: len(a.get_legend_handles_labels()[1]))
+    fullest.legend(fontsize=7, loc="lower left")  # the panel that holds every group
     path = save_png(fig, storage.join(out, "plots", "contrasts.png"))
     plt.close(fig)
     return [path]

@@ -26,7 +26,6 @@ from hierdino.errors import user_errors
 from hierdino.models.weights import Checkpoint, WeightsError, parse, read_object, to_timm
 
 
-
 def _register_tiny_archs() -> None:
     """Make the tiny CPU architectures timm model names, so ``timm.create_model`` builds (and loads) them."""
     for name, spec in TINY_ARCHS.items():

@@ -10,8 +10,16 @@ from __future__ import annotations
 
 from hierdino import storage
 from hierdino.data.ingest import TrainData, describe_train_data
-from hierdino.data.suite import (TRAIN_SETS, TRAINING_SETS, eval_set_uris, resolve_dataset, runs_evaluation, suite_dir, suite_ready,
-                                 suite_sets_needed)
+from hierdino.data.suite import (
+    TRAIN_SETS,
+    TRAINING_SETS,
+    eval_set_uris,
+    resolve_dataset,
+    runs_evaluation,
+    suite_dir,
+    suite_ready,
+    suite_sets_needed,
+)
 from hierdino.eval import EvalDataError
 from hierdino.eval.sets import check_probe_sets
 from hierdino.hierarchy import load_hierarchy

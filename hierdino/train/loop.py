@@ -36,7 +36,13 @@ from hierdino.runtime import quiet_train_reports
 from hierdino.storage import StorageOptions
 from hierdino.train.checkpoint import CheckpointManager, export_teacher
 from hierdino.train.metrics import TrainMetrics
-from hierdino.train.parallel import apply_fsdp, local_param_fraction, param_checksum, param_dtype_for, use_tensor_cores
+from hierdino.train.parallel import (
+    apply_fsdp,
+    local_param_fraction,
+    param_checksum,
+    param_dtype_for,
+    use_tensor_cores,
+)
 from hierdino.train.resume import ResumeError
 from hierdino.train.schedules import Schedules
 from hierdino.train.stop import StopPoller
@@ -375,12 +381,16 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     batches = open_batches(loop_config, cfg, rank, per_worker, start)
     decode = None
     if cfg.data.decode == "device":
-        from hierdino.data.device_decode import device_decoder  # torchvision: only device-decoding runs need it
+        from hierdino.data.device_decode import (
+            device_decoder,  # torchvision: only device-decoding runs need it
+        )
 
         decode = device_decoder(cfg, device)
     live_eval = None
     if cfg.eval.every_steps:
-        from hierdino.eval.live import LiveEvaluator  # scikit-learn: only runs that evaluate while training need it
+        from hierdino.eval.live import (
+            LiveEvaluator,  # scikit-learn: only runs that evaluate while training need it
+        )
 
         live_eval = LiveEvaluator(cfg, options)
     stop, last, eval_metrics = min(cfg.train.stop_at_step or cfg.train.steps, cfg.train.steps), {}, {}

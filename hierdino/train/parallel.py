@@ -32,7 +32,10 @@ def apply_fsdp(model, mesh, param_dtype: torch.dtype = torch.float32, reduce_dty
     parameters from its first forward of a step (global, local and supervised crops) to the end of
     its backward, instead of gathering them again for every forward and backward.
     """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # heavy (about 1 s): only sharding needs FSDP
+    from torch.distributed.fsdp import (  # heavy (about 1 s): only sharding needs FSDP
+        MixedPrecisionPolicy,
+        fully_shard,
+    )
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     # BatchNorm (heads with ``batchnorm``) and the supervised head compute in fp32 whatever

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import yaml
 
-from hierdino.config import Config, ConfigError, config_diff, config_from_dict
 from hierdino import storage
+from hierdino.config import Config, ConfigError, config_diff, config_from_dict
 from hierdino.storage import StorageOptions
 from hierdino.train.checkpoint import Found, latest_complete, run_uri
 from hierdino.train.schedules import Schedules

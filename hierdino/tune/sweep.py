@@ -112,7 +112,6 @@ def searcher(search: str, space: Space, seed: int = 0):
                          "Use --search random, or dist choice")
     try:
         import optuna  # an optional extra: hierdino[optuna]
-
         from ray.tune.search.optuna import OptunaSearch  # needs Optuna, hence imported only here
     except ImportError:
         raise SpaceError("--search optuna needs Optuna: pip install 'hierdino[optuna]'") from None
