@@ -9,6 +9,7 @@ Supported: local paths, ``file://`` and ``s3://bucket/prefix``. S3 settings come
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 import re
@@ -20,6 +21,8 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from hierdino.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")  # names that may become one part of a path (name_problem)
 
@@ -69,7 +72,7 @@ def is_transient(err: BaseException) -> bool:
     return isinstance(err, (ConnectionError, TimeoutError)) or any(t in text for t in _TRANSIENT)
 
 
-def with_retries(fn, uri: str, action: str, window_s: float | None = None, log=print):
+def with_retries(fn, uri: str, action: str, window_s: float | None = None):
     """``fn()``, retried on transient errors with backoff (0.5 s doubling to 5 s, jittered) until
     ``window_s`` (default ``RETRY_S``) has passed; then a ``StorageError`` naming ``action`` and ``uri``."""
     window = RETRY_S if window_s is None else window_s
@@ -88,8 +91,8 @@ def with_retries(fn, uri: str, action: str, window_s: float | None = None, log=p
                 raise StorageError(f"cannot {action} {uri}: the store did not answer for {waited:.0f} s "
                                    f"({tries} tries; retry window {window:g} s, run.storage_retry_s): {_scrub(str(e))}") from None
             if tries == 1:
-                log(f"[hierdino] storage: cannot {action} {uri} ({_scrub(str(e))[:120]}); retrying for up to {window:g} s",
-                    flush=True)
+                logger.warning(f"storage: cannot {action} {uri} ({_scrub(str(e))[:120]}); retrying for up to "
+                               f"{window:g} s")
             time.sleep(delay * (0.75 + 0.5 * random.random()))
             delay = min(delay * 2, 5.0)
 

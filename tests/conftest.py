@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -16,6 +17,25 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 # then spin against them (the end-to-end evaluation test: 155 s against 94 s with one thread).
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 REPO = Path(__file__).resolve().parents[1]
+
+
+def capture_log(lines: list) -> logging.Handler:
+    """Append what the ``hierdino`` logger says to ``lines`` as the console prints it (``[hierdino] ...``)."""
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(f"[hierdino] {record.getMessage()}")
+    logger = logging.getLogger("hierdino")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    return handler
+
+
+@pytest.fixture
+def said():
+    """The ``hierdino`` logger's lines during the test."""
+    lines: list[str] = []
+    handler = capture_log(lines)
+    yield lines
+    logging.getLogger("hierdino").removeHandler(handler)
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +67,7 @@ def synth_suite(tmp_path_factory):
     from hierdino.data.suite import build_suite
 
     out = tmp_path_factory.mktemp("synth")
-    build_suite(str(out), "small", 64, seed=0, workers=2, log=lambda *_: None)
+    build_suite(str(out), "small", 64, seed=0, workers=2)
     return str(out)
 
 

@@ -91,15 +91,13 @@ def tiny_export(tmp_path_factory):
     return write_tiny_export(tmp_path_factory.mktemp("runs") / "tiny")
 
 
-def test_end_to_end_evaluation_with_plots_and_cache(ray_cluster, synth_suite, tiny_export, tmp_path):
+def test_end_to_end_evaluation_with_plots_and_cache(ray_cluster, synth_suite, tiny_export, tmp_path, said):
     from hierdino.data.suite import resolve_dataset
     from hierdino.eval.report import evaluate
 
     datasets = [resolve_dataset(n, synth_suite) for n in ("synth-ext-1", "synth-ood")]
-    logs = []
     # features in this process (the v2 reproduction's path); Ray Data's are checked against them below
-    res = evaluate([str(tiny_export), "pixels"], datasets, str(tmp_path), "val", bootstrap_n=200, in_process=True,
-                   log=logs.append)
+    res = evaluate([str(tiny_export), "pixels"], datasets, str(tmp_path), "val", bootstrap_n=200, in_process=True)
     assert len(res["rows"]) == 2 * 2 * 3
     data = json.loads((tmp_path / "results.json").read_text())
     row = data["rows"][0]
@@ -109,18 +107,18 @@ def test_end_to_end_evaluation_with_plots_and_cache(ray_cluster, synth_suite, ti
     assert "| tiny | synth-ext-1 |" in md and "| pixels | synth-ood |" in md
     pngs = sorted(Path(tmp_path, "plots").glob("*.png"))
     assert len(pngs) == 2 * 2 * 2 + 2 and all(p.stat().st_size > 5000 for p in pngs)
-    assert sum("features:" in line for line in logs) == 4
-    logs2 = []
-    res2 = evaluate([str(tiny_export), "pixels"], datasets, str(tmp_path), "val", bootstrap_n=200, plots=False, log=logs2.append)
-    assert not any("features:" in line for line in logs2)  # every feature came from the cache
+    assert sum("features:" in line for line in said) == 4
+    said.clear()
+    res2 = evaluate([str(tiny_export), "pixels"], datasets, str(tmp_path), "val", bootstrap_n=200, plots=False)
+    assert not any("features:" in line for line in said)  # every feature came from the cache
     assert res2["rows"] == res["rows"]
     # Ray Data's features (the cluster path) equal those computed in this process, image by image
     from hierdino.eval.features import dataset_features, resolve_model
 
     spec = resolve_model(str(tiny_export), 64)
-    cached = dataset_features(spec, datasets[0], str(tmp_path / "features"), in_process=True, log=logs2.append)
-    assert not any("features:" in line for line in logs2)  # read from the cache the first evaluation wrote
-    ray_data = dataset_features(spec, datasets[0], None, log=logs2.append)
+    cached = dataset_features(spec, datasets[0], str(tmp_path / "features"), in_process=True)
+    assert not any("features:" in line for line in said)  # read from the cache the first evaluation wrote
+    ray_data = dataset_features(spec, datasets[0], None)
     a, b = np.argsort(ray_data.image_ids), np.argsort(cached.image_ids)
     assert list(ray_data.image_ids[a]) == list(cached.image_ids[b]) and len(a) == len(set(cached.image_ids))
     np.testing.assert_allclose(cached.features[b], ray_data.features[a], rtol=1e-4, atol=1e-5)
@@ -210,7 +208,7 @@ def test_a_set_written_with_a_tree_of_ones_own_is_scored_on_that_tree(tmp_path):
     assert make_shards.main(["csv", "--csv", str(tmp_path / "labels.csv"), "--source", "mine", "--label-maps",
                              str(tmp_path / "maps.yaml"), "--hierarchy", str(tmp_path / "tree.yaml"), "--out", str(out)]) == 0
     res = evaluate(["pixels"], [str(out)], str(tmp_path / "ev"), "test", probes=("knn1",), bootstrap_n=20, plots=False,
-                   in_process=True, log=lambda *_: None)
+                   in_process=True)
     assert res["datasets"]["set"]["hierarchy"] == "my-tree"
     m = res["rows"][0]["metrics"]
     # kNN-1 on pixels: each test image's nearest train image has its grey level, so its class
@@ -222,14 +220,14 @@ def test_a_set_written_with_a_tree_of_ones_own_is_scored_on_that_tree(tmp_path):
     with pytest.raises(EvalDataError, match=r"names the hierarchy 'my-tree', which is not packaged.*--hierarchy FILE"):
         check_probe_sets([str(out)], "test")
     res = evaluate(["pixels"], [str(out)], str(tmp_path / "ev2"), "test", probes=("knn1",), bootstrap_n=20, plots=False,
-                   in_process=True, hierarchies=(str(tmp_path / "tree.yaml"),), log=lambda *_: None)
+                   in_process=True, hierarchies=(str(tmp_path / "tree.yaml"),))
     assert res["datasets"]["set"]["hierarchy"] == "my-tree"
     h = load_hierarchy("wbc-h1")  # the stored form reads back as the same tree
     again = hierarchy_from_dict(h.to_dict())
     assert again.nodes == h.nodes and all(again.parent(n) == h.parent(n) for n in h.nodes)
 
 
-def test_sets_with_one_name_stay_apart_results_are_strict_json_and_a_damaged_cache_is_recomputed(tmp_path):
+def test_sets_with_one_name_stay_apart_results_are_strict_json_and_a_damaged_cache_is_recomputed(tmp_path, said):
     """Two sets both named 'shards' get rows each; a 2-class set's tree correlation (undefined) is
     null, not NaN; k-NN over fewer training rows than k is said; a feature cache cut short is computed
     again, with the same rows."""
@@ -243,12 +241,11 @@ def test_sets_with_one_name_stay_apart_results_are_strict_json_and_a_damaged_cac
                        for i, (lab, split) in enumerate([(lab, s) for s in ("train", "test") for lab in
                                                          ("neutrophil", "monocyte")] * (2 + k))], uri, "shards", "s")
         uris.append(uri)
-    logs = []
     res = evaluate(["pixels"], uris, str(tmp_path / "ev"), "test", probes=("knn1", "knn20"), bootstrap_n=20,
-                   plots=False, in_process=True, log=logs.append)
+                   plots=False, in_process=True)
     assert [(r["dataset"], r["n"], r["probe"]) for r in res["rows"]] == [
         ("shards#0", 4, "knn1"), ("shards#0", 4, "knn20"), ("shards#1", 6, "knn1"), ("shards#1", 6, "knn20")]
-    assert "[hierdino] note: shards#0 has 4 labelled train rows: knn20 vote over all of them" in logs
+    assert "[hierdino] note: shards#0 has 4 labelled train rows: knn20 vote over all of them" in said
     assert {k: v["uri"] for k, v in res["datasets"].items()} == {"shards#0": uris[0], "shards#1": uris[1]}
     text = (tmp_path / "ev" / "results.json").read_text()
     data = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in results.json"))
@@ -256,11 +253,11 @@ def test_sets_with_one_name_stay_apart_results_are_strict_json_and_a_damaged_cac
     cache = sorted((tmp_path / "ev" / "features").glob("shards-*.npz"))
     assert len(cache) == 2
     cache[0].write_bytes(cache[0].read_bytes()[:100])
-    logs.clear()
+    said.clear()
     again = evaluate(["pixels"], uris, str(tmp_path / "ev"), "test", probes=("knn1", "knn20"), bootstrap_n=20,
-                     plots=False, in_process=True, log=logs.append)
+                     plots=False, in_process=True)
     assert len(again["rows"]) == 4 and (tmp_path / "ev" / "results.json").read_text() == text
-    assert sum("is unreadable" in line for line in logs) == 1 and sum("features:" in line for line in logs) == 1
+    assert sum("is unreadable" in line for line in said) == 1 and sum("features:" in line for line in said) == 1
 
 
 def test_plain_vits_load_without_layerscale_and_other_model_families_are_named():

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, capture_log
 
 from hierdino import storage
 from hierdino.config import load_config
@@ -64,7 +64,7 @@ def test_kill_while_writing_a_checkpoint_then_nan_then_changed_config(ray_cluste
     assert r.returncode == 2 and "resume error" in r.stderr and "loss.koleo_weight: 0.0 -> 0.5" in r.stderr, r.stderr[-3000:]
 
 
-def test_resume_rules_without_a_cluster(tmp_path):
+def test_resume_rules_without_a_cluster(tmp_path, said):
     """The checks behind a restart, on a hand-made run directory: an uncommitted or truncated checkpoint
     is skipped with its reason; operational keys may change, recipe keys may not; run.resume=false
     starts fresh in <name>-2."""
@@ -88,14 +88,14 @@ def test_resume_rules_without_a_cluster(tmp_path):
     from hierdino.train.checkpoint import run_uri
 
     fresh = load_config("tiny-cpu", [f"run.storage={tmp_path}", "run.name=r", "run.resume=false"])
-    start = plan_start(fresh, run_uri, log=lambda *_: None)
+    start = plan_start(fresh, run_uri, quiet=True)
     assert start.name == "r-2" and start.uri.endswith("/r-2") and start.found.uri is None and fresh.run.name == "r-2"
 
     # A resume that lengthens the run says what changed and where its LR jumps (cosine over the new length).
     sets = [f"run.storage={tmp_path}", "run.name=r", "optim.warmup_steps=0"]
     (run / "config.yaml").write_text(load_config("tiny-cpu", sets + ["train.steps=6"]).to_yaml())
-    longer, said = load_config("tiny-cpu", sets + ["train.steps=900"]), []
-    assert plan_start(longer, run_uri, log=said.append).found.step == 3
+    longer = load_config("tiny-cpu", sets + ["train.steps=900"])
+    assert plan_start(longer, run_uri).found.step == 3
     lr0, low = 0.01 * math.sqrt(32 / 1024), longer.optim.min_lr  # tiny-cpu: base LR 0.01, batch 32
     was, now = (low + 0.5 * (lr0 - low) * (1 + math.cos(math.pi * 3 / total)) for total in (6, 900))
     assert "[hierdino] resuming with a changed train.steps: 6 -> 900" in said, said
@@ -115,10 +115,10 @@ def test_a_step_saved_again_in_place_is_not_vouched_for_by_its_old_marker(tmp_pa
     mgr = checkpoint.CheckpointManager(model, opt, 0, 1, str(tmp_path / "run"), keep=2)
     mgr.save(6, {"images_seen": 0})
     ckpt = tmp_path / "run" / "checkpoint_0000006"
-    assert verify(str(ckpt)) is None and mgr.load(log=lambda *_: None)["step"] == 6
+    assert verify(str(ckpt)) is None and mgr.load()["step"] == 6
 
-    def dies_half_way(state, checkpoint_id):
-        shard = next(p for p in Path(checkpoint_id).iterdir() if p.suffix == ".distcp")
+    def dies_half_way(state, storage_writer):
+        shard = next(p for p in Path(storage_writer.path).iterdir() if p.suffix == ".distcp")
         shard.write_bytes(b"\0" * shard.stat().st_size)
         raise RuntimeError("killed")
 
@@ -211,9 +211,9 @@ def _s3_checkpoint_rank(rank: int, world: int, init: str, run: str, opts: dict, 
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from hierdino.train import checkpoint
+    from hierdino.train import checkpoint, dcp_storage
 
-    checkpoint.CRC_BLOCK = 4096  # blocks much smaller than these shards: a rank's half is about half the blocks
+    dcp_storage.CRC_BLOCK = 4096  # blocks much smaller than these shards: a rank's half is about half the blocks
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
@@ -230,16 +230,16 @@ def _s3_checkpoint_rank(rank: int, world: int, init: str, run: str, opts: dict, 
             opt.step()
             mgr.save(5, {"images_seen": 40})
         else:
-            fetched = []
-            real = checkpoint.storage.download_ranges
+            fetched, real = [], dcp_storage.fetch
 
-            def counted(uri, dest, ranges, options=None, **kw):
-                done = real(uri, dest, ranges, options, **kw)
-                fetched.append(done if uri.endswith(".distcp") else 0)
-                return done
-            checkpoint.storage.download_ranges = counted
+            def counted(fs, path, start, end, where):
+                data = real(fs, path, start, end, where)
+                fetched.append(len(data) if where.endswith(".distcp") else 0)
+                return data
+            dcp_storage.fetch = counted
             said = []
-            state = mgr.load(log=said.append)
+            capture_log(said)
+            state = mgr.load()
             record["step"], record["said"] = state and state["step"], said
             record["fetched"] = sum(fetched)
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))  # on rank 0
@@ -324,7 +324,7 @@ def test_a_torn_or_edited_marker_or_manifest_makes_a_checkpoint_incomplete_not_a
         (ckpt / name).write_text(text)
         found = latest_complete(str(tmp_path / "run"))
         assert found.step == 2 and found.skipped[0].startswith(f"checkpoint_0000004: {why}"), (name, text, found)
-    assert mgr.load(log=lambda *_: None)["step"] == 2
+    assert mgr.load()["step"] == 2
     mgr.save(6, {"images_seen": 0})  # prunes past the torn one
     assert latest_complete(str(tmp_path / "run")).step == 6
 
@@ -335,7 +335,7 @@ def _flip(path: Path, offset: int) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_bytes_changed_after_the_commit_are_caught_and_the_previous_checkpoint_restored(tmp_path, monkeypatch):
+def test_bytes_changed_after_the_commit_are_caught_and_the_previous_checkpoint_restored(tmp_path, monkeypatch, said):
     """A shard or train state with one bit flipped (same size, so the commit check passes) is found by
     its block checksum on restore, named with the bytes that differ, marked, and the previous
     checkpoint restored exactly; pruning keeps the marked one; a manifest without checksums (written
@@ -344,7 +344,7 @@ def test_bytes_changed_after_the_commit_are_caught_and_the_previous_checkpoint_r
 
     from hierdino.train import checkpoint
 
-    monkeypatch.setattr(checkpoint, "CRC_BLOCK", 4096)
+    monkeypatch.setattr(checkpoint.dcp_storage, "CRC_BLOCK", 4096)
     model = torch.nn.Linear(64, 64)
     mgr = checkpoint.CheckpointManager(model, torch.optim.AdamW(model.parameters()), 0, 1, str(tmp_path / "run"), keep=3)
     weights = {}
@@ -359,8 +359,7 @@ def test_bytes_changed_after_the_commit_are_caught_and_the_previous_checkpoint_r
     _flip(shard, offset)
     assert verify(str(run / "checkpoint_0000006")) is None  # sizes alone cannot tell
 
-    said = []
-    assert mgr.load(log=said.append)["step"] == 4
+    assert mgr.load()["step"] == 4
     assert torch.equal(model.weight, weights[4])
     start = offset // 4096 * 4096
     assert said[0].startswith(f"[hierdino] skipped checkpoint_0000006: corrupt: {run}/checkpoint_0000006/__0_0.distcp: "
@@ -376,7 +375,7 @@ def test_bytes_changed_after_the_commit_are_caught_and_the_previous_checkpoint_r
 
     _flip(run / "checkpoint_0000010" / "train_state_rank0.pt", 100)
     said.clear()
-    assert mgr.load(log=said.append)["step"] == 8 and "train_state_rank0.pt: bytes 0-" in said[0], said
+    assert mgr.load()["step"] == 8 and "train_state_rank0.pt: bytes 0-" in said[0], said
 
     manifest = run / "checkpoint_0000004" / "manifest_rank0.json"  # as written before checksums
     old = json.loads(manifest.read_text())
@@ -384,7 +383,7 @@ def test_bytes_changed_after_the_commit_are_caught_and_the_previous_checkpoint_r
     manifest.write_text(json.dumps(old))
     for step in (8, 10):
         (run / f"checkpoint_{step:07d}" / CORRUPT).write_text('{"why": "test"}')
-    assert mgr.load(log=said.append)["step"] == 4 and torch.equal(model.weight, weights[4])
+    assert mgr.load()["step"] == 4 and torch.equal(model.weight, weights[4])
 
 
 def test_a_checkpoint_that_cannot_be_written_stops_the_run_naming_why_and_the_last_complete_one(tmp_path):
@@ -421,4 +420,4 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_naming_why_and_the_la
                         f"the last complete checkpoint is {run}/checkpoint_0000002. Run the same command to resume "
                         "once it can be written.", str(err.value)), str(err.value)
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint_0000002"]
-    assert mgr.load(log=lambda *_: None)["step"] == 2
+    assert mgr.load()["step"] == 2

@@ -20,9 +20,9 @@ PACKAGE = REPO / "hierdino"
 # Lowest first: (the layer as ARCHITECTURE.md names it, its modules and packages). A module belongs to
 # the layer of the longest name here that is itself or one of its packages.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("errors", ("hierdino.errors",)),
+    ("errors, logs", ("hierdino.errors", "hierdino.logs")),
     ("packaged, runtime, storage, archs, hierarchy, labels", ("hierdino.packaged", "hierdino.runtime", "hierdino.storage", "hierdino.archs",
-                    "hierdino.hierarchy", "hierdino.labels", "hierdino.hierarchies", "hierdino.configs",
+                    "hierdino.hierarchy", "hierdino.labels", "hierdino.hierarchies",
                     "hierdino.presets")),
     ("config", ("hierdino.config",)),
     ("data", ("hierdino.data",)),
@@ -172,3 +172,26 @@ def test_the_checks_catch_what_they_should(tmp_path, monkeypatch):
 def test_architecture_states_this_order():
     text = (REPO / "ARCHITECTURE.md").read_text()
     assert ORDER in text, f"ARCHITECTURE.md does not state the layer order {ORDER!r}"
+
+
+MAX_FUNCTION_LINES = 60  # ARCHITECTURE.md: every function fits on a screen
+
+
+def long_functions(modules: dict[str, Path]) -> list[str]:
+    """``path:line name (n lines)`` of every function or method longer than ``MAX_FUNCTION_LINES``."""
+    out = []
+    for path in modules.values():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    where = path.relative_to(REPO) if path.is_relative_to(REPO) else path
+                    out.append(f"{where}:{node.lineno} {node.name} ({n} lines)")
+    return out
+
+
+def test_no_function_is_longer_than_a_screen(tmp_path):
+    assert long_functions(all_modules()) == []
+    long = tmp_path / "long.py"  # the check itself: a 61-line function is named
+    long.write_text("def f():\n" + "    x = 1\n" * 59 + "    return x\n")
+    assert long_functions({"long": long}) == [f"{long}:1 f (61 lines)"]

@@ -36,13 +36,12 @@ def test_gpus_asked_of_a_cpu_cluster_are_refused():
     assert plan_resources(_cfg("scaling.use_gpu=true", "scaling.num_workers=2"), {"CPU": 8.0, "GPU": 2.0}).gpus == 2
 
 
-def test_waits_for_an_autoscaling_cluster_with_messages_then_gives_up():
+def test_waits_for_an_autoscaling_cluster_with_messages_then_gives_up(said):
     now = [0.0]
-    said = []
     grows = iter([{"CPU": 1.0}] * 3 + [{"CPU": 4.0}])
     cfg = _cfg("scaling.num_workers=2", "scaling.wait_for_resources_s=60")
     asked = []
-    plan = preflight(cfg, said.append, resources=lambda: next(grows), sleep=lambda s: now.__setitem__(0, now[0] + s),
+    plan = preflight(cfg, resources=lambda: next(grows), sleep=lambda s: now.__setitem__(0, now[0] + s),
                      clock=lambda: now[0], request=asked.append)
     assert plan.workers == 2 and now[0] == 15.0 and len(said) == 1 and "waiting up to 60 s" in said[0]
     # the autoscaler is asked once for the run's bundles: two workers and one ingest task
@@ -51,7 +50,7 @@ def test_waits_for_an_autoscaling_cluster_with_messages_then_gives_up():
     now[0] = 0.0
     asked.clear()
     with pytest.raises(ResourcesError, match=r"waited 60 s"):
-        preflight(cfg, said.append, resources=lambda: {"CPU": 1.0}, sleep=lambda s: now.__setitem__(0, now[0] + s),
+        preflight(cfg, resources=lambda: {"CPU": 1.0}, sleep=lambda s: now.__setitem__(0, now[0] + s),
                   clock=lambda: now[0], request=asked.append)
     assert asked == [[{"CPU": w}, {"CPU": w}, {"CPU": m}], []]  # withdrawn when the wait gives up too
     assert len(said) == 1 + 2  # one line per 30 s of waiting, not one per poll
@@ -125,25 +124,26 @@ def test_workers_are_placed_node_by_node_and_the_ingest_needs_room_on_one_node()
         plan_resources(_cfg("scaling.cpus_per_worker=1.9999"), {"CPU": 2.0})
 
 
-def test_a_busy_cluster_is_waited_for_briefly_then_refused_and_fixes_that_fail_are_not_offered():
+def test_a_busy_cluster_is_waited_for_briefly_then_refused_and_fixes_that_fail_are_not_offered(said):
     """Another job holds 1.5 of 2 CPUs: the run would fit the node, not what is free. It waits
     BUSY_GRACE_S (a job that is ending frees them), saying so, then stops instead of starting a run
     whose ingest never gets a CPU. On 1 CPU with 4 workers no cpus_per_worker fits: none is suggested."""
     from hierdino.train.preflight import BUSY_GRACE_S
 
-    now, said, asked = [0.0], [], []
+    now, asked = [0.0], []
     with pytest.raises(ResourcesError, match=r"other work holds the rest\) \(waited 30 s\)"):
-        preflight(_cfg(), said.append, resources=lambda: [{"CPU": 0.5}], totals=lambda: [{"CPU": 2.0}],
+        preflight(_cfg(), resources=lambda: [{"CPU": 0.5}], totals=lambda: [{"CPU": 2.0}],
                   sleep=lambda s: now.__setitem__(0, now[0] + s), clock=lambda: now[0], request=asked.append)
     assert now[0] == BUSY_GRACE_S == 30 and "waiting up to 30 s more" in said[0] and asked == []  # no nodes asked for
     # busy enough only to lower the ingest's share (0.4 CPU left beside the worker): also waited for first
-    now[0], said = 0.0, []
+    now[0] = 0.0
+    said.clear()
     freed = iter([[{"CPU": 1.4}], [{"CPU": 2.0}]])
-    assert preflight(_cfg(), said.append, resources=lambda: next(freed), totals=lambda: [{"CPU": 2.0}],
+    assert preflight(_cfg(), resources=lambda: next(freed), totals=lambda: [{"CPU": 2.0}],
                      sleep=lambda s: now.__setitem__(0, now[0] + s), clock=lambda: now[0]).ingest_cpus == 0.5
     assert now[0] == 5.0 and "other work holds now" in said[0]
     freed = iter([[{"CPU": 0.5}], [{"CPU": 2.0}]])
-    assert preflight(_cfg(), said.append, resources=lambda: next(freed), totals=lambda: [{"CPU": 2.0}],
+    assert preflight(_cfg(), resources=lambda: next(freed), totals=lambda: [{"CPU": 2.0}],
                      sleep=lambda s: None, clock=lambda: 0.0).ingest_cpus == 0.5
     with pytest.raises(ResourcesError) as e:
         plan_resources(_cfg("scaling.num_workers=4", "scaling.cpus_per_worker=0.25"), {"CPU": 1.0})

@@ -84,7 +84,7 @@ def test_logreg_on_a_random_backbone_is_not_below_its_knn(synth_suite, tmp_path)
 
     datasets = [resolve_dataset(n, synth_suite) for n in EXTERNAL_SETS]
     res = evaluate(["random:vit_micro_cpu@64"], datasets, str(tmp_path), "test", probes=("knn20", "logreg", "logreg_raw"),
-                   bootstrap_n=10, plots=False, in_process=True, log=lambda *_: None)
+                   bootstrap_n=10, plots=False, in_process=True)
     bacc = {(r["dataset"], r["probe"]): r["metrics"]["bacc"]["value"] for r in res["rows"]}
     for name in EXTERNAL_SETS:
         assert bacc[name, "logreg"] >= bacc[name, "knn20"] - 0.05, (name, bacc)

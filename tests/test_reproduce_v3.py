@@ -77,7 +77,7 @@ def _rows(uri):
 def test_parts_are_disjoint_make_up_the_train_split_and_coarse_labels_sit_at_depth_3(pbc_like, tmp_path):
     pbc, recs = pbc_like
     h = load_hierarchy("wbc-h2")
-    v3.write_parts(pbc, str(tmp_path / "data"), log=lambda *_: None)
+    v3.write_parts(pbc, str(tmp_path / "data"))
     parts = {n: _rows(str(tmp_path / "data" / n)) for n in ("pbc-fine", "pbc-coarse", "pbc-coarse-unlabelled", "pbc-unlabelled")}
     ids = {n: {r["image_id"] for r in rows} for n, rows in parts.items()}
     train = {r.image_id: r.label for r in recs if r.split == "train"}
@@ -211,7 +211,7 @@ def test_a_published_pbc_folder_is_cut_as_make_shards_cuts_it(tmp_path):
         Image.fromarray(np.full((6, 6, 3), i, np.uint8)).save(root / rel, format="JPEG")
     assert make_shards(["pbc", "--root", str(root), "--out", str(tmp_path / "cli" / "pbc"), "--split-fractions",
                         "0.6,0.2,0.2", "--split-seed", "0"]) == 0
-    out = v3.pbc_shards(str(root), str(tmp_path / "v3"), log=lambda *_: None)
+    out = v3.pbc_shards(str(root), str(tmp_path / "v3"))
     assert out == str(tmp_path / "v3" / "pbc")
     assert sorted(_rows(out), key=str) == sorted(_rows(str(tmp_path / "cli" / "pbc")), key=str)
     assert shards.read_manifest(out).counts == shards.read_manifest(str(tmp_path / "cli" / "pbc")).counts

@@ -76,17 +76,17 @@ def test_no_writer_in_the_package_bypasses_the_atomic_helper():
 
 # -- feature caches without pickle -----------------------------------------------------------------
 
-def test_feature_cache_holds_no_object_arrays_and_an_old_pickled_cache_is_recomputed(tmp_path):
+def test_feature_cache_holds_no_object_arrays_and_an_old_pickled_cache_is_recomputed(tmp_path, said):
     from hierdino.eval.features import dataset_features, resolve_model
 
     uri = _tiny_set(str(tmp_path / "set"))
-    model, cache_dir, logs = resolve_model("pixels"), str(tmp_path / "cache"), []
-    first = dataset_features(model, uri, cache_dir, in_process=True, log=logs.append)
+    model, cache_dir = resolve_model("pixels"), str(tmp_path / "cache")
+    first = dataset_features(model, uri, cache_dir, in_process=True)
     (cache,) = (tmp_path / "cache").glob("tiny-*.npz")
     with np.load(cache) as z:
         assert sorted(z.files) == ["features", "image_ids", "labels", "splits", "unlabeled"]
         assert all(z[k].dtype.kind != "O" for k in z.files)
-    cached = dataset_features(model, uri, cache_dir, in_process=True, log=logs.append)
+    cached = dataset_features(model, uri, cache_dir, in_process=True)
     assert [list(getattr(cached, k)) for k in ("labels", "splits", "image_ids")] == \
         [list(getattr(first, k)) for k in ("labels", "splits", "image_ids")]
     assert None in list(cached.labels) and np.array_equal(cached.features, first.features)
@@ -98,10 +98,10 @@ def test_feature_cache_holds_no_object_arrays_and_an_old_pickled_cache_is_recomp
         buf = io.BytesIO()
         np.savez(buf, **pickled, **extra)
         cache.write_bytes(buf.getvalue())
-        logs.clear()
-        again = dataset_features(model, uri, cache_dir, in_process=True, log=logs.append)
+        said.clear()
+        again = dataset_features(model, uri, cache_dir, in_process=True)
         assert np.array_equal(again.features, first.features) and list(again.labels) == list(first.labels)
-        assert sum("unreadable or in an old format" in line for line in logs) == 1
+        assert sum("unreadable or in an old format" in line for line in said) == 1
 
 
 def test_allow_pickle_appears_nowhere_in_the_package():
@@ -132,7 +132,7 @@ def test_a_manifest_named_out_of_its_directory_is_refused_and_nothing_is_written
     before, error = _files(tmp_path), ""
     try:
         evaluate(["pixels"], [uri], str(tmp_path / "a" / "b" / "out"), "test", probes=("knn1",), bootstrap_n=10,
-                 plots=True, in_process=True, log=lambda *_: None)
+                 plots=True, in_process=True)
     except ShardError as e:
         error = str(e)
     assert [f for f in _files(tmp_path) if f not in before and not f.startswith("a/b/out/")] == []

@@ -73,7 +73,7 @@ def test_two_trial_sweep_writes_outputs_and_asha_stops_the_bad_trial(ray_cluster
     out = tmp_path / "sweep"
     res = run_sweep("tiny-cpu", str(space), 1, str(out), "asha", 1, [
         f"data.synth_cache={synth_suite}", "train.steps=4", "train.batch_size=16", "checkpoint.every_steps=3",
-        "eval.every_steps=2", "train.log_every=2", "eval.datasets=[synth-ext-1]"], log=lambda *_: None)  # checkpoints off the eval steps, 1-CPU worker
+        "eval.every_steps=2", "train.log_every=2", "eval.datasets=[synth-ext-1]"])  # checkpoints off the eval steps, 1-CPU worker
     rows = {r["eval.image_size"]: r for r in res["rows"]}
     assert rows["64"]["step"] == 4 and not rows["64"]["stopped_early"] and rows["64"]["chosen"]
     assert rows["8"]["stopped_early"] and rows["8"]["step"] == 2
@@ -115,7 +115,7 @@ def test_a_trial_stopped_early_never_wins_and_the_verdict_uses_intervals(ray_clu
     out = tmp_path / "sweep"
     res = sweep.run_sweep("tiny-cpu", str(_space(tmp_path, "train.seed", {"dist": "grid", "values": list(values)})), 1,
                           str(out), "none",
-                          1, ["train.steps=8"], log=lambda *_: None, trainable=_synthetic(values))
+                          1, ["train.steps=8"], trainable=_synthetic(values))
     rows = {r["train.seed"]: r for r in res["rows"]}
     assert rows["1"]["stopped_early"] and not rows["1"]["chosen"]
     assert rows["2"]["chosen"] and res["best"]["train.seed"] == "2"
@@ -189,7 +189,7 @@ def test_optuna_search_runs_a_small_sweep(ray_cluster, tmp_path, monkeypatch):
         tune.report({"ext_val_bacc": 1 - (x - 0.3) ** 2, "ext_val_bacc_lo": 0.0, "ext_val_bacc_hi": 1.0, "step": 8})
 
     res = sweep.run_sweep("tiny-cpu", str(_space(tmp_path, "loss.supervised.alpha", {"dist": "uniform", "low": 0.0, "high": 1.0})), 3,
-                          str(tmp_path / "opt"), "none", 1, ["train.steps=8"], log=lambda *_: None, search="optuna",
+                          str(tmp_path / "opt"), "none", 1, ["train.steps=8"], search="optuna",
                           trainable=trainable)
     xs = [float(r["loss.supervised.alpha"]) for r in res["rows"]]
     assert len(xs) == 3 and len(set(xs)) == 3 and all(0 <= x <= 1 for x in xs)
@@ -248,7 +248,7 @@ def test_seeds_per_trial_refuses_asha(tmp_path):
 
     with pytest.raises(SpaceError, match="needs --scheduler none"):
         sweep.run_sweep("tiny-cpu", str(_space(tmp_path, "train.seed", {"dist": "grid", "values": [1]})), 1,
-                        str(tmp_path / "s"), "asha", 1, ["train.steps=8"], log=lambda *_: None, seeds_per_trial=2)
+                        str(tmp_path / "s"), "asha", 1, ["train.steps=8"], seeds_per_trial=2)
 
 
 def test_sweep_outputs_land_on_s3(ray_cluster, s3_server, tmp_path, monkeypatch):
@@ -266,7 +266,7 @@ def test_sweep_outputs_land_on_s3(ray_cluster, s3_server, tmp_path, monkeypatch)
     space = _space(tmp_path, "train.seed", {"dist": "grid", "values": [1, 2]})
     out = sweep.default_out(load_config("tiny-cpu", ["run.storage=s3://sweeps"]), load_space(space))  # no --out given
     assert out == "s3://sweeps/sweeps/syn"
-    res = sweep.run_sweep("tiny-cpu", str(space), 1, out, "none", 1, ["train.steps=8"], log=lambda *_: None,
+    res = sweep.run_sweep("tiny-cpu", str(space), 1, out, "none", 1, ["train.steps=8"],
                           trainable=_synthetic(values))
     assert res["best"]["train.seed"] == "1"
     opts = StorageOptions(**s3_server.storage_options())
@@ -288,7 +288,7 @@ def test_a_rerun_of_a_sweep_defined_otherwise_is_refused_naming_what_differs(ray
     out = str(tmp_path / "sweep")
 
     def run(trials, overrides):
-        return sweep.run_sweep("tiny-cpu", space, trials, out, "none", 1, overrides, log=lambda *_: None,
+        return sweep.run_sweep("tiny-cpu", space, trials, out, "none", 1, overrides,
                                trainable=_synthetic(values))
 
     assert run(1, ["train.steps=8"])["best"]["train.seed"] == "2"
@@ -314,7 +314,7 @@ def test_space_fixed_must_be_a_mapping_and_a_trial_error_is_named_by_its_innermo
     assert error_text(KeyError("x")) == "KeyError"
 
 
-def test_a_signal_to_a_sweep_asks_tunes_graceful_stop_and_is_remembered():
+def test_a_signal_to_a_sweep_asks_tunes_graceful_stop_and_is_remembered(said):
     """SIGINT / SIGTERM during a sweep become Tune's own graceful stop (SIGUSR1, whose handler Tune
     installs while it runs) and mark the sweep interrupted (Tune then reports the stopped trials as
     finished); a second signal, or one before Tune listens, aborts. Tune's SIGINT handler is off."""
@@ -327,16 +327,16 @@ def test_a_signal_to_a_sweep_asks_tunes_graceful_stop_and_is_remembered():
     sigint = signal.getsignal(signal.SIGINT)
     before = signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))  # as Tune's handler while it runs
     try:
-        with SweepStop(log=got.append) as stop:
+        with SweepStop() as stop:
             assert os.environ["TUNE_DISABLE_SIGINT_HANDLER"] == "1"
             os.kill(os.getpid(), signal.SIGINT)
-            assert stop.signal == "SIGINT" and got[-1] == signal.SIGUSR1 and "stopping the sweep" in got[0]
+            assert stop.signal == "SIGINT" and got == [signal.SIGUSR1] and "stopping the sweep" in said[0]
             with pytest.raises(KeyboardInterrupt):
                 os.kill(os.getpid(), signal.SIGTERM)
         assert "TUNE_DISABLE_SIGINT_HANDLER" not in os.environ
         assert signal.getsignal(signal.SIGINT) is sigint  # the handlers before the sweep are back
         signal.signal(signal.SIGUSR1, signal.SIG_DFL)  # Tune not listening yet: a signal aborts
-        with SweepStop(log=got.append) as stop, pytest.raises(KeyboardInterrupt):
+        with SweepStop() as stop, pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGTERM)
         assert stop.signal is None
     finally:

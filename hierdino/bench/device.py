@@ -20,6 +20,7 @@ import warnings
 import numpy as np
 import torch
 
+from hierdino import logs
 from hierdino.bench.ingest import _images
 from hierdino.bench.step import full_step
 from hierdino.config import load_config
@@ -83,7 +84,9 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--source-size", type=int, default=256)
+    logs.add_flags(p)
     args = p.parse_args(argv)
+    logs.console(logs.level_from_flags(args.quiet, args.verbose))
     if not torch.cuda.is_available():
         raise SystemExit("hierdino.bench.device needs a CUDA GPU")
     device = torch.device("cuda")

@@ -44,6 +44,7 @@ import time
 import torch
 from PIL import Image
 
+from hierdino import logs
 from hierdino.data import shards
 from hierdino.data.augment import augment_views
 from hierdino.data.crops import center_box
@@ -187,7 +188,7 @@ def bench_ray(uri, n_images, size, local_n, local_size, options=None, batch=64, 
     return meter.done(n)
 
 
-def main(argv=None) -> None:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m hierdino.bench.ingest")
     p.add_argument("--images", type=int, default=None, help="default: 2000 synthetic, or all of --shards' train rows")
     p.add_argument("--image-size", type=int, default=64)
@@ -206,7 +207,33 @@ def main(argv=None) -> None:
     p.add_argument("--no-s3", action="store_true")
     p.add_argument("--gpu-images-per-s", type=float, default=32 / 0.284,
                    help="images/s one GPU trains (default: ViT-L/14, 224 px, batch 32, H100: 284 ms per step)")
+    return p
+
+
+def _print_results(results: dict, args, source: str, cores: int) -> None:
+    """The table: each path's samples/s, per core and per CPU-s, as ratios against the DataLoader."""
+    base, base_cpu = results["dataloader (PIL, 2 workers)"][0], results["dataloader (PIL, 2 workers)"][2]
+    centre = f", centre {args.center_crop:g} of each side first" if args.center_crop < 1 else ""
+    print(f"multi-crop ingest, {source} to {args.image_size} px crops (scale {args.global_scale[0]:g}-"
+          f"{args.global_scale[1]:g}{centre}), 2 global + {args.local_crops} local crops of {args.local_size} px, "
+          f"{cores} cores (every path uses all of them)")
+    print("  (per CPU-s: samples per CPU second the run's processes used, robust to other load on the machine)")
+    for name, (rate, first, cpu) in results.items():
+        by_cpu = "" if cpu is None or base_cpu is None else f"   {1 / cpu:7.1f} per CPU-s, ratio {base_cpu / cpu:5.2f}x"
+        print(f"  {name:44s} {rate:8.1f} samples/s  {rate / cores:7.1f} per core   ratio vs DataLoader {rate / base:5.2f}x"
+              f"{by_cpu}   first batch {first:5.2f} s")
+    per_core = results["ray data, local: ingest"][0] / cores
+    print(f"  one GPU at {args.gpu_images_per_s:.0f} images/s needs {args.gpu_images_per_s / per_core:.1f} CPU cores of this "
+          f"kind for the ingest (photometric on the GPU); the PIL DataLoader would need "
+          f"{args.gpu_images_per_s / (base / cores):.1f}")
+
+
+
+def main(argv=None) -> None:
+    p = _parser()
+    logs.add_flags(p)
     args = p.parse_args(argv)
+    logs.console(logs.level_from_flags(args.quiet, args.verbose))
     import ray  # heavy: not for --help or an argument error
 
     torch.set_num_threads(1)
@@ -248,21 +275,7 @@ def main(argv=None) -> None:
             finally:
                 server.stop()
     ray.shutdown()
-    base, base_cpu = results["dataloader (PIL, 2 workers)"][0], results["dataloader (PIL, 2 workers)"][2]
-    centre = f", centre {args.center_crop:g} of each side first" if args.center_crop < 1 else ""
-    print(f"multi-crop ingest, {source} to {args.image_size} px crops (scale {args.global_scale[0]:g}-"
-          f"{args.global_scale[1]:g}{centre}), 2 global + {args.local_crops} local crops of {args.local_size} px, "
-          f"{cores} cores (every path uses all of them)")
-    print("  (per CPU-s: samples per CPU second the run's processes used, robust to other load on the machine)")
-    for name, (rate, first, cpu) in results.items():
-        by_cpu = "" if cpu is None or base_cpu is None else f"   {1 / cpu:7.1f} per CPU-s, ratio {base_cpu / cpu:5.2f}x"
-        print(f"  {name:44s} {rate:8.1f} samples/s  {rate / cores:7.1f} per core   ratio vs DataLoader {rate / base:5.2f}x"
-              f"{by_cpu}   first batch {first:5.2f} s")
-    per_core = results["ray data, local: ingest"][0] / cores
-    print(f"  one GPU at {args.gpu_images_per_s:.0f} images/s needs {args.gpu_images_per_s / per_core:.1f} CPU cores of this "
-          f"kind for the ingest (photometric on the GPU); the PIL DataLoader would need "
-          f"{args.gpu_images_per_s / (base / cores):.1f}")
-
+    _print_results(results, args, source, cores)
 
 if __name__ == "__main__":
     main()

@@ -39,6 +39,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
+from hierdino import logs
 from hierdino.config import config_from_dict, load_config
 from hierdino.data.augment import to_model_input
 from hierdino.hierarchy import load_hierarchy
@@ -328,6 +329,22 @@ def print_compiled(compiled: dict[str, float], eager_s: float, bare_s: float, pe
               f"   {step_s / eager_s:5.2f}x the eager step's time, MFU {100 * peak_s / step_s:.1f}%")
 
 
+def print_breakdown(breakdown: dict, device: torch.device, full_s: float) -> None:
+    """The profiled eager step by part and its slowest operations."""
+    wall, top = breakdown.pop("wall"), breakdown.pop("top")
+    if "gpu_busy" in breakdown:
+        busy = breakdown.pop("gpu_busy")
+        print(f"  GPU busy (kernels and copies, profiled) {busy:.1f} ms per step = {100 * busy / (1000 * full_s):.0f}% "
+              f"of the unprofiled step: the rest the GPU waits for the host")
+    print(f"  eager full step by part (torch.profiler, {'device' if device.type == 'cuda' else 'CPU'} time, ms per step; "
+          f"profiled wall {wall:.1f} ms, shares of it):")
+    for name, ms in breakdown.items():
+        print(f"    {name:16s} {ms:8.1f} ms  {100 * ms / wall:5.1f}%")
+    print("  slowest operations (self time, ms per step):")
+    for name, ms in top:
+        print(f"    {ms:8.2f} ms  {name[:90]}")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m hierdino.bench.step")
     p.add_argument("--config", default="tiny-cpu")
@@ -338,7 +355,9 @@ def main(argv=None) -> None:
     p.add_argument("--no-compile", action="store_true", help="skip the compiled steps (eager only)")
     p.add_argument("--fsdp", action="store_true", help="the full step under FSDP2 over one rank (parameters in the "
                    "training dtype, as a multi-worker run) instead of bf16 autocast of the backbones and heads")
+    logs.add_flags(p)
     args = p.parse_args(argv)
+    logs.console(logs.level_from_flags(args.quiet, args.verbose))
     cfg = load_config(args.config, args.overrides)
     batch = args.batch or cfg.train.batch_size
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.scaling.use_gpu else "cpu")
@@ -371,19 +390,7 @@ def main(argv=None) -> None:
           f"measured copy bandwidth of {bandwidth / 1e9:.0f} GB/s at least {1000 * traffic.bytes / bandwidth:.1f} ms "
           f"({1000 * traffic.bytes_on_last_dim / bandwidth:.1f} ms over the prototypes); the bare step's "
           f"{bare_bytes / 1e9:.2f} GB: traffic full/bare {traffic.bytes / max(bare_bytes, 1):.2f}x")
-    breakdown = parts()
-    wall, top = breakdown.pop("wall"), breakdown.pop("top")
-    if "gpu_busy" in breakdown:
-        busy = breakdown.pop("gpu_busy")
-        print(f"  GPU busy (kernels and copies, profiled) {busy:.1f} ms per step = {100 * busy / (1000 * full_s):.0f}% "
-              f"of the unprofiled step: the rest the GPU waits for the host")
-    print(f"  eager full step by part (torch.profiler, {'device' if device.type == 'cuda' else 'CPU'} time, ms per step; "
-          f"profiled wall {wall:.1f} ms, shares of it):")
-    for name, ms in breakdown.items():
-        print(f"    {name:16s} {ms:8.1f} ms  {100 * ms / wall:5.1f}%")
-    print("  slowest operations (self time, ms per step):")
-    for name, ms in top:
-        print(f"    {ms:8.2f} ms  {name[:90]}")
+    print_breakdown(parts(), device, full_s)
     if not args.no_ray and device.type == "cpu":
         ray_s = time_ray_step(cfg, batch, args.steps)
         print(f"  2 Ray Train workers (FSDP2, gloo), same global batch {1000 * ray_s:9.1f} ms   "

@@ -13,14 +13,18 @@ files (the path under the folder is the image id).
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
+from hierdino import logs
 from hierdino.cli.evaluate import _positive
 from hierdino.errors import user_errors
 from hierdino.eval.embed import DTYPES, EmbedOptions, check_writable, run_embed, summary_text
 from hierdino.eval.features import resolve_model
 from hierdino.runtime import init_ray
 from hierdino.storage import StorageOptions
+
+logger = logging.getLogger(__name__)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,12 +50,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--files-per-part", type=_positive, default=1024, help="images of a folder per output file")
     p.add_argument("--s3-endpoint", default=None)
     p.add_argument("--s3-region", default=None)
+    logs.add_flags(p, verbose_help="Ray Data plans, progress bars and Ray's warnings too")
     return p
 
 
 @user_errors(ValueError, FileNotFoundError, OSError)
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    logs.console(logs.level_from_flags(args.quiet, args.verbose))
     if args.calibrate and not args.predict:
         raise ValueError("--calibrate chooses the threshold of --predict's calls: add --predict")
     if args.tau is not None and args.calibrate:
@@ -65,8 +71,8 @@ def main(argv=None) -> int:
     o = EmbedOptions(args.dtype, args.patch_mean, args.predict, args.calibrate, args.calibrate_split,
                      args.target_precision, args.tau, center, args.batch_size, args.actors, args.gpus_per_actor,
                      args.files_per_part)
-    init_ray()
-    print(summary_text(run_embed(model, args.data, args.out, o, options)))
+    init_ray(verbose=args.verbose)
+    logger.info(summary_text(run_embed(model, args.data, args.out, o, options)))
     return 0
 
 

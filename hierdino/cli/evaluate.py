@@ -16,6 +16,7 @@ import os
 import sys
 from pathlib import Path
 
+from hierdino import logs
 from hierdino.data.suite import EXTERNAL_SETS, resolve_dataset
 from hierdino.errors import user_errors
 from hierdino.eval.features import features_in_process, resolve_model
@@ -57,7 +58,9 @@ def main(argv=None) -> int:
     p.add_argument("--features", choices=("auto", "ray", "local"), default="auto",
                    help="where features are computed: a Ray Data actor pool, this process, or auto (this process on "
                         "a one-node cluster without GPUs)")
+    logs.add_flags(p, verbose_help="Ray Data plans, progress bars and Ray's warnings too")
     args = p.parse_args(argv)
+    logs.console(logs.level_from_flags(args.quiet, args.verbose))
     if args.bootstrap < 1000:
         print(f"note: --bootstrap {args.bootstrap} is below the 1000 resamples the reports assume", file=sys.stderr)
     models = list(args.model)
@@ -72,7 +75,7 @@ def main(argv=None) -> int:
             models.append("pixels")
     suite = str(Path(os.path.expanduser(args.suite)))
     datasets = [resolve_dataset(d, suite) for d in args.datasets]
-    init_ray()
+    init_ray(verbose=args.verbose)
     res = evaluate(models, datasets, args.out, args.split, tuple(args.probes), args.bootstrap, args.seed, args.metric,
                    args.patch_mean, plots=not args.no_plots, in_process=features_in_process(args.features),
                    hierarchies=tuple(args.hierarchy), center_crop=center)

@@ -20,14 +20,18 @@ S3 settings: ``--s3-endpoint`` / ``--s3-region`` or the standard AWS environment
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 
+from hierdino import logs
 from hierdino.data import layouts, shards, suite
 from hierdino.errors import user_errors
 from hierdino.hierarchy import load_hierarchy
 from hierdino.labels import get_label_map
 from hierdino.storage import StorageOptions
+
+logger = logging.getLogger(__name__)
 
 
 def _add_synth(sub) -> None:
@@ -63,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="make_shards.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--s3-endpoint", default=None)
     p.add_argument("--s3-region", default=None)
+    logs.add_flags(p)
     sub = p.add_subparsers(dest="cmd", required=True)
     _add_synth(sub)
     a = sub.add_parser("folder", help="an image folder (one sub-folder per class)")
@@ -107,10 +112,12 @@ def _items(args: argparse.Namespace, lm) -> list[shards.Item]:
 @user_errors(ValueError, OSError)
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    logs.console(logs.level_from_flags(args.quiet, args.verbose))
     opts = StorageOptions(endpoint=args.s3_endpoint, region=args.s3_region)
     t0 = time.time()
     if args.cmd == "synth":
-        print(f"building the synthetic suite ({args.size}, {args.image_size} px, seed {args.seed}) into {args.out}")
+        logger.info(f"building the synthetic suite ({args.size}, {args.image_size} px, seed {args.seed}) into "
+                    f"{args.out}", extra=logs.PLAIN)
         names = tuple(args.only) if args.only else suite.SUITE_NAMES
         ms = suite.build_suite(args.out, args.size, args.image_size, args.seed, args.workers, names, opts)
         n = sum(m.num_images for m in ms.values())

@@ -10,16 +10,20 @@ Under ``ray job submit`` (``RAY_ADDRESS`` set) it joins that cluster; otherwise 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
 
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
+from hierdino import logs
 from hierdino.config import ConfigError, load_config
 from hierdino.data.suite import ensure_synthetic_suite
 from hierdino.errors import user_errors
 from hierdino.runtime import init_ray, positive_int, upload_dir_problem
+
+logger = logging.getLogger(__name__)
 
 
 def parse_args(argv=None):
@@ -32,7 +36,7 @@ def parse_args(argv=None):
                    help="with --validate-only: do not look at run.storage, the datasets or the weights (a manifest "
                         "checked away from its cluster)")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
-    p.add_argument("--verbose", action="store_true", help="Ray Data plans, progress bars and Ray's warnings too")
+    logs.add_flags(p, verbose_help="Ray Data plans, progress bars and Ray's warnings too")
     p.add_argument("--no-dashboard", dest="dashboard", action="store_false",
                    help="start the local cluster without Ray's dashboard (Ray Train then cannot query its state API "
                         "and says so every few seconds)")
@@ -91,14 +95,14 @@ def evaluate_at_end(cfg, run_dir: str) -> dict:
 
     datasets = eval_set_uris(cfg)
     out = storage.join(run_dir, "eval")
-    print(f"[hierdino] evaluating {run_dir} on {', '.join(datasets)} ({cfg.eval.split} split)")
+    logger.info(f"evaluating {run_dir} on {', '.join(datasets)} ({cfg.eval.split} split)")
     options = storage.StorageOptions.from_config(cfg)
     res = evaluate([run_dir], datasets, out, cfg.eval.split, bootstrap_n=cfg.eval.bootstrap,
                    default_img_size=cfg.eval.image_size or cfg.data.image_size, options=options,
                    in_process=features_in_process(cfg.eval.features), hierarchies=(cfg.hierarchy.name,),
                    center_crop=eval_center_crop(cfg))
     print(markdown_table(res))
-    print(f"[hierdino] evaluation report: {storage.join(out, 'results.md')}")
+    logger.info(f"evaluation report: {storage.join(out, 'results.md')}")
     tb = RunLog(run_dir, jsonl=False, options=options)
     run = [r for r in res["rows"] if r["model"] not in ("pixels",) and not r["model"].startswith("random")]
     tb.write({f"final_{r['dataset']}_{r['probe']}_bacc": r["metrics"]["bacc"]["value"] for r in run}, step=cfg.train.steps)
@@ -107,21 +111,22 @@ def evaluate_at_end(cfg, run_dir: str) -> dict:
 
 
 def say_finished(final: dict, t0: float) -> None:
-    print(f"[hierdino] finished    step {final.get('step')} in {(time.time() - t0) / 60:.1f} min; "
-          f"{final.get('images_per_s', 0):.1f} images/s in the training loop")
-    print(f"[hierdino] checkpoint  {final.get('checkpoint')}")
+    logger.info(f"finished    step {final.get('step')} in {(time.time() - t0) / 60:.1f} min; "
+                f"{final.get('images_per_s', 0):.1f} images/s in the training loop")
+    logger.info(f"checkpoint  {final.get('checkpoint')}")
     nodes = final.get("worker_nodes") or []
-    print(f"[hierdino] workers     {len(nodes)} on {len(set(nodes))} node(s); student parameter checksum "
-          f"{final.get('start_checksum', float('nan')):.17g} at step {final.get('start_step', 0)}, "
-          f"{final.get('final_checksum', float('nan')):.17g} at step {final.get('step')}")
-    print(f"[hierdino] metrics     {final['run_dir']}/metrics.jsonl; tensorboard --logdir {final['run_dir']}/tb")
-    print(f"[hierdino] run         {final['run_dir']}")
-    print(f"[hierdino] export      {final.get('export') or 'none (the run stopped before train.steps)'}")
+    logger.info(f"workers     {len(nodes)} on {len(set(nodes))} node(s); student parameter checksum "
+                f"{final.get('start_checksum', float('nan')):.17g} at step {final.get('start_step', 0)}, "
+                f"{final.get('final_checksum', float('nan')):.17g} at step {final.get('step')}")
+    logger.info(f"metrics     {final['run_dir']}/metrics.jsonl; tensorboard --logdir {final['run_dir']}/tb")
+    logger.info(f"run         {final['run_dir']}")
+    logger.info(f"export      {final.get('export') or 'none (the run stopped before train.steps)'}")
 
 
 @user_errors(named=True)  # a UserError, also from inside Ray's errors: "<kind> error: ..." and exit 2
 def main(argv=None) -> int:
     args = parse_args(argv)
+    logs.console(logs.level_from_flags(args.quiet, args.verbose))
     try:
         cfg = load_config(args.config, args.overrides)
     except FileNotFoundError as e:
@@ -131,7 +136,7 @@ def main(argv=None) -> int:
         return 2
     data, where = check_before_cluster(args, cfg)
     if warning := supervision_warning(cfg, data):  # said before any cluster work (--validate-only too)
-        print(f"[hierdino] WARNING: {warning}")
+        logger.warning(f"WARNING: {warning}")
     if args.validate_only:
         print(f"config OK: {args.config} ({len(args.overrides)} override(s)); run {cfg.run.storage}/{cfg.run.name}: {where}")
         return 0
@@ -140,8 +145,8 @@ def main(argv=None) -> int:
     t0 = time.time()
     init_ray(args.local_cpus, dashboard=args.dashboard, verbose=args.verbose)
     try:
-        # before building data: a run that cannot fit stops in seconds (only its waiting is said here)
-        launch.preflight(cfg, log=lambda line: print(line) if "waiting" in line else None)
+        # before building data: a run that cannot fit stops in seconds (its plan is said as the run starts)
+        launch.preflight(cfg, note=False)
         ensure_synthetic_suite(cfg)
         final = launch.train(cfg, preset=args.config)
     except KeyboardInterrupt:  # a second SIGTERM / SIGINT (or one before the run started): no graceful stop
@@ -150,12 +155,12 @@ def main(argv=None) -> int:
 
         with storage.retry_window(5):  # a store that does not answer must not hold the exit for minutes
             found = latest_complete(run_uri(cfg), storage.StorageOptions.from_config(cfg))
-        print(f"[hierdino] aborted by a second signal: the steps since the last complete checkpoint are lost; it is "
-              f"{found.uri or 'none'}. Run the same command again to resume from it.", file=sys.stderr)
+        logger.error(f"aborted by a second signal: the steps since the last complete checkpoint are lost; it is "
+                     f"{found.uri or 'none'}. Run the same command again to resume from it.")
         return 130
     if final.get("stopped_by"):
-        print(f"[hierdino] stopped by {final['stopped_by']} after step {final.get('step')}; checkpoint "
-              f"{final.get('checkpoint')}. Run the same command again to resume from it.")
+        logger.info(f"stopped by {final['stopped_by']} after step {final.get('step')}; checkpoint "
+                    f"{final.get('checkpoint')}. Run the same command again to resume from it.")
         return 0
     if final.get("export") and cfg.eval.at_end and not args.no_eval:
         evaluate_at_end(cfg, final["run_dir"])

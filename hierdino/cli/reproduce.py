@@ -7,9 +7,9 @@
   python jobs/reproduce.py --scale vits14-gpu --time-budget-min 7 --seeds 0 1 \
       --level-weights 0.25,0.3,0.28,0.16 --out runs/repro-vits14   # 224 px ViT-S/14 on one GPU
 
-The design is pre-registered in hierdino/configs/repro/ (read base.yaml). Resumable: finished runs
+The design is pre-registered in hierdino/presets/repro/ (read base.yaml). Resumable: finished runs
 (an export present) and a finished sweep are skipped when the command is run again.
-``--scale NAME`` lays hierdino/configs/repro/scale-NAME.yaml over every variant (model, image size,
+``--scale NAME`` lays hierdino/presets/repro/scale-NAME.yaml over every variant (model, image size,
 resources; never the losses). ``--time-budget-min`` (with no ``--steps``) times a short calibration
 run and gives every variant the same number of steps that fits the budget, fixed before any variant
 trains. ``--level-weights`` gives variant (d) weights chosen elsewhere instead of sweeping.
@@ -20,18 +20,22 @@ hierdino/experiments/ (``v1``, ``v2``, ``v3`` on ``stages``); this module is the
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from pathlib import Path
 
+from hierdino import logs
 from hierdino.cli import user_errors
 from hierdino.data.ingest import IngestError
 from hierdino.data.shards import ShardError
 from hierdino.eval import EvalDataError
 from hierdino.experiments import v1, v2, v3
-from hierdino.experiments.stages import Stopped, render
+from hierdino.experiments.stages import REPRODUCE, Stopped, render
 from hierdino.runtime import upload_dir_problem
 from hierdino.storage import StorageError
+
+logger = logging.getLogger(__name__)
 
 DESIGNS = {"v1": v1, "v2": v2, "v3": v3}  # each with its VARIANTS and reproduce(args, probes)
 
@@ -42,9 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="default: runs/repro (v1), runs/repro-v2 (v2)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--design", choices=("v1", "v2", "v3"), default="v1",
-                   help="v1: hierdino/configs/repro/ (from scratch); v2: hierdino/configs/repro/v2/ (continued from a "
+                   help="v1: hierdino/presets/repro/ (from scratch); v2: hierdino/presets/repro/v2/ (continued from a "
                         "shared SSL base model, >= 1,500 test images per set, paired bootstrap); v3: "
-                        "hierdino/configs/repro/v3/ (real PBC cells, labels at mixed depths; needs --pbc)")
+                        "hierdino/presets/repro/v3/ (real PBC cells, labels at mixed depths; needs --pbc)")
     p.add_argument("--pbc", default=None, help="v3: PBC's published folder (PBC_dataset_normal_DIB) or shards made from it")
     p.add_argument("--base-steps", type=int, default=None, help="v3: override the base model's 1,200 steps (smoke checks only)")
     p.add_argument("--variants", nargs="+", default=None,
@@ -55,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep-trials", type=int, default=4)
     p.add_argument("--sweep-steps", type=int, default=None)
     p.add_argument("--bootstrap", type=int, default=1000)
-    p.add_argument("--scale", default=None, help="lay hierdino/configs/repro/scale-NAME.yaml over every variant")
+    p.add_argument("--scale", default=None, help="lay hierdino/presets/repro/scale-NAME.yaml over every variant")
     p.add_argument("--time-budget-min", type=float, default=None,
                    help="without --steps: pick the steps per variant that fit this many minutes (timed calibration run)")
     p.add_argument("--eval-reserve-s", type=float, default=None,
@@ -63,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--render", action="store_true", help="only rewrite OUT/results.md and OUT/plots/ from OUT/results.json")
     p.add_argument("--level-weights", type=lambda t: [float(w) for w in t.split(",")], default=None,
                    help="variant (d) weights w1,...,wD chosen elsewhere (e.g. the CPU run's val sweep) instead of sweeping")
+    logs.add_flags(p, verbose_help="Ray Data plans, progress bars and Ray's warnings too")
     return p
 
 
@@ -71,6 +76,7 @@ def main(argv=None) -> int:
     """Run the comparison (or, with ``--render``, only rewrite its table); returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
+    logs.console(logs.level_from_flags(args.quiet, args.verbose))
     known = DESIGNS[args.design].VARIANTS
     args.variants = args.variants or list(known)
     unknown = [v for v in args.variants if v not in known]
@@ -92,8 +98,8 @@ def main(argv=None) -> int:
     try:
         return DESIGNS[args.design].reproduce(args, PROBES)
     except (Stopped, KeyboardInterrupt) as e:
-        print(f"[reproduce] stopped{': ' + str(e) if str(e) else ''}. Finished runs are kept; run the same command "
-              "again to go on from where it stopped.", file=sys.stderr)
+        logger.error(f"stopped{': ' + str(e) if str(e) else ''}. Finished runs are kept; run the same command "
+                     "again to go on from where it stopped.", extra=REPRODUCE)
         return 130
 
 

@@ -13,9 +13,11 @@ stopped early never wins. OUT defaults to <run.storage>/sweeps/<space>. Run it a
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
+from hierdino import logs
 from hierdino.config import ConfigError, load_config
 from hierdino.data.suite import ensure_synthetic_suite
 from hierdino.errors import user_errors
@@ -24,6 +26,8 @@ from hierdino.train.inputs import check_inputs
 from hierdino.train.preflight import plan_resources, trials_at_once
 from hierdino.tune.space import SpaceError, check_space, load_space
 from hierdino.tune.sweep import default_out, run_sweep, searcher, sweep_overrides
+
+logger = logging.getLogger(__name__)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -48,6 +52,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--validate-only", action="store_true", help="check the config and the space; nothing is started")
     p.add_argument("--offline", action="store_true",
                    help="with --validate-only: do not read the datasets (a manifest checked away from its cluster)")
+    logs.add_flags(p, verbose_help="Ray Data plans, progress bars and Ray's warnings too")
     return p
 
 
@@ -88,20 +93,21 @@ def trials_to_run(cfg, max_concurrent: int | None, grows: bool) -> int:
     fit = max(1, trials_at_once(cfg, nodes))
     concurrent = max_concurrent or fit
     if concurrent > fit and not grows:
-        print(f"[hierdino] --max-concurrent {max_concurrent} lowered to {fit}: only {fit} trial(s) fit on this local "
-              "cluster with the CPUs their data ingest needs (more would wait for data forever)")
+        logger.info(f"--max-concurrent {max_concurrent} lowered to {fit}: only {fit} trial(s) fit on this local "
+                    "cluster with the CPUs their data ingest needs (more would wait for data forever)")
         concurrent = fit
     elif concurrent > fit:
-        print(f"[hierdino] WARNING --max-concurrent {max_concurrent} is more than the {fit} trial(s) that fit on the "
-              "cluster as it is now with the CPUs their data ingest needs: unless it grows (autoscaling), trials "
-              f"would wait for data forever; use --max-concurrent {fit} on a cluster of fixed size")
-    print(f"[hierdino] {fit} trial(s) fit on the cluster at once; running {concurrent} at a time")
+        logger.warning(f"WARNING --max-concurrent {max_concurrent} is more than the {fit} trial(s) that fit on the "
+                       "cluster as it is now with the CPUs their data ingest needs: unless it grows (autoscaling), "
+                       f"trials would wait for data forever; use --max-concurrent {fit} on a cluster of fixed size")
+    logger.info(f"{fit} trial(s) fit on the cluster at once; running {concurrent} at a time")
     return concurrent
 
 
 @user_errors(named=True)  # a config, space, data or resources error: "<kind> error: ..." and exit 2
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    logs.console(logs.level_from_flags(args.quiet, args.verbose))
     cfg, space = load_checked(args)
     if args.offline and not args.validate_only:
         print("usage error: --offline only goes with --validate-only", file=sys.stderr)
@@ -112,17 +118,18 @@ def main(argv=None) -> int:
     out = args.out or default_out(cfg, space)
     ensure_synthetic_suite(cfg, evaluates=True)  # every trial evaluates (eval.every_steps, set by the sweep)
     args.overrides.append(f"data.synth_cache={cfg.data.synth_cache}")
-    init_ray()  # with the dashboard: without it a trial stopped by ASHA can keep its resources (ray #54305)
+    init_ray(verbose=args.verbose)  # with the dashboard: without it a trial ASHA stops can keep its resources
     concurrent = trials_to_run(cfg, args.max_concurrent, grows=bool(os.environ.get("RAY_ADDRESS")))
     res = run_sweep(args.config, args.space, args.trials, out, args.scheduler, concurrent, args.overrides,
                     search=args.search, seeds_per_trial=args.seeds_per_trial)
     if res.get("interrupted"):
         return 130
+    print(res["table"])
     failed = sum(bool(r["error"]) for r in res["rows"])
     if failed:
-        print(f"[hierdino] {failed} of {len(res['rows'])} trials failed (the error column of results.md; Ray Tune keeps "
-              f"each one's traceback under {out}/tune)")
-    print(f"[hierdino] sweep results: {out}/results.md; best config: {out}/best_config.yaml")
+        logger.warning(f"{failed} of {len(res['rows'])} trials failed (the error column of results.md; Ray Tune "
+                       f"keeps each one's traceback under {out}/tune)")
+    logger.info(f"sweep results: {out}/results.md; best config: {out}/best_config.yaml")
     return 0 if res.get("best") else 1
 
 

@@ -43,7 +43,7 @@ without running it.
 
 ## Presets
 
-`--config NAME` takes one of these (files in `hierdino/configs/`; each change from DINOv2's recipe is
+`--config NAME` takes one of these (files in `hierdino/presets/`; each change from DINOv2's recipe is
 explained in the file). `vits14`, `vitb14` and `vitl14` follow the paper's DinoBloom recipe: global
 crops, iBOT with a separate head, Sinkhorn-Knopp, loss weights DINO 0.5 / iBOT 1.0 / KoLeo 0 /
 supervised 0.5, HXE alpha 0.5 tree-normalised. The pre-registered reproduction variants are

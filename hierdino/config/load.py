@@ -17,7 +17,7 @@ from hierdino.config.convert import _build, _unknown_key
 from hierdino.config.schema import Config, ConfigError
 from hierdino.config.validate import validate
 
-PRESETS = "hierdino.configs"  # the package that holds the presets
+PRESETS = "hierdino.presets"  # the package that holds the presets
 
 
 def _set_dotted(raw: dict, dotted: str, value: str) -> None:

@@ -1,6 +1,6 @@
 """Labels at mixed depths from one labelled set: its train split cut into fine, coarse and unlabelled parts.
 
-Reproduction v3 (``hierdino/configs/repro/v3/base.yaml``) asks whether the tree in the loss lets a
+Reproduction v3 (``hierdino/presets/repro/v3/base.yaml``) asks whether the tree in the loss lets a
 model learn from images labelled only at a coarse node. It needs one training set whose images carry
 labels at different depths, in known proportions:
 

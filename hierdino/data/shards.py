@@ -125,6 +125,39 @@ def shard_paths(uri: str, options: StorageOptions | None = None) -> list[str]:
     return [f"{root}/{s}" for s in m.shards]
 
 
+class _ShardWriter:
+    """Parquet shards of about ``target`` bytes under ``root`` (``uri``), named for this write
+    (``shard-<write>-<i>.parquet``), one row group per ``write``."""
+
+    def __init__(self, fs, root: str, uri: str, target: int, row_group_rows: int):
+        self.fs, self.root, self.uri, self.target, self.row_group_rows = fs, root, uri, target, row_group_rows
+        self.write_id, self.shards, self.row_groups = secrets.token_hex(4), [], []
+        self.writer, self.stream, self.bytes = None, None, 0
+
+    def write(self, batch: list[Record]) -> None:
+        if not batch:
+            return
+        table = pa.Table.from_pylist([r.__dict__ for r in batch], schema=SCHEMA)
+        if self.writer is None:
+            name = f"shard-{self.write_id}-{len(self.shards):05d}.parquet"
+            self.shards.append(name)
+            self.row_groups.append(0)
+            self.stream = storage.with_retries(lambda: self.fs.open_output_stream(f"{self.root}/{name}"),
+                                               storage.join(self.uri, name), "write")
+            self.writer, self.bytes = pq.ParquetWriter(self.stream, SCHEMA, compression="none"), 0
+        self.writer.write_table(table, row_group_size=self.row_group_rows)  # one row group: len(batch) <= its rows
+        self.row_groups[-1] += 1
+        self.bytes += table.nbytes
+        if self.bytes >= self.target:
+            self.close()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.stream.close()
+            self.writer = None
+
+
 def write_dataset(records: Iterable[Record], uri: str, name: str, source: str, label_map: dict | None = None,
                   hierarchy: str | None = None, target_file_mb: float = 128.0, row_group_rows: int = 256,
                   options: StorageOptions | None = None, extra: dict | None = None) -> Manifest:
@@ -141,41 +174,10 @@ def write_dataset(records: Iterable[Record], uri: str, name: str, source: str, l
     fs, root = storage.resolve(uri, options)
     if isinstance(fs, storage.pafs.LocalFileSystem):
         os.makedirs(root, exist_ok=True)
-    write_id = secrets.token_hex(4)
+    out = _ShardWriter(fs, root, uri, int(target_file_mb * 2 ** 20), row_group_rows)
     counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    shards: list[str] = []
-    row_groups: list[int] = []
-    target = int(target_file_mb * 2 ** 20)
     batch: list[Record] = []
-    writer, writer_bytes, n = None, 0, 0
-
-    def flush_batch():
-        nonlocal writer, writer_bytes
-        if not batch:
-            return
-        table = pa.Table.from_pylist([r.__dict__ for r in batch], schema=SCHEMA)
-        if writer is None:
-            shards.append(f"shard-{write_id}-{len(shards):05d}.parquet")
-            row_groups.append(0)
-            stream = storage.with_retries(lambda: fs.open_output_stream(f"{root}/{shards[-1]}"),
-                                          storage.join(uri, shards[-1]), "write")
-            writer = pq.ParquetWriter(stream, SCHEMA, compression="none")
-            writer._hierdino_stream = stream  # closed with the writer
-            writer_bytes = 0
-        writer.write_table(table, row_group_size=row_group_rows)  # one row group: len(batch) <= row_group_rows
-        row_groups[-1] += 1
-        writer_bytes += table.nbytes
-        batch.clear()
-        if writer_bytes >= target:
-            close_writer()
-
-    def close_writer():
-        nonlocal writer
-        if writer is not None:
-            writer.close()
-            writer._hierdino_stream.close()
-            writer = None
-
+    n = 0
     try:
         for r in records:
             if r.split not in SPLITS:
@@ -184,14 +186,15 @@ def write_dataset(records: Iterable[Record], uri: str, name: str, source: str, l
             batch.append(r)
             n += 1
             if len(batch) >= row_group_rows:
-                flush_batch()
-        flush_batch()
-        close_writer()
+                out.write(batch)
+                batch = []
+        out.write(batch)
+        out.close()
         if n == 0:
             raise ShardError(f"no images to write for dataset {name!r}")
     except BaseException:
-        for cleanup in [close_writer] + [functools.partial(storage.delete_file, storage.join(uri, s), options)
-                                         for s in shards]:  # this write's own files: an earlier dataset stays
+        for cleanup in [out.close] + [functools.partial(storage.delete_file, storage.join(uri, s), options)
+                                      for s in out.shards]:  # this write's own files: an earlier dataset stays
             try:
                 cleanup()
             except Exception:  # best effort: the error that stopped the write is the one to report
@@ -199,12 +202,12 @@ def write_dataset(records: Iterable[Record], uri: str, name: str, source: str, l
         raise
     manifest = Manifest(name=name, source=source, num_images=n,
                         counts={s: dict(sorted(c.items())) for s, c in counts.items()},
-                        label_map=label_map or {}, shards=shards, row_groups=row_groups, hierarchy=hierarchy,
+                        label_map=label_map or {}, shards=out.shards, row_groups=out.row_groups, hierarchy=hierarchy,
                         extra=extra or {})
     storage.write_bytes(storage.join(uri, "manifest.json"), manifest.to_json().encode(), options)
     for old in storage.list_files(uri, ".parquet", options):  # an earlier write's shards, now unlisted
         folder, base = old.rsplit("/", 1)
-        if folder == root.rstrip("/") and base.startswith("shard-") and base not in shards:
+        if folder == root.rstrip("/") and base.startswith("shard-") and base not in out.shards:
             storage.delete_file(storage.join(uri, base), options)
     return manifest
 

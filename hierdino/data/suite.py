@@ -19,6 +19,7 @@ Sizes: ``small`` = 6,400 images (builds in well under a minute on 2 cores at 64 
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import os
 import time
@@ -33,6 +34,9 @@ from hierdino.data import shards
 from hierdino.data.shards import Record
 from hierdino.data.synth import DOMAINS, render_encoded
 from hierdino.hierarchy import load_hierarchy
+from hierdino.logs import PLAIN
+
+logger = logging.getLogger(__name__)
 
 # Internal nodes a coarse-labelled set uses; a leaf is labelled with its nearest such ancestor.
 COARSE_NODES = ("neutrophil", "lymphocyte_mature", "lymphoid_immature", "eosinophil_group", "granulocytic_immature",
@@ -133,7 +137,7 @@ def _records(spec: DatasetSpec, rows, image_size: int, pool) -> "list[Record]":
 
 def build_suite(out: str, size: str = "small", image_size: int = 64, seed: int = 0, workers: int | None = None,
                 names: tuple = SUITE_NAMES, options: storage.StorageOptions | None = None,
-                target_file_mb: float = 64.0, log=print) -> dict[str, shards.Manifest]:
+                target_file_mb: float = 64.0) -> dict[str, shards.Manifest]:
     """Render and write the suite under ``out/<name>/``; returns the manifests."""
     unknown = set(names) - set(SUITE_NAMES)
     if unknown:
@@ -158,7 +162,8 @@ def build_suite(out: str, size: str = "small", image_size: int = 64, seed: int =
                        "suite_version": SUITE_VERSION},
             )
             dt = time.time() - t0
-            log(f"  {spec.name:16s} {m.num_images:6d} images in {dt:5.1f}s ({m.num_images / max(dt, 1e-9):.0f} img/s)")
+            logger.info(f"  {spec.name:16s} {m.num_images:6d} images in {dt:5.1f}s "
+                        f"({m.num_images / max(dt, 1e-9):.0f} img/s)", extra=PLAIN)
             manifests[spec.name] = m
     finally:
         if pool:
@@ -216,22 +221,22 @@ def suite_sets_needed(cfg, evaluates: bool | None = None) -> tuple[str, ...]:
     return tuple(n for n in cfg.eval.datasets if n in SUITE_NAMES) if evaluates else ()
 
 
-def ensure_synthetic_suite(cfg, log=print, evaluates: bool | None = None) -> None:
+def ensure_synthetic_suite(cfg, evaluates: bool | None = None) -> None:
     """Build the small synthetic suite's ``suite_sets_needed`` into ``data.synth_cache`` when missing."""
     cache = str(Path(cfg.data.synth_cache).expanduser())
     needed = suite_sets_needed(cfg, evaluates)
     if needed and not suite_ready(cache, needed):
-        log(f"[hierdino] building the small synthetic suite ({cfg.data.image_size} px) into {cache}")
-        build_suite(cache, "small", cfg.data.image_size, seed=0, names=needed, log=log)
+        logger.info(f"building the small synthetic suite ({cfg.data.image_size} px) into {cache}")
+        build_suite(cache, "small", cfg.data.image_size, seed=0, names=needed)
     cfg.data.synth_cache = cache
 
 
-def ensure_eval_suite(train_suite: str, size: str, image_size: int, log=print) -> str:
+def ensure_eval_suite(train_suite: str, size: str, image_size: int) -> str:
     """The external sets at ``size`` next to the training suite (``<suite>-eval-<size>``); the small suite itself for 'small'."""
     if size == "small":
         return train_suite
     out = f"{train_suite}-eval-{size}"
     if not suite_ready(out, EXTERNAL_SETS):
-        log(f"[hierdino] building the external sets at the {size!r} size into {out}")
-        build_suite(out, size, image_size, seed=0, names=EXTERNAL_SETS, log=log)
+        logger.info(f"building the external sets at the {size!r} size into {out}")
+        build_suite(out, size, image_size, seed=0, names=EXTERNAL_SETS)
     return out

@@ -8,19 +8,25 @@ by the driver once its last row is back, so a file that exists is complete: a re
 ``out/embed.json`` holds the settings a rerun must match (model, weights, preprocessing, dtype,
 inputs, tau) and the calibration.
 
-Pipeline: part descriptions -> read tasks (bytes, ids, labels) -> an actor pool that loads the model
-once per actor and decodes + embeds each batch (``features._Extractor``; on GPU clusters the decode
-runs in CPU tasks before the GPU actors) -> the driver, which applies the supervised head (a
-``[D, L]`` matmul per batch), groups rows by part and writes each finished part.
+Pipeline: part descriptions -> read tasks (bytes, ids, labels; this module's top level imports no
+torch, so their workers start light) -> an actor pool that loads the model once per actor and
+decodes + embeds each batch (``_Embedder``: ``features._Extractor``; on GPU clusters the decode runs
+in CPU tasks before the GPU actors) -> the driver, which applies the supervised head (a ``[D, L]``
+matmul per batch), groups rows by part and writes each finished part.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import json
+import logging
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -29,11 +35,16 @@ import pyarrow.parquet as pq
 from hierdino import storage
 from hierdino.data import shards
 from hierdino.eval import predict
-from hierdino.eval.features import PIXEL_SIZE, ModelSpec, _Extractor, decode_batch, load_backbone
+
+if TYPE_CHECKING:
+    from hierdino.eval.features import ModelSpec
+
+logger = logging.getLogger(__name__)
 
 FORMAT = 1
 SETTINGS_FILE = "embed.json"
 DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
+READ_THREADS = 16  # image files of a folder read at once by each read task
 
 
 @dataclass(frozen=True)
@@ -107,6 +118,21 @@ def parts_key(parts: list[Part]) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
+def _read_files(uri: str, files: list[str], options=None) -> list[bytes]:
+    """The bytes of ``files`` under ``uri``: one filesystem (one S3 client, its connections kept) and
+    ``READ_THREADS`` requests in flight, since a request to S3 waits tens of milliseconds."""
+    fs, root = storage.resolve(uri, options)
+
+    def read(name: str) -> bytes:
+        def get() -> bytes:
+            with fs.open_input_stream(f"{root}/{name}") as f:
+                return f.read()
+        return storage.with_retries(get, storage.join(uri, name), "read")
+
+    with ThreadPoolExecutor(min(READ_THREADS, len(files))) as pool:
+        return list(pool.map(read, files))
+
+
 def read_parts(batch: dict, options=None) -> dict:
     """Ray Data: part descriptions -> one row per image (bytes, id, source URI, label, split; ``""``
     where a label or split is unknown)."""
@@ -114,7 +140,7 @@ def read_parts(batch: dict, options=None) -> dict:
     for name, uri, names in zip(batch["name"], batch["uri"], batch["names"]):
         if names:
             files = names.split("\n")
-            images = [storage.read_bytes(storage.join(uri, f), options) for f in files]
+            images = _read_files(uri, files, options)
             ids, uris, labels = files, [storage.join(uri, f) for f in files], [""] * len(files)
             splits = labels
         else:
@@ -211,32 +237,48 @@ def _write_table(uri: str, table: pa.Table, options=None) -> None:
 class Progress:
     """One progress line at most every ``every_s`` seconds: images done, images/s, errors, files."""
 
-    def __init__(self, total: int, files: int, log=print, every_s: float = 10.0):
-        self.total, self.files, self.log, self.every_s = total, files, log, every_s
-        self.start = self.last = time.monotonic()
+    def __init__(self, total: int, files: int, every_s: float = 10.0):
+        self.total, self.files, self.every_s = total, files, every_s
+        self.start, self.start_wall = time.monotonic(), time.time()
+        self.last = self.start
         self.done = self.written = 0
-        self.first: tuple[float, int] | None = None  # (time, images) when the first batch came back
+        # (actor, wall-clock time it embedded a batch) -> that batch's rows (``_Embedder``): rows reach
+        # the driver a part at a time, behind the actors, so the pool's pace is read from these
+        self.batches: collections.Counter = collections.Counter()
         self.errors: list[str] = []
         self.n_errors = 0
 
     def rate(self) -> float:
         return self.done / max(time.monotonic() - self.start, 1e-9)
 
-    def steady_rate(self) -> float:
-        """images/s after the first batch (the pool's start-up left out)."""
-        if self.first is None:
-            return 0.0
-        return (self.done - self.first[1]) / max(time.monotonic() - self.first[0], 1e-9)
+    def embedded(self, by: np.ndarray, at: np.ndarray) -> None:
+        """Note which actor embedded each row that came back, and when."""
+        self.batches.update(zip(by.tolist(), at.tolist()))
+
+    def pool(self) -> dict:
+        """The pool's times (seconds from the start): its first batch embedded, the moment every actor
+        had embedded one (``up``: its start-up over), its last batch; and its steady rate, the images
+        embedded from ``up`` to the last batch over that time (0 when too few batches tell)."""
+        if not self.batches:
+            return {"first_batch_s": None, "pool_up_s": None, "last_batch_s": None, "steady_images": 0,
+                    "steady_images_per_s": 0.0}
+        firsts: dict[int, float] = {}
+        for actor, t in self.batches:
+            firsts[actor] = min(firsts.get(actor, t), t)
+        up, last = max(firsts.values()), max(t for _, t in self.batches)
+        n = sum(k for (_, t), k in self.batches.items() if t > up)
+        return {"first_batch_s": round(min(firsts.values()) - self.start_wall, 2),
+                "pool_up_s": round(up - self.start_wall, 2), "last_batch_s": round(last - self.start_wall, 2),
+                "steady_images": n, "steady_images_per_s": round(n / (last - up), 2) if last > up else 0.0}
 
     def update(self, n: int, errors: list[str], written: int = 0) -> None:
         self.done += n
-        self.first = self.first or (time.monotonic(), self.done)
         self.written += written
         self.n_errors += len(errors)
         self.errors += errors[:5 - len(self.errors)] if len(self.errors) < 5 else []
         if time.monotonic() - self.last >= self.every_s:
             self.last = time.monotonic()
-            self.log(self.line(), flush=True)
+            logger.info(self.line())
 
     def line(self) -> str:
         pct = 100 * self.done / max(self.total, 1)
@@ -247,6 +289,7 @@ class Progress:
 def model_dims(model: ModelSpec, patch_mean: bool, with_head: bool, options=None):
     """(CLS width, supervised head or None); the weights load here once, so weights that do not fit
     raise ``WeightsError`` in this process, not as text from inside an actor."""
+    from hierdino.eval.features import PIXEL_SIZE, load_backbone  # torch: not in the read tasks' workers
     from hierdino.models.head_export import read_head  # safetensors: only predictions read heads
 
     if model.kind == "pixels":
@@ -261,17 +304,33 @@ def model_dims(model: ModelSpec, patch_mean: bool, with_head: bool, options=None
 
 
 def calibrate_head(model: ModelSpec, head, uri: str, split: str, target: float, center: float, dim: int,
-                   options=None, log=print) -> dict:
+                   options=None) -> dict:
     """tau for ``target`` precision on the labelled ``split`` of the shard dataset ``uri``."""
     from hierdino.eval.features import dataset_features, features_in_process  # Ray: only to calibrate
 
-    feats = dataset_features(model, uri, None, options=options, in_process=features_in_process("auto"), center=center,
-                             log=log)
+    feats = dataset_features(model, uri, None, options=options, in_process=features_in_process("auto"), center=center)
     x, y = feats.split(split)
     if not len(y):
         raise ValueError(f"--calibrate {uri}: no labelled '{split}' rows (its splits: {sorted(set(feats.splits))})")
     leaf = predict.leaf_probabilities(x[:, :dim], head.weight, head.bias)
     return dict(predict.calibrate(leaf, list(y), head.hierarchy, target), uri=uri, split=split)
+
+
+class _Embedder:
+    """Ray Data actor: ``features._Extractor`` (the model loaded once, then decode + embed per batch),
+    and which actor embedded each batch when (``embedded_by``, ``embedded_at``: the driver tells the
+    pool's pace from its start-up with them; they are not written)."""
+
+    def __init__(self, **kwargs):
+        from hierdino.eval.features import _Extractor  # torch: in the actors, not in the read tasks' workers
+
+        self.extract = _Extractor(**kwargs)
+        self.id = int.from_bytes(os.urandom(6), "little")
+
+    def __call__(self, batch: dict) -> dict:
+        out = self.extract(batch)
+        n = len(out["decode_error"])
+        return out | {"embedded_by": np.full(n, self.id, np.int64), "embedded_at": np.full(n, time.time())}
 
 
 def _pipeline(todo: list[Part], model: ModelSpec, patch_mean: bool, center: float, batch_size: int,
@@ -280,6 +339,8 @@ def _pipeline(todo: list[Part], model: ModelSpec, patch_mean: bool, center: floa
     import ray  # heavy: only a job that embeds images starts Ray
     import ray.data  # likewise
 
+    from hierdino.eval.features import decode_batch  # torch: not in the read tasks' workers
+
     if gpus is None:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 and model.kind == "backbone" else 0
     if actors is None:
@@ -287,13 +348,15 @@ def _pipeline(todo: list[Part], model: ModelSpec, patch_mean: bool, center: floa
         actors = max(1, int(res.get("GPU", 0) // gpus) if gpus else int(res.get("CPU", 2)) - 1)
     items = [{"name": p.name, "uri": p.uri, "names": "\n".join(p.names)} for p in todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    # reads are I/O: no CPU reserved, so an actor pool as large as the cluster still gets its images
+    # reads are I/O: no CPU reserved, so an actor pool as large as the cluster still gets its images; one
+    # read task in flight per actor (each reads READ_THREADS files at once) is ahead of the actors, and
+    # each more is a worker process to start
     ds = ds.map_batches(read_parts, batch_size=1, batch_format="numpy", fn_kwargs={"options": options}, num_cpus=0,
-                        compute=ray.data.TaskPoolStrategy(size=min(len(items), max(2, actors))))
+                        compute=ray.data.TaskPoolStrategy(size=min(len(items), actors)))
     if gpus:  # the decode on CPU tasks, the GPU actors only run the model
         ds = ds.map_batches(decode_batch, fn_kwargs={"size": model.img_size or 64, "center": center},
                             batch_size=batch_size, batch_format="numpy")
-    ds = ds.map_batches(_Extractor, fn_constructor_kwargs={"model": model, "patch_mean": patch_mean,
+    ds = ds.map_batches(_Embedder, fn_constructor_kwargs={"model": model, "patch_mean": patch_mean,
                                                            "batch_size": batch_size, "center": center},
                         batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
                         num_gpus=gpus, num_cpus=0 if gpus else 1)
@@ -326,6 +389,7 @@ def stream(ds, todo: list[Part], out: str, write, progress: Progress) -> None:
             if seen[name] == expected[name]:
                 write(name, _concat(pending.pop(name)))
                 written += 1
+        progress.embedded(batch["embedded_by"], batch["embedded_at"])
         progress.update(len(batch["part"]), _undecodable(batch), written)
     if pending:
         raise RuntimeError(f"embed: parts {sorted(pending)[:5]} under {out} came back incomplete "
@@ -350,13 +414,14 @@ class EmbedOptions:
 
 
 def _settings(model: ModelSpec, srcs: list[str], o: EmbedOptions, head, parts: list[Part]) -> EmbedSettings:
+    from hierdino.eval.features import PIXEL_SIZE  # torch: not in the read tasks' workers
+
     return EmbedSettings(model.spec, model.key, model.arch, model.img_size or PIXEL_SIZE, o.center_crop, o.dtype,
                          o.patch_mean, o.predict, head.key if head else None, o.files_per_part,
                          tuple(s.rstrip("/") for s in srcs), sum(p.rows for p in parts), parts_key(parts))
 
 
-def run_embed(model: ModelSpec, srcs: list[str], out: str, o: EmbedOptions = EmbedOptions(), options=None,
-              log=print) -> dict:
+def run_embed(model: ModelSpec, srcs: list[str], out: str, o: EmbedOptions = EmbedOptions(), options=None) -> dict:
     """Embed (and with ``o.predict`` classify) every image of ``srcs`` into Parquet files under ``out``;
     parts already written by an earlier run with the same settings are skipped. Returns the summary."""
     if o.dtype not in DTYPES:
@@ -369,7 +434,7 @@ def run_embed(model: ModelSpec, srcs: list[str], out: str, o: EmbedOptions = Emb
     calibration = None
     if head is not None and o.calibrate:
         calibration = calibrate_head(model, head, o.calibrate, o.calibrate_split, o.target_precision, o.center_crop,
-                                     dim, options, log)
+                                     dim, options)
     tau = (calibration["tau"] if calibration else o.tau if o.tau is not None else 0.5) if head is not None else None
     settings = EmbedSettings(**{**asdict(settings), "tau": tau})
     refuse_changes(out, settings, options, skip=("model",))
@@ -379,9 +444,9 @@ def run_embed(model: ModelSpec, srcs: list[str], out: str, o: EmbedOptions = Emb
     storage.write_bytes(storage.join(out, SETTINGS_FILE), json.dumps(meta, indent=2).encode(), options)
     done = set(storage.file_sizes(out, options)) & {p.name for p in parts}
     todo = [p for p in parts if p.name not in done]
-    log(f"embed: {settings.images:,} images in {len(parts)} files -> {out}" + (f" ({len(done)} already complete)" if done else ""),
-        flush=True)
-    progress = Progress(sum(p.rows for p in todo), len(todo), log)
+    logger.info(f"embed: {settings.images:,} images in {len(parts)} files -> {out}"
+                + (f" ({len(done)} already complete)" if done else ""))
+    progress = Progress(sum(p.rows for p in todo), len(todo))
     part_meta = {k: meta[k] for k in ("format", "dim", "leaves", "nodes")} | {"model": model.spec, "tau": tau,
                                                                              "dtype": o.dtype}
     write = lambda name, rows: _write_table(storage.join(out, name), part_table(rows, dim, o.dtype, head, tau or 0.5,  # noqa: E731
@@ -393,9 +458,7 @@ def run_embed(model: ModelSpec, srcs: list[str], out: str, o: EmbedOptions = Emb
         stream(ds, todo, out, write, progress)
     summary = {"out": out, "files": len(parts), "written": len(todo), "skipped_complete": len(done),
                "images": progress.done, "seconds": round(time.monotonic() - progress.start, 2),
-               "images_per_s": round(progress.rate(), 2), "steady_images_per_s": round(progress.steady_rate(), 2),
-               "first_batch_s": round(progress.first[0] - progress.start, 2) if progress.first else None,
-               "actors": actors, "gpus_per_actor": gpus,
+               "images_per_s": round(progress.rate(), 2), **progress.pool(), "actors": actors, "gpus_per_actor": gpus,
                "undecodable": progress.n_errors, "first_undecodable": progress.errors, "tau": tau,
                "calibration": calibration}
     storage.write_bytes(storage.join(out, "summary.json"), json.dumps(summary, indent=2).encode(), options)
@@ -405,7 +468,9 @@ def run_embed(model: ModelSpec, srcs: list[str], out: str, o: EmbedOptions = Emb
 def summary_text(s: dict) -> str:
     lines = [f"embed: wrote {s['written']} of {s['files']} files under {s['out']} ({s['skipped_complete']} complete "
              f"already): {s['images']:,} images in {s['seconds']:.1f} s, {s['images_per_s']:.1f} images/s "
-             f"({s['actors']} actors" + (f", {s['gpus_per_actor']:g} GPU each)" if s["gpus_per_actor"] else ", CPU)")]
+             f"({s['actors']} actors" + (f", {s['gpus_per_actor']:g} GPU each)" if s["gpus_per_actor"] else ", CPU)")
+             + (f"; the pool was up after {s['pool_up_s']:.1f} s (every actor's first batch embedded), then "
+                f"{s['steady_images_per_s']:.1f} images/s" if s["steady_images_per_s"] else "")]
     if s["undecodable"]:
         lines.append(f"  {s['undecodable']} image(s) did not decode (rows with an 'error'), the first: "
                      + "; ".join(s["first_undecodable"]))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import zipfile
@@ -28,11 +29,13 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
-from hierdino import storage
+from hierdino import logs, storage
 from hierdino.data import shards
 from hierdino.data.augment import to_model_input
 from hierdino.data.crops import center_box, decode
 from hierdino.eval import EvalDataError
+
+logger = logging.getLogger(__name__)
 
 PIXEL_SIZE = 16
 _LOADED: set[str] = set()  # keys of the models whose weights loaded in this process
@@ -170,6 +173,7 @@ class _Extractor:
     """Ray Data actor: loads the model once, then maps batches of shard rows to features."""
 
     def __init__(self, model: ModelSpec, patch_mean: bool, batch_size: int, center: float = 1.0):
+        logs.in_worker()  # in a Ray Data actor: its lines (storage retries) on the console, as in the driver
         self.model, self.patch_mean, self.batch_size, self.center = model, patch_mean, batch_size, center
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.backbone = load_backbone(model).to(self.device) if model.kind == "backbone" else None
@@ -224,7 +228,7 @@ def _cache_bytes(feats: DatasetFeatures) -> bytes:
     return buf.getvalue()
 
 
-def _read_cache(cache: str, log=print) -> DatasetFeatures | None:
+def _read_cache(cache: str) -> DatasetFeatures | None:
     """The features of the cache file ``cache``, or None (logged) when it cannot be used: damaged, or
     written by an older hierdino with object arrays, which would need pickle to load. Nothing in a
     cache is unpickled, so a cache on shared storage cannot run code here."""
@@ -234,8 +238,8 @@ def _read_cache(cache: str, log=print) -> DatasetFeatures | None:
         labels[z["unlabeled"]] = None
         return DatasetFeatures(z["features"], labels, z["splits"].astype(object), z["image_ids"].astype(object))
     except (ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # damaged, or an old (pickled) format
-        log(f"[hierdino] feature cache {cache} is unreadable or in an old format ({type(e).__name__}: {e}): "
-            "computing the features again")
+        logger.info(f"feature cache {cache} is unreadable or in an old format ({type(e).__name__}: {e}): "
+                    "computing the features again")
         return None
 
 
@@ -283,7 +287,7 @@ def features_in_process(where: str) -> bool:
 
 def dataset_features(model: ModelSpec, dataset_uri: str, cache_dir: str | None = None, patch_mean: bool = False,
                      batch_size: int = 128, actors: int = 1, options=None, in_process: bool = False,
-                     center: float = 1.0, log=print) -> DatasetFeatures:
+                     center: float = 1.0) -> DatasetFeatures:
     """Features of every row of a dataset; read from / written to the cache when ``cache_dir`` is given.
     ``center``: the centred share of each side of an image the model sees (``crops.center_box``).
 
@@ -292,7 +296,7 @@ def dataset_features(model: ModelSpec, dataset_uri: str, cache_dir: str | None =
     manifest = shards.read_manifest(dataset_uri, options)
     key = f"{model.key}-{_sha(manifest.to_json())}-{int(patch_mean)}" + (f"-c{center:g}" if center != 1.0 else "")
     cache = storage.join(cache_dir, f"{manifest.name}-{key}.npz") if cache_dir else None
-    cached = _read_cache(cache, log) if cache and storage.exists(cache) else None
+    cached = _read_cache(cache) if cache and storage.exists(cache) else None
     if cached is not None:
         return cached
     if in_process:
@@ -310,5 +314,5 @@ def dataset_features(model: ModelSpec, dataset_uri: str, cache_dir: str | None =
                           np.concatenate([p["image_id"] for p in parts]).astype(object))
     if cache:
         storage.write_bytes(cache, _cache_bytes(out))
-    log(f"  features: {model.name} x {manifest.name}: {out.features.shape}")
+    logger.info(f"  features: {model.name} x {manifest.name}: {out.features.shape}", extra=logs.PLAIN)
     return out

@@ -20,9 +20,13 @@ labelled split reach the target precision; the smallest such tau gives the most 
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from hierdino.hierarchy import ROOT, Hierarchy
+
+logger = logging.getLogger(__name__)
 
 TAU_GRID = np.round(np.linspace(0.01, 1.0, 100), 2)  # 0.01 ... 1.00
 REPORT_TAUS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
@@ -209,7 +213,7 @@ def model_head(spec, options=None):
     return read_head(spec.weights, None, opts) if spec.kind == "backbone" and has_head(spec.weights, opts) else None
 
 
-def head_report(head, feats, model: str, dataset: str, split: str, out: str | None = None, log=print) -> dict | None:
+def head_report(head, feats, model: str, dataset: str, split: str, out: str | None = None) -> dict | None:
     """``coverage_table`` of ``head`` on a dataset's features (``features.DatasetFeatures``: CLS first),
     tau calibrated on its val split when ``split`` is another; the plot under ``out`` when given.
     None (said) when the set's labels are not in the head's tree."""
@@ -217,8 +221,9 @@ def head_report(head, feats, model: str, dataset: str, split: str, out: str | No
     x, y = feats.split(split)
     outside = sorted({str(lab) for lab in y if lab not in h})
     if outside or not len(y):
-        log(f"[hierdino] note: no hierarchical-call report for {model} on {dataset}: "
-            + (f"labels not in the head's tree {h.name!r}: {', '.join(outside[:5])}" if outside else f"no labelled {split} rows"))
+        logger.info(f"note: no hierarchical-call report for {model} on {dataset}: "
+                    + (f"labels not in the head's tree {h.name!r}: {', '.join(outside[:5])}" if outside
+                       else f"no labelled {split} rows"))
         return None
     probs = lambda z: leaf_probabilities(z[:, :dim], head.weight, head.bias)  # noqa: E731
     xv, yv = feats.split("val") if split != "val" else (x[:0], y[:0])

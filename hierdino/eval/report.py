@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 
@@ -14,12 +15,44 @@ from hierdino.eval.plots import write_plots
 from hierdino.eval.predict import coverage_markdown, head_report, model_head
 from hierdino.eval.probes import PROBES, PROTOCOLS, run_probe
 from hierdino.eval.sets import check_probe_sets, set_hierarchy
+from hierdino.logs import PLAIN
+
+logger = logging.getLogger(__name__)
+
+
+def _scores(y_true: list, y_pred: list, h, bootstrap_n: int, seed: int) -> dict:
+    """One probe's predictions scored: metrics with bootstrap intervals, recall per class."""
+    point = EncodedPredictions(y_true, y_pred, h).metrics()
+    ci = bootstrap(y_true, y_pred, h, bootstrap_n, seed)
+    return {"n": len(y_true), "metrics": {k: {"value": v, "ci95": list(ci[k])} for k, v in point.items()},
+            "per_class_recall": per_class_recall(y_true, y_pred, bootstrap_n, seed)}
+
+
+def _say_set_notes(manifest, set_name: str, h, split: str, probes) -> None:
+    """What the reader of a set's scores should know: labels nested in the tree, classes absent from
+    its train split, k-NN over all of too few rows, logreg without a val split."""
+    nested = sorted(f"{a} > {b}" for a in manifest.labels() for b in manifest.labels()
+                    if a in h and b in h and a != b and a in h.ancestors(b))
+    if nested:  # a probe then separates a node from its own descendants: errors of severity 0
+        logger.info(f"note: {set_name} labels both a node and its descendant ({', '.join(nested)}); "
+                    "balanced accuracy counts them as different classes")
+    unseen = sorted(set(manifest.counts.get(split, {})) - set(manifest.counts.get("train", {})) - {shards.UNLABELED})
+    if unseen:  # each caps balanced accuracy: its recall is 0 whatever the features
+        logger.info(f"note: {set_name}: {', '.join(unseen)} in its '{split}' split but not in 'train': the probes "
+                    f"never predict them")
+    n_train = manifest.num_labeled("train")
+    clamped = [p for p in probes if p.startswith("knn") and int(p[3:]) > n_train]
+    if clamped:  # k-NN over every training row: a majority vote, the same for every image
+        logger.info(f"note: {set_name} has {n_train} labelled train rows: {', '.join(clamped)} vote over all of "
+                    "them")
+    if "logreg" in probes and split != "val" and manifest.num_labeled("val") == 0:
+        logger.info(f"note: {set_name} has no labelled 'val' rows: logreg chooses C by cross-validation on 'train'")
 
 
 def evaluate(models: list[str], datasets: list[str], out: str, split: str = "test", probes: tuple = PROBES,
              bootstrap_n: int = 1000, seed: int = 0, metric: str = "euclidean", patch_mean: bool = False,
              default_img_size: int = 224, plots: bool = True, options=None, keep_predictions: bool = False,
-             in_process: bool = False, hierarchies: tuple[str, ...] = (), center_crop: float = 1.0, log=print) -> dict:
+             in_process: bool = False, hierarchies: tuple[str, ...] = (), center_crop: float = 1.0) -> dict:
     """Every model x dataset x probe: metrics with bootstrap intervals; writes results.json, results.md and PNGs.
 
     ``keep_predictions``: also ``results["predictions"][dataset] = {"y_true": [...], model: {probe: [...]}}``
@@ -29,8 +62,7 @@ def evaluate(models: list[str], datasets: list[str], out: str, split: str = "tes
     ``center_crop``: every model sees the centred share of each side of the images (``crops.center_box``).
     """
     specs = [resolve_model(m, default_img_size, options) for m in models]
-    names = [s.name for s in specs]
-    if len(set(names)) != len(names):  # two runs with the same directory name
+    if len({s.name for s in specs}) != len(specs):  # two runs with the same directory name
         specs = [type(s)(**{**s.__dict__, "name": f"{s.name}#{i}"}) for i, s in enumerate(specs)]
     results = {"split": split, "probes": list(probes), "protocols": {p: PROTOCOLS[p] for p in probes if p in PROTOCOLS},
                "bootstrap": bootstrap_n, "seed": seed, "metric": metric,
@@ -41,32 +73,16 @@ def evaluate(models: list[str], datasets: list[str], out: str, split: str = "tes
     per_plot = []
     check_probe_sets(datasets, split, options, hierarchies)  # every set, before any feature is computed
     manifests = [shards.read_manifest(uri, options) for uri in datasets]
-    set_names = [m.name for m in manifests]
-    if len(set(set_names)) != len(set_names):  # two sets with the same name (".../matek/shards", ".../raabin/shards")
-        set_names = [f"{n}#{i}" if set_names.count(n) > 1 else n for i, n in enumerate(set_names)]
+    set_names = [m.name for m in manifests]  # two sets with the same name (".../matek/shards", ".../raabin/shards"): #i
+    set_names = [f"{n}#{i}" if set_names.count(n) > 1 else n for i, n in enumerate(set_names)]
     for uri, manifest, set_name in zip(datasets, manifests, set_names):
         h = set_hierarchy(manifest, uri, hierarchies)
         results["datasets"][set_name] = {"uri": uri, "hierarchy": h.name, "counts": manifest.counts}
-        nested = sorted(f"{a} > {b}" for a in manifest.labels() for b in manifest.labels()
-                        if a in h and b in h and a != b and a in h.ancestors(b))
-        if nested:  # a probe then separates a node from its own descendants: errors of severity 0
-            log(f"[hierdino] note: {set_name} labels both a node and its descendant ({', '.join(nested)}); "
-                "balanced accuracy counts them as different classes")
-        unseen = sorted(set(manifest.counts.get(split, {})) - set(manifest.counts.get("train", {})) - {shards.UNLABELED})
-        if unseen:  # each caps balanced accuracy: its recall is 0 whatever the features
-            log(f"[hierdino] note: {set_name}: {', '.join(unseen)} in its '{split}' split but not in 'train': the probes "
-                f"never predict them")
-        n_train = manifest.num_labeled("train")
-        clamped = [p for p in probes if p.startswith("knn") and int(p[3:]) > n_train]
-        if clamped:  # k-NN over every training row: a majority vote, the same for every image
-            log(f"[hierdino] note: {set_name} has {n_train} labelled train rows: {', '.join(clamped)} vote over all of "
-                "them")
-        if "logreg" in probes and split != "val" and manifest.num_labeled("val") == 0:
-            log(f"[hierdino] note: {set_name} has no labelled 'val' rows: logreg chooses C by cross-validation on 'train'")
+        _say_set_notes(manifest, set_name, h, split, probes)
         for spec in specs:
             t0 = time.time()
             feats = dataset_features(spec, uri, cache, patch_mean, options=options, in_process=in_process,
-                                     center=center_crop, log=log)
+                                     center=center_crop)
             x_tr, y_tr = feats.split("train")
             x_ev, y_ev = feats.split(split)
             x_val, y_val = feats.split("val") if split != "val" else (None, None)  # val scored: C from train CV
@@ -74,21 +90,17 @@ def evaluate(models: list[str], datasets: list[str], out: str, split: str = "tes
             for probe in probes:
                 fitted = run_probe(probe, x_tr, y_tr, x_ev, metric, x_val, y_val)
                 pred = fitted.predictions
-                point = EncodedPredictions(list(y_ev), list(pred), h).metrics()
-                ci = bootstrap(list(y_ev), list(pred), h, bootstrap_n, seed)
-                results["rows"].append({"model": spec.name, "dataset": set_name, "probe": probe, "n": int(len(y_ev)),
-                                        "metrics": {k: {"value": v, "ci95": list(ci[k])} for k, v in point.items()},
-                                        "tree_feature_spearman": rho, "fit": fitted.info,
-                                        "per_class_recall": per_class_recall(list(y_ev), list(pred), bootstrap_n, seed)})
+                results["rows"].append(dict(_scores(list(y_ev), list(pred), h, bootstrap_n, seed), model=spec.name,
+                                            dataset=set_name, probe=probe, tree_feature_spearman=rho, fit=fitted.info))
                 if keep_predictions:
                     kept = predictions.setdefault(set_name, {"y_true": [str(y) for y in y_ev]})
                     kept.setdefault(spec.name, {})[probe] = [str(y) for y in pred]
                 if probe == probes[-1]:
                     per_plot.append((spec.name, set_name, h, list(y_ev), list(pred), x_ev, probe))
             if heads[spec.name] is not None and (t := head_report(heads[spec.name], feats, spec.name, set_name, split,
-                                                                 out if plots else None, log)):
+                                                                 out if plots else None)):
                 results.setdefault("hierarchical_calls", []).append(t)
-            log(f"  {spec.name} x {set_name}: {time.time() - t0:.1f}s")
+            logger.info(f"  {spec.name} x {set_name}: {time.time() - t0:.1f}s", extra=PLAIN)
     storage.write_bytes(storage.join(out, "results.json"), json_text(results).encode())
     storage.write_bytes(storage.join(out, "results.md"), markdown_table(results).encode())
     if keep_predictions:

@@ -10,22 +10,26 @@ is their command line. ``args`` is that command line's namespace (``out``, ``t0`
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from importlib import resources
 from pathlib import Path
 
-from hierdino import storage
+from hierdino import logs, storage
 from hierdino.config import load_config, override_text, preset_overrides
 from hierdino.experiments import compare, paired, report_v3
 from hierdino.storage import StorageOptions
 
+logger = logging.getLogger(__name__)
+REPRODUCE = logs.tag("reproduce")  # extra= of this job's own lines: [reproduce] ...
+
 
 def scale_overrides(name: str | None) -> list[str]:
-    """``hierdino/configs/repro/scale-NAME.yaml`` as ``key.sub=value`` overrides (empty without a scale)."""
+    """``hierdino/presets/repro/scale-NAME.yaml`` as ``key.sub=value`` overrides (empty without a scale)."""
     if not name:
         return []
-    repro = resources.files("hierdino.configs") / "repro"
+    repro = resources.files("hierdino.presets") / "repro"
     if not (repro / f"scale-{name}.yaml").is_file():
         scales = sorted(p.name[6:-5] for p in repro.iterdir() if p.name.startswith("scale-"))
         raise SystemExit(f"reproduce.py: unknown --scale {name!r} (known: {', '.join(scales)})")
@@ -44,7 +48,7 @@ def steps_for_budget(recs: list[dict], batch_size: int, wall_s: float, left_s: f
     return int((left_s / n_runs - overhead) / step_s) // 10 * 10, step_s, overhead
 
 
-def calibrate_steps(args, common: list[str], n_runs: float, log=print, preset: str = "repro/hxe-alpha0.5") -> int:
+def calibrate_steps(args, common: list[str], n_runs: float, preset: str = "repro/hxe-alpha0.5") -> int:
     """Steps per variant that fit ``--time-budget-min``, from a timed 40-step run of ``preset`` (variant (c)).
 
     Budget per run = (budget - time spent so far - evaluation reserve) / runs; a run costs its
@@ -58,23 +62,24 @@ def calibrate_steps(args, common: list[str], n_runs: float, log=print, preset: s
     cfg = load_config(preset, common + ["train.steps=40", "checkpoint.every_steps=40", "train.log_every=10",
                                                       "run.name=calibration"])
     t0 = time.time()
-    train(cfg, log=lambda *_: None)
+    with logs.quiet():
+        train(cfg)
     wall = time.time() - t0
     recs = [json.loads(line) for line in storage.read_bytes(storage.join(run_uri(cfg), "metrics.jsonl")).decode().splitlines()]
     left = args.time_budget_min * 60 - (time.time() - args.t0) - args.eval_reserve_s
     steps, step_s, overhead = steps_for_budget(recs, cfg.train.batch_size, wall, left, n_runs)
-    log(f"[reproduce] calibration: {cfg.train.batch_size / step_s:.0f} img/s ({step_s:.3f} s/step), start-up "
-        f"{overhead:.0f}s per run, {left:.0f}s left for {n_runs:g} runs -> {steps} steps each")
+    logger.info(f"calibration: {cfg.train.batch_size / step_s:.0f} img/s ({step_s:.3f} s/step), start-up "
+                f"{overhead:.0f}s per run, {left:.0f}s left for {n_runs:g} runs -> {steps} steps each", extra=REPRODUCE)
     if steps < 50:
         raise SystemExit(f"reproduce.py: --time-budget-min {args.time_budget_min} leaves {steps} steps per run (< 50); "
                          f"raise the budget or use fewer --seeds")
     return steps
 
 
-def level_weights_d(args, common: list[str], log=print, preset: str = "repro/hxe-sweep") -> list[float]:
+def level_weights_d(args, common: list[str], preset: str = "repro/hxe-sweep") -> list[float]:
     """Variant (d)'s level weights: ``--level-weights``, else the best of a sweep on the val splits (resumable)."""
     if args.level_weights:
-        log(f"[reproduce] (d) level weights as given: {args.level_weights}")
+        logger.info(f"(d) level weights as given: {args.level_weights}", extra=REPRODUCE)
         return args.level_weights
     sweep_dir = f"{args.out}/sweep-level-weights"
     best = Path(sweep_dir, "best_config.yaml")
@@ -82,16 +87,17 @@ def level_weights_d(args, common: list[str], log=print, preset: str = "repro/hxe
         # Ray Tune and torch: imported only when sweeping
         from hierdino.tune.sweep import run_sweep
 
-        log(f"[reproduce] sweep of the level weights on the val splits ({args.sweep_trials} trials)")
+        logger.info(f"sweep of the level weights on the val splits ({args.sweep_trials} trials)", extra=REPRODUCE)
         steps = args.sweep_steps or args.steps // 2
-        res = run_sweep(preset, str(Path(__file__).resolve().parents[2] / "tune_spaces/level_weights.yaml"),
-                        args.sweep_trials, sweep_dir, "asha", 1,
-                        common + [f"train.steps={steps}", f"checkpoint.every_steps={steps}",
-                                  f"eval.every_steps={max(1, steps // 3)}"], log=lambda *_: None)
+        with logs.quiet():
+            res = run_sweep(preset, str(Path(__file__).resolve().parents[2] / "tune_spaces/level_weights.yaml"),
+                            args.sweep_trials, sweep_dir, "asha", 1,
+                            common + [f"train.steps={steps}", f"checkpoint.every_steps={steps}",
+                                      f"eval.every_steps={max(1, steps // 3)}"])
         if res.get("interrupted"):  # no best_config.yaml: the next run resumes the sweep
             raise Stopped(f"the level-weight sweep ({res['how']})")
     level_weights = load_config(str(best)).loss.supervised.level_weights
-    log(f"[reproduce] (d) level weights from the sweep: {[round(w, 3) for w in level_weights]}")
+    logger.info(f"(d) level weights from the sweep: {[round(w, 3) for w in level_weights]}", extra=REPRODUCE)
     return level_weights
 
 
@@ -99,7 +105,7 @@ class Stopped(Exception):
     """A stage stopped by SIGINT / SIGTERM (its run checkpointed, or its sweep saved): the comparison stops too."""
 
 
-def train_once(preset: str, overrides: list[str], log=print) -> str:
+def train_once(preset: str, overrides: list[str]) -> str:
     """Train ``preset`` with ``overrides`` unless its run already has an export of this config (the
     same recipe and steps); returns the run URI. A run of another config is
     refused (``ResumeError`` naming the keys, or the steps); a run stopped by a signal raises ``Stopped``."""
@@ -119,15 +125,16 @@ def train_once(preset: str, overrides: list[str], log=print) -> str:
         if storage.exists(storage.join(uri, "export", "model.json")):
             return uri
     t0 = time.time()
-    final = train(cfg, log=lambda *_: None)
+    with logs.quiet():
+        final = train(cfg)
     if final.get("stopped_by"):
         raise Stopped(f"{cfg.run.name} by {final['stopped_by']} after step {final.get('step')} (checkpoint "
                       f"{final.get('checkpoint')})")
-    log(f"[reproduce] trained {cfg.run.name} in {time.time() - t0:.0f}s")
+    logger.info(f"trained {cfg.run.name} in {time.time() - t0:.0f}s", extra=REPRODUCE)
     return uri
 
 
-def train_variants(args, common: list[str], level_weights, prefix: str = "repro", log=print) -> dict[str, list[str]]:
+def train_variants(args, common: list[str], level_weights, prefix: str = "repro") -> dict[str, list[str]]:
     """Train every variant x seed of ``args`` (presets ``<prefix>/<variant>``); the run URIs per variant."""
     runs: dict[str, list[str]] = {}
     for variant in args.variants:
@@ -135,7 +142,7 @@ def train_variants(args, common: list[str], level_weights, prefix: str = "repro"
             over = common + [f"train.seed={seed}", f"run.name={variant}-s{seed}"]
             if variant == "hxe-sweep":
                 over.append(f"loss.supervised.level_weights={override_text(level_weights)}")
-            runs.setdefault(variant, []).append(train_once(f"{prefix}/{variant}", over, log))
+            runs.setdefault(variant, []).append(train_once(f"{prefix}/{variant}", over))
     return runs
 
 
@@ -174,7 +181,8 @@ def write_results(args, summary: dict, probes: tuple[str, ...]) -> int:
     """OUT/results.json, results.md and plots/ of a finished comparison; prints the table."""
     storage.write_bytes(storage.join(args.out, "results.json"), json.dumps(summary, indent=2).encode())
     print(write_report(args.out, summary, probes))
-    print(f"[reproduce] wrote {args.out}/results.md, results.json and plots/ in {(time.time() - args.t0) / 60:.1f} min")
+    logger.info(f"wrote {args.out}/results.md, results.json and plots/ in {(time.time() - args.t0) / 60:.1f} min",
+                extra=REPRODUCE)
     return 0
 
 

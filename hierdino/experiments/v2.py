@@ -1,4 +1,4 @@
-"""``jobs/reproduce.py --design v2``: the pre-registered v2 comparison (hierdino/configs/repro/v2/base.yaml).
+"""``jobs/reproduce.py --design v2``: the pre-registered v2 comparison (hierdino/presets/repro/v2/base.yaml).
 
 Stages, each resumable (a run with an export is not trained again):
   1. the small training suite, and the external sets at the evaluation size (``--eval-size``);
@@ -12,10 +12,11 @@ Stages, each resumable (a run with an export is not trained again):
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
-from hierdino import storage
+from hierdino import logs, storage
 from hierdino.config import load_config
 from hierdino.data import shards
 from hierdino.data.suite import EXTERNAL_SETS, ensure_eval_suite, ensure_synthetic_suite
@@ -23,6 +24,7 @@ from hierdino.experiments import paired
 from hierdino.experiments.compare import labelled_counts, summarise
 from hierdino.experiments.paired import VARIANTS
 from hierdino.experiments.stages import (
+    REPRODUCE,
     calibrate_steps,
     describe_setup,
     device_name,
@@ -35,13 +37,15 @@ from hierdino.experiments.stages import (
 from hierdino.hierarchy import load_hierarchy
 from hierdino.runtime import init_ray
 
+logger = logging.getLogger(__name__)
+
 __all__ = ["VARIANTS", "reproduce"]
 
 PREFIX = "repro/v2"
 BASE_FACTOR = 2  # the base model trains for twice a variant's steps
 
 
-def _steps(args, common: list[str], log=print) -> tuple[int, int]:
+def variant_and_base_steps(args, common: list[str]) -> tuple[int, int]:
     """(steps per variant, steps of the base model), fixed before anything trains and kept in OUT/plan.json.
 
     Variant steps: ``--steps``, else those of an earlier start of this run (plan.json), else what
@@ -54,12 +58,12 @@ def _steps(args, common: list[str], log=print) -> tuple[int, int]:
         steps = args.steps
     elif fixed:
         steps = fixed["steps"]
-        log(f"[reproduce] steps per variant fixed by the first start of this run: {steps} ({plan})")
+        logger.info(f"steps per variant fixed by the first start of this run: {steps} ({plan})", extra=REPRODUCE)
     elif args.time_budget_min:
         # a sweep trial runs half the steps, plus its evaluations on the val splits and Tune's start-up
         sweep_runs = 0 if args.level_weights else args.sweep_trials
         n_runs = BASE_FACTOR + len(args.variants) * len(args.seeds) + sweep_runs
-        steps = calibrate_steps(args, common, n_runs, log, preset=f"{PREFIX}/hxe-path")
+        steps = calibrate_steps(args, common, n_runs, preset=f"{PREFIX}/hxe-path")
     else:
         steps = load_config(f"{PREFIX}/base", common).train.steps
     base_steps = fixed.get("base_steps", BASE_FACTOR * steps)
@@ -74,8 +78,9 @@ def _evaluate(args, base_uri: str, runs: dict, eval_suite: str, arch: str, image
     from hierdino.eval.report import evaluate
 
     models = [base_uri, f"random:{arch}@{image_size}"] + [u for uris in runs.values() for u in uris]
-    return evaluate(models, [f"{eval_suite}/{d}" for d in EXTERNAL_SETS], f"{args.out}/report", "test", probes,
-                    args.bootstrap, plots=False, keep_predictions=True, in_process=True, log=lambda *_: None)
+    with logs.quiet():
+        return evaluate(models, [f"{eval_suite}/{d}" for d in EXTERNAL_SETS], f"{args.out}/report", "test", probes,
+                        args.bootstrap, plots=False, keep_predictions=True, in_process=True)
 
 
 def _test_images(eval_suite: str) -> dict[str, int]:
@@ -83,24 +88,24 @@ def _test_images(eval_suite: str) -> dict[str, int]:
     return {d: shards.read_manifest(f"{eval_suite}/{d}").num_labeled("test") for d in EXTERNAL_SETS}
 
 
-def reproduce(args, probes, log=print) -> int:
+def reproduce(args, probes) -> int:
     """Run the v2 design end to end; writes OUT/results.json, results.md and plots/."""
     cfg = load_config(f"{PREFIX}/base", scale_overrides(args.scale))
-    ensure_synthetic_suite(cfg, log)
+    ensure_synthetic_suite(cfg)
     suite = cfg.data.synth_cache
-    eval_suite = ensure_eval_suite(suite, args.eval_size, cfg.data.image_size, log)
-    init_ray()
+    eval_suite = ensure_eval_suite(suite, args.eval_size, cfg.data.image_size)
+    init_ray(verbose=args.verbose)
     common = scale_overrides(args.scale) + [f"data.synth_cache={suite}", f"run.storage={args.out}"]
-    args.steps, base_steps = _steps(args, common, log)
+    args.steps, base_steps = variant_and_base_steps(args, common)
     base_uri = train_once(f"{PREFIX}/pretrain", common + [f"train.steps={base_steps}", f"checkpoint.every_steps={base_steps}",
-                                                          "run.name=base"], log)
+                                                          "run.name=base"])
     common += [f"train.steps={args.steps}", f"checkpoint.every_steps={max(1, args.steps // 2)}",
                f"model.init_weights={storage.join(base_uri, 'export', 'teacher_backbone.safetensors')}"]
-    level_weights = level_weights_d(args, common, log, preset=f"{PREFIX}/hxe-sweep")
-    runs = train_variants(args, common, level_weights, prefix=PREFIX, log=log)
+    level_weights = level_weights_d(args, common, preset=f"{PREFIX}/hxe-sweep")
+    runs = train_variants(args, common, level_weights, prefix=PREFIX)
     t_eval = time.time()
     results = _evaluate(args, base_uri, runs, eval_suite, cfg.model.arch, cfg.data.image_size, probes)
-    log(f"[reproduce] evaluation in {time.time() - t_eval:.0f}s")
+    logger.info(f"evaluation in {time.time() - t_eval:.0f}s", extra=REPRODUCE)
     setup = describe_setup(args, cfg, device_name(cfg)) | {"base_steps": base_steps, "test_images": _test_images(eval_suite),
                                                             "bootstrap": args.bootstrap, "eval_suite": eval_suite}
     summary = summarise(results, runs, labelled_counts(suite), level_weights, (time.time() - args.t0) / 3600, setup,

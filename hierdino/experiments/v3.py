@@ -1,4 +1,4 @@
-"""``jobs/reproduce.py --design v3``: the pre-registered v3 comparison on real cells (hierdino/configs/repro/v3/base.yaml).
+"""``jobs/reproduce.py --design v3``: the pre-registered v3 comparison on real cells (hierdino/presets/repro/v3/base.yaml).
 
 Stages, each resumable (a dataset with a manifest, a run with an export, a finished sweep are kept):
   1. the PBC shards (``--pbc``: shards, or the published folder, cut 0.6/0.2/0.2 as make_shards does),
@@ -14,12 +14,13 @@ Stages, each resumable (a dataset with a manifest, a run with an export, a finis
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
 import numpy as np
 
-from hierdino import storage
+from hierdino import logs, storage
 from hierdino.config import load_config, override_text
 from hierdino.data import layouts, shards
 from hierdino.data.parts import PARTS, assign_parts, part_label
@@ -29,6 +30,7 @@ from hierdino.experiments import paired
 from hierdino.experiments.paired import run_name
 from hierdino.experiments.report_v3 import PBC, PBC_FINE
 from hierdino.experiments.stages import (
+    REPRODUCE,
     calibrate_steps,
     device_name,
     level_weights_d,
@@ -38,6 +40,8 @@ from hierdino.experiments.stages import (
 from hierdino.hierarchy import load_hierarchy
 from hierdino.labels import get_label_map
 from hierdino.runtime import init_ray
+
+logger = logging.getLogger(__name__)
 
 PREFIX = "repro/v3"
 HIERARCHY = "wbc-h2"
@@ -67,7 +71,7 @@ def _copy(rows: list[dict], label, split=None) -> list[shards.Record]:
     return [shards.Record(r["image"], r["image_id"], r["source"], r["raw_label"], label(r), split or r["split"]) for r in rows]
 
 
-def write_parts(pbc: str, data_dir: str, log=print) -> dict:
+def write_parts(pbc: str, data_dir: str) -> dict:
     """OUT/data/pbc-{fine,coarse,coarse-unlabelled,unlabelled} from ``pbc``'s train split, and
     OUT/data/pbc-eval (every split, leaf-labelled rows only); returns and keeps the part counts."""
     summary_path = f"{data_dir}/parts.json"
@@ -98,19 +102,19 @@ def write_parts(pbc: str, data_dir: str, log=print) -> dict:
                "seed": PART_SEED, "coarse_depth": COARSE_DEPTH, "counts": counts}
     storage.write_bytes(summary_path, json.dumps(summary, indent=2).encode())
     for name in ("pbc-fine", "pbc-coarse", "pbc-unlabelled"):
-        log(f"[reproduce] {name}: {sum(counts[name]['train'].values())} images, " +
-            ", ".join(f"{k} {v}" for k, v in sorted(counts[name]["train"].items())))
+        logger.info(f"{name}: {sum(counts[name]['train'].values())} images, " +
+                    ", ".join(f"{k} {v}" for k, v in sorted(counts[name]["train"].items())), extra=REPRODUCE)
     return summary
 
 
-def pbc_shards(source: str, data_dir: str, log=print) -> str:
+def pbc_shards(source: str, data_dir: str) -> str:
     """The PBC shards: ``source`` itself when it holds a manifest, else the published folder written
     by make_shards' pbc layout with the design's ``PBC_SPLIT`` (seed 0) into OUT/data/pbc."""
     if storage.exists(storage.join(source, "manifest.json")):
         return source
     out = f"{data_dir}/pbc"
     if not storage.exists(f"{out}/manifest.json"):
-        log(f"[reproduce] writing the PBC shards from {source} into {out}")
+        logger.info(f"writing the PBC shards from {source} into {out}", extra=REPRODUCE)
         h = load_hierarchy(layouts.LAYOUTS["pbc"].hierarchy)
         label_map = get_label_map(layouts.source_for("pbc", h.name), h)
         try:  # what `make_shards pbc --root SOURCE --split-fractions 0.6,0.2,0.2 --split-seed 0` writes
@@ -119,7 +123,7 @@ def pbc_shards(source: str, data_dir: str, log=print) -> str:
             m = shards.write_items(items, out, "pbc", label_map, hierarchy=h)
         except (ValueError, OSError) as e:
             raise SystemExit(f"reproduce.py: could not read {source} as PBC's published folder: {e}") from e
-        log(f"[reproduce] wrote {m.num_images} images of pbc to {out}")
+        logger.info(f"wrote {m.num_images} images of pbc to {out}", extra=REPRODUCE)
     return out
 
 
@@ -167,7 +171,7 @@ def variant_table(sets: dict, runs: dict, names: list[str]) -> dict:
                     for p in _probes_of(sets, d)} for d in names} for v, uris in runs.items()}
 
 
-def variant_steps(args, common: list[str], base_steps: int, data: list[str], log=print) -> int:
+def variant_steps(args, common: list[str], base_steps: int, data: list[str]) -> int:
     """Steps of every variant: ``--steps``, else those of an earlier start (OUT/plan.json), else what fits
     ``--time-budget-min`` (a timed run of (c); the base model counts as base_steps / 300 runs), else the
     design's 300; kept in OUT/plan.json before any variant trains."""
@@ -176,24 +180,24 @@ def variant_steps(args, common: list[str], base_steps: int, data: list[str], log
         steps = args.steps
     elif plan.exists():
         steps = json.loads(plan.read_text())["steps"]
-        log(f"[reproduce] steps per variant fixed by the first start of this run: {steps} ({plan})")
+        logger.info(f"steps per variant fixed by the first start of this run: {steps} ({plan})", extra=REPRODUCE)
     elif args.time_budget_min:
         sweep_runs = 0 if args.level_weights else args.sweep_trials / 2
         n_runs = len(args.variants) * len(args.seeds) + sweep_runs + base_steps / 300
-        steps = calibrate_steps(args, common + [f"data.train={override_text(data)}"], n_runs, log, preset=f"{PREFIX}/hxe")
+        steps = calibrate_steps(args, common + [f"data.train={override_text(data)}"], n_runs, preset=f"{PREFIX}/hxe")
     else:
         steps = load_config(f"{PREFIX}/base", common).train.steps
     storage.write_bytes(str(plan), json.dumps({"steps": steps, "base_steps": base_steps}).encode())
     return steps
 
 
-def _stage_runs(args, common: list[str], data_dir: str, log=print) -> tuple[str, int, list[float] | None, dict]:
+def _stage_runs(args, common: list[str], data_dir: str) -> tuple[str, int, list[float] | None, dict]:
     """The base model (URI, steps), (d)'s level weights and every variant x seed's run (each skipped when done)."""
     base_steps = args.base_steps or load_config(f"{PREFIX}/pretrain", common).train.steps
-    args.steps = variant_steps(args, common, base_steps, variant_data(data_dir, "hxe"), log)
+    args.steps = variant_steps(args, common, base_steps, variant_data(data_dir, "hxe"))
     base_uri = train_once(f"{PREFIX}/pretrain", common + [f"data.train={override_text(variant_data(data_dir, 'ssl'))}",
                                                           f"train.steps={base_steps}", f"checkpoint.every_steps={base_steps}",
-                                                          "run.name=base"], log)
+                                                          "run.name=base"])
     warmup = min(load_config(f"{PREFIX}/base", common).optim.warmup_steps, max(1, args.steps // 5))
     common = common + [f"train.steps={args.steps}", f"checkpoint.every_steps={max(1, args.steps // 2)}",
                        f"optim.warmup_steps={warmup}",  # short continuations: a fifth of the steps at most
@@ -201,7 +205,7 @@ def _stage_runs(args, common: list[str], data_dir: str, log=print) -> tuple[str,
     level_weights = None
     if "hxe-sweep" in args.variants:
         level_weights = level_weights_d(args, common + [f"data.train={override_text(variant_data(data_dir, 'hxe-sweep'))}"],
-                                         log, preset=f"{PREFIX}/hxe-sweep")
+                                         preset=f"{PREFIX}/hxe-sweep")
     runs: dict[str, list[str]] = {}
     for variant in args.variants:
         for seed in args.seeds:
@@ -209,7 +213,7 @@ def _stage_runs(args, common: list[str], data_dir: str, log=print) -> tuple[str,
                              f"run.name={variant}-s{seed}"]
             if variant == "hxe-sweep":
                 over.append(f"loss.supervised.level_weights={override_text(level_weights)}")
-            runs.setdefault(variant, []).append(train_once(f"{PREFIX}/{variant}", over, log))
+            runs.setdefault(variant, []).append(train_once(f"{PREFIX}/{variant}", over))
     return base_uri, base_steps, level_weights, runs
 
 
@@ -219,11 +223,11 @@ def _evaluate(args, models: list[str], synth_models: list[str], data_dir: str, e
     the synthetic test splits (whole images)."""
     from hierdino.eval.report import evaluate
 
-    kw = dict(split="test", bootstrap_n=args.bootstrap, plots=False, keep_predictions=True, in_process=True,
-              log=lambda *_: None)
-    pbc = evaluate(models, [f"{data_dir}/{PBC}"], f"{args.out}/report-pbc", probes=probes, center_crop=center, **kw)
-    synth = evaluate(synth_models, [f"{eval_suite}/{d}" for d in EXTERNAL_SETS], f"{args.out}/report-synthetic",
-                     probes=SYNTH_PROBES, **kw)
+    kw = dict(split="test", bootstrap_n=args.bootstrap, plots=False, keep_predictions=True, in_process=True)
+    with logs.quiet():
+        pbc = evaluate(models, [f"{data_dir}/{PBC}"], f"{args.out}/report-pbc", probes=probes, center_crop=center, **kw)
+        synth = evaluate(synth_models, [f"{eval_suite}/{d}" for d in EXTERNAL_SETS], f"{args.out}/report-synthetic",
+                         probes=SYNTH_PROBES, **kw)
     return {"rows": pbc["rows"] + synth["rows"], "predictions": pbc["predictions"] | synth["predictions"],
             "datasets": pbc["datasets"] | synth["datasets"]}
 
@@ -264,24 +268,24 @@ def summarise_v3(args, results: dict, runs: dict, base_uri: str, arch: str, prob
             "hours": (time.time() - args.t0) / 3600}
 
 
-def reproduce(args, probes, log=print) -> int:
+def reproduce(args, probes) -> int:
     """Run the v3 design end to end; writes OUT/results.json, results.md and plots/."""
     if not args.pbc:
         raise SystemExit("reproduce.py --design v3: give --pbc (PBC_dataset_normal_DIB, or shards made from it)")
     data_dir = f"{args.out}/data"
-    pbc = pbc_shards(args.pbc, data_dir, log)
-    parts = write_parts(pbc, data_dir, log)
+    pbc = pbc_shards(args.pbc, data_dir)
+    parts = write_parts(pbc, data_dir)
     cfg = load_config(f"{PREFIX}/base")
-    eval_suite = ensure_eval_suite(str(Path(cfg.data.synth_cache).expanduser()), "default", cfg.data.image_size, log)
-    init_ray()
+    eval_suite = ensure_eval_suite(str(Path(cfg.data.synth_cache).expanduser()), "default", cfg.data.image_size)
+    init_ray(verbose=args.verbose)
     common = [f"run.storage={args.out}", f"eval.datasets=[{data_dir}/{PBC}]"]
-    base_uri, base_steps, level_weights, runs = _stage_runs(args, common, data_dir, log)
+    base_uri, base_steps, level_weights, runs = _stage_runs(args, common, data_dir)
     t_eval = time.time()
     fixed = [base_uri, f"random:{cfg.model.arch}@{cfg.data.image_size}"]
     models = fixed + [u for uris in runs.values() for u in uris]
     synth_models = fixed + [u for uris in runs.values() for u in uris[:SYNTH_SEEDS]]
     results = _evaluate(args, models, synth_models, data_dir, eval_suite, probes, cfg.data.center_crop)
-    log(f"[reproduce] evaluation in {time.time() - t_eval:.0f}s")
+    logger.info(f"evaluation in {time.time() - t_eval:.0f}s", extra=REPRODUCE)
     setup = {"arch": cfg.model.arch, "image_size": cfg.data.image_size, "center_crop": cfg.data.center_crop,
              "steps": args.steps, "base_steps": base_steps, "batch_size": cfg.train.batch_size, "seeds": args.seeds,
              "device": device_name(cfg), "bootstrap": args.bootstrap, "eval_suite": eval_suite, "pbc": pbc,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import logging
 import math
 import re
 from dataclasses import dataclass
@@ -21,9 +22,12 @@ from timm.models import build_model_with_cfg, register_model
 from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
+from hierdino import logs
 from hierdino.archs import TINY_ARCHS
 from hierdino.errors import user_errors
 from hierdino.models.weights import Checkpoint, WeightsError, parse, read_object, to_timm
+
+logger = logging.getLogger(__name__)
 
 
 def _register_tiny_archs() -> None:
@@ -252,7 +256,9 @@ def check(argv: list[str] | None = None) -> int:
     ap.add_argument("--arch", default=None, help="timm ViT name (default: guessed from the checkpoint's width and depth)")
     ap.add_argument("--img-size", type=int, default=None, help="input size (default: the checkpoint's grid)")
     ap.add_argument("--tower", default="teacher", choices=["teacher", "student"])
+    logs.add_flags(ap)
     args = ap.parse_args(argv)
+    logs.console(logs.level_from_flags(args.quiet, args.verbose))
     ckpt = parse(read_object(args.weights), args.weights, args.tower)
     arch = args.arch or guess_arch(ckpt)
     img = args.img_size or _native_size(ckpt, arch)
@@ -261,18 +267,18 @@ def check(argv: list[str] | None = None) -> int:
         report = load_pretrained(bb, ckpt, strict=True)
         status = 0
     except WeightsError as e:
-        print(f"[hierdino] {e}")
+        logger.warning(str(e))
         report, status = load_pretrained(bb, ckpt, strict=False), 1
-    print(f"[hierdino] arch {arch} at {img} px: {report}")
+    logger.info(f"arch {arch} at {img} px: {report}")
     if ckpt.heads:
-        print("[hierdino] heads: " + ", ".join(f"{h} ({len(t)} tensors, {head_prototypes(t)} prototypes)"
-                                               for h, t in ckpt.heads.items()))
+        logger.info("heads: " + ", ".join(f"{h} ({len(t)} tensors, {head_prototypes(t)} prototypes)"
+                                          for h, t in ckpt.heads.items()))
     else:
-        print("[hierdino] heads: none (random DINO/iBOT heads; consider train.freeze_backbone_steps)")
+        logger.info("heads: none (random DINO/iBOT heads; consider train.freeze_backbone_steps)")
     x = torch.linspace(-1, 1, 3 * img * img).reshape(1, 3, img, img)  # a fixed input, the same on every machine
     with torch.no_grad():
         cls, patches = bb.eval()(x)
-    print(f"[hierdino] fixed-input feature norms: CLS {cls.norm():.4f}, mean patch {patches.norm(dim=-1).mean():.4f}")
+    logger.info(f"fixed-input feature norms: CLS {cls.norm():.4f}, mean patch {patches.norm(dim=-1).mean():.4f}")
     return status
 
 

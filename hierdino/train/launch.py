@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from hierdino.train.preflight import check_nodes_see, preflight
 from hierdino.train.resume import plan_start
 from hierdino.train.stop import GracefulStop
 
+logger = logging.getLogger(__name__)
+
 
 def ordered_ingest_options():
     """Ray Train's default ingest options with ``preserve_order``: with the seeded file order and the
@@ -42,12 +45,12 @@ def meta_model(cfg: Config, hierarchy):
         return StudentTeacher(cfg, hierarchy)
 
 
-def check_init_weights(cfg: Config, model, log=print) -> None:
+def check_init_weights(cfg: Config, model) -> None:
     """Load ``model.init_weights`` into the meta-device ``model``: a checkpoint that does not fit stops
     the run here, before any worker starts (``WeightsError``)."""
     for line in model.load_pretrained(cfg.model.init_weights, cfg.model.init_strict, cfg.model.init_tower,
                                       StorageOptions.from_config(cfg)):
-        log(f"[hierdino] {line}")
+        logger.info(line)
 
 
 def model_size(model) -> str:
@@ -56,7 +59,7 @@ def model_size(model) -> str:
     return ", ".join(f"{name} {n / 1e6:.2f}M" for name, n in parts.items()) + " parameters (student; the teacher the same)"
 
 
-def start_block(cfg: Config, uri: str, start_step: int, data, plan, model, preset: str | None, log=print) -> None:
+def start_block(cfg: Config, uri: str, start_step: int, data, plan, model, preset: str | None) -> None:
     """What the run is, before it starts: run directory, config changes, data mix, model, resources."""
     changed = []
     if preset:
@@ -64,20 +67,20 @@ def start_block(cfg: Config, uri: str, start_step: int, data, plan, model, prese
         base.data.synth_cache = str(Path(base.data.synth_cache).expanduser())  # as ensure_synthetic_suite resolves it
         changed = config_diff(base, cfg)
     res = ray.cluster_resources()
-    log(f"[hierdino] run       {uri} ({'resuming after step ' + str(start_step) if start_step else 'new'})")
+    logger.info(f"run       {uri} ({'resuming after step ' + str(start_step) if start_step else 'new'})")
     if preset:
-        log(f"[hierdino] config    {preset}" + (f"; changed: {'; '.join(changed)}" if changed else "; as the preset"))
-    log(f"[hierdino] data      {data.summary()}; {100 * data.labeled_fraction:.0f}% of each batch labelled")
-    log(f"[hierdino] model     {cfg.model.arch} at {cfg.data.image_size} px: {model_size(model)}")
-    log(f"[hierdino] resources cluster {res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU; run {plan.workers} worker(s) x "
-        f"{plan.cpus_per_worker:g} CPU{f' + {cfg.scaling.gpus_per_worker:g} GPU' if plan.gpus else ''}, ingest {plan.ingest_cpus:g} CPU per task"
-        + (f" ({plan.note})" if plan.note else ""))
-    log(f"[hierdino] tracking  {storage.join(uri, 'metrics.jsonl')}; TensorBoard: tensorboard --logdir "
-        f"{storage.join(uri, 'tb')}")
-    log(f"[hierdino] code      {Path(hierdino.__file__).parent}")  # the installed package or the job's working_dir
+        logger.info(f"config    {preset}" + (f"; changed: {'; '.join(changed)}" if changed else "; as the preset"))
+    logger.info(f"data      {data.summary()}; {100 * data.labeled_fraction:.0f}% of each batch labelled")
+    logger.info(f"model     {cfg.model.arch} at {cfg.data.image_size} px: {model_size(model)}")
+    logger.info(f"resources cluster {res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU; run {plan.workers} worker(s) x "
+                f"{plan.cpus_per_worker:g} CPU{f' + {cfg.scaling.gpus_per_worker:g} GPU' if plan.gpus else ''}, "
+                f"ingest {plan.ingest_cpus:g} CPU per task" + (f" ({plan.note})" if plan.note else ""))
+    logger.info(f"tracking  {storage.join(uri, 'metrics.jsonl')}; TensorBoard: tensorboard --logdir "
+                f"{storage.join(uri, 'tb')}")
+    logger.info(f"code      {Path(hierdino.__file__).parent}")  # the installed package or the job's working_dir
 
 
-def build_trainer(cfg: Config, log=print, callbacks: list | None = None, preset: str | None = None, stop_flag=None,
+def build_trainer(cfg: Config, callbacks: list | None = None, preset: str | None = None, stop_flag=None,
                   free_resources: bool = True):
     """The ``TorchTrainer`` for ``cfg`` (Ray must be initialised). ``free_resources=False`` (a sweep
     trial): the preflight counts the cluster's total resources, the other trials holding the rest."""
@@ -90,13 +93,13 @@ def build_trainer(cfg: Config, log=print, callbacks: list | None = None, preset:
     hierarchy = load_hierarchy(cfg.hierarchy.name)
     opts = StorageOptions.from_config(cfg)
     storage.set_retry_window(cfg.run.storage_retry_s)
-    start = plan_start(cfg, run_uri, opts, log)  # may refuse a changed config (ResumeError) or rename the run
+    start = plan_start(cfg, run_uri, opts)  # may refuse a changed config (ResumeError) or rename the run
     uri, start_step = start.uri, start.found.step
     data = check_inputs(cfg, opts, resuming=bool(start_step))  # datasets, external sets, weights: fails now
     model = meta_model(cfg, hierarchy)
     if cfg.model.init_weights and not start_step:
-        check_init_weights(cfg, model, log)
-    plan = preflight(cfg, log, free=free_resources)  # before anything starts: a run that cannot fit stops here (ResourcesError)
+        check_init_weights(cfg, model)
+    plan = preflight(cfg, free=free_resources)  # before anything starts: a run that cannot fit stops here (ResourcesError)
     workers = cfg.scaling.num_workers
     per_worker = cfg.train.batch_size // workers
     datasets = build_train_datasets(data, CropSpec.from_config(cfg), per_worker, workers, start_step, cfg.train.steps,
@@ -106,7 +109,7 @@ def build_trainer(cfg: Config, log=print, callbacks: list | None = None, preset:
     if cfg.eval.every_steps:
         shared += [storage.join(u, "manifest.json") for u in eval_set_uris(cfg)]
     check_nodes_see(shared)  # several nodes: each sees the local paths (StorageError)
-    start_block(cfg, uri, start_step, data, plan, model, preset, log)
+    start_block(cfg, uri, start_step, data, plan, model, preset)
     fs, path = storage.resolve(cfg.run.storage, opts)
     run_config = ray.train.RunConfig(
         name=cfg.run.name, storage_path=path if storage.is_s3(cfg.run.storage) else str(Path(path)),
@@ -154,7 +157,7 @@ def _fit_beside_the_main_thread(trainer):
     return out["result"]
 
 
-def train(cfg: Config, log=print, preset: str | None = None, graceful: bool = True) -> dict:
+def train(cfg: Config, preset: str | None = None, graceful: bool = True) -> dict:
     """Run training to the end (or ``train.stop_at_step``); returns rank 0's final metrics.
 
     ``graceful`` (main thread only): SIGTERM / SIGINT end the run after the step in flight with a
@@ -164,11 +167,11 @@ def train(cfg: Config, log=print, preset: str | None = None, graceful: bool = Tr
 
     try:  # Ray Train raises a worker's error (a TrainingFailedError) out of fit
         if not graceful or threading.current_thread() is not threading.main_thread():
-            result = build_trainer(cfg, log, preset=preset).fit()
+            result = build_trainer(cfg, preset=preset).fit()
             stopped_by = None
         else:
-            with GracefulStop(log) as stop:
-                result = _fit_beside_the_main_thread(build_trainer(cfg, log, preset=preset, stop_flag=stop.flag))
+            with GracefulStop() as stop:
+                result = _fit_beside_the_main_thread(build_trainer(cfg, preset=preset, stop_flag=stop.flag))
             stopped_by = stop.signal
     except ray.train.TrainingFailedError as e:
         raise user_error(e) or e  # a worker's input error reported as the driver's own would be

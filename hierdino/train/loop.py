@@ -9,11 +9,10 @@ exports the teacher backbone. ``TrainStep`` is also used alone by the tests and 
 
 from __future__ import annotations
 
+import logging
 import math
-import os
 import socket
 import time
-from pathlib import Path
 
 import ray
 import ray.train
@@ -23,7 +22,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.profiler import record_function
 
-from hierdino import storage
+from hierdino import logs, storage
 from hierdino.config import Config, config_from_dict
 from hierdino.data.augment import augment_views
 from hierdino.data.ingest import stream_name
@@ -34,7 +33,8 @@ from hierdino.hierarchy import load_hierarchy
 from hierdino.models.student_teacher import StepBatch, StudentTeacher, param_groups
 from hierdino.runtime import quiet_train_reports
 from hierdino.storage import StorageOptions
-from hierdino.train.checkpoint import CheckpointManager, export_teacher
+from hierdino.train.checkpoint import CheckpointManager
+from hierdino.train.export import export_teacher
 from hierdino.train.metrics import TrainMetrics
 from hierdino.train.parallel import (
     apply_fsdp,
@@ -46,6 +46,8 @@ from hierdino.train.parallel import (
 from hierdino.train.resume import ResumeError
 from hierdino.train.schedules import Schedules
 from hierdino.train.stop import StopPoller
+
+logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -161,7 +163,6 @@ class TrainStep:
         # (step, 0-d bad flag, checked values, their names) per step since the last sync
         self._bad: list[tuple[int, torch.Tensor, torch.Tensor, list[str]]] = []
         self.skipped = 0  # non-finite steps skipped so far (this process)
-        self._nan_at = int(os.environ.get("HIERDINO_TEST_NAN_AT_STEP", -1))  # test-only fault injection
         self._compiling = model.compiled is not None  # the first step compiles: its time is printed once
 
     def __call__(self, batch: StepBatch, step: int, monitor: bool = False, sync: bool = True,
@@ -180,9 +181,6 @@ class TrainStep:
         if self.model.compiled == "graphs":  # a new step: the CUDA graphs may reuse the last step's output memory
             torch.compiler.cudagraph_mark_step_begin()
         loss, terms, stats = self.model.losses(batch, s["teacher_temp"], monitor=monitor)
-        if step + 1 == self._nan_at:  # steps are named as the progress line counts them (1-based)
-            loss = loss * float("nan")
-            terms["dino"] = terms["dino"] * float("nan")
         values = torch.stack([loss.detach()] + [t.detach().float() for t in terms.values()])
         if dist.is_initialized():
             values = torch.cat([values, values.new_full((1,), float(stop_vote))])  # a fill: no host copy
@@ -194,8 +192,8 @@ class TrainStep:
             loss.backward()  # outside autocast: only the backbone and head forwards run in bf16
         if self._compiling:  # the forward's graph compiles at the first call, the backward's at the first backward
             self._compiling = False
-            print(f"[hierdino] train.compile ({self.model.compiled}): the first step compiled in "
-                  f"{time.perf_counter() - t0:.1f} s", flush=True)
+            logger.info(f"train.compile ({self.model.compiled}): the first step compiled in "
+                        f"{time.perf_counter() - t0:.1f} s")
         self._drop_frozen_grads(step, s["freeze_last_layer"])
         with record_function("clip_optimizer"):
             norms = self._clip()
@@ -252,8 +250,8 @@ class TrainStep:
                     f"non-finite loss at step {st} (found at step {step + 1}; the step was not applied): {listed}; "
                     f"{self.skipped - 1} earlier step(s) skipped of train.skip_nonfinite_steps={limit}. "
                     "The last checkpoint holds the state before it.")
-            print(f"[hierdino] WARNING: step {st} skipped, non-finite: {listed} "
-                  f"({self.skipped} of train.skip_nonfinite_steps={limit})", flush=True)
+            logger.warning(f"WARNING: step {st} skipped, non-finite: {listed} "
+                           f"({self.skipped} of train.skip_nonfinite_steps={limit})")
         out = dict(zip(names, window))
         if self._votes is not None:
             out["stop_votes"], self._votes = float(self._votes), None
@@ -276,15 +274,17 @@ def check_shared_run_dir(run_uri: str, options) -> None:
                        "an s3:// URI or a shared filesystem mounted at the same path on every node")
 
 
-def build_model(cfg: Config, device: torch.device, world: int, say, resuming: bool = False) -> StudentTeacher:
-    """Student and teacher on ``device``: pretrained weights, compiled blocks, FSDP2 over ``world``
-    ranks (or bf16 autocast of the backbone and head forwards on one)."""
+def build_model(cfg: Config, device: torch.device, world: int, rank: int = 0,
+                resuming: bool = False) -> StudentTeacher:
+    """Student and teacher on ``device``: pretrained weights (said by rank 0), compiled blocks, FSDP2
+    over ``world`` ranks (or bf16 autocast of the backbone and head forwards on one)."""
     torch.manual_seed(cfg.train.seed)  # identical initialisation on every rank
     model = StudentTeacher(cfg, load_hierarchy(cfg.hierarchy.name))
     if cfg.model.init_weights and not resuming:  # a resumed run's weights come from its checkpoint
         for line in model.load_pretrained(cfg.model.init_weights, cfg.model.init_strict, cfg.model.init_tower,
                                           StorageOptions.from_config(cfg)):
-            say(f"[hierdino] {line}")
+            if rank == 0:
+                logger.info(line)
     model.to(device)
     if cfg.train.compile:
         compile_model(model, whole_step=world == 1)
@@ -317,19 +317,6 @@ def open_batches(loop_config: dict, cfg: Config, rank: int, per_worker: int, sta
                         streams_start=launched)
 
 
-def _test_pause(var: str, step: int) -> None:
-    """Test-only event: ``VAR=<step>`` touches ``<VAR_DIR>/<VAR>.<step>.reached`` just before that step's
-    checkpoint and waits (at most 10 min) for ``<VAR_DIR>/<VAR>.<step>.go``, so a test can act exactly
-    as the checkpoint write begins (an object-store outage that must meet it), with no timing window."""
-    if os.environ.get(var) != str(step):
-        return
-    base = os.path.join(os.environ[f"{var}_DIR"], f"{var}.{step}")
-    Path(base + ".reached").touch()
-    deadline = time.monotonic() + 600
-    while not os.path.exists(base + ".go") and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-
 def worker_nodes(world: int) -> list:
     """The Ray node of every rank (the two-node checks read it)."""
     node = ray.get_runtime_context().get_node_id()
@@ -343,93 +330,107 @@ def worker_nodes(world: int) -> list:
 # -- the loop -------------------------------------------------------------------------------------------------
 
 
-def train_loop_per_worker(loop_config: dict) -> dict:
-    """Ray Train's per-worker function: set up, resume, step to ``train.steps`` (or a stop), export."""
-    worker_start = time.perf_counter()
+def _worker_setup(loop_config: dict) -> tuple[Config, str, StorageOptions, int, int, torch.device]:
+    """``(config, run URI, storage options, rank, world size, device)`` of this worker, with its console
+    (its lines on its stdout, which Ray shows on the driver's, at the driver's level) and retry window set."""
+    logs.console()
     quiet_train_reports()
     cfg, run_uri = config_from_dict(loop_config["config"]), loop_config["run_uri"]
     options = StorageOptions.from_config(cfg)
     storage.set_retry_window(cfg.run.storage_retry_s)
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     check_shared_run_dir(run_uri, options)
     device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
     use_tensor_cores(device)
-    metrics = TrainMetrics(cfg, run_uri, rank, worker_start, options)
-    model = build_model(cfg, device, world, metrics.say, resuming=loop_config.get("start_step", 0) > 0)
-    # Identical initialisation on every rank above; from here each rank draws its own stochastic
-    # depth (CPU and device generators; a resume restores both from the checkpoint).
-    torch.manual_seed(cfg.train.seed * 1000 + rank + 2 ** 40)  # apart from the mask and augmentation seeds below
-    step_fn = TrainStep(model, cfg)
-    ckpt = CheckpointManager(model, step_fn.optimizer, rank, world, run_uri, cfg.checkpoint.keep, options,
-                             every_steps=cfg.checkpoint.every_steps)
+    return cfg, run_uri, options, ctx.get_world_rank(), ctx.get_world_size(), device
+
+
+def _resume(ckpt: CheckpointManager, launched_at: int) -> int:
+    """Restore the newest intact checkpoint; returns its step (0: none). A checkpoint the driver
+    launched from (``launched_at``) that turned out corrupt (now marked) stops the run: the driver
+    planned the data streams (and skipped model.init_weights) for that step, and the same command
+    plans them again from the newest intact one."""
     ckpt.load()
-    start = step = ckpt.state["step"]
-    if start < loop_config.get("start_step", 0):  # the launch's checkpoint was corrupt (now marked)
-        # The driver planned the data streams (and skipped model.init_weights) for the launch step: the
-        # same command plans them again from the newest intact checkpoint.
-        raise ResumeError(f"the checkpoint this run was launched from (step {loop_config['start_step']}) is corrupt "
-                          f"and now marked CORRUPT.json; run the same command again to resume from the newest intact "
-                          f"one ({f'step {start}' if start else 'none: a fresh start'})")
-    metrics.log.resume_at(start)  # records an interrupted attempt wrote after this checkpoint are logged again
-    start_checksum = param_checksum(model.student)
-    metrics.say(f"[hierdino] rank 0/{world} on {device}: {'resuming at step ' + str(start) if start else 'starting'}; "
-                f"local parameter fraction {local_param_fraction(model.student):.3f}; {supervised_summary(model)}")
-    per_worker, grid = cfg.train.batch_size // world, cfg.data.image_size // model.patch_size
-    gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank + 7919 * start)  # host: masks
-    device_gen = None if device.type == "cpu" else torch.Generator(device=device).manual_seed(gen.initial_seed() + 1)
-    batches = open_batches(loop_config, cfg, rank, per_worker, start)
-    decode = None
+    start = ckpt.state["step"]
+    if start < launched_at:
+        raise ResumeError(f"the checkpoint this run was launched from (step {launched_at}) is corrupt and now marked "
+                          f"CORRUPT.json; run the same command again to resume from the newest intact one "
+                          f"({f'step {start}' if start else 'none: a fresh start'})")
+    return start
+
+
+def _optional_parts(cfg: Config, device: torch.device, options: StorageOptions):
+    """``(decode, live_eval)``: the device JPEG decoder (``data.decode=device``) and the evaluator of the
+    live teacher (``eval.every_steps``), each None when the config does not ask for it."""
+    decode = live_eval = None
     if cfg.data.decode == "device":
         from hierdino.data.device_decode import (
             device_decoder,  # torchvision: only device-decoding runs need it
         )
 
         decode = device_decoder(cfg, device)
-    live_eval = None
     if cfg.eval.every_steps:
         from hierdino.eval.live import (
             LiveEvaluator,  # scikit-learn: only runs that evaluate while training need it
         )
 
         live_eval = LiveEvaluator(cfg, options)
+    return decode, live_eval
+
+
+def train_loop_per_worker(loop_config: dict) -> dict:
+    """Ray Train's per-worker function: set up, resume, step to ``train.steps`` (or a stop), export."""
+    worker_start = time.perf_counter()
+    cfg, run_uri, options, rank, world, device = _worker_setup(loop_config)
+    metrics = TrainMetrics(cfg, run_uri, rank, worker_start, options)
+    model = build_model(cfg, device, world, rank, resuming=loop_config.get("start_step", 0) > 0)
+    # Identical initialisation on every rank above; from here each rank draws its own stochastic
+    # depth (CPU and device generators; a resume restores both from the checkpoint).
+    torch.manual_seed(cfg.train.seed * 1000 + rank + 2 ** 40)  # apart from the mask and augmentation seeds below
+    step_fn = TrainStep(model, cfg)
+    ckpt = CheckpointManager(model, step_fn.optimizer, rank, world, run_uri, cfg.checkpoint.keep, options,
+                             every_steps=cfg.checkpoint.every_steps)
+    start = step = _resume(ckpt, loop_config.get("start_step", 0))
+    metrics.log.resume_at(start)  # records an interrupted attempt wrote after this checkpoint are logged again
+    start_checksum = param_checksum(model.student)
+    metrics.say(f"rank 0/{world} on {device}: {'resuming at step ' + str(start) if start else 'starting'}; "
+                f"local parameter fraction {local_param_fraction(model.student):.3f}; {supervised_summary(model)}")
+    per_worker, grid = cfg.train.batch_size // world, cfg.data.image_size // model.patch_size
+    gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank + 7919 * start)  # host: masks
+    device_gen = None if device.type == "cpu" else torch.Generator(device=device).manual_seed(gen.initial_seed() + 1)
+    batches = open_batches(loop_config, cfg, rank, per_worker, start)
+    decode, live_eval = _optional_parts(cfg, device, options)
     stop, last, eval_metrics = min(cfg.train.stop_at_step or cfg.train.steps, cfg.train.steps), {}, {}
     poller = StopPoller(loop_config.get("stop_flag"))
     metrics.begin()
     while step < stop:
-        # A graceful stop asked of the driver. One worker stops after this step. Several stop after
-        # the same step, which each rank's own poll cannot give (ranks learn of the request at different
-        # steps): each votes in the step's all-reduce, and all stop after the next step that reads the
-        # votes back (a log or checkpoint step).
-        asked = poller.asked()
+        asked = poller.asked()  # a graceful stop: one worker stops after this step, several vote (TrainStep)
         if asked and world == 1:
             stop = min(stop, step + 1)
         batch = make_step_batch(metrics.next_batch(batches, step, per_worker, decode), cfg, gen, device, grid, device_gen)
-        logging = (step + 1) % cfg.train.log_every == 0 or step + 1 == stop
+        log_now = (step + 1) % cfg.train.log_every == 0 or step + 1 == stop
         saving = ckpt.should_save(step + 1, stop)
         # Every read carries the collapse monitor, so a stop decided at a checkpoint step can log it.
-        record = step_fn(batch, step, monitor=logging or saving, sync=logging or saving, stop_vote=asked)
+        record = step_fn(batch, step, monitor=log_now or saving, sync=log_now or saving, stop_vote=asked)
         last = record or last
         step += 1
         if record is not None and record.pop("stop_votes", 0.0) > 0 and step < stop:
-            stop, logging, saving = step, True, True  # the same step on every rank: they read the same votes
+            stop, log_now, saving = step, True, True  # the same step on every rank: they read the same votes
         ckpt.advance(cfg.train.batch_size)
         evaluating = live_eval is not None and step % cfg.eval.every_steps == 0
         if live_eval is not None and (evaluating or step == stop or (saving and not eval_metrics)):
             eval_metrics = live_eval(model.teacher["backbone"], device)
         last.update(eval_metrics)  # every report carries the latest external scores: Tune needs its metric in each
-        if logging:
+        if log_now:
             metrics.log_step(step, stop, last)
         if saving:
-            _test_pause("HIERDINO_TEST_PAUSE_BEFORE_CHECKPOINT", step)  # test-only: a test acts as this checkpoint starts
             ckpt.save(step)  # committed before Ray hears of it: a report never names a partial checkpoint
             metrics.flush()
         if saving or evaluating:  # every rank: a report is a barrier
             ray.train.report(dict({k: v for k, v in last.items() if isinstance(v, float) and math.isfinite(v)}, step=step))
     metrics.close()
     export = (export_teacher(model, run_uri, rank, model.hierarchy.name, cfg.data.image_size, options,
-                             cfg.data.center_crop)
-              if step >= cfg.train.steps else None)
+                             cfg.data.center_crop) if step >= cfg.train.steps else None)
     return dict(last, step=step, start_step=start, images_per_s=metrics.images_per_s(), worker_nodes=worker_nodes(world),
                 start_checksum=start_checksum, final_checksum=param_checksum(model.student), export=export,
                 local_param_fraction=local_param_fraction(model.student), corrupt_images=metrics.corrupt.corrupt,

@@ -2,11 +2,12 @@
 corrupt images, the collapse watch, the metrics record (``RunLog``) and the progress line.
 
 ``TrainMetrics`` is used by ``hierdino.train.loop``: ``next_batch`` around the ingest, ``log_step``
-at each log step, ``flush`` at checkpoints and ``close`` at the end. Only rank 0 prints and writes.
+at each log step, ``flush`` at checkpoints and ``close`` at the end. Only rank 0 logs and writes.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -15,9 +16,12 @@ import torch
 from hierdino.config import Config
 from hierdino.data.ingest import CorruptCounter
 from hierdino.eval import OBJECTIVE
+from hierdino.logs import PLAIN
 from hierdino.losses.collapse import CollapseWatch
 from hierdino.storage import StorageOptions
 from hierdino.train.tracking import RunLog
+
+logger = logging.getLogger(__name__)
 
 LINE_TERMS = ("dino", "ibot", "koleo", "sup", OBJECTIVE)  # loss terms (and the live score) on the progress line
 
@@ -55,9 +59,10 @@ class TrainMetrics:
         """The loop starts now: throughput and data wait are measured from here."""
         self.t0, self.wait, self.images = time.perf_counter(), 0.0, 0
 
-    def say(self, text: str) -> None:
+    def say(self, text: str, level: int = logging.INFO, **kw) -> None:
+        """Log ``text`` on rank 0 (the other ranks would repeat it)."""
         if self.rank == 0:
-            print(text, flush=True)
+            logger.log(level, text, **kw)
 
     def next_batch(self, batches, step: int, per_worker: int, decode=None) -> dict[str, torch.Tensor]:
         """The next batch as tensors (host tensors, or what ``decode`` makes of them: the device decoder
@@ -80,7 +85,7 @@ class TrainMetrics:
         self.wait += time.perf_counter() - tw
         if self.first_batch_s is None:  # from worker start: model build, checkpoint load and the ingest's start-up
             self.first_batch_s = time.perf_counter() - self.worker_start
-            self.say(f"[hierdino] first batch {self.first_batch_s:.1f} s after the worker started")
+            self.say(f"first batch {self.first_batch_s:.1f} s after the worker started")
         self.corrupt.update(raw["ok"].numpy())
         self.images += self.cfg.train.batch_size
         return raw
@@ -90,10 +95,11 @@ class TrainMetrics:
 
         while not done.wait(self.first_batch_warn_s):
             free, total = ray.available_resources().get("CPU", 0.0), ray.cluster_resources().get("CPU", 0.0)
-            self.say(f"[hierdino] no batch yet {time.perf_counter() - self.worker_start:.0f} s after the worker started: "
+            self.say(f"no batch yet {time.perf_counter() - self.worker_start:.0f} s after the worker started: "
                      f"the data ingest has not delivered. The cluster has {free:g} of {total:g} CPUs free, and each ingest "
                      f"task needs data.num_cpus_per_map={self.cfg.data.num_cpus_per_map:g}: with none free, other work "
-                     "holds them (another job, a leaked placement group); with some, large first files take long")
+                     "holds them (another job, a leaked placement group); with some, large first files take long",
+                     logging.WARNING)
 
     def images_per_s(self) -> float:
         return self.images / max(time.perf_counter() - self.t0, 1e-9)
@@ -102,7 +108,7 @@ class TrainMetrics:
         """A log step: the collapse watch, one ``metrics.jsonl`` record and (rank 0) one progress line."""
         warning = self.watch.observe(step, last["dino_entropy"])
         if warning:
-            self.say(f"[hierdino] WARNING: {warning}")
+            self.say(f"WARNING: {warning}", logging.WARNING)
         elapsed = time.perf_counter() - self.t0
         rate = self.images / max(elapsed, 1e-9)
         rec = dict(last, step=step, images_per_s=rate, data_wait=self.wait / max(elapsed, 1e-9),
@@ -112,7 +118,7 @@ class TrainMetrics:
         terms = " ".join(f"{k} {last[k]:.3f}" for k in LINE_TERMS if k in last)
         self.say(f"step {step}/{self.cfg.train.steps} | loss {last['loss']:.3f} ({terms}) | {collapse_line(last)} | "
                  f"lr {last['lr']:.2e} | {rate:.1f} img/s | data-wait {100 * rec['data_wait']:.0f}% | "
-                 f"ETA {fmt_duration(eta)}")
+                 f"ETA {fmt_duration(eta)}", extra=PLAIN)
 
     def flush(self) -> None:
         self.log.flush()

@@ -11,12 +11,15 @@ the fixes. A cluster that grows on demand (KubeRay or ``ray up`` autoscaling) ca
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
 
 from hierdino import storage
 from hierdino.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 
 class ResourcesError(UserError, RuntimeError):
@@ -26,7 +29,7 @@ class ResourcesError(UserError, RuntimeError):
 
 
 @dataclass
-class Plan:
+class ResourcePlan:
     """What a run asks for and the ingest CPU share it will use."""
 
     workers: int
@@ -72,7 +75,7 @@ def place_workers(cfg, nodes: list[dict]) -> list[dict] | None:
     return [{"CPU": max(c, 0.0), "GPU": max(g, 0.0)} for c, g in free]
 
 
-def plan_resources(cfg, resources: dict | list[dict]) -> Plan:
+def plan_resources(cfg, resources: dict | list[dict]) -> ResourcePlan:
     """Fit ``cfg`` to the cluster: ``resources`` is each node's free resources (a list) or one dict
     for a single node (``ray.cluster_resources()`` of a one-node cluster). The workers must fit on
     the nodes as placed by ``place_workers``, and one node must keep an ingest task's CPUs beside
@@ -102,10 +105,10 @@ def plan_resources(cfg, resources: dict | list[dict]) -> Plan:
             "fewer workers, another placement strategy, or bigger nodes")
     spare = max(n["CPU"] for n in left) if left else 0.0
     if left is not None and spare + 1e-9 >= need:
-        return Plan(s.num_workers, s.cpus_per_worker, want_gpus, need)
+        return ResourcePlan(s.num_workers, s.cpus_per_worker, want_gpus, need)
     if left is not None and spare >= MIN_INGEST_CPUS:
         lowered = int(spare * 100 + 1e-6) / 100  # down to a hundredth, never to 0
-        return Plan(s.num_workers, s.cpus_per_worker, want_gpus, lowered,
+        return ResourcePlan(s.num_workers, s.cpus_per_worker, want_gpus, lowered,
                     f"data.num_cpus_per_map lowered from {need:g} to {lowered:g}: the CPUs left beside "
                     f"{s.num_workers} worker(s) x {s.cpus_per_worker:g} CPU" + (" on the roomiest node" if len(nodes) > 1 else ""))
     fits = (cpus - need) / s.num_workers
@@ -134,15 +137,17 @@ def demand(cfg) -> list[dict]:
 BUSY_GRACE_S = 30.0  # how long a cluster whose nodes would fit the run, but are busy now, is waited for
 
 
-def preflight(cfg, log=print, resources=None, sleep=time.sleep, clock=time.monotonic, request=None,
-              totals=None, free: bool = True) -> Plan:
+def preflight(cfg, resources=None, sleep=time.sleep, clock=time.monotonic, request=None,
+              totals=None, free: bool = True, note: bool = True) -> ResourcePlan:
     """``plan_resources`` against the live cluster's free resources per node (``free=False``: their
     totals, for a sweep trial, whose fellow trials hold the rest by design); with
     ``scaling.wait_for_resources_s`` > 0, retry until it fits or the time is up (a message every 30 s,
     never a silent wait). A cluster whose nodes would fit the run but are busy now (another job holds
     CPUs: it would starve this run's ingest) is waited for ``BUSY_GRACE_S`` at least. While it waits it
     asks the autoscaler for the run's bundles (``request``: Ray's ``request_resources`` on the live
-    cluster), since polling alone adds no node to a cluster that scales up from zero workers."""
+    cluster), since polling alone adds no node to a cluster that scales up from zero workers. The waits
+    are warnings (said under ``--quiet`` too); the plan's note is said unless ``note`` is false (a
+    caller that plans again later says it then)."""
     if resources is None:
         # heavy: only a check against the live cluster needs Ray
         from ray._private.state import available_resources_per_node, total_resources_per_node
@@ -173,19 +178,19 @@ def preflight(cfg, log=print, resources=None, sleep=time.sleep, clock=time.monot
                     request(demand(cfg))
                     requested = True
                 if last_said is None or now - last_said >= 30:
-                    log(f"[hierdino] waiting up to {until - now:.0f} s more for resources: {e}")
+                    logger.warning(f"waiting up to {until - now:.0f} s more for resources: {e}")
                     last_said = now
                 sleep(5.0)
                 continue
             if plan.note and totals is not None and clock() < start + BUSY_GRACE_S and plan.ingest_cpus < _ingest_share(cfg, totals()):
                 if last_said is None:  # the ingest's share is lowered only because other work holds CPUs now
-                    log(f"[hierdino] waiting up to {start + BUSY_GRACE_S - clock():.0f} s for the data ingest's "
-                        f"{cfg.data.num_cpus_per_map:g} CPU(s), which other work holds now")
+                    logger.warning(f"waiting up to {start + BUSY_GRACE_S - clock():.0f} s for the data ingest's "
+                                   f"{cfg.data.num_cpus_per_map:g} CPU(s), which other work holds now")
                     last_said = clock()
                 sleep(5.0)
                 continue
-            if plan.note:
-                log(f"[hierdino] {plan.note}")
+            if plan.note and note:
+                logger.info(plan.note)
             return plan
     finally:
         if requested:  # withdrawn once the nodes are there (the trainer then holds them) or the wait ends:

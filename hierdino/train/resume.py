@@ -10,6 +10,7 @@ with the keys named, before any worker starts.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 
 import yaml
@@ -17,8 +18,10 @@ import yaml
 from hierdino import storage
 from hierdino.config import Config, ConfigError, config_diff, config_from_dict
 from hierdino.storage import StorageOptions
-from hierdino.train.checkpoint import Found, latest_complete, run_uri
+from hierdino.train.checkpoint import LatestCheckpoint, latest_complete, run_uri
 from hierdino.train.schedules import Schedules
+
+logger = logging.getLogger(__name__)
 
 # Keys (or sections, ending in '.') that may differ between a run's saved config and a resume.
 RESUMABLE = (
@@ -36,10 +39,10 @@ class ResumeError(ConfigError):
 
 
 @dataclass
-class Start:
-    uri: str       # the run directory
-    name: str      # run.name (changed when run.resume=false found an existing run)
-    found: Found   # the checkpoint to resume from (uri None: a new run)
+class RunStart:
+    uri: str                  # the run directory
+    name: str                 # run.name (changed when run.resume=false found an existing run)
+    found: LatestCheckpoint   # the checkpoint to resume from (uri None: a new run)
 
 
 def check_compatible(saved: Config, cfg: Config, where: str) -> None:
@@ -59,13 +62,14 @@ def saved_config(run_uri: str, options: StorageOptions | None) -> Config | None:
     return config_from_dict(yaml.safe_load(storage.read_bytes(path, options)))
 
 
-def plan_start(cfg: Config, run_uri, options: StorageOptions | None = None, log=print) -> Start:
+def plan_start(cfg: Config, run_uri, options: StorageOptions | None = None, quiet: bool = False) -> RunStart:
     """Decide where ``cfg``'s run starts; with ``run.resume=false`` and an existing run, ``cfg.run.name``
-    is changed to the first free ``<name>-2``, ``<name>-3``, ..."""
+    is changed to the first free ``<name>-2``, ``<name>-3``, ... (``quiet``: decide without saying it)."""
+    log = (lambda *_: None) if quiet else logger.info
     uri = run_uri(cfg)
     found = latest_complete(uri, options)
     if found.uri is None and not storage.exists(storage.join(uri, "config.yaml"), options):
-        return Start(uri, cfg.run.name, found)  # nothing there yet
+        return RunStart(uri, cfg.run.name, found)  # nothing there yet
     if not cfg.run.resume:
         base, k = cfg.run.name, 2
         while True:
@@ -74,22 +78,22 @@ def plan_start(cfg: Config, run_uri, options: StorageOptions | None = None, log=
             if not storage.exists(fresh, options):
                 break
             k += 1
-        log(f"[hierdino] run.resume=false: {uri} exists; this run starts fresh in {fresh}")
+        log(f"run.resume=false: {uri} exists; this run starts fresh in {fresh}")
         cfg.run.name = candidate.name
-        return Start(fresh, cfg.run.name, Found(None, 0, []))
+        return RunStart(fresh, cfg.run.name, LatestCheckpoint(None, 0, []))
     saved = saved_config(uri, options)
     if saved is not None and found.uri is not None:
         check_compatible(saved, cfg, uri)
         for line in config_diff(saved, cfg):
-            log(f"[hierdino] resuming with a changed {line}")
+            log(f"resuming with a changed {line}")
         if saved.train.steps != cfg.train.steps:
             was, now = Schedules.from_config(saved).at(found.step), Schedules.from_config(cfg).at(found.step)
-            log(f"[hierdino] the schedules (LR, weight decay, teacher momentum) now run to step {cfg.train.steps}: at "
+            log(f"the schedules (LR, weight decay, teacher momentum) now run to step {cfg.train.steps}: at "
                 f"step {found.step} the LR goes from {was['lr']:.3g} to {now['lr']:.3g} and the teacher momentum from "
                 f"{was['momentum']:.4f} to {now['momentum']:.4f}")
     for line in found.skipped:
-        log(f"[hierdino] skipped {line}")
-    return Start(uri, cfg.run.name, found)
+        log(f"skipped {line}")
+    return RunStart(uri, cfg.run.name, found)
 
 
 def check_resume(cfg: Config, retry_s: float | None = None, unreachable_ok: bool = False) -> tuple[str, int]:
@@ -100,7 +104,7 @@ def check_resume(cfg: Config, retry_s: float | None = None, unreachable_ok: bool
     try:
         with storage.retry_window(retry_s):
             start = plan_start(config_from_dict(cfg.to_dict()), run_uri, StorageOptions.from_config(cfg),
-                               log=lambda *_: None)
+                               quiet=True)
     except storage.StorageError as e:
         if not unreachable_ok:
             raise

@@ -13,9 +13,12 @@ several workers the stop waits for up to 2 x ``train.log_every`` steps.
 
 from __future__ import annotations
 
+import logging
 import signal
 
 import ray
+
+logger = logging.getLogger(__name__)
 
 
 @ray.remote(num_cpus=0)
@@ -55,9 +58,9 @@ class GracefulStop:
     """Driver side: ``with GracefulStop() as stop:`` installs SIGTERM/SIGINT handlers that
     request a stop once (a second signal aborts as before); ``stop.flag`` goes to the workers."""
 
-    def __init__(self, log=print):
+    def __init__(self):
         self.flag = StopFlag.remote()
-        self.log, self.signal, self.previous = log, None, {}
+        self.signal, self.previous = None, {}
 
     def _handler(self, signum, frame):
         if self.signal is not None:  # a second signal: give up on the graceful stop
@@ -65,8 +68,8 @@ class GracefulStop:
             raise KeyboardInterrupt
         self.signal = signal.Signals(signum).name
         self.flag.request.remote()
-        self.log(f"[hierdino] {self.signal}: finishing the step in flight and writing a checkpoint "
-                 "(send it again to abort without one)")
+        logger.info(f"{self.signal}: finishing the step in flight and writing a checkpoint "
+                    "(send it again to abort without one)")
 
     def __enter__(self):
         for s in (signal.SIGTERM, signal.SIGINT):

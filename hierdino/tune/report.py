@@ -154,9 +154,10 @@ def write_best_config(best: dict, params_keys: list[str], how: str, verdict: str
     storage.write_bytes(storage.join(out, "best_config.yaml"), (header + cfg.to_yaml()).encode())
 
 
-def write_outputs(grid, base: str, base_overrides: list[str], space: Space, out: str, total_steps: int, log=print) -> dict:
+def write_outputs(grid, base: str, base_overrides: list[str], space: Space, out: str, total_steps: int) -> dict:
     """Write the sweep's tables, best config and plot under ``out``; returns the rows, the Markdown
-    table, how the winner was chosen, the verdict and (if any) the best row."""
+    table (``table``: what the sweep command prints), how the winner was chosen, the verdict and (if
+    any) the best row."""
     rows, histories = result_rows(grid, total_steps)
     best, how, verdict = choose_best(rows, histories, total_steps)
     seeds = max([int((r.metrics or {}).get("seeds") or 1) for r in grid] or [1])
@@ -175,7 +176,6 @@ def write_outputs(grid, base: str, base_overrides: list[str], space: Space, out:
         write_best_config(best, params_keys, how, verdict, base, base_overrides, space, out)
         outputs["best"] = best
     plot_objective(rows, params_keys, storage.join(out, "objective.png"))
-    log("\n".join(md))
     return outputs
 
 

@@ -15,18 +15,21 @@ reserved (ray-project/ray #54305).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import signal
 import threading
 from pathlib import Path
 
-from hierdino import storage
+from hierdino import logs, storage
 from hierdino.config import load_config, override_text
 from hierdino.eval import OBJECTIVE
 from hierdino.storage import StorageOptions
 from hierdino.tune.report import write_outputs
 from hierdino.tune.space import Space, SpaceError, check_space, load_space, trial_overrides
+
+logger = logging.getLogger(__name__)
 
 
 def _trial(config: dict) -> None:
@@ -38,6 +41,7 @@ def _trial(config: dict) -> None:
     from hierdino.train.checkpoint import run_uri  # torch.distributed: only trial processes need it
     from hierdino.train.launch import build_trainer  # Ray Train and the data pipeline: trial processes only
 
+    logs.console()  # a Ray worker: its lines (the training's, a storage retry) at the sweep's level
     ctx = tune.get_context()
     over = trial_overrides(config["sample"], config["fixed"])
     overrides = list(config["base_overrides"]) + [f"{k}={override_text(v)}" for k, v in over.items()] + [
@@ -52,7 +56,9 @@ def _trial(config: dict) -> None:
                 for i in range(seeds)]
     histories = []
     for run_cfg, callbacks in runs:
-        result = build_trainer(run_cfg, log=lambda *_: None, callbacks=callbacks, free_resources=False).fit()  # raises a run's error
+        with logs.quiet():  # each trial's start-up lines would repeat the sweep's
+            trainer = build_trainer(run_cfg, callbacks=callbacks, free_resources=False)
+        result = trainer.fit()  # raises a run's error
         histories.append(eval_history(run_uri(run_cfg), run_cfg))
     final = result.return_value or {}
     if seeds > 1:
@@ -151,7 +157,7 @@ def sweep_overrides(base: str, base_overrides: list[str] | None, scheduler: str,
     return base_overrides
 
 
-def _tuner(trainable, param_space: dict, space: Space, out_path: str, tune_config, definition: dict, log):
+def _tuner(trainable, param_space: dict, space: Space, out_path: str, tune_config, definition: dict):
     """Tune's tuner for the sweep under ``out_path``: the saved experiment if there is one, else a new
     one. ``definition`` (what the sweep is: config, overrides, space, trials, scheduler, search) is
     kept in ``OUT/sweep.json``; a rerun with another one is refused, naming what differs: Tune would
@@ -167,7 +173,7 @@ def _tuner(trainable, param_space: dict, space: Space, out_path: str, tune_confi
         raise SpaceError(f"{out_path} holds a sweep defined otherwise ({'; '.join(changed)}): run the same command "
                          "as before to resume or rewrite it, or give another --out")
     if tune.Tuner.can_restore(storage.join(exp_dir, space.name)):
-        log(f"[hierdino] resuming the sweep in {exp_dir}/{space.name}")
+        logger.info(f"resuming the sweep in {exp_dir}/{space.name}")
         return tune.Tuner.restore(storage.join(exp_dir, space.name), trainable, resume_errored=True)
     storage.write_bytes(saved_uri, json.dumps(definition, indent=2).encode())
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config,
@@ -180,14 +186,14 @@ class SweepStop:
     ``signal`` says the sweep was interrupted (Tune marks a stopped trial as if it had finished). A
     second signal, or one before Tune listens, aborts (KeyboardInterrupt)."""
 
-    def __init__(self, log=print):
-        self.log, self.signal, self.previous = log, None, {}
+    def __init__(self):
+        self.signal, self.previous = None, {}
 
     def _handler(self, signum, frame):
         if self.signal is not None or signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):
             raise KeyboardInterrupt
         self.signal = signal.Signals(signum).name
-        self.log(f"[hierdino] {self.signal}: stopping the sweep with its state saved (send it again to abort)")
+        logger.info(f"{self.signal}: stopping the sweep with its state saved (send it again to abort)")
         os.kill(os.getpid(), signal.SIGUSR1)
 
     def __enter__(self):
@@ -210,7 +216,7 @@ class SweepStop:
 
 
 def run_sweep(base: str, space_path: str, trials: int, out: str, scheduler: str = "asha", max_concurrent: int = 1,
-              base_overrides: list[str] | None = None, log=print, search: str = "random", trainable=None,
+              base_overrides: list[str] | None = None, search: str = "random", trainable=None,
               seeds_per_trial: int = 1) -> dict:
     """Run (or resume) a sweep under ``out``; writes results.csv/.md, best_config.yaml and objective.png.
 
@@ -240,13 +246,13 @@ def run_sweep(base: str, space_path: str, trials: int, out: str, scheduler: str 
         "config": base, "overrides": user_overrides, "space": {"name": space.name, "params": space.params,
                                                                "fixed": space.fixed},
         "trials": trials, "scheduler": scheduler, "search": search, "seeds_per_trial": seeds_per_trial}))
-    tuner = _tuner(trainable, param_space, space, out_path, tune_config, definition, log)
-    with SweepStop(log) as stop:
+    tuner = _tuner(trainable, param_space, space, out_path, tune_config, definition)
+    with SweepStop() as stop:
         grid = tuner.fit()
     finished = grid.num_terminated + grid.num_errors
     expected = trials * math.prod(len(p["values"]) for p in space.params.values() if p["dist"] == "grid")
     if stop.signal or finished < max(expected, len(grid)):  # Tune saved the experiment and returned
         how = f"stopped by {stop.signal}" if stop.signal else f"interrupted with {finished} of {expected} trials finished"
-        log(f"[hierdino] the sweep was {how}: no results written; run the same command again to resume it")
+        logger.info(f"the sweep was {how}: no results written; run the same command again to resume it")
         return {"interrupted": True, "how": how}
-    return write_outputs(grid, base, user_overrides, space, out_path, cfg.train.steps, log)
+    return write_outputs(grid, base, user_overrides, space, out_path, cfg.train.steps)
