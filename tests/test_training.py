@@ -96,8 +96,8 @@ def test_pretrain_refuses_unusable_inputs_before_ray_starts(tmp_path):
 
 
 def test_a_job_upload_directory_refuses_relative_output_paths_and_a_resume_needs_no_init_weights(tmp_path, monkeypatch):
+    from hierdino.cli.args import upload_dir_problem
     from hierdino.config import load_config
-    from hierdino.runtime import upload_dir_problem
     from hierdino.storage import StorageError
     from hierdino.train.inputs import check_inputs
 

@@ -18,10 +18,11 @@ import time
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 from hierdino import logs
+from hierdino.cli.args import positive_int, upload_dir_problem
 from hierdino.config import ConfigError, load_config
 from hierdino.data.suite import ensure_synthetic_suite
 from hierdino.errors import user_errors
-from hierdino.runtime import init_ray, positive_int, upload_dir_problem
+from hierdino.runtime import init_ray
 
 logger = logging.getLogger(__name__)
 

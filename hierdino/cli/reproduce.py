@@ -27,12 +27,12 @@ from pathlib import Path
 
 from hierdino import logs
 from hierdino.cli import user_errors
+from hierdino.cli.args import upload_dir_problem
 from hierdino.data.ingest import IngestError
 from hierdino.data.shards import ShardError
 from hierdino.eval import EvalDataError
 from hierdino.experiments import v1, v2, v3
 from hierdino.experiments.stages import REPRODUCE, Stopped, render
-from hierdino.runtime import upload_dir_problem
 from hierdino.storage import StorageError
 
 logger = logging.getLogger(__name__)

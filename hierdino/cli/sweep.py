@@ -18,10 +18,11 @@ import os
 import sys
 
 from hierdino import logs
+from hierdino.cli.args import positive_int, upload_dir_problem
 from hierdino.config import ConfigError, load_config
 from hierdino.data.suite import ensure_synthetic_suite
 from hierdino.errors import user_errors
-from hierdino.runtime import init_ray, positive_int, upload_dir_problem
+from hierdino.runtime import init_ray
 from hierdino.train.inputs import check_inputs
 from hierdino.train.preflight import plan_resources, trials_at_once
 from hierdino.tune.space import SpaceError, check_space, load_space
