@@ -100,9 +100,8 @@ def plan_resources(cfg, resources: dict | list[dict]) -> ResourcePlan:
         raise ResourcesError(
             f"{s.num_workers} training worker(s) of scaling.cpus_per_worker={s.cpus_per_worker:g}"
             + (f" + scaling.gpus_per_worker={s.gpus_per_worker:g}" if s.use_gpu else "")
-            + f" do not fit on the nodes as scaling.placement_strategy={s.placement_strategy} places them (free per node: "
-            f"{per_node}): Ray would wait for a node that has room forever. Fix: a smaller scaling.cpus_per_worker, "
-            "fewer workers, another placement strategy, or bigger nodes")
+            + f" do not fit on the nodes with scaling.placement_strategy={s.placement_strategy} (free per node: {per_node}). "
+            "Fix: a smaller scaling.cpus_per_worker, fewer workers, another placement strategy, or bigger nodes")
     spare = max(n["CPU"] for n in left) if left else 0.0
     if left is not None and spare + 1e-9 >= need:
         return ResourcePlan(s.num_workers, s.cpus_per_worker, want_gpus, need)
@@ -115,10 +114,9 @@ def plan_resources(cfg, resources: dict | list[dict]) -> ResourcePlan:
     fix = f"--set scaling.cpus_per_worker={_floor(fits)}, " if _floor(fits) and len(nodes) == 1 else ""
     raise ResourcesError(
         f"the cluster has {where}{cpus:g} free CPU(s); {s.num_workers} training worker(s) x scaling.cpus_per_worker="
-        f"{s.cpus_per_worker:g} take {train_cpus:g} and leave {spare:g} on any one node for the data ingest, which "
-        f"needs data.num_cpus_per_map={need:g} at least: the run would wait forever for its first batch. Fix: "
-        + fix + "fewer workers (scaling.num_workers), a smaller data.num_cpus_per_map, or a bigger cluster "
-        "(an autoscaling cluster: set scaling.wait_for_resources_s)")
+        f"{s.cpus_per_worker:g} leave {spare:g} on any one node for the data ingest (data.num_cpus_per_map={need:g}): "
+        "no batch would ever come. Fix: " + fix + "fewer workers, a smaller data.num_cpus_per_map, or a bigger "
+        "cluster (autoscaling: scaling.wait_for_resources_s)")
 
 
 def _floor(x: float) -> str | None:
