@@ -41,7 +41,7 @@ def _ids(n, prefix="cell"):
 
 # -- layouts -----------------------------------------------------------------------------------
 
-def test_pbc_prefix_gives_the_deepest_label_and_hidden_files_are_skipped(tmp_path, capsys):
+def test_pbc_prefix_gives_the_deepest_label_and_hidden_files_are_skipped(tmp_path, said):
     root = tmp_path / "PBC_dataset_normal_DIB"
     _tree(root, ["neutrophil/BNE_11.jpg", "neutrophil/SNE_12.jpg", "neutrophil/NEUTROPHIL_13.jpg",
                  "ig/IG_14.jpg", "ig/MY_15.jpg", "lymphocyte/LY_16.jpg", "platelet/PLATELET_17.jpg"])
@@ -57,7 +57,7 @@ def test_pbc_prefix_gives_the_deepest_label_and_hidden_files_are_skipped(tmp_pat
         ("neutrophil/SNE_12.jpg", "neutrophil/SNE", "neutrophil_segmented", "train"),
         ("platelet/PLATELET_17.jpg", "platelet/PLATELET", "platelet", "train"),
     ]
-    assert "1 .txt files, 1 hidden" in capsys.readouterr().out
+    assert "1 .txt files, 1 hidden" in "\n".join(said)
     h1 = layouts.source_for("pbc", "wbc-h1")
     assert get_label_map(h1, load_hierarchy("wbc-h1")).map(["ig/IG"]) == ["granulocytic_immature"]
 
@@ -72,7 +72,7 @@ def test_pbc_prefix_in_the_wrong_folder_is_named(tmp_path):
         layouts.pbc_items(root / "x", _lm("pbc"))
 
 
-def test_kaggle_blood_cells_train_and_test_kept_test_simple_skipped(tmp_path, capsys):
+def test_kaggle_blood_cells_train_and_test_kept_test_simple_skipped(tmp_path, said):
     root = tmp_path / "dataset2-master" / "images"
     _tree(root, ["TRAIN/EOSINOPHIL/_0_1169.jpeg", "TRAIN/NEUTROPHIL/_1_204.jpeg", "TEST/MONOCYTE/_2_35.jpeg",
                  "TEST/LYMPHOCYTE/_0_331.jpeg", "TEST_SIMPLE/MONOCYTE/_2_35.jpeg"])
@@ -83,19 +83,19 @@ def test_kaggle_blood_cells_train_and_test_kept_test_simple_skipped(tmp_path, ca
         ("TRAIN/EOSINOPHIL/_0_1169.jpeg", "EOSINOPHIL", "eosinophil", "train"),
         ("TRAIN/NEUTROPHIL/_1_204.jpeg", "NEUTROPHIL", "neutrophil", "train"),
     ]
-    assert "skipped folder(s) TEST_SIMPLE" in capsys.readouterr().out
+    assert "skipped folder(s) TEST_SIMPLE" in "\n".join(said)
     with pytest.raises(ShardError, match=r"expected the folders TRAIN, TEST, TEST_SIMPLE .*found images"):
         layouts.kaggle_items(tmp_path / "dataset2-master", _lm("kaggle-blood-cells"))
 
 
-def test_raabin_train_and_testa_any_case_testb_skipped(tmp_path, capsys):
+def test_raabin_train_and_testa_any_case_testb_skipped(tmp_path, said):
     _tree(tmp_path / "a", ["Train/Basophil/a.jpg", "Train/Lymphocyte/b.jpg", "TestA/Neutrophil/c.jpg",
                            "TestB/Eosinophil/e.jpg"])
     expected = [("TestA/Neutrophil/c.jpg", "Neutrophil", "neutrophil", "test"),
                 ("Train/Basophil/a.jpg", "Basophil", "basophil", "train"),
                 ("Train/Lymphocyte/b.jpg", "Lymphocyte", "lymphocyte_mature", "train")]
     assert _labels(layouts.raabin_items(tmp_path / "a", _lm("raabin"))) == expected
-    assert "skipped folder(s) TestB" in capsys.readouterr().out
+    assert "skipped folder(s) TestB" in "\n".join(said)
     _tree(tmp_path / "b", ["train/basophil/a.jpg", "train/LYMPHOCYTE/b.jpg", "testa/neutrophil/c.jpg"])
     lower = sorted((i.lower(), r.lower(), node, s) for i, r, node, s in expected)
     got = layouts.raabin_items(tmp_path / "b", _lm("raabin"))

@@ -15,6 +15,7 @@ layout's label map in ``hierarchies/label_maps.yaml``; ``LAYOUTS`` names it per 
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from hierdino.data import shards
-from hierdino.data.shards import Item, ShardError
+from hierdino.data.shards import MAKE_SHARDS, Item, ShardError
 from hierdino.labels import LabelMap, LabelMapError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -115,7 +118,7 @@ def split_folder_items(root: str | Path, label_map: LabelMap, folders: dict[str,
                          f"{', '.join(tops) or 'none'}")
     skipped = [t for t in tops if known[t.lower()] is None]
     if skipped:
-        print(f"make_shards: skipped folder(s) {', '.join(skipped)} of {root} (not part of this layout's splits)")
+        logger.info(f"skipped folder(s) {', '.join(skipped)} of {root} (not part of this layout's splits)", extra=MAKE_SHARDS)
     bases = [(root / t, known[t.lower()]) for t in tops if known[t.lower()] is not None]
     if not bases:
         raise ShardError(f"{root}: none of the folders {', '.join(n for n, s in folders.items() if s)} holds images")
@@ -146,7 +149,7 @@ def lisc_items(root: str | Path, label_map: LabelMap) -> list[Item]:
     if main is not None:
         others = [t for t in shards.visible_folders(root) if t != main.name]
         if others:
-            print(f"make_shards: read {main.name} of {root}, skipped its folder(s) {', '.join(others)} (masks)")
+            logger.info(f"read {main.name} of {root}, skipped its folder(s) {', '.join(others)} (masks)", extra=MAKE_SHARDS)
         base = main
     elif any(t.lower().startswith("ground truth") for t in shards.visible_folders(root)):
         raise ShardError(f"{root} holds a ground-truth folder but no 'Main Dataset': give the LISC Database "

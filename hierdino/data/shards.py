@@ -17,6 +17,7 @@ import functools
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import secrets
@@ -29,11 +30,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from hierdino import storage
+from hierdino import logs, storage
 from hierdino.data.crops import HIGH_DEPTH_MODES, to_8bit
 from hierdino.errors import UserError
 from hierdino.labels import LabelMap
 from hierdino.storage import StorageOptions
+
+logger = logging.getLogger(__name__)
+MAKE_SHARDS = logs.tag("make_shards")  # its lines read [make_shards] ..., as the job's own
 
 SCHEMA_VERSION = 1
 SCHEMA = pa.schema([
@@ -286,7 +290,7 @@ def _load_images(items: list[Item], source: str, skip_bad: bool, uri: str = "") 
         raise ShardError(f"{len(bad)} unreadable image(s), so nothing was written to {uri or 'the dataset'} (a dataset "
                          "already there is unchanged); fix them or pass --skip-bad to skip them:\n  " + "\n  ".join(bad))
     if bad:
-        print(f"skipped {len(bad)} unreadable image(s):\n  " + "\n  ".join(bad))
+        logger.warning(f"skipped {len(bad)} unreadable image(s):\n  " + "\n  ".join(bad), extra=MAKE_SHARDS)
 
 
 SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -331,7 +335,7 @@ def _class_roots(root: Path) -> list[tuple[Path, str | None]]:
     if split_tops and len(split_tops) == len(tops):
         loose = [p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")]
         if loose:
-            print(f"make_shards: skipped {len(loose)} file(s) directly in {root}, beside its split folders")
+            logger.info(f"skipped {len(loose)} file(s) directly in {root}, beside its split folders", extra=MAKE_SHARDS)
         return [(root / t, SPLIT_FOLDERS[t.lower()]) for t in split_tops]
     if split_tops:
         raise ShardError(f"{root} mixes split folders {split_tops} with other folders "
@@ -356,7 +360,7 @@ def class_files(class_roots: list[tuple[Path, str | None]], root: Path) -> list[
                 entries.append((p, rel[0], split_of))
     if skipped or hidden:
         what = [f"{n} {k}" for k, n in sorted(skipped.items())] + ([f"{len(hidden)} hidden"] if hidden else [])
-        print(f"make_shards: skipped {', '.join(what)} under {root} (images: {', '.join(IMAGE_SUFFIXES)})")
+        logger.info(f"skipped {', '.join(what)} under {root} (images: {', '.join(IMAGE_SUFFIXES)})", extra=MAKE_SHARDS)
     if not entries:
         raise ShardError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in class sub-folders of {root}")
     return entries
