@@ -72,9 +72,10 @@ def is_transient(err: BaseException) -> bool:
     return isinstance(err, (ConnectionError, TimeoutError)) or any(t in text for t in _TRANSIENT)
 
 
-def with_retries(fn, uri: str, action: str, window_s: float | None = None):
+def with_retries(fn, uri: str, action: str, window_s: float | None = None, explain: bool = True):
     """``fn()``, retried on transient errors with backoff (0.5 s doubling to 5 s, jittered) until
-    ``window_s`` (default ``RETRY_S``) has passed; then a ``StorageError`` naming ``action`` and ``uri``."""
+    ``window_s`` (default ``RETRY_S``) has passed; then a ``StorageError`` naming ``action`` and ``uri``.
+    Another error is raised as a ``StorageError`` saying what it means, or unchanged (``explain=False``)."""
     window = RETRY_S if window_s is None else window_s
     start, delay, tries = time.monotonic(), 0.5, 0
     while True:
@@ -86,6 +87,8 @@ def with_retries(fn, uri: str, action: str, window_s: float | None = None):
             tries += 1
             waited = time.monotonic() - start
             if not is_transient(e):
+                if not explain:
+                    raise
                 raise _explain(e, uri, action) from None
             if waited + delay > window:
                 raise StorageError(f"cannot {action} {uri}: the store did not answer for {waited:.0f} s "

@@ -211,15 +211,12 @@ class CheckpointManager:
         def save():
             try:
                 dcp.save(self._app_state(), storage_writer=dcp_storage.Writer(store))
-            except (Exception, CheckpointException) as e:  # DCP's is a BaseException
+            except CheckpointException as e:  # a BaseException, which with_retries lets through unless transient
                 transient = [x for x in _rank_errors(e) if storage.is_transient(x)]
                 if transient:  # retried; every rank met the same failures (DCP gathers them): all try again
                     raise transient[0] from None
-                raise _NotRetried(e) from None
-        try:
-            storage.with_retries(save, uri, "write")
-        except _NotRetried as e:
-            raise e.args[0] from None
+                raise
+        storage.with_retries(save, uri, "write", explain=False)  # other errors: _write_failed or a bug's traceback
         buf = io.BytesIO()
         torch.save(dict(self.state if train_state is None else train_state, step=step, rng=_rng_state()), buf)
         name = f"train_state_rank{self.rank}.pt"
@@ -328,10 +325,6 @@ class CheckpointManager:
             torch.manual_seed(torch.initial_seed() + int(state["step"]))
         self.state = {"step": int(state["step"]), "images_seen": int(state["images_seen"])}
         return dict(state, checkpoint=uri)
-
-
-class _NotRetried(BaseException):
-    """Carries an error past ``storage.with_retries`` unchanged (it retries or explains any ``Exception``)."""
 
 
 def _rank_errors(e: BaseException) -> list[BaseException]:
