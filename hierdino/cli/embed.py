@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-@user_errors(ValueError, FileNotFoundError, OSError)
+@user_errors(ValueError, OSError)
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     logs.console(logs.level_from_flags(args.quiet, args.verbose))

@@ -32,7 +32,7 @@ def _positive(text: str) -> int:
     return n
 
 
-@user_errors(ValueError, FileNotFoundError, OSError)
+@user_errors(ValueError, OSError)
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", required=True, help="repeatable")

@@ -106,7 +106,7 @@ def _items(args: argparse.Namespace, lm) -> list[shards.Item]:
     if args.cmd == "folder":
         return shards.folder_items(args.root, lm, args.split, spec)
     where = args.npz if args.cmd == "bloodmnist" else args.root
-    return shards.finish_splits(layouts.READERS[args.cmd](where, lm), f"{args.cmd} {where}", None, spec)
+    return layouts.layout_items(args.cmd, where, lm, spec)
 
 
 @user_errors(ValueError, OSError)

@@ -28,12 +28,8 @@ from pathlib import Path
 from hierdino import logs
 from hierdino.cli import user_errors
 from hierdino.cli.args import upload_dir_problem
-from hierdino.data.ingest import IngestError
-from hierdino.data.shards import ShardError
-from hierdino.eval import EvalDataError
 from hierdino.experiments import v1, v2, v3
 from hierdino.experiments.stages import REPRODUCE, Stopped, render
-from hierdino.storage import StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-@user_errors(FileNotFoundError, StorageError, IngestError, ShardError, EvalDataError)  # bad paths and inputs
+@user_errors(FileNotFoundError)  # bad paths; bad inputs are UserErrors
 def main(argv=None) -> int:
     """Run the comparison (or, with ``--render``, only rewrite its table); returns the exit status."""
     parser = _parser()

@@ -206,3 +206,9 @@ def npz_items(npz: str | Path, label_map: LabelMap, classes: tuple[str, ...] = B
 
 READERS = {"pbc": pbc_items, "kaggle-blood-cells": kaggle_items, "raabin": raabin_items, "lisc": lisc_items,
            "bloodmnist": npz_items, "matek": shards.read_folder}
+
+
+def layout_items(layout: str, where: str, label_map: LabelMap, spec: shards.SplitSpec | None) -> list[Item]:
+    """The images of a published layout at ``where`` (a folder, or BloodMNIST's .npz), each with its
+    split: the layout's own, else drawn by ``spec`` (``shards.finish_splits``)."""
+    return shards.finish_splits(READERS[layout](where, label_map), f"{layout} {where}", None, spec)

@@ -339,10 +339,10 @@ def _pipeline(todo: list[Part], model: ModelSpec, patch_mean: bool, center: floa
     import ray  # heavy: only a job that embeds images starts Ray
     import ray.data  # likewise
 
-    from hierdino.eval.features import decode_batch  # torch: not in the read tasks' workers
+    from hierdino.eval.features import decode_batch, default_gpus  # torch: not in the read tasks' workers
 
     if gpus is None:
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 and model.kind == "backbone" else 0
+        gpus = default_gpus(model)
     if actors is None:
         res = ray.cluster_resources()
         actors = max(1, int(res.get("GPU", 0) // gpus) if gpus else int(res.get("CPU", 2)) - 1)
@@ -449,7 +449,7 @@ def run_embed(model: ModelSpec, srcs: list[str], out: str, o: EmbedOptions = Emb
     progress = Progress(sum(p.rows for p in todo), len(todo))
     part_meta = {k: meta[k] for k in ("format", "dim", "leaves", "nodes")} | {"model": model.spec, "tau": tau,
                                                                              "dtype": o.dtype}
-    write = lambda name, rows: _write_table(storage.join(out, name), part_table(rows, dim, o.dtype, head, tau or 0.5,  # noqa: E731
+    write = lambda name, rows: _write_table(storage.join(out, name), part_table(rows, dim, o.dtype, head, tau,  # noqa: E731
                                                                                  part_meta), options)
     actors, gpus = 0, 0
     if todo:

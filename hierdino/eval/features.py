@@ -184,16 +184,15 @@ class _Extractor:
         Ray Data task reaches the driver as text only). The other columns pass through; a batch
         already decoded by ``decode_batch`` (``pixels`` + ``decode_error``) is not decoded again."""
         size = self.model.img_size or 64
-        rest = {k: v for k, v in batch.items() if k not in ("image", "pixels", "decode_error")}
-        if "pixels" in batch:
-            images, errors = batch["pixels"], list(batch["decode_error"])
-        else:
-            images, errors = _decode(batch["image"], size, self.center)
+        if "pixels" not in batch:
+            batch = decode_batch(batch, size, self.center)
+        images, errors = batch["pixels"], batch["decode_error"]
+        rest = {k: v for k, v in batch.items() if k not in ("pixels", "decode_error")}
         if self.backbone is None:
             feats = pixel_features(images)
         else:
             feats = backbone_features(self.backbone, images, size, self.batch_size, self.device, self.patch_mean)
-        return rest | {"features": feats, "decode_error": np.array(errors, dtype=object)}
+        return rest | {"features": feats, "decode_error": errors}
 
 
 def decode_batch(batch: dict, size: int, center: float = 1.0) -> dict:
@@ -203,6 +202,13 @@ def decode_batch(batch: dict, size: int, center: float = 1.0) -> dict:
     images, errors = _decode(batch["image"], size, center)
     rest = {k: v for k, v in batch.items() if k != "image"}
     return rest | {"pixels": images, "decode_error": np.array(errors, dtype=object)}
+
+
+def default_gpus(model) -> int:
+    """GPUs per feature actor: one when the cluster has a GPU and the model is a backbone, else 0."""
+    import ray  # heavy: only the Ray Data paths call this
+
+    return 1 if ray.cluster_resources().get("GPU", 0) >= 1 and model.kind == "backbone" else 0
 
 
 @dataclass
@@ -251,7 +257,7 @@ def _extract_with_ray_data(model: ModelSpec, dataset_uri: str, patch_mean: bool,
 
     fs, _ = storage.resolve(dataset_uri, options)
     ds = ray.data.read_parquet(shards.shard_paths(dataset_uri, options), filesystem=fs)
-    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 and model.kind == "backbone" else 0
+    gpus = default_gpus(model)
     ds = ds.map_batches(_Extractor, fn_constructor_kwargs={"model": model, "patch_mean": patch_mean, "batch_size": batch_size,
                                                                  "center": center},
                         batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),

@@ -134,12 +134,14 @@ def train_once(preset: str, overrides: list[str]) -> str:
     return uri
 
 
-def train_variants(args, common: list[str], level_weights, prefix: str = "repro") -> dict[str, list[str]]:
-    """Train every variant x seed of ``args`` (presets ``<prefix>/<variant>``); the run URIs per variant."""
+def train_variants(args, common: list[str], level_weights, prefix: str = "repro",
+                   per_variant=lambda variant: []) -> dict[str, list[str]]:
+    """Train every variant x seed of ``args`` (presets ``<prefix>/<variant>``, with ``per_variant(variant)``'s
+    overrides); the run URIs per variant."""
     runs: dict[str, list[str]] = {}
     for variant in args.variants:
         for seed in args.seeds:
-            over = common + [f"train.seed={seed}", f"run.name={variant}-s{seed}"]
+            over = common + per_variant(variant) + [f"train.seed={seed}", f"run.name={variant}-s{seed}"]
             if variant == "hxe-sweep":
                 over.append(f"loss.supervised.level_weights={override_text(level_weights)}")
             runs.setdefault(variant, []).append(train_once(f"{prefix}/{variant}", over))

@@ -35,6 +35,7 @@ from hierdino.experiments.stages import (
     device_name,
     level_weights_d,
     train_once,
+    train_variants,
     write_results,
 )
 from hierdino.hierarchy import load_hierarchy
@@ -118,8 +119,7 @@ def pbc_shards(source: str, data_dir: str) -> str:
         h = load_hierarchy(layouts.LAYOUTS["pbc"].hierarchy)
         label_map = get_label_map(layouts.source_for("pbc", h.name), h)
         try:  # what `make_shards pbc --root SOURCE --split-fractions 0.6,0.2,0.2 --split-seed 0` writes
-            items = shards.finish_splits(layouts.READERS["pbc"](source, label_map), f"pbc {source}", None,
-                                         shards.SplitSpec(PBC_SPLIT, 0))
+            items = layouts.layout_items("pbc", source, label_map, shards.SplitSpec(PBC_SPLIT, 0))
             m = shards.write_items(items, out, "pbc", label_map, hierarchy=h)
         except (ValueError, OSError) as e:
             raise SystemExit(f"reproduce.py: could not read {source} as PBC's published folder: {e}") from e
@@ -206,14 +206,8 @@ def _stage_runs(args, common: list[str], data_dir: str) -> tuple[str, int, list[
     if "hxe-sweep" in args.variants:
         level_weights = level_weights_d(args, common + [f"data.train={override_text(variant_data(data_dir, 'hxe-sweep'))}"],
                                          preset=f"{PREFIX}/hxe-sweep")
-    runs: dict[str, list[str]] = {}
-    for variant in args.variants:
-        for seed in args.seeds:
-            over = common + [f"data.train={override_text(variant_data(data_dir, variant))}", f"train.seed={seed}",
-                             f"run.name={variant}-s{seed}"]
-            if variant == "hxe-sweep":
-                over.append(f"loss.supervised.level_weights={override_text(level_weights)}")
-            runs.setdefault(variant, []).append(train_once(f"{PREFIX}/{variant}", over))
+    runs = train_variants(args, common, level_weights, prefix=PREFIX,
+                          per_variant=lambda v: [f"data.train={override_text(variant_data(data_dir, v))}"])
     return base_uri, base_steps, level_weights, runs
 
 
