@@ -284,27 +284,6 @@ def download_file(uri: str, dest: str, options: StorageOptions | None = None) ->
                  uri, "read")
 
 
-def download_ranges(uri: str, dest: str, ranges: list[tuple[int, int]], options: StorageOptions | None = None,
-                    chunk: int = 64 << 20) -> int:
-    """Copy the byte ranges ``[(offset, length), ...]`` of one object into the local file ``dest`` at the
-    same offsets, the rest of ``dest`` left unwritten (a sparse file: no disk for it). Reads go in
-    ``chunk``-sized ranged requests; the whole copy is retried. Returns the bytes copied."""
-    fs, path = resolve(uri, options)
-    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
-
-    def copy() -> int:
-        done = 0
-        with fs.open_input_file(path) as src, open(dest, "r+b" if os.path.exists(dest) else "wb") as out:
-            for offset, length in ranges:
-                for start in range(offset, offset + length, chunk):
-                    data = src.read_at(min(chunk, offset + length - start), start)
-                    out.seek(start)
-                    out.write(data)
-                    done += len(data)
-        return done
-    return with_retries(copy, uri, "read")
-
-
 def download_dir(uri: str, local_dir: str, options: StorageOptions | None = None) -> None:
     """Copy every file under ``uri`` into ``local_dir``, keeping relative paths (each file retried)."""
     for name in file_sizes(uri, options):

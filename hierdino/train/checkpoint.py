@@ -1,20 +1,14 @@
 """Checkpoints: ``torch.distributed.checkpoint`` (DCP) written through fsspec to the run directory (a
 local path or ``s3://`` alike), plus what DCP does not do.
 
-``<run>/checkpoint_<step>/`` holds DCP's files (``__<rank>_0.distcp``: the model, with student,
-teacher, supervised head and centres, and the optimiser; ``.metadata``), ``train_state_rank<r>.pt``
-per rank (step, images seen, RNG states), ``manifest_rank<r>.json`` per rank (each of its files: the
-size and a CRC-32 of every 16 MiB block, taken from the bytes as they were written) and, last,
-``COMMITTED.json`` from rank 0 once every rank's manifest is stored. On top of DCP:
-
-- *complete*: marker, every manifest and every listed file at its size (``verify``); a checkpoint
-  interrupted while being written is skipped and the run resumes from the previous complete one;
-- *intact*: a restore checks every block it reads (a rank fetches only the blocks of its own tensors);
-  changed bytes mark the checkpoint ``CORRUPT.json`` (kept for inspection) and every rank restores
-  the previous one;
-- the newest complete checkpoint of a run, pruning to ``checkpoint.keep`` after each commit, and a
-  failed write (a full disk, a store past ``run.storage_retry_s``) that removes the partial checkpoint
-  and says what to do.
+``<run>/checkpoint_<step>/`` holds DCP's files (the model with its heads and centres, the optimiser),
+``train_state_rank<r>.pt`` (step, images seen, RNG states), ``manifest_rank<r>.json`` (each file this
+rank wrote: its size and the CRC-32 of every block, taken from the bytes as they were written) and,
+last, rank 0's ``COMMITTED.json``. A checkpoint is *complete* when the marker, every manifest and
+every listed size agree (``verify``); one interrupted while being written is skipped. A restore checks
+every block it reads: changed bytes mark the checkpoint ``CORRUPT.json`` (kept for inspection) and
+every rank restores the previous one. A commit prunes to ``checkpoint.keep``; a failed write (a full
+disk, a store past ``run.storage_retry_s``) removes the partial checkpoint and says what to do.
 """
 
 from __future__ import annotations
@@ -53,9 +47,7 @@ _NAME = re.compile(r"^checkpoint_(\d{7,})$")
 def run_uri(cfg) -> str:
     """``<run.storage>/<run.name>``, local paths made absolute."""
     base = cfg.run.storage
-    if not storage.is_s3(base):
-        base = str(Path(base).expanduser().absolute())
-    return storage.join(base, cfg.run.name)
+    return storage.join(base if storage.is_s3(base) else str(Path(base).expanduser().absolute()), cfg.run.name)
 
 
 def checkpoint_uri(run_uri: str, step: int) -> str:
@@ -66,41 +58,42 @@ class Incomplete(Exception):
     """Why a checkpoint cannot be used as it stands (not committed, a manifest missing or torn, ...)."""
 
 
+def _field(uri: str, name: str, key: str, kind: type, options) -> tuple[dict, object]:
+    """The JSON document ``name`` in ``uri`` and its ``key`` (a ``kind``; an int at least 1)."""
+    try:
+        doc = json.loads(storage.read_bytes(storage.join(uri, name), options))
+        value = doc[key]
+    except (ValueError, KeyError, TypeError) as e:  # bad JSON (UnicodeDecodeError too), no such key, not an object
+        raise Incomplete(f"{name} is unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 1):
+        raise Incomplete(f"{name} is unreadable ({key!r} is {value!r})")
+    return doc, value
+
+
 def manifest_files(uri: str, options: StorageOptions | None = None) -> dict[str, FileChecksums]:
-    """Every rank's files of the checkpoint at ``uri`` from its manifests, each checked present at its
-    listed size; raises ``Incomplete`` saying why the checkpoint cannot be used."""
+    """Every rank's files of the checkpoint at ``uri``, each checked present at its listed size;
+    raises ``Incomplete`` saying why the checkpoint cannot be used."""
     sizes = storage.file_sizes(uri, options)
     if COMMIT not in sizes:
         raise Incomplete("no commit marker (interrupted while being written)")
     if CORRUPT in sizes:
         try:
-            why = json.loads(storage.read_bytes(storage.join(uri, CORRUPT), options))["why"]
-        except (ValueError, KeyError, TypeError):
-            why = "?"
+            why = _field(uri, CORRUPT, "why", str, options)[1]
+        except Incomplete as e:
+            why = str(e)
         raise Incomplete(f"{MARKED_CORRUPT}: {why}")
-
-    def read(name: str, key: str, kind: type) -> tuple[dict, object]:
-        try:
-            doc = json.loads(storage.read_bytes(storage.join(uri, name), options))
-            value = doc[key]
-        except (ValueError, KeyError, TypeError) as e:  # bad JSON (UnicodeDecodeError too), a missing key, not an object
-            raise Incomplete(f"{name} is unreadable ({type(e).__name__}: {e})") from None
-        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 1):
-            raise Incomplete(f"{name} is unreadable ({key!r} is {value!r})")
-        return doc, value
-
     files = {}
-    for rank in range(read(COMMIT, "world", int)[1]):
+    for rank in range(_field(uri, COMMIT, "world", int, options)[1]):
         name = f"manifest_rank{rank}.json"
         if name not in sizes:
             raise Incomplete(f"{name} is missing")
-        manifest, listed = read(name, "files", dict)
-        crcs, block = manifest.get("crc32", {}), manifest.get("crc_block", dcp_storage.CRC_BLOCK)
+        manifest, listed = _field(uri, name, "files", dict, options)
+        crcs, block = manifest.get("crc32"), manifest.get("crc_block", dcp_storage.CRC_BLOCK)
         for f, size in listed.items():
             if sizes.get(f) != size:
                 raise Incomplete(f"{f} is {'missing' if f not in sizes else f'{sizes[f]} bytes, not {size}'}")
             file = files[f] = FileChecksums(size, crcs.get(f) if isinstance(crcs, dict) else None, block)
-            if file.crcs is not None and not (isinstance(block, int) and block > 0 and isinstance(file.crcs, list)
+            if file.crcs is not None and not (isinstance(file.crcs, list) and isinstance(block, int) and block > 0
                                               and len(file.crcs) == -(-size // block)):
                 raise Incomplete(f"{name} is unreadable (the checksums of {f} do not fit its {size} bytes)")
     return files
@@ -127,27 +120,15 @@ def checkpoint_steps(run_uri: str, options: StorageOptions | None = None) -> lis
     return sorted((int(m.group(1)) for d in storage.list_dirs(run_uri, options) if (m := _NAME.match(d))), reverse=True)
 
 
-def _scan(run_uri: str, options: StorageOptions | None = None):
-    """``(step, uri, files or None, None or why it cannot be used)`` of each checkpoint, newest first."""
-    for step in checkpoint_steps(run_uri, options):
-        uri = checkpoint_uri(run_uri, step)
-        try:
-            yield step, uri, manifest_files(uri, options), None
-        except Incomplete as e:
-            yield step, uri, None, str(e)
-
-
 def latest_complete(run_uri: str, options: StorageOptions | None = None) -> LatestCheckpoint:
     """The newest complete checkpoint of the run at ``run_uri``."""
     skipped = []
-    for step, uri, _, why in _scan(run_uri, options):
+    for step in checkpoint_steps(run_uri, options):
+        why = verify(checkpoint_uri(run_uri, step), options)
         if why is None:
-            return LatestCheckpoint(uri, step, skipped)
+            return LatestCheckpoint(checkpoint_uri(run_uri, step), step, skipped)
         skipped.append(f"checkpoint_{step:07d}: {why}")
     return LatestCheckpoint(None, 0, skipped)
-
-
-# -- the manager ------------------------------------------------------------------------------------------
 
 
 def _barrier() -> None:
@@ -158,7 +139,7 @@ def _barrier() -> None:
 class CheckpointManager:
     """Owns what goes into a checkpoint, when one is written (``should_save``), how it is committed,
     and the run's progress (``state``: steps done and images seen; the data position follows from
-    the step, see ``hierdino.data.mix``), restored by ``load`` from the newest complete checkpoint."""
+    the step, see ``hierdino.data.mix``), restored by ``load`` from the newest intact checkpoint."""
 
     def __init__(self, model, optimizer, rank: int, world: int, run_uri: str, keep: int,
                  options: StorageOptions | None = None, every_steps: int = 0):
@@ -175,10 +156,6 @@ class CheckpointManager:
         self.state["step"] += 1
         self.state["images_seen"] += images
 
-    def _app_state(self) -> dict:
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        return {"model": model_sd, "optim": optim_sd}
-
     def save(self, step: int, train_state: dict | None = None) -> str:
         """Write, commit and prune (collective over ranks); returns the checkpoint's URI."""
         uri = checkpoint_uri(self.run_uri, step)
@@ -193,7 +170,7 @@ class CheckpointManager:
             # inline_container); anything else is a bug, raised with its traceback
             if not all(isinstance(x, OSError) or "inline_container" in str(x) for x in _rank_errors(e)):
                 raise
-            raise self._write_failed(uri, e) from None
+            raise self._write_failed(uri, _rank_errors(e)[0]) from None
         storage.write_bytes(storage.join(uri, f"manifest_rank{self.rank}.json"), json.dumps(manifest).encode(),
                             self.options)
         _barrier()  # every rank's files are stored
@@ -210,119 +187,114 @@ class CheckpointManager:
 
         def save():
             try:
-                dcp.save(self._app_state(), storage_writer=dcp_storage.Writer(store))
+                model, optim = get_state_dict(self.model, self.optimizer)
+                dcp.save({"model": model, "optim": optim}, storage_writer=dcp_storage.Writer(store))
             except CheckpointException as e:  # a BaseException, which with_retries lets through unless transient
                 transient = [x for x in _rank_errors(e) if storage.is_transient(x)]
-                if transient:  # retried; every rank met the same failures (DCP gathers them): all try again
+                if transient:  # every rank met the same failures (DCP gathers them): all try again
                     raise transient[0] from None
                 raise
+            with store.create_stream(f"{store.root}/train_state_rank{self.rank}.pt", "wb") as f:
+                torch.save(dict(self.state if train_state is None else train_state, step=step, rng=_rng_state()), f)
         storage.with_retries(save, uri, "write", explain=False)  # other errors: _write_failed or a bug's traceback
-        buf = io.BytesIO()
-        torch.save(dict(self.state if train_state is None else train_state, step=step, rng=_rng_state()), buf)
-        name = f"train_state_rank{self.rank}.pt"
-        storage.write_bytes(storage.join(uri, name), buf.getvalue(), self.options)
-        store.written[name] = dcp_storage.BlockCrc(buf.getvalue())
         return {"step": step, "rank": self.rank, "world": self.world, "crc_block": dcp_storage.CRC_BLOCK,
                 "files": {n: c.size for n, c in store.written.items()}, "crc32": {n: c.crcs for n, c in store.written.items()}}
 
     def _write_failed(self, uri: str, e: BaseException) -> storage.StorageError:
         """The error to stop the run with when this rank could not write its part of the checkpoint at
-        ``uri``: the partial checkpoint is removed (never loadable; it would hold the space a retry
-        needs) and the last complete one named; a full local disk says how much space it takes."""
-        e = _rank_errors(e)[0]
+        ``uri`` (``e``): the partial checkpoint is removed (it would hold the space a retry needs) and
+        the last complete one named; a full local disk says how much space a checkpoint takes."""
         with storage.retry_window(10):
+            kept = "could not be removed (it is skipped on resume)"
             try:
                 storage.delete_dir(uri, self.options)
-                removed = "the partial checkpoint was removed"
-            except OSError:  # another rank may have removed it first
-                removed = ("the partial checkpoint was removed" if not storage.exists(uri, self.options) else
-                           "the partial checkpoint could not be removed (it is skipped on resume)")
+            except OSError:  # another rank may have removed it first, or the store does not answer
+                pass
             try:
+                removed = kept if storage.exists(uri, self.options) else "was removed"
                 last = latest_complete(self.run_uri, self.options).uri
                 size = sum(f.size for f in manifest_files(last, self.options).values()) if last else 0
             except (OSError, Incomplete):
-                last, size = "unknown (the store cannot be listed)", 0
+                removed, last, size = kept, "unknown (the store cannot be listed)", 0
         why = str(e) if isinstance(e, storage.StorageError) else f"cannot write checkpoint {uri}: {e}"
-        space = ""
+        advice = "Run the same command to resume once it can be written."
         if not storage.is_s3(uri):  # a full disk does not always say so (torch's writer: "unexpected pos ...")
-            free = shutil.disk_usage(storage.resolve(self.run_uri)[1]).free
+            where = storage.resolve(self.run_uri)[1]
+            free = shutil.disk_usage(where).free
             if free < size or getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
-                space = f"{storage.resolve(self.run_uri)[1]} has {free / 2**20:.1f} MiB free"
-                space += f", a checkpoint of this run takes {size / 2**20:.1f} MiB" if size else ""
-        return storage.StorageError(
-            f"{why}; {removed}; the last complete checkpoint is {last or 'none'}. "
-            + (f"{space}: free space there (or lower checkpoint.keep) and run the same command to resume."
-               if space else "Run the same command to resume once it can be written."))
+                advice = (f"{where} has {free / 2**20:.1f} MiB free" + (f", a checkpoint of this run takes "
+                          f"{size / 2**20:.1f} MiB" if size else "") + ": free space there (or lower checkpoint.keep) "
+                          "and run the same command to resume.")
+        return storage.StorageError(f"{why}; the partial checkpoint {removed}; the last complete checkpoint is "
+                                    f"{last or 'none'}. {advice}")
 
     def _prune(self, newest: int) -> None:
-        """Keep the newest ``keep`` committed checkpoints; delete older ones and any debris older than
-        ``newest``, but not those marked corrupt."""
+        """Keep the newest ``keep`` complete checkpoints; delete older ones and any debris older than
+        ``newest``, but not those marked corrupt (they stay for a person to look at)."""
         kept = 0
-        for step in checkpoint_steps(self.run_uri, self.options):
-            if step > newest:
-                continue
+        for step in (s for s in checkpoint_steps(self.run_uri, self.options) if s <= newest):
             uri = checkpoint_uri(self.run_uri, step)
             why = None if step == newest else verify(uri, self.options)
             if kept < self.keep and why is None:
                 kept += 1
-            elif why is None or not why.startswith(MARKED_CORRUPT):  # a corrupt one stays for a person to look at
+            elif why is None or not why.startswith(MARKED_CORRUPT):
                 storage.delete_dir(uri, self.options)
 
     def load(self) -> dict | None:
         """Restore the newest complete checkpoint whose bytes match their checksums; returns its train
-        state, or None when there is none. A corrupt one is marked (``CORRUPT``, kept for inspection,
-        skipped from then on) and every rank goes on to the previous one: every rank checks every train
-        state, and DCP gives every rank the errors any rank met reading its tensors."""
-        for step, uri, files, why in _scan(self.run_uri, self.options):
-            if why is None:
-                try:
-                    return self._restore(uri, files)
-                except (Exception, CheckpointException) as e:  # DCP's is a BaseException
-                    corrupt = next((x for x in _rank_errors(e) if isinstance(x, CorruptCheckpoint)), None)
-                    if corrupt is None:
-                        raise
-                    why = f"corrupt: {corrupt}"
-                    if self.rank == 0:
-                        storage.write_bytes(storage.join(uri, CORRUPT), json.dumps({"why": str(corrupt)}).encode(),
-                                            self.options)
-                    self.optimizer.state.clear()  # the next restore sets every parameter's state again (or none)
+        state, or None when there is none. A corrupt one is marked and every rank goes on to the
+        previous one: every rank checks every train state, and DCP gives every rank the errors any
+        rank met reading its tensors."""
+        for step in checkpoint_steps(self.run_uri, self.options):
+            uri = checkpoint_uri(self.run_uri, step)
+            try:
+                return self._restore(uri, manifest_files(uri, self.options))
+            except Incomplete as e:
+                why = str(e)
+            except (Exception, CheckpointException) as e:  # DCP's is a BaseException
+                corrupt = next((x for x in _rank_errors(e) if isinstance(x, CorruptCheckpoint)), None)
+                if corrupt is None:
+                    raise
+                why = f"corrupt: {corrupt}"
+                if self.rank == 0:
+                    storage.write_bytes(storage.join(uri, CORRUPT), json.dumps({"why": str(corrupt)}).encode(),
+                                        self.options)
+                self.optimizer.state.clear()  # the next restore sets every parameter's state again (or none)
             if self.rank == 0:
                 logger.warning(f"skipped checkpoint_{step:07d}: {why}")
         return None
 
     def _restore(self, uri: str, files: dict[str, FileChecksums]) -> dict:
         """The train state of the checkpoint at ``uri``, restored into the model, optimiser and RNGs."""
+        store = dcp_storage.Store(uri, self.options, files)
         states = {}
         for name in sorted(f for f in files if f.startswith("train_state_rank")):
-            data, sums = storage.read_bytes(storage.join(uri, name), self.options), files[name]
-            for index in range(len(sums.crcs or ())):
-                sums.check(storage.join(uri, name), index, data[index * sums.block:(index + 1) * sums.block])
-            states[name] = data
-        reader = dcp_storage.Reader(dcp_storage.Store(uri, self.options, files))
-        app = self._app_state()
+            with store.create_stream(f"{store.root}/{name}", "rb") as f:
+                states[name] = f.read()  # every block checked
+        reader = dcp_storage.Reader(store)
+        model, optim = get_state_dict(self.model, self.optimizer)
         saved = set(reader.read_metadata().state_dict_metadata)
-        missing = [k for k in app["model"] if f"model.{k}" not in saved]
+        missing = [k for k in model if f"model.{k}" not in saved]
         if missing:
             raise RuntimeError(f"checkpoint {uri} does not match the model: {len(missing)} missing tensors, e.g. {missing[:5]}")
-        # Parameters never stepped (the frozen prototype layers early on) have no optimiser state.
-        for fqn in [f for f in app["optim"]["state"] if not any(k.startswith(f"optim.state.{f}.") for k in saved)]:
-            del app["optim"]["state"][fqn]
-        dcp.load(app, storage_reader=reader)
-        # strict=False only for that optimiser state: the model's keys were checked above.
-        set_state_dict(self.model, self.optimizer, model_state_dict=app["model"], optim_state_dict=app["optim"],
+        # Parameters never stepped (the frozen prototype layers early on) have no optimiser state; strict=False
+        # below only for them (the model's keys were checked above).
+        optim["state"] = {k: v for k, v in optim["state"].items() if any(s.startswith(f"optim.state.{k}.") for s in saved)}
+        dcp.load({"model": model, "optim": optim}, storage_reader=reader)
+        set_state_dict(self.model, self.optimizer, model_state_dict=model, optim_state_dict=optim,
                        options=StateDictOptions(strict=False))
         own = f"train_state_rank{self.rank}.pt"
         # a pickle, as DCP's .metadata is; a larger world than the checkpoint's: rank 0's step and counters stand for all
         state = torch.load(io.BytesIO(states.get(own, states["train_state_rank0.pt"])), weights_only=False)
         rng = state.pop("rng")
-        if own in states:
+        if own not in states:  # not rank 0's generators (this rank would draw rank 0's stochastic depth): its own seed
+            torch.manual_seed(torch.initial_seed() + int(state["step"]))
+        else:
             torch.set_rng_state(rng["torch"])
             np.random.set_state(rng["numpy"])
             random.setstate(rng["python"])
             if "cuda" in rng and torch.cuda.is_available():  # a CPU checkpoint resumed on a GPU keeps its seeded state
                 torch.cuda.set_rng_state(rng["cuda"])
-        else:  # not rank 0's generators (this rank would draw rank 0's stochastic depth): its own seed, moved on
-            torch.manual_seed(torch.initial_seed() + int(state["step"]))
         self.state = {"step": int(state["step"]), "images_seen": int(state["images_seen"])}
         return dict(state, checkpoint=uri)
 

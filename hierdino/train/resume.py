@@ -56,31 +56,26 @@ def check_compatible(saved: Config, cfg: Config, where: str) -> None:
 
 
 def saved_config(run_uri: str, options: StorageOptions | None) -> Config | None:
+    """The config the run at ``run_uri`` was started with (None: no run there)."""
     path = storage.join(run_uri, "config.yaml")
-    if not storage.exists(path, options):
-        return None
-    return config_from_dict(yaml.safe_load(storage.read_bytes(path, options)))
+    return config_from_dict(yaml.safe_load(storage.read_bytes(path, options))) if storage.exists(path, options) else None
 
 
 def plan_start(cfg: Config, run_uri, options: StorageOptions | None = None, quiet: bool = False) -> RunStart:
     """Decide where ``cfg``'s run starts; with ``run.resume=false`` and an existing run, ``cfg.run.name``
     is changed to the first free ``<name>-2``, ``<name>-3``, ... (``quiet``: decide without saying it)."""
     log = (lambda *_: None) if quiet else logger.info
-    uri = run_uri(cfg)
-    found = latest_complete(uri, options)
+    uri, found = run_uri(cfg), latest_complete(run_uri(cfg), options)
     if found.uri is None and not storage.exists(storage.join(uri, "config.yaml"), options):
         return RunStart(uri, cfg.run.name, found)  # nothing there yet
     if not cfg.run.resume:
         base, k = cfg.run.name, 2
-        while True:
-            candidate = dataclasses.replace(cfg.run, name=f"{base}-{k}")
-            fresh = run_uri(dataclasses.replace(cfg, run=candidate))
-            if not storage.exists(fresh, options):
-                break
+        while storage.exists(run_uri(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=f"{base}-{k}"))),
+                             options):
             k += 1
-        log(f"run.resume=false: {uri} exists; this run starts fresh in {fresh}")
-        cfg.run.name = candidate.name
-        return RunStart(fresh, cfg.run.name, LatestCheckpoint(None, 0, []))
+        cfg.run.name = f"{base}-{k}"
+        log(f"run.resume=false: {uri} exists; this run starts fresh in {run_uri(cfg)}")
+        return RunStart(run_uri(cfg), cfg.run.name, LatestCheckpoint(None, 0, []))
     saved = saved_config(uri, options)
     if saved is not None and found.uri is not None:
         check_compatible(saved, cfg, uri)
