@@ -458,7 +458,7 @@ def test_evaluation_decodes_the_same_centre_as_the_training_views():
     import numpy as np
     from PIL import Image
 
-    from hierdino.eval.features import decode_images
+    from hierdino.eval.decode import decode_images
 
     yy, xx = np.mgrid[0:120, 0:100]  # smooth, so the filter's reach past the box edge barely matters
     arr = np.stack([xx * 2.5, yy * 2.0, (xx + yy) * 1.1], -1).astype(np.uint8)

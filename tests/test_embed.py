@@ -111,10 +111,12 @@ def test_embeddings_equal_the_timm_model_run_directly(ray_cluster, tiny_run, fol
     assert meta["dim"] == 48 and meta["dtype"] == "float32"
 
 
-def test_read_tasks_start_without_torch():
-    """The read tasks' workers import ``hierdino.eval.embed`` only: without torch and timm they start in
-    a fraction of the time and memory (0.3 s and 70 MB against 1.9 s and 550 MB with torch, here)."""
-    code = "import sys, hierdino.eval.embed; print([m for m in ('torch', 'timm') if m in sys.modules])"
+@pytest.mark.parametrize("module", ["hierdino.eval.embed", "hierdino.eval.decode"])
+def test_read_and_decode_tasks_start_without_torch(module):
+    """The read tasks' workers import ``hierdino.eval.embed`` only, the CPU decode tasks of a GPU pool
+    ``hierdino.eval.decode``: without torch and timm they start in a fraction of the time and memory
+    (0.3 s and 70 MB against 1.9 s and 550 MB with torch, here)."""
+    code = f"import sys, {module}; print([m for m in ('torch', 'timm') if m in sys.modules])"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip().endswith("[]"), r.stdout + r.stderr
 

@@ -146,7 +146,8 @@ def test_external_sets_the_probes_cannot_use_and_undecodable_images_are_named(tm
 
     from hierdino.data.shards import Record, write_dataset
     from hierdino.eval import EvalDataError
-    from hierdino.eval.features import decode_images, resolve_model
+    from hierdino.eval.decode import decode_images
+    from hierdino.eval.features import resolve_model
     from hierdino.eval.sets import check_probe_sets
 
     buf = _io.BytesIO()

@@ -195,3 +195,18 @@ def test_no_function_is_longer_than_a_screen(tmp_path):
     long = tmp_path / "long.py"  # the check itself: a 61-line function is named
     long.write_text("def f():\n" + "    x = 1\n" * 59 + "    return x\n")
     assert long_functions({"long": long}) == [f"{long}:1 f (61 lines)"]
+
+
+def unnamed_modules(text: str, modules: dict[str, Path]) -> list[str]:
+    """The modules (not packages' ``__init__``) whose file name ARCHITECTURE.md's ``text`` never names."""
+    import re
+
+    return sorted(name for name, path in modules.items()
+                  if path.name != "__init__.py" and not re.search(rf"\b{re.escape(path.stem)}\b", text))
+
+
+def test_architecture_names_every_module():
+    assert unnamed_modules((REPO / "ARCHITECTURE.md").read_text(), all_modules()) == []
+    # the check itself: a page without the checkpoint module's name misses exactly it
+    text = (REPO / "ARCHITECTURE.md").read_text().replace("checkpoint", "ckpt")
+    assert unnamed_modules(text, all_modules()) == ["hierdino.train.checkpoint"]

@@ -89,6 +89,27 @@ def test_time_budget_uses_the_steady_state_step_and_counts_the_start_up_per_run(
     assert steps == int((150 - overhead) / step_s) // 10 * 10 == 360
 
 
+
+def test_steps_per_variant_come_from_the_flag_then_the_first_start_then_the_budget_then_the_design(tmp_path, said):
+    from argparse import Namespace
+
+    calibrations = []
+
+    def calibrate():
+        calibrations.append(1)
+        return 70
+
+    args, preset = Namespace(out=str(tmp_path), steps=None, time_budget_min=None), "repro/v2/base"
+    design = load_config(preset, []).train.steps
+    assert stages.planned_steps(args, calibrate, preset, []) == (design, {}) and design == 300
+    args.time_budget_min = 30
+    assert stages.planned_steps(args, calibrate, preset, []) == (70, {}) and calibrations == [1]
+    (tmp_path / "plan.json").write_text('{"steps": 50, "base_steps": 100}')  # an earlier start's plan wins
+    assert stages.planned_steps(args, calibrate, preset, []) == (50, {"steps": 50, "base_steps": 100})
+    assert calibrations == [1] and any("fixed by the first start of this run: 50" in line for line in said), said
+    args.steps = 20  # the flag wins over everything; the earlier plan still comes back (v2 keeps its history)
+    assert stages.planned_steps(args, calibrate, preset, []) == (20, {"steps": 50, "base_steps": 100})
+
 # ---- design v2 (issue #16) ----
 
 from hierdino.eval.metrics import bootstrap, mistake_severity, paired_bacc_difference  # noqa: E402

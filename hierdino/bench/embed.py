@@ -6,7 +6,7 @@ model, one torch thread) over the same images, per core, at 1 and 2 actors.
   python -m hierdino.bench.embed                                     # 1024 synthetic 96 px PNGs
   python -m hierdino.bench.embed --model random:vit_small_patch14_dinov2@224 --n 256
 
-Both paths decode with ``features._decode`` (PIL, bicubic resize) and embed with
+Both paths decode with ``decode.decode_rows`` (PIL, bicubic resize) and embed with
 ``backbone_features``, one torch thread each: the plain loop sets it, and Ray gives an actor that
 reserves one CPU ``OMP_NUM_THREADS=1``. Per path:
 
@@ -47,8 +47,9 @@ import torch
 from PIL import Image
 
 from hierdino import logs
+from hierdino.eval.decode import decode_rows
 from hierdino.eval.embed import EmbedOptions, image_files, run_embed
-from hierdino.eval.features import _decode, backbone_features, load_backbone, resolve_model
+from hierdino.eval.features import backbone_features, load_backbone, resolve_model
 
 
 def _synthetic(folder: str, n: int, size: int = 96) -> str:
@@ -77,7 +78,7 @@ class _Files(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         with open(self.paths[i], "rb") as f:
-            return torch.from_numpy(_decode([f.read()], self.size)[0][0])
+            return torch.from_numpy(decode_rows([f.read()], self.size)[0][0])
 
 
 def plain_loop(folder: str, spec: str, batch_size: int) -> dict:

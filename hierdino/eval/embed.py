@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 from hierdino import storage
 from hierdino.data import shards
 from hierdino.eval import predict
+from hierdino.eval.decode import decode_batch
 
 if TYPE_CHECKING:
     from hierdino.eval.features import ModelSpec
@@ -339,7 +340,7 @@ def _pipeline(todo: list[Part], model: ModelSpec, patch_mean: bool, center: floa
     import ray  # heavy: only a job that embeds images starts Ray
     import ray.data  # likewise
 
-    from hierdino.eval.features import decode_batch, default_gpus  # torch: not in the read tasks' workers
+    from hierdino.eval.features import default_gpus  # torch: not in the read tasks' workers
 
     if gpus is None:
         gpus = default_gpus(model)

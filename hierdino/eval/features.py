@@ -20,20 +20,17 @@ import io
 import json
 import logging
 import os
-import re
 import zipfile
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.nn import functional as F
 
 from hierdino import logs, storage
 from hierdino.data import shards
 from hierdino.data.augment import to_model_input
-from hierdino.data.crops import center_box, decode
-from hierdino.eval import EvalDataError
+from hierdino.eval.decode import decode_batch, raise_undecodable
 
 logger = logging.getLogger(__name__)
 
@@ -139,36 +136,6 @@ def pixel_features(images: np.ndarray) -> np.ndarray:
     return F.interpolate(x, size=(PIXEL_SIZE, PIXEL_SIZE), mode="area").flatten(1).numpy()
 
 
-def decode_images(blobs, size: int, ids=None, center: float = 1.0) -> np.ndarray:
-    """Encoded images -> uint8 ``[N, size, size, 3]``: the centred ``center`` share of each side
-    (``crops.center_box``), bicubic resize. An image that does not decode raises (``EvalDataError``
-    naming it by ``ids`` when given): scored as a blank image under its label, it would bias the
-    evaluation without a word."""
-    out, errors = _decode(blobs, size, center)
-    _raise_undecodable(errors, ids)
-    return out
-
-
-def _decode(blobs, size: int, center: float = 1.0) -> tuple[np.ndarray, list[str]]:
-    """The images (blank where one does not decode) and, per image, why it does not ("" when it does)."""
-    out = np.zeros((len(blobs), size, size, 3), np.uint8)
-    errors = [""] * len(blobs)
-    for i, b in enumerate(blobs):
-        try:
-            im = decode(b)
-            out[i] = np.asarray(im.resize((size, size), Image.BICUBIC, box=center_box(*im.size, center)))
-        except Exception as e:  # PIL raises many types for broken files
-            errors[i] = f"{type(e).__name__}: " + re.sub(r"<_io.BytesIO object at 0x[0-9a-f]+>", "the file", str(e))
-    return out, errors
-
-
-def _raise_undecodable(errors, ids=None, where: str = "") -> None:
-    bad = [f"{ids[i] if ids is not None else f'image {i}'} ({e})" for i, e in enumerate(errors) if e]
-    if bad:
-        raise EvalDataError(f"{len(bad)} of {len(errors)} evaluation image(s){where} could not be decoded; remove or "
-                            "re-encode them (jobs/make_shards.py checks every image): " + "; ".join(bad[:5]))
-
-
 class _Extractor:
     """Ray Data actor: loads the model once, then maps batches of shard rows to features."""
 
@@ -193,15 +160,6 @@ class _Extractor:
         else:
             feats = backbone_features(self.backbone, images, size, self.batch_size, self.device, self.patch_mean)
         return rest | {"features": feats, "decode_error": errors}
-
-
-def decode_batch(batch: dict, size: int, center: float = 1.0) -> dict:
-    """A batch of rows with ``image`` bytes -> the same rows with ``pixels`` (uint8 ``[N, size, size,
-    3]``) and ``decode_error`` instead: the CPU half of ``_Extractor``, for a stage of its own when
-    the model runs on GPUs."""
-    images, errors = _decode(batch["image"], size, center)
-    rest = {k: v for k, v in batch.items() if k != "image"}
-    return rest | {"pixels": images, "decode_error": np.array(errors, dtype=object)}
 
 
 def default_gpus(model) -> int:
@@ -312,7 +270,7 @@ def dataset_features(model: ModelSpec, dataset_uri: str, cache_dir: str | None =
             load_backbone(model)  # Ray error that keeps only their message: here they raise WeightsError
             _LOADED.add(model.key)
         parts = _extract_with_ray_data(model, dataset_uri, patch_mean, batch_size, actors, options, center)
-    _raise_undecodable([e for p in parts for e in p["decode_error"]], [i for p in parts for i in p["image_id"]],
+    raise_undecodable([e for p in parts for e in p["decode_error"]], [i for p in parts for i in p["image_id"]],
                        f" of {dataset_uri}")
     out = DatasetFeatures(np.concatenate([p["features"] for p in parts]).astype(np.float32),
                           np.concatenate([p["label"] for p in parts]).astype(object),

@@ -13,7 +13,8 @@ import torch
 from hierdino.data import shards
 from hierdino.data.suite import eval_set_uris
 from hierdino.eval import OBJECTIVE
-from hierdino.eval.features import backbone_features, decode_images, eval_center_crop
+from hierdino.eval.decode import decode_images
+from hierdino.eval.features import backbone_features, eval_center_crop
 from hierdino.eval.metrics import pooled_bacc_interval
 from hierdino.eval.probes import fit_predict
 

@@ -48,6 +48,23 @@ def steps_for_budget(recs: list[dict], batch_size: int, wall_s: float, left_s: f
     return int((left_s / n_runs - overhead) / step_s) // 10 * 10, step_s, overhead
 
 
+def planned_steps(args, calibrate, default_preset: str, common: list[str]) -> tuple[int, dict]:
+    """Steps per variant, fixed before any variant trains: ``--steps``, else those of an earlier start
+    of this run (OUT/plan.json), else ``calibrate()`` (what fits ``--time-budget-min``), else the
+    design's own (``default_preset``'s ``train.steps``). Returns them and the earlier plan ({}: none);
+    the design writes its plan back."""
+    plan = Path(args.out, "plan.json")
+    fixed = json.loads(plan.read_text()) if plan.exists() else {}
+    if args.steps:
+        return args.steps, fixed
+    if fixed:
+        logger.info(f"steps per variant fixed by the first start of this run: {fixed['steps']} ({plan})", extra=REPRODUCE)
+        return fixed["steps"], fixed
+    if args.time_budget_min:
+        return calibrate(), fixed
+    return load_config(default_preset, common).train.steps, fixed
+
+
 def calibrate_steps(args, common: list[str], n_runs: float, preset: str = "repro/hxe-alpha0.5") -> int:
     """Steps per variant that fit ``--time-budget-min``, from a timed 40-step run of ``preset`` (variant (c)).
 

@@ -29,6 +29,7 @@ from hierdino.experiments.stages import (
     describe_setup,
     device_name,
     level_weights_d,
+    planned_steps,
     scale_overrides,
     train_once,
     train_variants,
@@ -52,23 +53,14 @@ def variant_and_base_steps(args, common: list[str]) -> tuple[int, int]:
     fits the budget (timed calibration), else the design's 300. The base model's steps are fixed by
     the first start (``BASE_FACTOR`` x its variant steps) and kept when ``--steps`` later changes the
     variants' (no variant may have trained then: they must all run the same steps)."""
-    plan = Path(args.out, "plan.json")
-    fixed = json.loads(plan.read_text()) if plan.exists() else {}
-    if args.steps:
-        steps = args.steps
-    elif fixed:
-        steps = fixed["steps"]
-        logger.info(f"steps per variant fixed by the first start of this run: {steps} ({plan})", extra=REPRODUCE)
-    elif args.time_budget_min:
-        # a sweep trial runs half the steps, plus its evaluations on the val splits and Tune's start-up
-        sweep_runs = 0 if args.level_weights else args.sweep_trials
-        n_runs = BASE_FACTOR + len(args.variants) * len(args.seeds) + sweep_runs
-        steps = calibrate_steps(args, common, n_runs, preset=f"{PREFIX}/hxe-path")
-    else:
-        steps = load_config(f"{PREFIX}/base", common).train.steps
+    def calibrate() -> int:  # a sweep trial: half the steps, plus its val evaluations and Tune's start-up
+        n_runs = BASE_FACTOR + len(args.variants) * len(args.seeds) + (0 if args.level_weights else args.sweep_trials)
+        return calibrate_steps(args, common, n_runs, preset=f"{PREFIX}/hxe-path")
+    steps, fixed = planned_steps(args, calibrate, f"{PREFIX}/base", common)
     base_steps = fixed.get("base_steps", BASE_FACTOR * steps)
     history = fixed.get("history", []) + ([{"steps": fixed["steps"], "replaced_by": steps}] if fixed and fixed["steps"] != steps else [])
-    storage.write_bytes(str(plan), json.dumps({"steps": steps, "base_steps": base_steps, "history": history}).encode())
+    storage.write_bytes(str(Path(args.out, "plan.json")),
+                        json.dumps({"steps": steps, "base_steps": base_steps, "history": history}).encode())
     return steps, base_steps
 
 

@@ -34,6 +34,7 @@ from hierdino.experiments.stages import (
     calibrate_steps,
     device_name,
     level_weights_d,
+    planned_steps,
     train_once,
     train_variants,
     write_results,
@@ -175,19 +176,11 @@ def variant_steps(args, common: list[str], base_steps: int, data: list[str]) -> 
     """Steps of every variant: ``--steps``, else those of an earlier start (OUT/plan.json), else what fits
     ``--time-budget-min`` (a timed run of (c); the base model counts as base_steps / 300 runs), else the
     design's 300; kept in OUT/plan.json before any variant trains."""
-    plan = Path(args.out, "plan.json")
-    if args.steps:
-        steps = args.steps
-    elif plan.exists():
-        steps = json.loads(plan.read_text())["steps"]
-        logger.info(f"steps per variant fixed by the first start of this run: {steps} ({plan})", extra=REPRODUCE)
-    elif args.time_budget_min:
-        sweep_runs = 0 if args.level_weights else args.sweep_trials / 2
-        n_runs = len(args.variants) * len(args.seeds) + sweep_runs + base_steps / 300
-        steps = calibrate_steps(args, common + [f"data.train={override_text(data)}"], n_runs, preset=f"{PREFIX}/hxe")
-    else:
-        steps = load_config(f"{PREFIX}/base", common).train.steps
-    storage.write_bytes(str(plan), json.dumps({"steps": steps, "base_steps": base_steps}).encode())
+    def calibrate() -> int:
+        n_runs = len(args.variants) * len(args.seeds) + (0 if args.level_weights else args.sweep_trials / 2) + base_steps / 300
+        return calibrate_steps(args, common + [f"data.train={override_text(data)}"], n_runs, preset=f"{PREFIX}/hxe")
+    steps, _ = planned_steps(args, calibrate, f"{PREFIX}/base", common)
+    storage.write_bytes(str(Path(args.out, "plan.json")), json.dumps({"steps": steps, "base_steps": base_steps}).encode())
     return steps
 
 

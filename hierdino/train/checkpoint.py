@@ -138,26 +138,21 @@ def _barrier() -> None:
 
 class CheckpointManager:
     """Owns what goes into a checkpoint, when one is written (``should_save``), how it is committed,
-    and the run's progress (``state``: steps done and images seen; the data position follows from
-    the step, see ``hierdino.data.mix``), restored by ``load`` from the newest intact checkpoint."""
+    and which one ``load`` restores (the newest intact one); the step is all of a run's position (the
+    data's follows from it, see ``hierdino.data.mix``)."""
 
     def __init__(self, model, optimizer, rank: int, world: int, run_uri: str, keep: int,
                  options: StorageOptions | None = None, every_steps: int = 0):
         self.model, self.optimizer, self.rank, self.world = model, optimizer, rank, world
         self.run_uri, self.keep, self.options, self.every_steps = run_uri, keep, options, every_steps
-        self.state = {"step": 0, "images_seen": 0}
 
     def should_save(self, step: int, stop: int) -> bool:
         """After ``step`` steps: every ``every_steps``, and at the last step of this run."""
         return step == stop or (self.every_steps > 0 and step % self.every_steps == 0)
 
-    def advance(self, images: int) -> None:
-        """One step done on ``images`` images (the global batch)."""
-        self.state["step"] += 1
-        self.state["images_seen"] += images
-
     def save(self, step: int, train_state: dict | None = None) -> str:
-        """Write, commit and prune (collective over ranks); returns the checkpoint's URI."""
+        """Write, commit and prune (collective over ranks); ``train_state`` (counters to restore beside
+        ``step``) goes into each rank's ``train_state_rank<r>.pt``. Returns the checkpoint's URI."""
         uri = checkpoint_uri(self.run_uri, step)
         if self.rank == 0:  # markers left by an earlier save of this step must not speak for the files written now
             for marker in (COMMIT, CORRUPT):
@@ -195,7 +190,7 @@ class CheckpointManager:
                     raise transient[0] from None
                 raise
             with store.create_stream(f"{store.root}/train_state_rank{self.rank}.pt", "wb") as f:
-                torch.save(dict(self.state if train_state is None else train_state, step=step, rng=_rng_state()), f)
+                torch.save(dict(train_state or {}, step=step, rng=_rng_state()), f)
         storage.with_retries(save, uri, "write", explain=False)  # other errors: _write_failed or a bug's traceback
         return {"step": step, "rank": self.rank, "world": self.world, "crc_block": dcp_storage.CRC_BLOCK,
                 "files": {n: c.size for n, c in store.written.items()}, "crc32": {n: c.crcs for n, c in store.written.items()}}
@@ -295,8 +290,7 @@ class CheckpointManager:
             random.setstate(rng["python"])
             if "cuda" in rng and torch.cuda.is_available():  # a CPU checkpoint resumed on a GPU keeps its seeded state
                 torch.cuda.set_rng_state(rng["cuda"])
-        self.state = {"step": int(state["step"]), "images_seen": int(state["images_seen"])}
-        return dict(state, checkpoint=uri)
+        return dict(state, step=int(state["step"]), checkpoint=uri)
 
 
 def _rank_errors(e: BaseException) -> list[BaseException]:

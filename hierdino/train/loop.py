@@ -350,8 +350,8 @@ def _resume(ckpt: CheckpointManager, launched_at: int) -> int:
     launched from (``launched_at``) that turned out corrupt (now marked) stops the run: the driver
     planned the data streams (and skipped model.init_weights) for that step, and the same command
     plans them again from the newest intact one."""
-    ckpt.load()
-    start = ckpt.state["step"]
+    state = ckpt.load()
+    start = state["step"] if state else 0
     if start < launched_at:
         raise ResumeError(f"the checkpoint this run was launched from (step {launched_at}) is corrupt and now marked "
                           f"CORRUPT.json; run the same command again to resume from the newest intact one "
@@ -416,7 +416,6 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         step += 1
         if record is not None and record.pop("stop_votes", 0.0) > 0 and step < stop:
             stop, log_now, saving = step, True, True  # the same step on every rank: they read the same votes
-        ckpt.advance(cfg.train.batch_size)
         evaluating = live_eval is not None and step % cfg.eval.every_steps == 0
         if live_eval is not None and (evaluating or step == stop or (saving and not eval_metrics)):
             eval_metrics = live_eval(model.teacher["backbone"], device)
@@ -424,7 +423,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         if log_now:
             metrics.log_step(step, stop, last)
         if saving:
-            ckpt.save(step)  # committed before Ray hears of it: a report never names a partial checkpoint
+            # committed before Ray hears of it: a report never names a partial checkpoint
+            ckpt.save(step, {"images_seen": step * cfg.train.batch_size})
             metrics.flush()
         if saving or evaluating:  # every rank: a report is a barrier
             ray.train.report(dict({k: v for k, v in last.items() if isinstance(v, float) and math.isfinite(v)}, step=step))
