@@ -94,7 +94,8 @@ def manifest_files(uri: str, options: StorageOptions | None = None) -> dict[str,
                 raise Incomplete(f"{f} is {'missing' if f not in sizes else f'{sizes[f]} bytes, not {size}'}")
             file = files[f] = FileChecksums(size, crcs.get(f) if isinstance(crcs, dict) else None, block)
             if file.crcs is not None and not (isinstance(file.crcs, list) and isinstance(block, int) and block > 0
-                                              and len(file.crcs) == -(-size // block)):
+                                              and len(file.crcs) == -(-size // block)
+                                              and all(isinstance(c, int) for c in file.crcs)):
                 raise Incomplete(f"{name} is unreadable (the checksums of {f} do not fit its {size} bytes)")
     return files
 
@@ -180,18 +181,20 @@ class CheckpointManager:
         """This rank's DCP files and train state at ``uri``; returns its manifest."""
         store = dcp_storage.Store(uri, self.options)
 
-        def save():
+        def save():  # collective: every rank meets the same failures (DCP gathers them) and all try again
             try:
                 model, optim = get_state_dict(self.model, self.optimizer)
                 dcp.save({"model": model, "optim": optim}, storage_writer=dcp_storage.Writer(store))
             except CheckpointException as e:  # a BaseException, which with_retries lets through unless transient
                 transient = [x for x in _rank_errors(e) if storage.is_transient(x)]
-                if transient:  # every rank met the same failures (DCP gathers them): all try again
+                if transient:
                     raise transient[0] from None
                 raise
-            with store.create_stream(f"{store.root}/train_state_rank{self.rank}.pt", "wb") as f:
-                torch.save(dict(train_state or {}, step=step, rng=_rng_state()), f)
         storage.with_retries(save, uri, "write", explain=False)  # other errors: _write_failed or a bug's traceback
+        buf, name = io.BytesIO(), f"train_state_rank{self.rank}.pt"
+        torch.save(dict(train_state or {}, step=step, rng=_rng_state()), buf)
+        storage.write_bytes(storage.join(uri, name), buf.getvalue(), self.options)  # this rank's alone, retried alone
+        store.written[name] = dcp_storage.BlockCrc(buf.getvalue())
         return {"step": step, "rank": self.rank, "world": self.world, "crc_block": dcp_storage.CRC_BLOCK,
                 "files": {n: c.size for n, c in store.written.items()}, "crc32": {n: c.crcs for n, c in store.written.items()}}
 
@@ -200,17 +203,17 @@ class CheckpointManager:
         ``uri`` (``e``): the partial checkpoint is removed (it would hold the space a retry needs) and
         the last complete one named; a full local disk says how much space a checkpoint takes."""
         with storage.retry_window(10):
-            kept = "could not be removed (it is skipped on resume)"
+            removed = "could not be removed (it is skipped on resume)"
             try:
                 storage.delete_dir(uri, self.options)
             except OSError:  # another rank may have removed it first, or the store does not answer
                 pass
             try:
-                removed = kept if storage.exists(uri, self.options) else "was removed"
+                removed = removed if storage.exists(uri, self.options) else "was removed"
                 last = latest_complete(self.run_uri, self.options).uri
                 size = sum(f.size for f in manifest_files(last, self.options).values()) if last else 0
             except (OSError, Incomplete):
-                removed, last, size = kept, "unknown (the store cannot be listed)", 0
+                last, size = "unknown (the store cannot be listed)", 0
         why = str(e) if isinstance(e, storage.StorageError) else f"cannot write checkpoint {uri}: {e}"
         advice = "Run the same command to resume once it can be written."
         if not storage.is_s3(uri):  # a full disk does not always say so (torch's writer: "unexpected pos ...")
