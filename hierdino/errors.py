@@ -9,7 +9,7 @@ and keeps its traceback. The subclasses live beside the code that raises them:
 - ``hierarchy.HierarchyError`` (hierarchy), ``labels.LabelMapError`` (label map): a class tree or a
   label map that does not parse or names unknown nodes;
 - ``config.ConfigError`` (config): a key, a value or a combination of them; its subclass
-  ``train.resume.ResumeError`` (resume): a run directory this config cannot continue;
+  ``config.compat.ResumeError`` (resume): a run directory this config cannot continue;
 - ``data.shards.ShardError``, ``data.ingest.IngestError`` (data): shards, manifests or training data
   that cannot be used;
 - ``models.weights.WeightsError`` (weights): a checkpoint that does not load;

@@ -105,3 +105,19 @@ def test_eval_on_the_runs_own_sets_needs_them(tmp_path):
     cfg = load_config("pbc-cpu", ["data.train=[/data/pbc,s3://b/more]", "eval.datasets=[train,synth-ext-1,/data/pbc]"])
     assert eval_set_uris(cfg)[:2] == ["/data/pbc", "s3://b/more"] and len(eval_set_uris(cfg)) == 3
     assert eval_set_uris(cfg)[2].endswith("/synth-ext-1")
+
+
+def test_every_resumable_entry_names_a_key_or_section_and_training_keys_are_not_resumable():
+    """A misspelt entry in ``RESUMABLE`` would silently refuse a key it meant to allow."""
+    from hierdino.config.compat import RESUMABLE, resumable
+
+    def keys(d, prefix=""):
+        for k, v in d.items():
+            yield from keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+
+    every = list(keys(Config().to_dict()))
+    for entry in RESUMABLE:
+        assert any(k == entry or (entry.endswith(".") and k.startswith(entry)) for k in every), entry
+    assert resumable("train.steps") and resumable("eval.split") and resumable("scaling.num_workers")
+    assert not any(resumable(k) for k in ("model.arch", "optim.base_lr", "loss.dino_weight", "train.seed", "data.train",
+                                          "train.stop_at", "scaling"))

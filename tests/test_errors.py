@@ -8,6 +8,7 @@ from hierdino.errors import UserError, user_error, user_errors
 
 def test_the_errors_a_user_fixes_are_user_errors_and_keep_their_old_bases():
     from hierdino.config import ConfigError
+    from hierdino.config.compat import ResumeError
     from hierdino.data.ingest import IngestError
     from hierdino.data.shards import ShardError
     from hierdino.eval import EvalDataError
@@ -16,7 +17,6 @@ def test_the_errors_a_user_fixes_are_user_errors_and_keep_their_old_bases():
     from hierdino.models.weights import WeightsError
     from hierdino.storage import StorageError
     from hierdino.train.preflight import ResourcesError
-    from hierdino.train.resume import ResumeError
     from hierdino.tune.space import SpaceError
 
     kinds = {StorageError: ("storage", OSError), HierarchyError: ("hierarchy", ValueError),

@@ -15,8 +15,9 @@ from conftest import REPO, capture_log
 
 from hierdino import storage
 from hierdino.config import load_config
+from hierdino.config.compat import ResumeError, check_compatible
 from hierdino.train.checkpoint import COMMIT, CORRUPT, latest_complete, verify
-from hierdino.train.resume import ResumeError, check_compatible, plan_start
+from hierdino.train.resume import plan_start
 
 
 def _pretrain(tmp_path, suite, *sets, env=None, local=False):

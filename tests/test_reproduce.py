@@ -282,8 +282,8 @@ def test_a_rerun_asking_other_steps_does_not_reuse_the_finished_runs(tmp_path):
     """A comparison's run with an export is reused only for the same config: a smoke test's 40-step
     runs in the same --out are refused by name, before anything trains."""
     from hierdino.config import load_config
+    from hierdino.config.compat import ResumeError
     from hierdino.experiments.stages import train_once
-    from hierdino.train.resume import ResumeError
 
     sets = [f"run.storage={tmp_path}", "run.name=ssl-s0"]
     run = tmp_path / "ssl-s0"

@@ -16,6 +16,7 @@ import types
 import typing
 
 from hierdino import packaged
+from hierdino.config.compat import resumable
 from hierdino.config.load import PRESETS, list_presets
 from hierdino.config.schema import Config
 
@@ -115,9 +116,10 @@ def _rows(cls, prefix: str) -> list[str]:
         if dataclasses.is_dataclass(default):
             nested.append((f, default))
             continue
-        key = f"`{prefix}{f.name}`"
-        rows.append(f"| {key} | {_cell(_type_name(hints[f.name]))} | `{_cell(_value(default))}` "
-                    f"| {_cell(_range(f.metadata))} | {_cell(f.metadata.get('doc', ''))} |")
+        key = f"{prefix}{f.name}"
+        rows.append(f"| `{key}` | {_cell(_type_name(hints[f.name]))} | `{_cell(_value(default))}` "
+                    f"| {_cell(_range(f.metadata))} | {'yes' if resumable(key) else ''} "
+                    f"| {_cell(f.metadata.get('doc', ''))} |")
     for f, default in nested:
         rows += _rows(type(default), f"{prefix}{f.name}.")
     return rows
@@ -135,12 +137,15 @@ def _preset_lines() -> list[str]:
 def render() -> str:
     """The whole page, as ``docs/configuration.md`` holds it."""
     out = [INTRO + "\n".join(_preset_lines()), "", "## Keys", "",
-           "Types, defaults (the dataclass defaults, before any preset) and allowed ranges, by section.", ""]
+           "Types, defaults (the dataclass defaults, before any preset) and allowed ranges, by section. A key "
+           "marked *on resume: yes* may differ when a run resumes (it changes how the run is executed or "
+           "evaluated, not what it trains); resuming with any other key changed is refused "
+           "(`hierdino/config/compat.py`).", ""]
     for section in dataclasses.fields(Config):
         out += [f"### `{section.name}`", ""]
         if section.name in SECTIONS:
             out += [SECTIONS[section.name], ""]
-        out += ["| key | type | default | range | description |", "|---|---|---|---|---|"]
+        out += ["| key | type | default | range | on resume | description |", "|---|---|---|---|---|---|"]
         out += _rows(section.default_factory().__class__, f"{section.name}.") + [""]
     return "\n".join(out)
 

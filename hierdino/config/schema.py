@@ -200,7 +200,8 @@ class RunConfig:
     storage: str = _f("./runs", doc="local path or s3:// URI holding run directories")
     name: str = _f("hierdino", doc="run directory name; the same name resumes")
     resume: bool = _f(True, doc="continue the run of the same name from its last complete checkpoint (its config "
-                                "must match, see hierdino.train.resume); false: a fresh run in a new directory <name>-2, -3, ...")
+                                "must match, except the keys marked on resume: yes); false: a fresh run in a new "
+                                "directory <name>-2, -3, ...")
     storage_retry_s: float = _f(180.0, min=0.0, doc="how long reads and writes retry an object store that stops "
                                 "answering before the run stops with an error")
 

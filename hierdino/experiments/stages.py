@@ -127,9 +127,10 @@ def train_once(preset: str, overrides: list[str]) -> str:
     same recipe and steps); returns the run URI. A run of another config is
     refused (``ResumeError`` naming the keys, or the steps); a run stopped by a signal raises ``Stopped``."""
     # torch and Ray: imported only when training, so --help and --render stay fast
+    from hierdino.config.compat import ResumeError, check_compatible
     from hierdino.train.checkpoint import run_uri
     from hierdino.train.launch import train
-    from hierdino.train.resume import ResumeError, check_compatible, saved_config
+    from hierdino.train.resume import saved_config
 
     cfg = load_config(preset, overrides)
     uri = run_uri(cfg)

@@ -17,14 +17,12 @@ import errno
 import io
 import json
 import logging
-import random
 import re
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -33,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from hierdino import storage
 from hierdino.storage import StorageOptions
-from hierdino.train import dcp_storage
+from hierdino.train import dcp_storage, rng
 from hierdino.train.dcp_storage import CorruptCheckpoint, FileChecksums
 
 logger = logging.getLogger(__name__)
@@ -192,7 +190,7 @@ class CheckpointManager:
                 raise
         storage.with_retries(save, uri, "write", explain=False)  # other errors: _write_failed or a bug's traceback
         buf, name = io.BytesIO(), f"train_state_rank{self.rank}.pt"
-        torch.save(dict(train_state or {}, step=step, rng=_rng_state()), buf)
+        torch.save(dict(train_state or {}, step=step, rng=rng.capture()), buf)
         storage.write_bytes(storage.join(uri, name), buf.getvalue(), self.options)  # this rank's alone, retried alone
         store.written[name] = dcp_storage.BlockCrc(buf.getvalue())
         return {"step": step, "rank": self.rank, "world": self.world, "crc_block": dcp_storage.CRC_BLOCK,
@@ -272,11 +270,8 @@ class CheckpointManager:
         reader = dcp_storage.Reader(store)
         model, optim = get_state_dict(self.model, self.optimizer)
         saved = set(reader.read_metadata().state_dict_metadata)
-        missing = [k for k in model if f"model.{k}" not in saved]
-        if missing:
-            raise RuntimeError(f"checkpoint {uri} does not match the model: {len(missing)} missing tensors, e.g. {missing[:5]}")
         # Parameters never stepped (the frozen prototype layers early on) have no optimiser state; strict=False
-        # below only for them (the model's keys were checked above).
+        # below only for them (DCP's load refuses a model key the checkpoint lacks).
         optim["state"] = {k: v for k, v in optim["state"].items() if any(s.startswith(f"optim.state.{k}.") for s in saved)}
         dcp.load({"model": model, "optim": optim}, storage_reader=reader)
         set_state_dict(self.model, self.optimizer, model_state_dict=model, optim_state_dict=optim,
@@ -284,15 +279,7 @@ class CheckpointManager:
         own = f"train_state_rank{self.rank}.pt"
         # a pickle, as DCP's .metadata is; a larger world than the checkpoint's: rank 0's step and counters stand for all
         state = torch.load(io.BytesIO(states.get(own, states["train_state_rank0.pt"])), weights_only=False)
-        rng = state.pop("rng")
-        if own not in states:  # not rank 0's generators (this rank would draw rank 0's stochastic depth): its own seed
-            torch.manual_seed(torch.initial_seed() + int(state["step"]))
-        else:
-            torch.set_rng_state(rng["torch"])
-            np.random.set_state(rng["numpy"])
-            random.setstate(rng["python"])
-            if "cuda" in rng and torch.cuda.is_available():  # a CPU checkpoint resumed on a GPU keeps its seeded state
-                torch.cuda.set_rng_state(rng["cuda"])
+        rng.restore(state.pop("rng") if own in states else None, int(state["step"]))  # not rank 0's draws
         return dict(state, step=int(state["step"]), checkpoint=uri)
 
 
@@ -303,10 +290,3 @@ def _rank_errors(e: BaseException) -> list[BaseException]:
         return [e]
     return [f[0] if isinstance(f, tuple) else f for _, f in sorted(failures.items())]
 
-
-def _rng_state() -> dict:
-    """This process's RNG states; on a GPU also the current device's generator (drop-path draws)."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state

@@ -24,6 +24,7 @@ from torch.profiler import record_function
 
 from hierdino import logs, storage
 from hierdino.config import Config, config_from_dict
+from hierdino.config.compat import ResumeError
 from hierdino.data.augment import augment_views
 from hierdino.data.ingest import stream_name
 from hierdino.data.masking import ibot_masks, max_masked_patches, padded_mask_index
@@ -43,7 +44,6 @@ from hierdino.train.parallel import (
     param_dtype_for,
     use_tensor_cores,
 )
-from hierdino.train.resume import ResumeError
 from hierdino.train.schedules import Schedules
 from hierdino.train.stop import StopPoller
 

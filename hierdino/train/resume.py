@@ -1,10 +1,6 @@
 """Where a run starts: resume the run directory's last complete checkpoint, refuse a config that
-would not continue the same run, or (``run.resume=false``) start fresh in a new directory.
-
-A run directory holds the ``config.yaml`` it was started with. Resuming with a different config
-is allowed only for the keys below, which change how a run is executed or evaluated, not what it
-trains (the model, data, losses, optimiser and schedules' shape). Any other difference is refused
-with the keys named, before any worker starts.
+would not continue the same run (``config.compat``: the keys a resume may change), or
+(``run.resume=false``) start fresh in a new directory.
 """
 
 from __future__ import annotations
@@ -16,26 +12,13 @@ from dataclasses import dataclass
 import yaml
 
 from hierdino import storage
-from hierdino.config import Config, ConfigError, config_diff, config_from_dict
+from hierdino.config import Config, config_diff, config_from_dict
+from hierdino.config.compat import check_compatible
 from hierdino.storage import StorageOptions
 from hierdino.train.checkpoint import LatestCheckpoint, latest_complete, run_uri
 from hierdino.train.schedules import Schedules
 
 logger = logging.getLogger(__name__)
-
-# Keys (or sections, ending in '.') that may differ between a run's saved config and a resume.
-RESUMABLE = (
-    "train.steps", "train.stop_at_step", "train.log_every", "train.compile", "train.skip_nonfinite_steps",
-    "train.stop_on_collapse", "data.synth_cache", "data.num_cpus_per_map", "data.s3_endpoint", "data.s3_region",
-    "data.max_corrupt_fraction", "data.decode", "data.jpeg_draft", "model.init_weights", "model.init_strict", "model.init_tower",
-    "scaling.", "checkpoint.", "eval.", "run.",
-)
-
-
-class ResumeError(ConfigError):
-    """The run directory holds a run that this config would not continue."""
-
-    kind = "resume"
 
 
 @dataclass
@@ -43,16 +26,6 @@ class RunStart:
     uri: str                  # the run directory
     name: str                 # run.name (changed when run.resume=false found an existing run)
     found: LatestCheckpoint   # the checkpoint to resume from (uri None: a new run)
-
-
-def check_compatible(saved: Config, cfg: Config, where: str) -> None:
-    """Raise ``ResumeError`` naming every key that differs from the saved config and may not."""
-    bad = [line for line in config_diff(saved, cfg)
-           if not any(line.split(":", 1)[0] == k or (k.endswith(".") and line.startswith(k)) for k in RESUMABLE)]
-    if bad:
-        raise ResumeError(f"{where} was started with a different config; resuming it with this one would not continue "
-                          f"the same run: " + "; ".join(bad) + ". Use the saved config, another run.name, or "
-                          "--set run.resume=false to start a fresh run in a new directory.")
 
 
 def saved_config(run_uri: str, options: StorageOptions | None) -> Config | None:
@@ -93,7 +66,7 @@ def plan_start(cfg: Config, run_uri, options: StorageOptions | None = None, quie
 
 def check_resume(cfg: Config, retry_s: float | None = None, unreachable_ok: bool = False) -> tuple[str, int]:
     """``plan_start`` on a copy of ``cfg`` (nothing renamed), from the driver before any cluster work:
-    raises ``ResumeError``; returns what the run would do and the step it resumes after (0: none). A
+    raises ``config.compat.ResumeError``; returns what the run would do and the step it resumes after (0: none). A
     store that cannot be reached within ``retry_s`` raises its ``StorageError`` (a run could keep no
     checkpoint), or with ``unreachable_ok`` (``--validate-only``, away from the cluster) is reported."""
     try:
