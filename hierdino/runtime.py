@@ -22,6 +22,8 @@ def quiet_ray_data(verbose: bool = False) -> None:
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = verbose
     ctx.print_on_execution_start = verbose
+    if not verbose:  # after the import, which sets the 'ray.data' logger to INFO: no "execution finished" lines
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
 
 
 def quiet_train_reports() -> None:
@@ -89,7 +91,6 @@ def init_ray(num_cpus: int | None = None, dashboard: bool = True, verbose: bool 
         from ray.util.annotations import RayDeprecationWarning  # heavy: Ray, loaded only to start a cluster
 
         warnings.filterwarnings("ignore", category=RayDeprecationWarning)
-        logging.getLogger("ray.data").setLevel(logging.ERROR)  # the driver's own Ray Data logs (evaluation)
         env["RAY_DATA_LOG_LEVEL"] = "ERROR"  # its warnings are progress-bar notes; preflight covers resources
         env["HIERDINO_QUIET"] = "1"  # workers: no per-report echo of every metric (quiet_train_reports)
     # Test-only faults (HIERDINO_TEST_*) reach the workers, with their installer (hierdino.testing.faults).

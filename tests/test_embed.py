@@ -392,3 +392,26 @@ def test_pbc_folder_and_default_external_sets_embed_to_s3_and_read_back(ray_clus
         got = dict(zip(ids[mine], labels[mine]))
         assert got == dict(zip(want["image_id"].to_pylist(), want["label"].to_pylist())), d
     assert in_pbc.sum() + sum(np.char.startswith(uris.astype(str), f"{suite / d}/").sum() for d in sets) == t.num_rows
+
+
+def test_quiet_ray_data_hides_its_execution_lines_but_not_its_errors():
+    """``jobs/embed.py`` printed Ray Data's "Progress bars disabled" warning and its "Dataset ...
+    execution finished" INFO line: importing Ray Data sets its logger to INFO, after ``init_ray`` had
+    lowered it. ``quiet_ray_data`` (called by ``init_ray`` after that import) keeps errors only."""
+    import logging
+
+    from ray.data._internal.logging import configure_logging
+
+    from hierdino.runtime import quiet_ray_data
+
+    executor = logging.getLogger("ray.data._internal.execution.streaming_executor")
+    before = logging.getLogger("ray.data").level
+    try:
+        configure_logging()  # what ``import ray.data`` does in a fresh process
+        assert executor.isEnabledFor(logging.INFO)
+        quiet_ray_data(verbose=True)
+        assert executor.isEnabledFor(logging.INFO)  # --verbose keeps them
+        quiet_ray_data()
+        assert executor.isEnabledFor(logging.ERROR) and not executor.isEnabledFor(logging.WARNING)
+    finally:
+        logging.getLogger("ray.data").setLevel(before)
