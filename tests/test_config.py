@@ -110,12 +110,9 @@ def test_eval_on_the_runs_own_sets_needs_them(tmp_path):
 def test_every_resumable_entry_names_a_key_or_section_and_training_keys_are_not_resumable():
     """A misspelt entry in ``RESUMABLE`` would silently refuse a key it meant to allow."""
     from hierdino.config.compat import RESUMABLE, resumable
+    from hierdino.config.load import flat_keys
 
-    def keys(d, prefix=""):
-        for k, v in d.items():
-            yield from keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
-
-    every = list(keys(Config().to_dict()))
+    every = list(flat_keys(Config().to_dict()))
     for entry in RESUMABLE:
         assert any(k == entry or (entry.endswith(".") and k.startswith(entry)) for k in every), entry
     assert resumable("train.steps") and resumable("eval.split") and resumable("scaling.num_workers")

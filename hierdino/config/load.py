@@ -75,15 +75,17 @@ def preset_overrides(preset_or_path: str | Path) -> list[str]:
     return out
 
 
+def flat_keys(d: dict, prefix: str = "") -> dict:
+    """A config dict's leaves as ``{"section.key": value}``."""
+    out = {}
+    for k, v in d.items():
+        out.update(flat_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def config_diff(base: Config, cfg: Config) -> list[str]:
     """``key: base -> cfg`` for every leaf key whose value differs (the start block's "changed" list)."""
-    def flat(d: dict, prefix: str = "") -> dict:
-        out = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-
-    a, b = flat(base.to_dict()), flat(cfg.to_dict())
+    a, b = flat_keys(base.to_dict()), flat_keys(cfg.to_dict())
     return [f"{k}: {override_text(a[k])} -> {override_text(b[k])}" for k in b if a.get(k) != b[k]]
 
 

@@ -279,7 +279,8 @@ class CheckpointManager:
         own = f"train_state_rank{self.rank}.pt"
         # a pickle, as DCP's .metadata is; a larger world than the checkpoint's: rank 0's step and counters stand for all
         state = torch.load(io.BytesIO(states.get(own, states["train_state_rank0.pt"])), weights_only=False)
-        rng.restore(state.pop("rng") if own in states else None, int(state["step"]))  # not rank 0's draws
+        saved_rng = state.pop("rng")
+        rng.restore(saved_rng if own in states else None, int(state["step"]))  # a rank with no state: not rank 0's draws
         return dict(state, step=int(state["step"]), checkpoint=uri)
 
 
