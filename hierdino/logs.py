@@ -52,12 +52,13 @@ def level_from_flags(quiet: bool = False, verbose: bool = False) -> int:
     return logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
 
 
-def add_flags(parser: argparse.ArgumentParser, verbose_help: str = "") -> None:
+def add_flags(parser: argparse.ArgumentParser, verbose_help: str = "", default=False) -> None:
     """A job's ``--quiet`` and ``--verbose`` (for ``level_from_flags``); ``verbose_help``: what else
-    ``--verbose`` brings."""
+    ``--verbose`` brings. A sub-command's parser takes them with ``default=argparse.SUPPRESS``, so
+    that they may come after the sub-command without undoing them given before it."""
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--quiet", action="store_true", help="only warnings and errors")
-    group.add_argument("--verbose", action="store_true",
+    group.add_argument("--quiet", action="store_true", default=default, help="only warnings and errors")
+    group.add_argument("--verbose", action="store_true", default=default,
                        help="debug lines too" + (f"; {verbose_help}" if verbose_help else ""))
 
 

@@ -236,3 +236,17 @@ def test_cli_draws_splits_and_stores_relative_ids(tmp_path, capsys):
     table = shards.read_table(str(tmp_path / "o2"))
     assert sorted(table["image_id"].to_pylist()) == sorted(f"NGS/{i}.png" for i in range(40))
     assert set(table["split"].to_pylist()) == {"train", "test"}
+
+
+def test_make_shards_takes_quiet_and_verbose_before_or_after_its_sub_command():
+    """``make_shards.py pbc ... --quiet`` was refused ("unrecognized arguments") where every other job
+    takes the flag anywhere."""
+    from hierdino.cli.make_shards import _parser
+
+    p = _parser()
+    args = ["--root", "r", "--out", "o"]
+    assert p.parse_args(["pbc", *args, "--quiet"]).quiet
+    assert p.parse_args(["--quiet", "pbc", *args]).quiet  # not undone by the sub-command's parser
+    assert p.parse_args(["synth", "--out", "o", "--verbose"]).verbose
+    plain = p.parse_args(["folder", *args, "--source", "s"])
+    assert not plain.quiet and not plain.verbose

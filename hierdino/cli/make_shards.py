@@ -86,6 +86,8 @@ def _parser() -> argparse.ArgumentParser:
             a.add_argument("--root", required=True)
         maps = ", ".join(f"{s} on {t}" for t, s in layout.sources.items())
         _add_common(a, layout.hierarchy, f"label map (default: {maps})")
+    for a in sub.choices.values():  # --quiet / --verbose also after the sub-command, as every other job takes them
+        logs.add_flags(a, default=argparse.SUPPRESS)
     return p
 
 
