@@ -207,14 +207,22 @@ def test_docs_keep_the_secret_file_outside_the_repository():
             assert target.startswith(("~/", "$HOME/", "/")), (doc, target)
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def _free_ports(n: int) -> list[int]:
-    """``n`` distinct free ports (all held open together while picked, so none is handed out twice)."""
-    socks = []
+    """``n`` free ports, none handed out before in this session: the sockets are held open together
+    while picking, and a port an earlier call gave (closed since, so the OS may give it again) is
+    skipped. A head whose dashboard port was also its node manager's would not start."""
+    socks, ports = [], []
     try:
-        for _ in range(n):
+        while len(ports) < n:
             socks.append(socket.socket())
             socks[-1].bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
+            if (port := socks[-1].getsockname()[1]) not in _HANDED_OUT:
+                ports.append(port)
+        _HANDED_OUT.update(ports)
+        return ports
     finally:
         for s in socks:
             s.close()
